@@ -1,0 +1,24 @@
+"""torch_fp4kv.ops: FP4 KV-cache formats and the `torch.ops.fp4kv` operators.
+
+This layer never imports from the rest of torch_fp4kv; importing it registers the ops.
+"""
+
+from . import library  # noqa: F401  (registers torch.ops.fp4kv.*)
+from .backends import ENV_VAR as BACKEND_ENV_VAR, Backend, select_backend
+from .formats import FORMATS, FP4Format, FP4KVCacheRecipe, ScaleRule, get_format
+from .library import dequantize, gather_dequantize, quantize, quantize_and_store
+
+__all__ = [
+    "BACKEND_ENV_VAR",
+    "Backend",
+    "FORMATS",
+    "FP4Format",
+    "FP4KVCacheRecipe",
+    "ScaleRule",
+    "dequantize",
+    "gather_dequantize",
+    "get_format",
+    "quantize",
+    "quantize_and_store",
+    "select_backend",
+]

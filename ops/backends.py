@@ -1,0 +1,156 @@
+"""Which kernel runs each op: one selection table, first matching row wins.
+
+`TORCH_FP4KV_BACKEND=eager|triton|flashinfer` overrides the table; a backend that cannot run the
+call raises a RuntimeError that says why (never a silent fallback). With `TRITON_INTERPRET=1`,
+the Triton backend also runs on CPU tensors: that is how CI tests the Triton kernels.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .formats import FORMATS, FP4Format
+
+ENV_VAR = "TORCH_FP4KV_BACKEND"
+OPS = ("quantize", "dequantize", "quantize_and_store", "gather_dequantize")
+
+
+class Backend(str, enum.Enum):
+    EAGER = "eager"
+    TRITON = "triton"
+    FLASHINFER = "flashinfer"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Use `backend` for calls on `device_type` with at least `min_capability`, for the listed
+    ops, recipes and dtypes (None: any). The dtype is the input's for quantize ops and the
+    output's for dequantize ops."""
+
+    backend: Backend
+    why: str
+    device_type: str | None = None
+    min_capability: tuple[int, int] | None = None
+    ops: frozenset[str] | None = None
+    recipes: frozenset[str] | None = None
+    dtypes: frozenset[torch.dtype] | None = None
+
+    def matches(self, op: str, recipe: str, device: torch.device, dtype: torch.dtype) -> bool:
+        return (
+            (self.device_type is None or device.type == self.device_type)
+            and (self.min_capability is None or device_capability(device) >= self.min_capability)
+            and (self.ops is None or op in self.ops)
+            and (self.recipes is None or recipe in self.recipes)
+            and (self.dtypes is None or dtype in self.dtypes)
+        )
+
+
+_HALF_DTYPES = frozenset({torch.bfloat16, torch.float16})
+
+SELECTION_TABLE: tuple[Rule, ...] = (
+    Rule(
+        Backend.FLASHINFER,
+        "nvfp4_kv_quantize needs SM100/SM120 (cvt.rn.satfinite.e2m1x2); not yet run on such a GPU",
+        device_type="cuda",
+        min_capability=(10, 0),
+        ops=frozenset({"quantize"}),
+        recipes=frozenset({"nvfp4"}),
+        dtypes=_HALF_DTYPES,
+    ),
+    # FlashInfer's nvfp4_kv_dequantize is not listed: ours measured faster on the H100 (README).
+    Rule(Backend.TRITON, "fused Triton kernels, bit-exact with eager", device_type="cuda", min_capability=(8, 0)),
+    Rule(Backend.EAGER, "pure-PyTorch reference; any device"),
+)
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) compute capability; (0, 0) off CUDA. Tests patch this to fake a GPU."""
+    if device.type != "cuda":
+        return (0, 0)
+    return torch.cuda.get_device_capability(device)
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(
+    backend: Backend, op: str, recipe: str, device: torch.device, dtype: torch.dtype
+) -> str | None:
+    """None if `backend` can run this call here, else a sentence saying why not."""
+    if backend is Backend.EAGER:
+        return None
+    if backend is Backend.TRITON:
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
+        if device.type == "cuda":
+            return None if device_capability(device) >= (8, 0) else "Triton kernels need SM80 or newer"
+        if device.type == "cpu" and _triton_interpreting():
+            return None
+        return f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1 for CPU tensors); got {device.type}"
+    if importlib.util.find_spec("flashinfer") is None:
+        return "flashinfer is not installed (pip install torch-fp4kv[flashinfer])"
+    if recipe != "nvfp4" or op not in ("quantize", "dequantize"):
+        return "FlashInfer implements only nvfp4 quantize and dequantize"
+    if device.type != "cuda":
+        return f"FlashInfer needs a CUDA device; got {device.type}"
+    if dtype not in _HALF_DTYPES:
+        return f"FlashInfer's nvfp4 kernels take and give bfloat16/float16 only; got {dtype}"
+    needed = (10, 0) if op == "quantize" else (8, 0)
+    if device_capability(device) < needed:
+        return f"FlashInfer nvfp4 {op} needs SM{needed[0]}{needed[1]} or newer"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _select(op: str, recipe: str, device: torch.device, dtype: torch.dtype, forced: str | None) -> Backend:
+    if forced:
+        try:
+            backend = Backend(forced)
+        except ValueError:
+            raise RuntimeError(f"{ENV_VAR}={forced!r} is not a backend; valid: {[b.value for b in Backend]}") from None
+        reason = unavailable_reason(backend, op, recipe, device, dtype)
+        if reason:
+            raise RuntimeError(f"{ENV_VAR}={forced} cannot run fp4kv.{op} ({recipe}, {device}, {dtype}): {reason}")
+        return backend
+    for rule in SELECTION_TABLE:
+        if rule.matches(op, recipe, device, dtype) and unavailable_reason(rule.backend, op, recipe, device, dtype) is None:
+            return rule.backend
+    raise AssertionError("the eager row matches everything")  # pragma: no cover
+
+
+def select_backend(op: str, fmt: FP4Format, device: torch.device, dtype: torch.dtype) -> Backend:
+    return _select(op, fmt.name, device, dtype, os.environ.get(ENV_VAR) or None)
+
+
+select_backend.cache_clear = _select.cache_clear  # tests that patch the capability clear this
+
+
+_MODULES = {Backend.EAGER: "eager", Backend.TRITON: "triton_kernels", Backend.FLASHINFER: "flashinfer_kernels"}
+
+
+def kernels_for(op: str, fmt: FP4Format, device: torch.device, dtype: torch.dtype):
+    """The module whose function `op` runs this call (imported on first use)."""
+    backend = select_backend(op, fmt, device, dtype)
+    return importlib.import_module(f".{_MODULES[backend]}", __package__)
+
+
+def describe(devices) -> list[tuple[str, str, str, str]]:
+    """(op, recipe, device, chosen backend or error) for every op and recipe on `devices`."""
+    rows = []
+    for device in devices:
+        for op in OPS:
+            for recipe in FORMATS:
+                try:
+                    choice = select_backend(op, FORMATS[recipe], torch.device(device), torch.bfloat16).value
+                except RuntimeError as error:
+                    choice = f"error: {error}"
+                rows.append((op, recipe, str(device), choice))
+    return rows

@@ -1,0 +1,152 @@
+"""Pure-PyTorch kernels: the reference that every other backend must match byte for byte.
+
+They run on any device, are written for clarity rather than speed, and never synchronize with
+the host (no ``.item()``, no data-dependent shapes), so they are CUDA-graph safe too.
+Arguments arrive already checked (see ``checks.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .formats import BLOCKFP4_MIN_SCALE, E2M1_THRESHOLDS, E4M3_MAX, FP4Format, ScaleRule
+
+_F32_EXPONENT_SHIFT = 23
+_F32_MANTISSA_MASK = 0x7FFFFF
+_E8M0_NAN_BYTE = 0xFF
+_F32_BITS_OF_2_POW_MINUS_127 = 0x400000  # E8M0 byte 0 is a float32 subnormal
+
+
+def _e8m0_byte_ceil_log2_amax_over_6(amax: torch.Tensor) -> torch.Tensor:
+    v = (amax / 6.0).clamp(min=BLOCKFP4_MIN_SCALE)
+    bits = v.view(torch.int32)
+    # ceil(log2(v)) for a normal float: its exponent, plus one unless the mantissa is zero.
+    return (bits >> _F32_EXPONENT_SHIFT) + ((bits & _F32_MANTISSA_MASK) != 0).to(torch.int32)
+
+
+def _e8m0_byte_floor_log2_amax_minus_2(amax: torch.Tensor) -> torch.Tensor:
+    biased_floor_log2 = amax.view(torch.int32) >> _F32_EXPONENT_SHIFT  # 0 for zero and subnormals
+    return (biased_floor_log2 - 2).clamp(min=0)
+
+
+_E8M0_BYTE_RULES = {
+    ScaleRule.E8M0_CEIL_LOG2_AMAX_OVER_6: _e8m0_byte_ceil_log2_amax_over_6,
+    ScaleRule.E8M0_FLOOR_LOG2_AMAX_MINUS_2: _e8m0_byte_floor_log2_amax_minus_2,
+}
+
+
+def e8m0_decode(scale_bytes: torch.Tensor) -> torch.Tensor:
+    """E8M0 byte -> float32 2^(byte-127); byte 255 is NaN."""
+    b = scale_bytes.to(torch.int32)
+    bits = torch.where(b == 0, _F32_BITS_OF_2_POW_MINUS_127, b << _F32_EXPONENT_SHIFT)
+    return torch.where(b == _E8M0_NAN_BYTE, float("nan"), bits.view(torch.float32))
+
+
+def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit E2M1 codes -> float32.
+
+    Placing the code's sign at fp16 bit 15 and its 3 magnitude bits at bits 9..11 gives an fp16
+    equal to value * 2^-14 (the subnormal code 1 included), so one exact multiply restores it.
+    """
+    c = codes.to(torch.int16)
+    fp16_bits = ((c & 0x8) << 12) | ((c & 0x7) << 9)
+    return fp16_bits.view(torch.float16).float() * 2.0**14
+
+
+def _scale_bytes_and_divisor(amax, fmt: FP4Format, global_scale):
+    """Per-block scale byte (uint8) and the float32 value elements are divided by."""
+    if fmt.scale_rule is ScaleRule.E4M3_AMAX_OVER_6G:
+        g = _global_scale_or_one(global_scale, amax)
+        s = (amax / (6.0 * g)).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
+        return s.view(torch.uint8), s.float() * g
+    byte = _E8M0_BYTE_RULES[fmt.scale_rule](amax)
+    return byte.to(torch.uint8), e8m0_decode(byte)
+
+
+def _global_scale_or_one(global_scale, like: torch.Tensor) -> torch.Tensor:
+    if global_scale is None:
+        return torch.ones(1, dtype=torch.float32, device=like.device)
+    return global_scale.float()
+
+
+def _e2m1_magnitude(y: torch.Tensor, fmt: FP4Format) -> torch.Tensor:
+    m = torch.zeros(y.shape, dtype=torch.uint8, device=y.device)
+    for i, t in enumerate(E2M1_THRESHOLDS):
+        m += (y >= t) if fmt.tie_rounds_up(i) else (y > t)
+    return m
+
+
+def quantize(x: torch.Tensor, fmt: FP4Format, global_scale=None):
+    """x [..., D] -> (data uint8 [..., D/2], scales uint8 [..., D/block])."""
+    blocks = x.float().unflatten(-1, (-1, fmt.block_size))
+    finite = torch.isfinite(blocks).all(-1)
+    amax = blocks.abs().amax(-1)
+    scale_bytes, divisor = _scale_bytes_and_divisor(amax, fmt, global_scale)
+    magnitude = _e2m1_magnitude(blocks.abs() / divisor.unsqueeze(-1), fmt)
+    codes = magnitude | (torch.signbit(blocks).to(torch.uint8) << 3)
+    # A zero scale (nvfp4) codes the block as zeros; a non-finite block as zeros with a NaN scale.
+    codes = torch.where((finite & (divisor != 0)).unsqueeze(-1), codes, 0)
+    scale_bytes = torch.where(finite, scale_bytes, fmt.scale_nan_byte).to(torch.uint8)
+    codes = codes.flatten(-2)
+    data = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return data, scale_bytes
+
+
+def dequantize(data, scales, fmt: FP4Format, global_scale=None, dtype=torch.bfloat16):
+    """(data [..., D/2], scales [..., D/block]) -> [..., D] in dtype."""
+    codes = torch.stack((data & 0xF, data >> 4), dim=-1).flatten(-2)
+    values = e2m1_decode(codes).unflatten(-1, (-1, fmt.block_size))
+    scale_bytes = scales.view(torch.uint8)
+    if fmt.scale_rule is ScaleRule.E4M3_AMAX_OVER_6G:
+        scale = scale_bytes.view(torch.float8_e4m3fn).float()
+    else:
+        scale = e8m0_decode(scale_bytes)
+    out = values * scale.unsqueeze(-1)  # exact: 2 x 4 significant bits
+    if global_scale is not None:
+        out = out * global_scale.float()
+    return cast_output(out.flatten(-2), dtype)
+
+
+def cast_output(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32 -> dtype; FP8 saturates to +-448 (NaN stays NaN), like the hardware's satfinite."""
+    if dtype == torch.float8_e4m3fn:
+        x = x.clamp(-E4M3_MAX, E4M3_MAX)
+    return x.to(dtype)
+
+
+def _valid_slots(loc: torch.Tensor, num_slots: int) -> torch.Tensor:
+    return (loc >= 0) & (loc < num_slots)
+
+
+def _store_rows(cache: torch.Tensor, loc: torch.Tensor, rows: torch.Tensor) -> None:
+    """cache[loc[t]] = rows[t] for slots in range; others (e.g. -1 padding) are skipped.
+
+    Sync-free and deterministic: index_add_ of (new - old) mod 256 writes `rows` at valid slots,
+    while skipped tokens add 0 to slot 0.
+    """
+    cache = cache.view(torch.uint8)
+    if cache.shape[0] == 0:
+        return
+    valid = _valid_slots(loc, cache.shape[0])
+    slot = torch.where(valid, loc, 0).long()
+    delta = torch.where(valid.view(-1, *([1] * (rows.dim() - 1))), rows - cache[slot], 0)
+    cache.index_add_(0, slot, delta.to(torch.uint8))
+
+
+def quantize_and_store(k_data, v_data, k_scales, v_scales, loc, k, v, fmt, k_global_scale=None, v_global_scale=None):
+    for data, scales, x, g in ((k_data, k_scales, k, k_global_scale), (v_data, v_scales, v, v_global_scale)):
+        new_data, new_scales = quantize(x, fmt, g)
+        _store_rows(data, loc, new_data)
+        _store_rows(scales, loc, new_scales)
+
+
+def gather_dequantize(data, scales, loc, fmt, global_scale=None, dtype=torch.bfloat16):
+    """Slots loc -> [T, H, D]; slots out of range read as zeros (zero codes, zero scale bytes)."""
+    num_slots = data.shape[0]
+    if num_slots == 0:
+        return torch.zeros((loc.shape[0], data.shape[1], data.shape[2] * 2), dtype=dtype, device=data.device)
+    valid = _valid_slots(loc, num_slots).view(-1, 1, 1)
+    slot = torch.where(valid.view(-1), loc, 0).long()
+    rows = torch.where(valid, data[slot], 0)
+    row_scales = torch.where(valid, scales.view(torch.uint8)[slot], 0)
+    return dequantize(rows, row_scales, fmt, global_scale, dtype)

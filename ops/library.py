@@ -1,0 +1,122 @@
+"""The `torch.ops.fp4kv` operators: schemas, fake kernels, and dispatch to a backend.
+
+Each op is a `torch.library.custom_op`: opaque to torch.compile (one call in the graph, no graph
+break), with a fake kernel that gives output metadata during tracing. The real kernel checks the
+arguments, then runs the backend the selection table picks (see backends.py).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import checks
+from .backends import kernels_for
+from .formats import FP4Format
+
+
+def _packed_like(x: Tensor, fmt: FP4Format) -> tuple[Tensor, Tensor]:
+    d = x.shape[-1]
+    data = x.new_empty((*x.shape[:-1], d // 2), dtype=torch.uint8)
+    scales = x.new_empty((*x.shape[:-1], d // fmt.block_size), dtype=torch.uint8)
+    return data, scales
+
+
+@torch.library.custom_op("fp4kv::quantize", mutates_args=())
+def quantize(x: Tensor, recipe: str, global_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """x [..., D] (bf16/fp16/fp32) -> (data uint8 [..., D/2], scales uint8 [..., D/block])."""
+    fmt = checks.quantize_args(x, recipe, global_scale)
+    if x.numel() == 0:
+        return _packed_like(x, fmt)
+    return kernels_for("quantize", fmt, x.device, x.dtype).quantize(x, fmt, global_scale)
+
+
+@quantize.register_fake
+def _(x, recipe, global_scale=None):
+    return _packed_like(x, checks.quantize_args(x, recipe, global_scale))
+
+
+def _unpacked_like(data: Tensor, dtype: torch.dtype) -> Tensor:
+    return data.new_empty((*data.shape[:-1], data.shape[-1] * 2), dtype=dtype)
+
+
+@torch.library.custom_op("fp4kv::dequantize", mutates_args=())
+def dequantize(
+    data: Tensor,
+    scales: Tensor,
+    recipe: str,
+    global_scale: Optional[Tensor] = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Tensor:
+    """(data [..., D/2], scales [..., D/block]) -> [..., D] in dtype (bf16/fp16/fp32/float8_e4m3fn)."""
+    fmt = checks.dequantize_args(data, scales, recipe, global_scale, dtype)
+    if data.numel() == 0:
+        return _unpacked_like(data, dtype)
+    return kernels_for("dequantize", fmt, data.device, dtype).dequantize(data, scales, fmt, global_scale, dtype)
+
+
+@dequantize.register_fake
+def _(data, scales, recipe, global_scale=None, dtype=torch.bfloat16):
+    checks.dequantize_args(data, scales, recipe, global_scale, dtype)
+    return _unpacked_like(data, dtype)
+
+
+@torch.library.custom_op(
+    "fp4kv::quantize_and_store", mutates_args=("k_data", "v_data", "k_scales", "v_scales")
+)
+def quantize_and_store(
+    k_data: Tensor,
+    v_data: Tensor,
+    k_scales: Tensor,
+    v_scales: Tensor,
+    loc: Tensor,
+    k: Tensor,
+    v: Tensor,
+    recipe: str,
+    k_global_scale: Optional[Tensor] = None,
+    v_global_scale: Optional[Tensor] = None,
+) -> None:
+    """Quantize k, v [T, H, D] and write them at cache slots loc [T] (out-of-range slots skipped)."""
+    fmt = checks.quantize_and_store_args(
+        k_data, v_data, k_scales, v_scales, loc, k, v, recipe, k_global_scale, v_global_scale
+    )
+    if k.shape[0] == 0:
+        return
+    kernels_for("quantize_and_store", fmt, k.device, k.dtype).quantize_and_store(
+        k_data, v_data, k_scales, v_scales, loc, k, v, fmt, k_global_scale, v_global_scale
+    )
+
+
+@quantize_and_store.register_fake
+def _(k_data, v_data, k_scales, v_scales, loc, k, v, recipe, k_global_scale=None, v_global_scale=None):
+    checks.quantize_and_store_args(k_data, v_data, k_scales, v_scales, loc, k, v, recipe, k_global_scale, v_global_scale)
+
+
+def _gathered_like(data: Tensor, loc: Tensor, dtype: torch.dtype) -> Tensor:
+    return data.new_empty((loc.shape[0], data.shape[1], data.shape[2] * 2), dtype=dtype)
+
+
+@torch.library.custom_op("fp4kv::gather_dequantize", mutates_args=())
+def gather_dequantize(
+    data: Tensor,
+    scales: Tensor,
+    loc: Tensor,
+    recipe: str,
+    global_scale: Optional[Tensor] = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Tensor:
+    """Dequantize cache slots loc [T] -> [T, H, D]; out-of-range slots read as zeros."""
+    fmt = checks.gather_dequantize_args(data, scales, loc, recipe, global_scale, dtype)
+    if loc.shape[0] == 0 or data.shape[1] == 0:
+        return _gathered_like(data, loc, dtype)
+    return kernels_for("gather_dequantize", fmt, data.device, dtype).gather_dequantize(
+        data, scales, loc, fmt, global_scale, dtype
+    )
+
+
+@gather_dequantize.register_fake
+def _(data, scales, loc, recipe, global_scale=None, dtype=torch.bfloat16):
+    checks.gather_dequantize_args(data, scales, loc, recipe, global_scale, dtype)
+    return _gathered_like(data, loc, dtype)

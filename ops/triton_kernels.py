@@ -1,0 +1,299 @@
+"""Triton kernels: the fast path on CUDA GPUs, byte-for-byte equal to eager.py.
+
+Every float conversion whose rounding matters is written out in integer arithmetic (E4M3 and
+bf16 encoding, E2M1/E4M3/E8M0 decoding) and divisions use `div_rn`: the hardware's own
+conversions and Triton's default division differ between GPU and the CPU interpreter that CI
+runs these kernels under (`TRITON_INTERPRET=1`), and the byte contract must hold on both.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .formats import BLOCKFP4_MIN_SCALE, E4M3_MAX, FP4Format, ScaleRule
+
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)
+_E4M3_MAX = tl.constexpr(E4M3_MAX)
+_BLOCKFP4_MIN_SCALE = tl.constexpr(BLOCKFP4_MIN_SCALE)
+_TARGET_ELEMENTS_PER_PROGRAM = 4096
+
+# Output encodings the dequantize kernels write (the output tensor is passed as a view of this dtype).
+_OUT_FP32, _OUT_FP16, _OUT_BF16, _OUT_FP8 = 0, 1, 2, 3
+_OUT_KINDS = {
+    torch.float32: (_OUT_FP32, torch.float32),
+    torch.float16: (_OUT_FP16, torch.float16),
+    torch.bfloat16: (_OUT_BF16, torch.int16),
+    torch.float8_e4m3fn: (_OUT_FP8, torch.uint8),
+}
+
+
+# ---- scalar encodings ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _e4m3_byte(v):
+    """float32 in [0, 448] -> E4M3 byte, round to nearest even."""
+    bits = v.to(tl.int32, bitcast=True)
+    rounded = bits + 0x7FFFF + ((bits >> 20) & 1)  # keep 3 mantissa bits
+    normal = (((rounded >> 23) - 120) << 3) | ((rounded >> 20) & 7)
+    # Below 2^-6 the step is 2^-9: the float adder rounds v * 2^9 to an integer, ties to even.
+    subnormal = ((v * 512.0 + 8388608.0) - 8388608.0).to(tl.int32)
+    return tl.where(bits >= (121 << 23), normal, subnormal)
+
+
+@triton.jit
+def _e4m3_value(byte):
+    """E4M3 byte -> float32: the byte's bits shifted into an fp16 give value / 2^8."""
+    fp16_bits = ((byte & 0x80) << 8) | ((byte & 0x7F) << 7)
+    value = fp16_bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 256.0
+    return tl.where((byte & 0x7F) == 0x7F, float("nan"), value)
+
+
+@triton.jit
+def _e8m0_value(byte):
+    """E8M0 byte -> float32 2^(byte - 127); 255 is NaN."""
+    bits = tl.where(byte == 0, 0x400000, byte << 23)
+    return tl.where(byte == 255, float("nan"), bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _e2m1_value(code):
+    """4-bit E2M1 code -> float32: sign and magnitude bits placed in an fp16 give value / 2^14."""
+    fp16_bits = ((code & 0x8) << 12) | ((code & 0x7) << 9)
+    return fp16_bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 16384.0
+
+
+@triton.jit
+def _e2m1_magnitude(y, TIES_AWAY: tl.constexpr):
+    """|value| / scale -> 3-bit magnitude code; ties to even unless TIES_AWAY (thresholds: formats.py)."""
+    if TIES_AWAY:
+        m = (y >= 0.25).to(tl.int32) + (y >= 0.75) + (y >= 1.25) + (y >= 1.75) + (y >= 2.5) + (y >= 3.5) + (y >= 5.0)
+    else:
+        m = (y > 0.25).to(tl.int32) + (y >= 0.75) + (y > 1.25) + (y >= 1.75) + (y > 2.5) + (y >= 3.5) + (y > 5.0)
+    return m
+
+
+@triton.jit
+def _bf16_bits(v):
+    """float32 -> bf16 bits, round to nearest even; NaN -> 0x7FC0 (as PyTorch does)."""
+    bits = v.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return tl.where(v != v, 0x7FC0, rounded).to(tl.uint16).to(tl.int16, bitcast=True)
+
+
+@triton.jit
+def _fp8_bits(v):
+    """float32 -> E4M3 byte, saturating at +-448; NaN -> 0x7F with its sign (as PyTorch does)."""
+    sign = (v.to(tl.uint32, bitcast=True) >> 31).to(tl.int32) << 7
+    magnitude = _e4m3_byte(tl.minimum(tl.abs(v), _E4M3_MAX))
+    return (tl.where(v != v, 0x7F, magnitude) | sign).to(tl.uint8)
+
+
+@triton.jit
+def _store_output(ptrs, value, mask, OUT_KIND: tl.constexpr):
+    if OUT_KIND == 0:
+        tl.store(ptrs, value, mask=mask)
+    elif OUT_KIND == 1:
+        tl.store(ptrs, value.to(tl.float16), mask=mask)
+    elif OUT_KIND == 2:
+        tl.store(ptrs, _bf16_bits(value), mask=mask)
+    else:
+        tl.store(ptrs, _fp8_bits(value), mask=mask)
+
+
+# ---- quantize (optionally scattering rows to cache slots) ---------------------------------------
+
+
+@triton.jit
+def _quantize_rows(
+    x_ptr, x_stride_t, x_stride_h, data_ptr, scales_ptr, g_ptr, loc_ptr,
+    pid, n_rows, H, num_slots,
+    D: tl.constexpr, BS: tl.constexpr, SCALE_RULE: tl.constexpr, TIES_AWAY: tl.constexpr,
+    SCALE_NAN_BYTE: tl.constexpr, HAS_G: tl.constexpr, SCATTER: tl.constexpr, ROWS: tl.constexpr,
+):
+    NB: tl.constexpr = D // BS
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    in_range = rows < n_rows
+    t = (rows // H).to(tl.int64)
+    h = (rows % H).to(tl.int64)
+    if SCATTER:
+        slot = tl.load(loc_ptr + t, mask=in_range, other=-1).to(tl.int64)
+        write = in_range & (slot >= 0) & (slot < num_slots)
+        dest = slot * H + h
+    else:
+        write = in_range
+        dest = rows.to(tl.int64)
+
+    cols = tl.arange(0, NB)[:, None] * BS + tl.arange(0, BS)[None, :]  # [NB, BS]
+    src = (t * x_stride_t + h * x_stride_h)[:, None, None] + cols[None, :, :]
+    x = tl.load(x_ptr + src, mask=in_range[:, None, None], other=0.0).to(tl.float32)
+    ax = tl.abs(x)
+    finite = tl.min((ax <= _FLT_MAX).to(tl.int32), axis=2) == 1  # [ROWS, NB]
+    amax = tl.max(ax, axis=2)
+
+    if SCALE_RULE == 0:  # E4M3 of amax / (6 g)
+        if HAS_G:
+            g = tl.load(g_ptr)
+        else:
+            g = 1.0
+        byte = _e4m3_byte(tl.minimum(tl.math.div_rn(amax, 6.0 * g), _E4M3_MAX))
+        divisor = _e4m3_value(byte) * g
+        y = tl.math.div_rn(ax, divisor[:, :, None])
+        keep = finite & (divisor != 0.0)
+    else:
+        if SCALE_RULE == 1:  # E8M0 ceil(log2(max(amax / 6, 1e-10)))
+            v = tl.maximum(tl.math.div_rn(amax, 6.0), _BLOCKFP4_MIN_SCALE)
+            bits = v.to(tl.int32, bitcast=True)
+            byte = (bits >> 23) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+        else:  # E8M0 floor(log2(amax)) - 2, clamped at byte 0
+            byte = tl.maximum((amax.to(tl.int32, bitcast=True) >> 23) - 2, 0)
+        inverse = ((254 - byte) << 23).to(tl.float32, bitcast=True)  # 2^-(byte - 127), exact
+        y = ax * inverse[:, :, None]
+        keep = finite
+
+    sign = (x.to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
+    codes = _e2m1_magnitude(y, TIES_AWAY) | (sign << 3)
+    codes = tl.where(keep[:, :, None], codes, 0)
+    lo, hi = tl.split(tl.reshape(codes, [ROWS, D // 2, 2]))
+    packed = (lo | (hi << 4)).to(tl.uint8)
+    tl.store(data_ptr + dest[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :], packed, mask=write[:, None])
+    byte = tl.where(finite, byte, SCALE_NAN_BYTE).to(tl.uint8)
+    tl.store(scales_ptr + dest[:, None] * NB + tl.arange(0, NB)[None, :], byte, mask=write[:, None])
+
+
+@triton.jit
+def _quantize_kernel(
+    k_ptr, k_stride_t, k_stride_h, k_data_ptr, k_scales_ptr, k_g_ptr,
+    v_ptr, v_stride_t, v_stride_h, v_data_ptr, v_scales_ptr, v_g_ptr,
+    loc_ptr, n_rows, H, num_slots,
+    D: tl.constexpr, BS: tl.constexpr, SCALE_RULE: tl.constexpr, TIES_AWAY: tl.constexpr,
+    SCALE_NAN_BYTE: tl.constexpr, HAS_G: tl.constexpr, SCATTER: tl.constexpr, ROWS: tl.constexpr,
+):
+    """Grid (row tiles, 1 or 2): axis 1 picks K or V, so one launch writes both."""
+    pid = tl.program_id(0)
+    if tl.program_id(1) == 0:
+        _quantize_rows(k_ptr, k_stride_t, k_stride_h, k_data_ptr, k_scales_ptr, k_g_ptr, loc_ptr,
+                       pid, n_rows, H, num_slots, D, BS, SCALE_RULE, TIES_AWAY, SCALE_NAN_BYTE, HAS_G, SCATTER, ROWS)
+    else:
+        _quantize_rows(v_ptr, v_stride_t, v_stride_h, v_data_ptr, v_scales_ptr, v_g_ptr, loc_ptr,
+                       pid, n_rows, H, num_slots, D, BS, SCALE_RULE, TIES_AWAY, SCALE_NAN_BYTE, HAS_G, SCATTER, ROWS)
+
+
+# ---- dequantize (optionally gathering rows from cache slots) ------------------------------------
+
+
+@triton.jit
+def _dequantize_kernel(
+    data_ptr, scales_ptr, g_ptr, loc_ptr, out_ptr,
+    n_rows, H, num_slots,
+    D: tl.constexpr, BS: tl.constexpr, E4M3_SCALES: tl.constexpr, HAS_G: tl.constexpr,
+    GATHER: tl.constexpr, OUT_KIND: tl.constexpr, ROWS: tl.constexpr,
+):
+    NB: tl.constexpr = D // BS
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    in_range = rows < n_rows
+    if GATHER:
+        t = (rows // H).to(tl.int64)
+        slot = tl.load(loc_ptr + t, mask=in_range, other=-1).to(tl.int64)
+        read = in_range & (slot >= 0) & (slot < num_slots)  # other slots read as zeros
+        src = slot * H + (rows % H)
+    else:
+        read = in_range
+        src = rows.to(tl.int64)
+
+    pairs = tl.arange(0, D // 2)
+    packed = tl.load(data_ptr + src[:, None] * (D // 2) + pairs[None, :], mask=read[:, None], other=0).to(tl.int32)
+    scale_byte = tl.load(scales_ptr + src[:, None] * NB + (pairs // (BS // 2))[None, :], mask=read[:, None], other=0).to(tl.int32)
+    if E4M3_SCALES:
+        scale = _e4m3_value(scale_byte)
+    else:
+        scale = _e8m0_value(scale_byte)
+    lo = _e2m1_value(packed & 0xF) * scale  # exact: 2 x 4 significant bits
+    hi = _e2m1_value(packed >> 4) * scale
+    if HAS_G:
+        g = tl.load(g_ptr)
+        lo = lo * g
+        hi = hi * g
+    out = tl.reshape(tl.join(lo, hi), [ROWS, D])
+    dest = rows.to(tl.int64)[:, None] * D + tl.arange(0, D)[None, :]
+    _store_output(out_ptr + dest, out, in_range[:, None], OUT_KIND)
+
+
+# ---- launchers ----------------------------------------------------------------------------------
+
+
+def _rows_per_program(head_dim: int) -> int:
+    return max(1, _TARGET_ELEMENTS_PER_PROGRAM // head_dim)
+
+
+def _launch_quantize(k, v, k_data, v_data, k_scales, v_scales, k_g, v_g, loc, fmt: FP4Format, num_slots: int):
+    """k, v: [T, H, D] with a contiguous last axis; v may be None (then one stream)."""
+    t, h, d = k.shape
+    rows = _rows_per_program(d)
+    n_rows = t * h
+    streams = 1 if v is None else 2
+    if v is None:
+        v, v_data, v_scales, v_g = k, k_data, k_scales, k_g
+    has_g = k_g is not None
+    grid = (triton.cdiv(n_rows, rows), streams)
+    _quantize_kernel[grid](
+        k, k.stride(0), k.stride(1), k_data, k_scales.view(torch.uint8), k_g if has_g else k,
+        v, v.stride(0), v.stride(1), v_data, v_scales.view(torch.uint8), v_g if has_g else v,
+        loc if loc is not None else k_data, n_rows, h, num_slots,
+        D=d, BS=fmt.block_size, SCALE_RULE=int(fmt.scale_rule), TIES_AWAY=fmt.ties_away,
+        SCALE_NAN_BYTE=fmt.scale_nan_byte, HAS_G=has_g, SCATTER=loc is not None, ROWS=rows,
+    )
+
+
+def _last_axis_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def quantize(x, fmt: FP4Format, global_scale=None):
+    d = x.shape[-1]
+    flat = _last_axis_contiguous(x).reshape(-1, 1, d)
+    data = torch.empty((flat.shape[0], 1, d // 2), dtype=torch.uint8, device=x.device)
+    scales = torch.empty((flat.shape[0], 1, d // fmt.block_size), dtype=torch.uint8, device=x.device)
+    _launch_quantize(flat, None, data, None, scales, None, global_scale, None, None, fmt, flat.shape[0])
+    return data.view(*x.shape[:-1], d // 2), scales.view(*x.shape[:-1], d // fmt.block_size)
+
+
+def quantize_and_store(k_data, v_data, k_scales, v_scales, loc, k, v, fmt, k_global_scale=None, v_global_scale=None):
+    if (k_global_scale is None) != (v_global_scale is None):
+        ones = torch.ones(1, dtype=torch.float32, device=k.device)
+        k_global_scale = ones if k_global_scale is None else k_global_scale
+        v_global_scale = ones if v_global_scale is None else v_global_scale
+    _launch_quantize(
+        _last_axis_contiguous(k), _last_axis_contiguous(v), k_data, v_data, k_scales, v_scales,
+        k_global_scale, v_global_scale, loc, fmt, k_data.shape[0],
+    )
+
+
+def _launch_dequantize(data, scales, loc, fmt: FP4Format, global_scale, dtype, out_rows: int, h: int):
+    d = data.shape[-1] * 2
+    rows = _rows_per_program(d)
+    out = torch.empty((out_rows * h, d), dtype=dtype, device=data.device)
+    out_kind, view_dtype = _OUT_KINDS[dtype]
+    has_g = global_scale is not None
+    _dequantize_kernel[(triton.cdiv(out_rows * h, rows),)](
+        data, scales.view(torch.uint8), global_scale if has_g else data, loc if loc is not None else data,
+        out.view(view_dtype), out_rows * h, h, data.shape[0],
+        D=d, BS=fmt.block_size, E4M3_SCALES=fmt.scale_rule is ScaleRule.E4M3_AMAX_OVER_6G,
+        HAS_G=has_g, GATHER=loc is not None, OUT_KIND=out_kind, ROWS=rows,
+    )
+    return out
+
+
+def dequantize(data, scales, fmt: FP4Format, global_scale=None, dtype=torch.bfloat16):
+    d = data.shape[-1] * 2
+    flat = data.reshape(-1, data.shape[-1])
+    out = _launch_dequantize(flat, scales.reshape(-1, scales.shape[-1]), None, fmt, global_scale, dtype, flat.shape[0], 1)
+    return out.view(*data.shape[:-1], d)
+
+
+def gather_dequantize(data, scales, loc, fmt: FP4Format, global_scale=None, dtype=torch.bfloat16):
+    slots, h, half_d = data.shape
+    out = _launch_dequantize(data, scales, loc, fmt, global_scale, dtype, loc.shape[0], h)
+    return out.view(loc.shape[0], h, half_d * 2)

@@ -1,0 +1,2 @@
+"""torch_fp4kv."""
+from . import ops
