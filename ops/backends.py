@@ -77,6 +77,10 @@ def device_capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
+def installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
 def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -88,14 +92,14 @@ def unavailable_reason(
     if backend is Backend.EAGER:
         return None
     if backend is Backend.TRITON:
-        if importlib.util.find_spec("triton") is None:
+        if not installed("triton"):
             return "triton is not installed"
         if device.type == "cuda":
             return None if device_capability(device) >= (8, 0) else "Triton kernels need SM80 or newer"
         if device.type == "cpu" and _triton_interpreting():
             return None
         return f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1 for CPU tensors); got {device.type}"
-    if importlib.util.find_spec("flashinfer") is None:
+    if not installed("flashinfer"):
         return "flashinfer is not installed (pip install torch-fp4kv[flashinfer])"
     if recipe != "nvfp4" or op not in ("quantize", "dequantize"):
         return "FlashInfer implements only nvfp4 quantize and dequantize"

@@ -1,0 +1,173 @@
+"""`python -m torch_fp4kv.bench`: time every op x recipe x backend that can run here.
+
+Each row gives the median time, the effective bandwidth (bytes the op must read plus write), its
+ratio to a device-to-device copy measured in the same run, and the speedup over FlashInfer's
+equivalent kernel where one exists. Table on stdout; `--json PATH`; `--plot PATH` (matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .ops import FORMATS, Backend, get_format
+from .ops.backends import ENV_VAR, unavailable_reason
+
+
+@dataclass
+class Row:
+    op: str
+    recipe: str
+    backend: str
+    shape: str
+    time_us: float
+    gb_per_s: float
+    x_copy: float
+    x_flashinfer: float | None = None
+
+
+def _timer(device: torch.device):
+    """Median seconds of fn(): CUDA events via triton's do_bench on GPU, perf_counter on CPU."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return lambda fn: do_bench(fn, warmup=25, rep=200, return_mode="median") / 1e3
+
+    def cpu_time(fn, reps: int = 5) -> float:
+        fn()
+        samples = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+        return statistics.median(samples)
+
+    return cpu_time
+
+
+def copy_bandwidth(nbytes: int, device: torch.device, timed) -> float:
+    """GB/s of a device-to-device copy, counting bytes read plus written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    return 2 * nbytes / timed(lambda: dst.copy_(src)) / 1e9
+
+
+def _cases(tokens: int, heads: int, head_dim: int, recipe: str, device: torch.device):
+    """(op, fn-for-current-backend, bytes moved) for each op, on fresh random inputs."""
+    fmt = get_format(recipe)
+    g = torch.tensor([0.5], device=device) if fmt.has_global_scale else None
+    k = torch.randn(tokens, heads, head_dim, dtype=torch.bfloat16, device=device)
+    v = torch.randn_like(k)
+    data, scales = torch.ops.fp4kv.quantize(k, recipe, g)
+    loc = torch.randperm(tokens, device=device)
+    cache = [torch.empty_like(data), torch.empty_like(data), torch.empty_like(scales), torch.empty_like(scales)]
+    x_bytes, packed_bytes = k.numel() * 2, data.numel() + scales.numel()
+    return [
+        ("quantize", lambda: torch.ops.fp4kv.quantize(k, recipe, g), x_bytes + packed_bytes),
+        ("dequantize", lambda: torch.ops.fp4kv.dequantize(data, scales, recipe, g), packed_bytes + x_bytes),
+        ("quantize_and_store", lambda: torch.ops.fp4kv.quantize_and_store(*cache, loc, k, v, recipe, g, g),
+         2 * (x_bytes + packed_bytes) + loc.numel() * loc.element_size()),
+        ("gather_dequantize", lambda: torch.ops.fp4kv.gather_dequantize(data, scales, loc, recipe, g),
+         packed_bytes + x_bytes + loc.numel() * loc.element_size()),
+    ], (data, scales, g)
+
+
+def _flashinfer_time(op: str, recipe: str, packed, device: torch.device, timed) -> float | None:
+    """FlashInfer's own kernel for the same work, if it has one here."""
+    if recipe != "nvfp4" or op != "dequantize" or unavailable_reason(Backend.FLASHINFER, op, recipe, device, torch.bfloat16):
+        return None
+    import flashinfer
+
+    data, scales, g = packed
+    flat_data, flat_scales = data.reshape(-1, data.shape[-1]), scales.reshape(-1, scales.shape[-1])
+    return timed(lambda: flashinfer.nvfp4_kv_dequantize(flat_data, flat_scales, g, output_dtype=torch.bfloat16))
+
+
+def run(tokens: int, heads: int, head_dim: int, recipes, backends, device: torch.device) -> tuple[float, list[Row]]:
+    timed = _timer(device)
+    copy_gbs = copy_bandwidth(tokens * heads * head_dim * 2, device, timed)
+    rows = []
+    previous = os.environ.get(ENV_VAR)
+    try:
+        for recipe in recipes:
+            cases, packed = _cases(tokens, heads, head_dim, recipe, device)
+            for op, fn, nbytes in cases:
+                flashinfer_s = _flashinfer_time(op, recipe, packed, device, timed)
+                for backend in backends:
+                    if unavailable_reason(Backend(backend), op, recipe, device, torch.bfloat16):
+                        continue
+                    os.environ[ENV_VAR] = backend
+                    seconds = timed(fn)
+                    gbs = nbytes / seconds / 1e9
+                    rows.append(Row(op, recipe, backend, f"{tokens}x{heads}x{head_dim}", seconds * 1e6, gbs,
+                                    gbs / copy_gbs, flashinfer_s / seconds if flashinfer_s else None))
+    finally:
+        if previous is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = previous
+    return copy_gbs, rows
+
+
+def print_table(device_name: str, copy_gbs: float, rows: list[Row]) -> None:
+    print(f"device: {device_name}; device-to-device copy: {copy_gbs:.0f} GB/s (read + write)")
+    print(f"{'op':<19}{'recipe':<10}{'backend':<11}{'shape':<16}{'time us':>10}{'GB/s':>9}{'x copy':>8}{'x FlashInfer':>14}")
+    for r in rows:
+        fi = f"{r.x_flashinfer:.2f}" if r.x_flashinfer else "-"
+        print(f"{r.op:<19}{r.recipe:<10}{r.backend:<11}{r.shape:<16}{r.time_us:>10.1f}{r.gb_per_s:>9.1f}{r.x_copy:>8.3f}{fi:>14}")
+
+
+def plot(rows: list[Row], path: str) -> None:
+    if importlib.util.find_spec("matplotlib") is None:
+        print(f"matplotlib is not installed; no plot written to {path}")
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r.op}\n{r.recipe}/{r.backend}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.5), 4))
+    ax.bar(range(len(rows)), [r.x_copy for r in rows])
+    ax.axhline(0.8, color="red", linestyle="--", label="target 0.8x copy")
+    ax.set_xticks(range(len(rows)), labels, rotation=90, fontsize=6)
+    ax.set_ylabel("bandwidth / device copy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    on_gpu = torch.cuda.is_available()
+    parser.add_argument("--device", default="cuda" if on_gpu else "cpu")
+    parser.add_argument("--tokens", type=int, default=32768 if on_gpu else 256)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--recipes", nargs="+", default=sorted(FORMATS), choices=sorted(FORMATS))
+    parser.add_argument("--backends", nargs="+", default=[b.value for b in Backend], choices=[b.value for b in Backend])
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--plot", metavar="PATH", help="also write a PNG bar chart (needs matplotlib)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    copy_gbs, rows = run(args.tokens, args.heads, args.head_dim, args.recipes, args.backends, device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print_table(name, copy_gbs, rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "torch": torch.__version__, "copy_gb_per_s": copy_gbs,
+                       "rows": [asdict(r) for r in rows]}, f, indent=1)
+    if args.plot:
+        plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()

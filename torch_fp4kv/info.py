@@ -1,0 +1,35 @@
+"""`python -m torch_fp4kv.info`: versions, devices, and which backend runs each op here."""
+
+import os
+
+import torch
+
+from .ops.backends import ENV_VAR, SELECTION_TABLE, describe, device_capability, installed
+
+
+def main() -> None:
+    print(f"torch {torch.__version__}")
+    for package in ("triton", "flashinfer"):
+        print(f"{package}: {'installed' if installed(package) else 'not installed'}")
+    print(f"{ENV_VAR}={os.environ.get(ENV_VAR, '')!r}  TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r}")
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        cuda = torch.device("cuda")
+        major, minor = device_capability(cuda)
+        print(f"cuda: {torch.cuda.get_device_name(cuda)} (SM{major}{minor})")
+        devices.append("cuda")
+    print("\nselection table (first matching row wins):")
+    for rule in SELECTION_TABLE:
+        where = rule.device_type or "any device"
+        if rule.min_capability:
+            where += f" >= SM{rule.min_capability[0]}{rule.min_capability[1]}"
+        scope = ", ".join(sorted(rule.ops)) if rule.ops else "all ops"
+        recipes = ", ".join(sorted(rule.recipes)) if rule.recipes else "all recipes"
+        print(f"  {rule.backend.value:<10} {where:<18} {scope} / {recipes}: {rule.why}")
+    print("\nchosen here (bf16):")
+    for op, recipe, device, choice in describe(devices):
+        print(f"  {op:<18} {recipe:<9} {device:<5} {choice}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""Quantization strategies for an FP4 KV cache, shaped like SGLang's `FP4KVCacheQuantMethod`.
+
+An engine's KV pool asks a method for its buffers, then calls it to store new tokens and to read
+earlier ones back. Each method is one row of the format table (`torch_fp4kv.ops.FORMATS`) plus
+what is particular to it (NVFP4's per-layer global scales and FP8 prefill workspace).
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+from .ops import FP4Format, FP4KVCacheRecipe, get_format
+from .ops.formats import E2M1_MAX, E4M3_MAX
+
+
+@dataclass
+class FP4KVBuffers:
+    """Everything one KV pool allocates. Lists are indexed by layer."""
+
+    k_data: list[torch.Tensor]  # uint8 [size, H, D/2]
+    v_data: list[torch.Tensor]
+    k_scales: list[torch.Tensor]  # uint8 [size, H, D/block]
+    v_scales: list[torch.Tensor]
+    store_dtype: torch.dtype
+    # float32 [1] per layer, updated in place (CUDA graphs keep their addresses); None if unused.
+    k_global_scales: list[torch.Tensor] | None = None
+    v_global_scales: list[torch.Tensor] | None = None
+    # One layer's K and V dequantized for prefill kernels ([size, H, D]); None if unused.
+    dequant_workspace: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+class FP4KVCacheQuantMethod(abc.ABC):
+    """One way of keeping a KV cache in FP4. Create buffers first; the method keeps them."""
+
+    def __init__(self) -> None:
+        self.buffers: FP4KVBuffers | None = None
+
+    @abc.abstractmethod
+    def create_buffers(self, size: int, head_num: int, head_dim: int, layer_num: int, device) -> FP4KVBuffers:
+        """Allocate the cache for `size` token slots of `layer_num` layers."""
+
+    @abc.abstractmethod
+    def quantize_and_store(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Quantize k, v [T, H, D] into layer `layer_id` at slots `loc` [T]."""
+
+    @abc.abstractmethod
+    def dequantize_prev_kv(self, layer_id: int, loc: torch.Tensor, dtype: torch.dtype | None = None):
+        """Read slots `loc` of layer `layer_id` back as (k, v) [T, H, D] for a prefill kernel."""
+
+    @abc.abstractmethod
+    def compute_cell_size(self, head_num: int, head_dim: int, layer_num: int) -> int:
+        """Exact bytes per token slot of the buffers `create_buffers` allocates."""
+
+    def needs_dequant_workspace(self) -> bool:
+        return False
+
+    def needs_global_scale(self) -> bool:
+        return False
+
+    def load_scales_from_model(self, source) -> int:
+        """Load per-layer scales from a model or state dict; returns how many layers were set."""
+        return 0
+
+
+class TableFP4KVMethod(FP4KVCacheQuantMethod):
+    """A method driven entirely by one row of the format table; subclasses name the recipe."""
+
+    recipe: ClassVar[FP4KVCacheRecipe]
+    # Dtype `dequantize_prev_kv` returns by default; a workspace is allocated when it is FP8.
+    prev_kv_dtype: ClassVar[torch.dtype] = torch.bfloat16
+
+    @property
+    def fmt(self) -> FP4Format:
+        return get_format(self.recipe)
+
+    def needs_dequant_workspace(self) -> bool:
+        return self.prev_kv_dtype == torch.float8_e4m3fn
+
+    def compute_cell_size(self, head_num: int, head_dim: int, layer_num: int) -> int:
+        cell = layer_num * self.fmt.bytes_per_token(head_num, head_dim)
+        if self.needs_dequant_workspace():
+            cell += 2 * head_num * head_dim * self.prev_kv_dtype.itemsize  # shared by all layers
+        return cell
+
+    def create_buffers(self, size: int, head_num: int, head_dim: int, layer_num: int, device) -> FP4KVBuffers:
+        fmt = self.fmt
+        if head_dim % fmt.block_size:
+            raise ValueError(f"head_dim {head_dim} is not a multiple of the {fmt.name} block size {fmt.block_size}")
+        for name, value in (("size", size), ("head_num", head_num), ("layer_num", layer_num)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+
+        def per_layer(last_dim: int) -> list[torch.Tensor]:
+            return [torch.zeros(size, head_num, last_dim, dtype=torch.uint8, device=device) for _ in range(layer_num)]
+
+        def scalars() -> list[torch.Tensor]:
+            return [torch.ones(1, dtype=torch.float32, device=device) for _ in range(layer_num)]
+
+        workspace = None
+        if self.needs_dequant_workspace():
+            workspace = tuple(torch.zeros(size, head_num, head_dim, dtype=self.prev_kv_dtype, device=device) for _ in "kv")
+        self.buffers = FP4KVBuffers(
+            k_data=per_layer(head_dim // 2),
+            v_data=per_layer(head_dim // 2),
+            k_scales=per_layer(head_dim // fmt.block_size),
+            v_scales=per_layer(head_dim // fmt.block_size),
+            store_dtype=torch.uint8,
+            k_global_scales=scalars() if self.needs_global_scale() else None,
+            v_global_scales=scalars() if self.needs_global_scale() else None,
+            dequant_workspace=workspace,
+        )
+        return self.buffers
+
+    def _buffers(self) -> FP4KVBuffers:
+        if self.buffers is None:
+            raise RuntimeError(f"{type(self).__name__}: call create_buffers() first")
+        return self.buffers
+
+    def global_scales(self, layer_id: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        b = self._buffers()
+        if b.k_global_scales is None:
+            return None, None
+        return b.k_global_scales[layer_id], b.v_global_scales[layer_id]
+
+    def quantize_and_store(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        b = self._buffers()
+        k_g, v_g = self.global_scales(layer_id)
+        torch.ops.fp4kv.quantize_and_store(
+            b.k_data[layer_id], b.v_data[layer_id], b.k_scales[layer_id], b.v_scales[layer_id],
+            loc, k, v, self.fmt.name, k_g, v_g,
+        )
+
+    def dequantize_prev_kv(self, layer_id: int, loc: torch.Tensor, dtype: torch.dtype | None = None):
+        """(k, v) [T, H, D] of slots `loc`. In the method's FP8 workspace when it has one and
+        `dtype` is left at the default; otherwise freshly allocated in `dtype`."""
+        b = self._buffers()
+        dtype = dtype or self.prev_kv_dtype
+        k_g, v_g = self.global_scales(layer_id)
+        k = torch.ops.fp4kv.gather_dequantize(b.k_data[layer_id], b.k_scales[layer_id], loc, self.fmt.name, k_g, dtype)
+        v = torch.ops.fp4kv.gather_dequantize(b.v_data[layer_id], b.v_scales[layer_id], loc, self.fmt.name, v_g, dtype)
+        if b.dequant_workspace is None or dtype != self.prev_kv_dtype:
+            return k, v
+        k_ws, v_ws = b.dequant_workspace
+        if loc.shape[0] > k_ws.shape[0]:
+            raise ValueError(f"loc has {loc.shape[0]} slots but the dequant workspace holds {k_ws.shape[0]}")
+        k_ws[: loc.shape[0]].copy_(k)
+        v_ws[: loc.shape[0]].copy_(v)
+        return k_ws[: loc.shape[0]], v_ws[: loc.shape[0]]
+
+
+class NVFP4KVMethod(TableFP4KVMethod):
+    """NVFP4: E4M3 block scales plus per-layer FP32 global scales for K and V (default 1.0).
+
+    Prefill reads earlier tokens through an FP8 E4M3 workspace (the input of FP8 prefill kernels).
+    """
+
+    recipe = FP4KVCacheRecipe.NVFP4
+    prev_kv_dtype = torch.float8_e4m3fn
+
+    def needs_global_scale(self) -> bool:
+        return True
+
+    def set_global_scales(self, layer_id: int, k_scale, v_scale) -> None:
+        """Write a layer's global scales in place (tensors stay where CUDA graphs captured them)."""
+        for target, value in zip(self.global_scales(layer_id), (k_scale, v_scale)):
+            target.copy_(torch.as_tensor(value, dtype=torch.float32).reshape(1))
+
+    def calibrate(self, layer_id: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Set a layer's global scales from sample K/V: amax / (448 * 6), so the largest block
+        scale lands at the top of E4M3's range. Runs on the device, no host sync."""
+        tiny = torch.finfo(torch.float32).tiny
+        for target, x in zip(self.global_scales(layer_id), (k, v)):
+            target.copy_((x.detach().abs().amax().float() / (E4M3_MAX * E2M1_MAX)).clamp(min=tiny).reshape(1))
+
+    def load_scales_from_model(self, source) -> int:
+        """Read `k_scale`/`v_scale` as each layer's global scale, from an `nn.Module` (attention
+        modules holding both attributes, in module order) or a state dict (ModelOpt-style keys
+        such as `model.layers.3.self_attn.k_scale`; the layer is the number after `layers.`)."""
+        pairs = _scales_from_module(source) if isinstance(source, nn.Module) else _scales_from_state_dict(source)
+        layer_num = len(self._buffers().k_data)
+        for layer_id, (k_scale, v_scale) in pairs.items():
+            if not 0 <= layer_id < layer_num:
+                raise ValueError(f"scales found for layer {layer_id}, but the cache has {layer_num} layers")
+            self.set_global_scales(layer_id, k_scale, v_scale)
+        return len(pairs)
+
+
+def _scales_from_module(model: nn.Module) -> dict[int, tuple]:
+    holders = [m for m in model.modules() if hasattr(m, "k_scale") and hasattr(m, "v_scale")]
+    return {i: (m.k_scale, m.v_scale) for i, m in enumerate(holders)}
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _scales_from_state_dict(state: Mapping) -> dict[int, tuple]:
+    if not isinstance(state, Mapping):
+        raise TypeError(f"source must be an nn.Module or a state dict, got {type(state).__name__}")
+    found: dict[int, dict[str, object]] = {}
+    prefixes = sorted({key[: -len(".k_scale")] for key in state if key.endswith(".k_scale")})
+    for order, prefix in enumerate(prefixes):
+        if f"{prefix}.v_scale" not in state:
+            raise ValueError(f"state dict has {prefix}.k_scale but no {prefix}.v_scale")
+        match = _LAYER_INDEX.search(prefix + ".")
+        layer_id = int(match.group(1)) if match else order
+        found[layer_id] = {"k": state[f"{prefix}.k_scale"], "v": state[f"{prefix}.v_scale"]}
+    return {layer: (s["k"], s["v"]) for layer, s in found.items()}
+
+
+class BlockFP4KVMethod(TableFP4KVMethod):
+    """Block-16 FP4 with power-of-two (E8M0) scales and no global scale: SGLang's FP4MXBlock16."""
+
+    recipe = FP4KVCacheRecipe.BLOCKFP4
+
+
+class MXFP4KVMethod(TableFP4KVMethod):
+    """OCP MX v1.0 MXFP4: block-32 FP4 with E8M0 scales."""
+
+    recipe = FP4KVCacheRecipe.MXFP4
+
+
+FP4_KV_CACHE_QUANT_REGISTRY: dict[str, type[FP4KVCacheQuantMethod]] = {
+    "nvfp4": NVFP4KVMethod,
+    "blockfp4": BlockFP4KVMethod,
+    "mxfp4": MXFP4KVMethod,
+}
+
+
+def register_fp4_kv_cache_quant_method(name: str) -> Callable[[type], type]:
+    """Class decorator that adds a third-party method to the registry under `name`."""
+
+    def register(cls: type) -> type:
+        if not (isinstance(cls, type) and issubclass(cls, FP4KVCacheQuantMethod)):
+            raise TypeError(f"{cls!r} is not an FP4KVCacheQuantMethod subclass")
+        if name in FP4_KV_CACHE_QUANT_REGISTRY:
+            raise ValueError(f"an FP4 KV cache method named {name!r} is already registered")
+        FP4_KV_CACHE_QUANT_REGISTRY[name] = cls
+        return cls
+
+    return register
+
+
+def get_fp4_kv_cache_quant_method(name: str, **kwargs) -> FP4KVCacheQuantMethod:
+    """Instantiate the method registered as `name` (kwargs go to its constructor)."""
+    try:
+        cls = FP4_KV_CACHE_QUANT_REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown FP4 KV cache method {name!r}; valid: {sorted(FP4_KV_CACHE_QUANT_REGISTRY)}") from None
+    return cls(**kwargs)
