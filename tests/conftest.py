@@ -1,0 +1,56 @@
+"""Shared helpers. Without a GPU, Triton kernels run under the interpreter on CPU tensors; the
+variable must be set before triton.jit runs, hence here, at import time."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from torch_fp4kv.ops import FORMATS  # noqa: E402
+from torch_fp4kv.ops.backends import ENV_VAR, select_backend  # noqa: E402
+
+RECIPES = sorted(FORMATS)
+INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+OUTPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)
+HAS_CUDA = torch.cuda.is_available()
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"  # CPU means the Triton interpreter
+
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+def assert_same_bytes(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Bit-for-bit equality, except that any NaN equals any NaN (payloads are not contract)."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, (actual.shape, expected.shape)
+    actual, expected = actual.cpu(), expected.cpu()
+    if actual.dtype.is_floating_point:
+        nan = actual.float().isnan()
+        assert torch.equal(nan, expected.float().isnan()), "NaN positions differ"
+        bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[actual.element_size()]
+        actual, expected = actual.view(bits)[~nan], expected.view(bits)[~nan]
+    mismatch = (actual != expected).sum().item()
+    assert mismatch == 0, f"{mismatch} of {actual.numel()} elements differ"
+
+
+def random_kv(shape, dtype=torch.bfloat16, device="cpu", generator=None) -> torch.Tensor:
+    """Normal values with a per-row spread of magnitudes, so blocks see many scales."""
+    x = torch.randn(shape, generator=generator) * torch.exp2(torch.randint(-8, 9, (*shape[:-1], 1), generator=generator).float())
+    return x.to(dtype).to(device)
+
+
+def global_scale_for(recipe: str, device="cpu"):
+    return torch.tensor([0.37], device=device) if FORMATS[recipe].has_global_scale else None
+
+
+@pytest.fixture
+def backend(monkeypatch):
+    """Force a backend for the ops called in a test: backend("triton")."""
+
+    def force(name: str) -> None:
+        monkeypatch.setenv(ENV_VAR, name)
+
+    yield force
+    select_backend.cache_clear()
