@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import ops
 from .methods import FP4KVCacheQuantMethod, get_fp4_kv_cache_quant_method
 
 
@@ -31,15 +32,15 @@ class FP4KVLayerCache(nn.Module):
 
     def store(self, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Quantize k, v [T, H, D] into slots loc [T]."""
-        torch.ops.fp4kv.quantize_and_store(
+        ops.quantize_and_store(
             self.k_data, self.v_data, self.k_scales, self.v_scales, loc, k, v, self.recipe,
             self.k_global_scale, self.v_global_scale,
         )
 
     def read(self, loc: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
         """Slots loc [T] as (k, v) [T, H, D] in dtype."""
-        k = torch.ops.fp4kv.gather_dequantize(self.k_data, self.k_scales, loc, self.recipe, self.k_global_scale, dtype)
-        v = torch.ops.fp4kv.gather_dequantize(self.v_data, self.v_scales, loc, self.recipe, self.v_global_scale, dtype)
+        k = ops.gather_dequantize(self.k_data, self.k_scales, loc, self.recipe, self.k_global_scale, dtype)
+        v = ops.gather_dequantize(self.v_data, self.v_scales, loc, self.recipe, self.v_global_scale, dtype)
         return k, v
 
 

@@ -16,6 +16,7 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
+from . import ops
 from .ops import FP4Format, FP4KVCacheRecipe, get_format
 from .ops.formats import E2M1_MAX, E4M3_MAX
 
@@ -132,7 +133,7 @@ class TableFP4KVMethod(FP4KVCacheQuantMethod):
     def quantize_and_store(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         b = self._buffers()
         k_g, v_g = self.global_scales(layer_id)
-        torch.ops.fp4kv.quantize_and_store(
+        ops.quantize_and_store(
             b.k_data[layer_id], b.v_data[layer_id], b.k_scales[layer_id], b.v_scales[layer_id],
             loc, k, v, self.fmt.name, k_g, v_g,
         )
@@ -143,8 +144,8 @@ class TableFP4KVMethod(FP4KVCacheQuantMethod):
         b = self._buffers()
         dtype = dtype or self.prev_kv_dtype
         k_g, v_g = self.global_scales(layer_id)
-        k = torch.ops.fp4kv.gather_dequantize(b.k_data[layer_id], b.k_scales[layer_id], loc, self.fmt.name, k_g, dtype)
-        v = torch.ops.fp4kv.gather_dequantize(b.v_data[layer_id], b.v_scales[layer_id], loc, self.fmt.name, v_g, dtype)
+        k = ops.gather_dequantize(b.k_data[layer_id], b.k_scales[layer_id], loc, self.fmt.name, k_g, dtype)
+        v = ops.gather_dequantize(b.v_data[layer_id], b.v_scales[layer_id], loc, self.fmt.name, v_g, dtype)
         if b.dequant_workspace is None or dtype != self.prev_kv_dtype:
             return k, v
         k_ws, v_ws = b.dequant_workspace

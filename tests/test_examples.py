@@ -1,0 +1,59 @@
+"""The examples and the benchmark run (on CPU in seconds) and print what they promise."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import RECIPES, RMSE_BOUND
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> str:
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def _number(pattern: str, text: str) -> float:
+    match = re.search(pattern, text)
+    assert match, f"{pattern!r} not in:\n{text}"
+    return float(match.group(1))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_quickstart(recipe):
+    out = _run("examples/quickstart.py", "--recipe", recipe)
+    assert _number(r"relative RMSE\s+K ([\d.]+)", out) < RMSE_BOUND[recipe]
+    memory = 0.28125 if recipe != "mxfp4" else 0.265625
+    assert _number(r"memory vs BF16 ([\d.]+)x", out) == pytest.approx(memory, abs=5e-4)
+
+
+def test_compiled_attention():
+    out = _run("examples/compiled_attention.py", "--decode-steps", "2")
+    assert "graph breaks: 0; compiled graphs: 2" in out
+    errors = [float(e) for e in re.findall(r"rel\. error vs BF16 cache ([\d.]+)", out)]
+    assert len(errors) == 3 and max(errors) < 0.05
+
+
+def test_cuda_graph_decode_runs_eagerly_without_a_gpu():
+    out = _run("examples/cuda_graph_decode.py", "--steps", "4", "--device", "cpu")
+    assert "no GPU, so the decode loop runs eagerly" in out
+    assert _number(r"FP4 cache is ([\d.]+)x the BF16 cache's bytes", out) == pytest.approx(0.281, abs=1e-3)
+
+
+def test_bench_table_and_json(tmp_path):
+    path = tmp_path / "bench.json"
+    out = _run("-m", "torch_fp4kv.bench", "--device", "cpu", "--tokens", "64", "--backends", "eager", "--json", str(path))
+    assert "device-to-device copy" in out
+    report = json.loads(path.read_text())
+    assert report["copy_gb_per_s"] > 0
+    assert {(r["op"], r["recipe"]) for r in report["rows"]} == {
+        (op, recipe) for op in ("quantize", "dequantize", "quantize_and_store", "gather_dequantize")
+        for recipe in ("nvfp4", "blockfp4", "mxfp4")
+    }
+    assert all(r["time_us"] > 0 and r["x_copy"] == pytest.approx(r["gb_per_s"] / report["copy_gb_per_s"]) for r in report["rows"])

@@ -1,0 +1,244 @@
+"""Strategies, registry, factory, cache module and SGLang-compatible names."""
+
+import pytest
+import torch
+from torch import nn
+
+import torch_fp4kv
+from conftest import RECIPES, assert_same_bytes, random_kv
+from torch_fp4kv import (
+    FP4_KV_CACHE_QUANT_REGISTRY,
+    BlockFP4KVMethod,
+    BlockFP4KVQuantizeUtil,
+    FP4KVCache,
+    FP4KVCacheQuantMethod,
+    KVFP4QuantizeUtil,
+    MXFP4KVMethod,
+    NVFP4KVMethod,
+    NVFP4KVQuantizeUtil,
+    get_fp4_kv_cache_quant_method,
+    register_fp4_kv_cache_quant_method,
+)
+
+SIZE, H, D, LAYERS = 16, 2, 64, 3
+
+
+def test_registry_maps_names_to_methods():
+    assert FP4_KV_CACHE_QUANT_REGISTRY == {"nvfp4": NVFP4KVMethod, "blockfp4": BlockFP4KVMethod, "mxfp4": MXFP4KVMethod}
+    for name, cls in FP4_KV_CACHE_QUANT_REGISTRY.items():
+        method = get_fp4_kv_cache_quant_method(name)
+        assert type(method) is cls and method.fmt.name == name
+
+
+def test_factory_lists_valid_names_for_unknown_name():
+    with pytest.raises(ValueError, match=r"unknown FP4 KV cache method 'fp3'; valid: \['blockfp4', 'mxfp4', 'nvfp4'\]"):
+        get_fp4_kv_cache_quant_method("fp3")
+
+
+def test_register_third_party_method(monkeypatch):
+    monkeypatch.setattr(torch_fp4kv.methods, "FP4_KV_CACHE_QUANT_REGISTRY", dict(FP4_KV_CACHE_QUANT_REGISTRY))
+
+    @register_fp4_kv_cache_quant_method("nvfp4_bf16_prefill")
+    class NVFP4WithBF16Prefill(NVFP4KVMethod):
+        prev_kv_dtype = torch.bfloat16
+
+    method = get_fp4_kv_cache_quant_method("nvfp4_bf16_prefill")
+    assert isinstance(method, NVFP4WithBF16Prefill) and not method.needs_dequant_workspace()
+    with pytest.raises(ValueError, match="already registered"):
+        register_fp4_kv_cache_quant_method("nvfp4")(NVFP4WithBF16Prefill)
+    with pytest.raises(TypeError, match="not an FP4KVCacheQuantMethod subclass"):
+        register_fp4_kv_cache_quant_method("plain")(object)
+
+
+def test_abstract_interface():
+    assert FP4KVCacheQuantMethod.__abstractmethods__ == {
+        "create_buffers", "quantize_and_store", "dequantize_prev_kv", "compute_cell_size"
+    }
+    with pytest.raises(TypeError):
+        FP4KVCacheQuantMethod()
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_create_buffers_and_exact_cell_size(recipe):
+    method = get_fp4_kv_cache_quant_method(recipe)
+    buffers = method.create_buffers(SIZE, H, D, LAYERS, "cpu")
+    block = method.fmt.block_size
+    assert buffers.store_dtype == torch.uint8
+    for name, last in (("k_data", D // 2), ("v_data", D // 2), ("k_scales", D // block), ("v_scales", D // block)):
+        tensors = getattr(buffers, name)
+        assert len(tensors) == LAYERS and all(t.shape == (SIZE, H, last) and t.dtype == torch.uint8 for t in tensors)
+    allocated = [t for name in ("k_data", "v_data", "k_scales", "v_scales") for t in getattr(buffers, name)]
+    if buffers.dequant_workspace is not None:
+        allocated += list(buffers.dequant_workspace)
+    total = sum(t.numel() * t.element_size() for t in allocated)
+    assert method.compute_cell_size(H, D, LAYERS) * SIZE == total
+    assert method.needs_global_scale() == (recipe == "nvfp4")
+    assert method.needs_dequant_workspace() == (recipe == "nvfp4")
+    assert (buffers.dequant_workspace is not None) == method.needs_dequant_workspace()
+
+
+def test_cell_size_matches_the_design_table():
+    # 2 tensors x H x (D/2 + D/block) per layer; D=128: 72 bytes per head per tensor.
+    assert BlockFP4KVMethod().compute_cell_size(head_num=8, head_dim=128, layer_num=1) == 2 * 8 * 72
+    assert MXFP4KVMethod().compute_cell_size(head_num=8, head_dim=128, layer_num=1) == 2 * 8 * 68
+    # NVFP4 adds one layer's FP8 workspace, shared by all layers.
+    assert NVFP4KVMethod().compute_cell_size(head_num=8, head_dim=128, layer_num=4) == 4 * 2 * 8 * 72 + 2 * 8 * 128
+
+
+def test_create_buffers_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="head_dim 48 is not a multiple of the mxfp4 block size 32"):
+        MXFP4KVMethod().create_buffers(SIZE, H, 48, 1, "cpu")
+    with pytest.raises(ValueError, match="layer_num must be >= 1"):
+        BlockFP4KVMethod().create_buffers(SIZE, H, D, 0, "cpu")
+
+
+def test_using_a_method_before_create_buffers_says_so():
+    with pytest.raises(RuntimeError, match="call create_buffers"):
+        NVFP4KVMethod().quantize_and_store(0, torch.arange(1), torch.randn(1, H, D), torch.randn(1, H, D))
+
+
+def test_nvfp4_global_scales_are_float32_device_tensors_default_one():
+    buffers = NVFP4KVMethod().create_buffers(SIZE, H, D, LAYERS, "cpu")
+    for scales in (buffers.k_global_scales, buffers.v_global_scales):
+        assert len(scales) == LAYERS
+        assert all(s.dtype == torch.float32 and s.shape == (1,) and s.item() == 1.0 for s in scales)
+    assert BlockFP4KVMethod().create_buffers(SIZE, H, D, 1, "cpu").k_global_scales is None
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_store_and_dequantize_prev_kv_match_the_ops(recipe):
+    method = get_fp4_kv_cache_quant_method(recipe)
+    method.create_buffers(SIZE, H, D, LAYERS, "cpu")
+    k, v = random_kv((5, H, D)), random_kv((5, H, D))
+    loc = torch.tensor([3, 0, 9, 12, 7])
+    method.quantize_and_store(1, loc, k, v)
+    k_g, v_g = method.global_scales(1)
+    k_out, v_out = method.dequantize_prev_kv(1, loc, torch.bfloat16)
+    assert_same_bytes(k_out, torch_fp4kv.dequantize(*torch_fp4kv.quantize(k, recipe, k_g), recipe, k_g))
+    assert_same_bytes(v_out, torch_fp4kv.dequantize(*torch_fp4kv.quantize(v, recipe, v_g), recipe, v_g))
+    untouched = method.dequantize_prev_kv(0, loc, torch.float32)[0]
+    assert torch.equal(untouched, torch.zeros_like(untouched))
+
+
+def test_nvfp4_prev_kv_lands_in_the_fp8_workspace():
+    method = NVFP4KVMethod()
+    buffers = method.create_buffers(SIZE, H, D, LAYERS, "cpu")
+    loc = torch.tensor([4, 1, 2])
+    method.quantize_and_store(2, loc, random_kv((3, H, D)), random_kv((3, H, D)))
+    k, v = method.dequantize_prev_kv(2, loc)
+    k_ws, v_ws = buffers.dequant_workspace
+    assert k.dtype == v.dtype == torch.float8_e4m3fn
+    assert k.data_ptr() == k_ws.data_ptr() and v.data_ptr() == v_ws.data_ptr()
+    assert_same_bytes(k, method.dequantize_prev_kv(2, loc, torch.bfloat16)[0].to(torch.float8_e4m3fn))
+    with pytest.raises(ValueError, match="dequant workspace holds 16"):
+        method.dequantize_prev_kv(2, torch.zeros(SIZE + 1, dtype=torch.long))
+
+
+def test_calibrate_sets_amax_over_448_times_6():
+    method = NVFP4KVMethod()
+    method.create_buffers(SIZE, H, D, LAYERS, "cpu")
+    k, v = torch.randn(10, H, D), torch.randn(10, H, D) * 100
+    method.calibrate(1, k, v)
+    k_g, v_g = method.global_scales(1)
+    assert k_g.item() == pytest.approx(k.abs().max().item() / (448 * 6))
+    assert v_g.item() == pytest.approx(v.abs().max().item() / (448 * 6))
+    assert method.global_scales(0)[0].item() == 1.0
+
+
+def test_calibrated_scale_avoids_saturation():
+    method = NVFP4KVMethod()
+    method.create_buffers(SIZE, H, D, 1, "cpu")
+    k = torch.randn(4, H, D) * 1e4  # far above 448 * 6: saturates with global scale 1.0
+    loc = torch.arange(4)
+    method.quantize_and_store(0, loc, k, k)
+    saturated = (method.dequantize_prev_kv(0, loc, torch.float32)[0] - k).norm() / k.norm()
+    method.calibrate(0, k, k)
+    method.quantize_and_store(0, loc, k, k)
+    calibrated = (method.dequantize_prev_kv(0, loc, torch.float32)[0] - k).norm() / k.norm()
+    assert saturated > 0.5 and calibrated < 0.12
+
+
+class _Attention(nn.Module):
+    def __init__(self, k_scale, v_scale):
+        super().__init__()
+        self.register_buffer("k_scale", torch.tensor(k_scale))
+        self.register_buffer("v_scale", torch.tensor(v_scale))
+
+
+def test_load_scales_from_model_attention_modules():
+    model = nn.Sequential(*(nn.Sequential(nn.Linear(2, 2), _Attention(0.5 + i, 2.0 + i)) for i in range(LAYERS)))
+    method = NVFP4KVMethod()
+    method.create_buffers(SIZE, H, D, LAYERS, "cpu")
+    assert method.load_scales_from_model(model) == LAYERS
+    assert [tuple(s.item() for s in method.global_scales(i)) for i in range(LAYERS)] == [(0.5, 2.0), (1.5, 3.0), (2.5, 4.0)]
+
+
+def test_load_scales_from_modelopt_state_dict():
+    state = {
+        "model.layers.2.self_attn.k_proj.weight": torch.zeros(1),
+        "model.layers.2.self_attn.k_scale": torch.tensor(0.25),
+        "model.layers.2.self_attn.v_scale": torch.tensor([0.125]),
+        "model.layers.0.self_attn.k_scale": torch.tensor(4.0),
+        "model.layers.0.self_attn.v_scale": torch.tensor(8.0),
+    }
+    method = NVFP4KVMethod()
+    buffers = method.create_buffers(SIZE, H, D, LAYERS, "cpu")
+    before = [s.data_ptr() for s in buffers.k_global_scales]
+    assert method.load_scales_from_model(state) == 2
+    assert [s.item() for s in buffers.k_global_scales] == [4.0, 1.0, 0.25]
+    assert [s.item() for s in buffers.v_global_scales] == [8.0, 1.0, 0.125]
+    assert [s.data_ptr() for s in buffers.k_global_scales] == before, "scales must be updated in place"
+
+
+def test_load_scales_errors():
+    method = NVFP4KVMethod()
+    method.create_buffers(SIZE, H, D, 1, "cpu")
+    with pytest.raises(ValueError, match="no model.layers.0.attn.v_scale"):
+        method.load_scales_from_model({"model.layers.0.attn.k_scale": torch.tensor(1.0)})
+    with pytest.raises(ValueError, match="scales found for layer 5, but the cache has 1 layers"):
+        method.load_scales_from_model({"layers.5.k_scale": torch.tensor(1.0), "layers.5.v_scale": torch.tensor(1.0)})
+    with pytest.raises(TypeError, match="source must be an nn.Module or a state dict"):
+        method.load_scales_from_model([1.0, 2.0])
+    assert BlockFP4KVMethod().load_scales_from_model({}) == 0
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_cache_module_holds_buffers_and_round_trips(recipe):
+    cache = FP4KVCache(recipe, SIZE, H, D, LAYERS)
+    layer = cache.layers[1]
+    names = {name for name, _ in layer.named_buffers()}
+    assert {"k_data", "v_data", "k_scales", "v_scales"} <= names
+    assert cache.method.buffers.k_data[1].data_ptr() == layer.k_data.data_ptr()
+    assert cache.bytes_per_token() == cache.method.compute_cell_size(H, D, LAYERS)
+    k, v = random_kv((4, H, D)), random_kv((4, H, D))
+    loc = torch.tensor([1, 5, 2, 11])
+    layer.store(loc, k, v)
+    k_out, _ = layer.read(loc, torch.float32)
+    g = layer.k_global_scale
+    assert_same_bytes(k_out, torch_fp4kv.dequantize(*torch_fp4kv.quantize(k, recipe, g), recipe, g, torch.float32))
+
+
+def test_cache_module_keeps_global_scales_float32_under_dtype_casts():
+    cache = FP4KVCache("nvfp4", SIZE, H, D, 1).to(torch.bfloat16)
+    assert cache.layers[0].k_global_scale.dtype == torch.float32
+    assert cache.layers[0].k_data.dtype == torch.uint8
+
+
+def test_nvfp4_compat_util_matches_ops():
+    x, g = random_kv((2, 3, 64)), torch.tensor([0.5])
+    data, scales = NVFP4KVQuantizeUtil.quantize(x, g)
+    assert data.shape == (2, 3, 32) and scales.shape == (2, 3, 4)
+    assert_same_bytes(NVFP4KVQuantizeUtil.dequantize(data, scales, g), torch_fp4kv.dequantize(data, scales, "nvfp4", g))
+
+
+def test_blockfp4_compat_util_batched_shapes():
+    assert KVFP4QuantizeUtil is BlockFP4KVQuantizeUtil
+    x = random_kv((2, 5, 64))
+    data, scales = BlockFP4KVQuantizeUtil.batched_quantize(x)
+    assert data.shape == (2, 5, 32) and scales.shape == (2, 5, 4)
+    out = BlockFP4KVQuantizeUtil.batched_dequantize(data, scales, torch.float32)
+    assert out.shape == x.shape and ((out - x.float()).norm() / x.float().norm()) < 0.12
+    with pytest.raises(ValueError, match=r"tensor must be 3-D \[B, M, N\]"):
+        BlockFP4KVQuantizeUtil.batched_quantize(x[0])
+    with pytest.raises(ValueError, match=r"quant_tensor must be 3-D"):
+        BlockFP4KVQuantizeUtil.batched_dequantize(data[0], scales[0])
