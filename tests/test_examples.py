@@ -57,3 +57,15 @@ def test_bench_table_and_json(tmp_path):
         for recipe in ("nvfp4", "blockfp4", "mxfp4")
     }
     assert all(r["time_us"] > 0 and r["x_copy"] == pytest.approx(r["gb_per_s"] / report["copy_gb_per_s"]) for r in report["rows"])
+
+
+def test_readme_quickstart_runs_and_its_commands_are_those_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    snippet = re.search(r"## Quickstart\n\n```python\n(.*?)```", readme, re.S).group(1)
+    assert "1152 bytes per token" in _run("-c", snippet)
+    commands = re.findall(r"```bash\n(.*?)```", readme, re.S)
+    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    readme_lines = [line for block in commands for line in block.strip().splitlines()]
+    assert readme_lines == ['pip install -e ".[test]"', "python examples/quickstart.py", "python -m pytest -q"]
+    for line in readme_lines:
+        assert line in ci_lines or line.startswith("python examples/"), line
