@@ -8,25 +8,28 @@ runs these kernels under (`TRITON_INTERPRET=1`), and the byte contract must hold
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from .formats import BLOCKFP4_MIN_SCALE, E4M3_MAX, FP4Format, ScaleRule
+from .formats import BLOCKFP4_MIN_SCALE, E2M1_THRESHOLDS, E4M3_MAX, FP4Format, ScaleRule
 
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 _E4M3_MAX = tl.constexpr(E4M3_MAX)
 _BLOCKFP4_MIN_SCALE = tl.constexpr(BLOCKFP4_MIN_SCALE)
-_TARGET_ELEMENTS_PER_PROGRAM = 4096  # launch shape: tuned on the H100 (README, performance)
-_NUM_WARPS = 4
+# Launch shapes (elements per program, warps), tuned on the H100 with scratch sweeps (README).
+QUANTIZE_LAUNCH = (4096, 4)
+DEQUANTIZE_LAUNCH = (4096, 4)
 
-# Output encodings the dequantize kernels write (the output tensor is passed as a view of this dtype).
-_OUT_FP32, _OUT_FP16, _OUT_BF16, _OUT_FP8 = 0, 1, 2, 3
+# Output dtype -> (kernel OUT_KIND, the dtype of a word holding two outputs): dequantize kernels
+# write each packed byte's two values as one word.
 _OUT_KINDS = {
-    torch.float32: (_OUT_FP32, torch.float32),
-    torch.float16: (_OUT_FP16, torch.float16),
-    torch.bfloat16: (_OUT_BF16, torch.int16),
-    torch.float8_e4m3fn: (_OUT_FP8, torch.uint8),
+    torch.float32: (0, torch.int64),
+    torch.float16: (1, torch.int32),
+    torch.bfloat16: (2, torch.int32),
+    torch.float8_e4m3fn: (3, torch.int16),
 }
 
 
@@ -67,16 +70,6 @@ def _e2m1_value(code):
 
 
 @triton.jit
-def _e2m1_magnitude(y, TIES_AWAY: tl.constexpr):
-    """|value| / scale -> 3-bit magnitude code; ties to even unless TIES_AWAY (thresholds: formats.py)."""
-    if TIES_AWAY:
-        m = (y >= 0.25).to(tl.int32) + (y >= 0.75) + (y >= 1.25) + (y >= 1.75) + (y >= 2.5) + (y >= 3.5) + (y >= 5.0)
-    else:
-        m = (y > 0.25).to(tl.int32) + (y >= 0.75) + (y > 1.25) + (y >= 1.75) + (y > 2.5) + (y >= 3.5) + (y > 5.0)
-    return m
-
-
-@triton.jit
 def _bf16_bits(v):
     """float32 -> bf16 bits, round to nearest even; NaN -> 0x7FC0 (as PyTorch does)."""
     bits = v.to(tl.uint32, bitcast=True)
@@ -93,28 +86,77 @@ def _fp8_bits(v):
 
 
 @triton.jit
-def _store_output(ptrs, value, mask, OUT_KIND: tl.constexpr):
+def _output_word(lo, hi, OUT_KIND: tl.constexpr):
+    """Two float32 values -> one word holding both in the output dtype, `lo` in the low half."""
     if OUT_KIND == 0:
-        tl.store(ptrs, value, mask=mask)
+        lo_bits = lo.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+        return lo_bits | (hi.to(tl.int32, bitcast=True).to(tl.int64) << 32)
     elif OUT_KIND == 1:
-        tl.store(ptrs, value.to(tl.float16), mask=mask)
+        lo_bits = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        return lo_bits | (hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16)
     elif OUT_KIND == 2:
-        tl.store(ptrs, _bf16_bits(value), mask=mask)
+        return (_bf16_bits(lo).to(tl.int32) & 0xFFFF) | (_bf16_bits(hi).to(tl.int32) << 16)
     else:
-        tl.store(ptrs, _fp8_bits(value), mask=mask)
+        return (_fp8_bits(lo).to(tl.int16) | (_fp8_bits(hi).to(tl.int16) << 8)).to(tl.int16)
 
 
 # ---- quantize (optionally scattering rows to cache slots) ---------------------------------------
 
 
 @triton.jit
+def _split_pair(word, IN_KIND: tl.constexpr):
+    """One load word holding elements 2i (low half) and 2i+1 (high half) -> two float32."""
+    if IN_KIND == 0:  # fp32 pair in an int64
+        lo = word.to(tl.int32).to(tl.float32, bitcast=True)
+        hi = (word >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    elif IN_KIND == 1:  # fp16 pair in an int32
+        lo = word.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = (word >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:  # bf16 pair in an int32: a bf16 is the top half of a float32
+        lo = (word << 16).to(tl.float32, bitcast=True)
+        hi = (word & -65536).to(tl.float32, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
+def _least_f32_above(t, STRICT: tl.constexpr):
+    """Smallest float32 L with (v >= L) == (v > t) if STRICT else (v >= t), for float32 v >= 0.
+
+    t is a float64 >= 0; float64 holds every product of a 24-bit divisor and a 26-bit bound
+    exactly, so this turns an exact comparison into a float32 one."""
+    r = t.to(tl.float32)
+    back = r.to(tl.float64)
+    if STRICT:
+        step = back <= t
+    else:
+        step = back < t
+    bumped = (r.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True)
+    return tl.where(step & (r < float("inf")), bumped, r)
+
+
+@triton.jit
+def _e2m1_magnitude_vs_bounds(ax, divisor, bounds_ptr, STRICT_MASK: tl.constexpr):
+    """3-bit magnitude code of |x| / divisor without dividing: code m counts the bounds b_i with
+    RN(|x| / divisor) past threshold i, i.e. |x| past b_i * divisor (see `division_free_bounds`)."""
+    d = divisor.to(tl.float64)
+    m = tl.zeros(ax.shape, dtype=tl.int32)
+    for i in tl.static_range(7):
+        least = _least_f32_above(tl.load(bounds_ptr + i) * d, (STRICT_MASK >> i) & 1)
+        m += (ax >= least[:, :, None]).to(tl.int32)
+    return m
+
+
+@triton.jit
 def _quantize_rows(
-    x_ptr, x_stride_t, x_stride_h, data_ptr, scales_ptr, g_ptr, loc_ptr,
+    x_ptr, x_stride_t, x_stride_h, data_ptr, scales_ptr, g_ptr, loc_ptr, bounds_ptr,
     pid, n_rows, H, num_slots,
-    D: tl.constexpr, BS: tl.constexpr, SCALE_RULE: tl.constexpr, TIES_AWAY: tl.constexpr,
+    D: tl.constexpr, BS: tl.constexpr, SCALE_RULE: tl.constexpr, STRICT_MASK: tl.constexpr,
     SCALE_NAN_BYTE: tl.constexpr, HAS_G: tl.constexpr, SCATTER: tl.constexpr, ROWS: tl.constexpr,
+    IN_KIND: tl.constexpr,
 ):
+    """x is read as words of two elements (strides in words): pairs give the packed bytes directly."""
     NB: tl.constexpr = D // BS
+    HALF: tl.constexpr = BS // 2
     rows = pid * ROWS + tl.arange(0, ROWS)
     in_range = rows < n_rows
     t = (rows // H).to(tl.int64)
@@ -127,12 +169,13 @@ def _quantize_rows(
         write = in_range
         dest = rows.to(tl.int64)
 
-    cols = tl.arange(0, NB)[:, None] * BS + tl.arange(0, BS)[None, :]  # [NB, BS]
-    src = (t * x_stride_t + h * x_stride_h)[:, None, None] + cols[None, :, :]
-    x = tl.load(x_ptr + src, mask=in_range[:, None, None], other=0.0).to(tl.float32)
-    ax = tl.abs(x)
-    finite = tl.min((ax <= _FLT_MAX).to(tl.int32), axis=2) == 1  # [ROWS, NB]
-    amax = tl.max(ax, axis=2)
+    pairs = tl.arange(0, NB)[:, None] * HALF + tl.arange(0, HALF)[None, :]  # [NB, HALF]
+    src = (t * x_stride_t + h * x_stride_h)[:, None, None] + pairs[None, :, :]
+    words = tl.load(x_ptr + src, mask=in_range[:, None, None], other=0)
+    lo, hi = _split_pair(words, IN_KIND)
+    a_lo, a_hi = tl.abs(lo), tl.abs(hi)
+    finite = tl.min(((a_lo <= _FLT_MAX) & (a_hi <= _FLT_MAX)).to(tl.int32), axis=2) == 1  # [ROWS, NB]
+    amax = tl.max(tl.maximum(a_lo, a_hi), axis=2)
 
     if SCALE_RULE == 0:  # E4M3 of amax / (6 g)
         if HAS_G:
@@ -141,7 +184,6 @@ def _quantize_rows(
             g = 1.0
         byte = _e4m3_byte(tl.minimum(tl.math.div_rn(amax, 6.0 * g), _E4M3_MAX))
         divisor = _e4m3_value(byte) * g
-        y = tl.math.div_rn(ax, divisor[:, :, None])
         keep = finite & (divisor != 0.0)
     else:
         if SCALE_RULE == 1:  # E8M0 ceil(log2(max(amax / 6, 1e-10)))
@@ -150,16 +192,15 @@ def _quantize_rows(
             byte = (bits >> 23) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
         else:  # E8M0 floor(log2(amax)) - 2, clamped at byte 0
             byte = tl.maximum((amax.to(tl.int32, bitcast=True) >> 23) - 2, 0)
-        inverse = ((254 - byte) << 23).to(tl.float32, bitcast=True)  # 2^-(byte - 127), exact
-        y = ax * inverse[:, :, None]
+        divisor = _e8m0_value(byte)
         keep = finite
 
-    sign = (x.to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
-    codes = _e2m1_magnitude(y, TIES_AWAY) | (sign << 3)
-    codes = tl.where(keep[:, :, None], codes, 0)
-    lo, hi = tl.split(tl.reshape(codes, [ROWS, D // 2, 2]))
-    packed = (lo | (hi << 4)).to(tl.uint8)
-    tl.store(data_ptr + dest[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :], packed, mask=write[:, None])
+    m_lo = _e2m1_magnitude_vs_bounds(a_lo, divisor, bounds_ptr, STRICT_MASK)
+    m_hi = _e2m1_magnitude_vs_bounds(a_hi, divisor, bounds_ptr, STRICT_MASK)
+    code_lo = m_lo | ((lo.to(tl.int32, bitcast=True) >> 28) & 0x8)
+    code_hi = m_hi | ((hi.to(tl.int32, bitcast=True) >> 28) & 0x8)
+    packed = tl.where(keep[:, :, None], code_lo | (code_hi << 4), 0).to(tl.uint8)
+    tl.store(data_ptr + dest[:, None, None] * (D // 2) + pairs[None, :, :], packed, mask=write[:, None, None])
     byte = tl.where(finite, byte, SCALE_NAN_BYTE).to(tl.uint8)
     tl.store(scales_ptr + dest[:, None] * NB + tl.arange(0, NB)[None, :], byte, mask=write[:, None])
 
@@ -168,18 +209,21 @@ def _quantize_rows(
 def _quantize_kernel(
     k_ptr, k_stride_t, k_stride_h, k_data_ptr, k_scales_ptr, k_g_ptr,
     v_ptr, v_stride_t, v_stride_h, v_data_ptr, v_scales_ptr, v_g_ptr,
-    loc_ptr, n_rows, H, num_slots,
-    D: tl.constexpr, BS: tl.constexpr, SCALE_RULE: tl.constexpr, TIES_AWAY: tl.constexpr,
+    loc_ptr, bounds_ptr, n_rows, H, num_slots,
+    D: tl.constexpr, BS: tl.constexpr, SCALE_RULE: tl.constexpr, STRICT_MASK: tl.constexpr,
     SCALE_NAN_BYTE: tl.constexpr, HAS_G: tl.constexpr, SCATTER: tl.constexpr, ROWS: tl.constexpr,
+    IN_KIND: tl.constexpr,
 ):
     """Grid (row tiles, 1 or 2): axis 1 picks K or V, so one launch writes both."""
     pid = tl.program_id(0)
     if tl.program_id(1) == 0:
-        _quantize_rows(k_ptr, k_stride_t, k_stride_h, k_data_ptr, k_scales_ptr, k_g_ptr, loc_ptr,
-                       pid, n_rows, H, num_slots, D, BS, SCALE_RULE, TIES_AWAY, SCALE_NAN_BYTE, HAS_G, SCATTER, ROWS)
+        _quantize_rows(k_ptr, k_stride_t, k_stride_h, k_data_ptr, k_scales_ptr, k_g_ptr, loc_ptr, bounds_ptr,
+                       pid, n_rows, H, num_slots, D, BS, SCALE_RULE, STRICT_MASK, SCALE_NAN_BYTE, HAS_G,
+                       SCATTER, ROWS, IN_KIND)
     else:
-        _quantize_rows(v_ptr, v_stride_t, v_stride_h, v_data_ptr, v_scales_ptr, v_g_ptr, loc_ptr,
-                       pid, n_rows, H, num_slots, D, BS, SCALE_RULE, TIES_AWAY, SCALE_NAN_BYTE, HAS_G, SCATTER, ROWS)
+        _quantize_rows(v_ptr, v_stride_t, v_stride_h, v_data_ptr, v_scales_ptr, v_g_ptr, loc_ptr, bounds_ptr,
+                       pid, n_rows, H, num_slots, D, BS, SCALE_RULE, STRICT_MASK, SCALE_NAN_BYTE, HAS_G,
+                       SCATTER, ROWS, IN_KIND)
 
 
 # ---- dequantize (optionally gathering rows from cache slots) ------------------------------------
@@ -217,45 +261,90 @@ def _dequantize_kernel(
         g = tl.load(g_ptr)
         lo = lo * g
         hi = hi * g
-    out = tl.reshape(tl.join(lo, hi), [ROWS, D])
-    dest = rows.to(tl.int64)[:, None] * D + tl.arange(0, D)[None, :]
-    _store_output(out_ptr + dest, out, in_range[:, None], OUT_KIND)
+    dest = rows.to(tl.int64)[:, None] * (D // 2) + pairs[None, :]
+    tl.store(out_ptr + dest, _output_word(lo, hi, OUT_KIND), mask=in_range[:, None])
 
 
 # ---- launchers ----------------------------------------------------------------------------------
 
 
-def _rows_per_program(head_dim: int) -> int:
-    return max(1, _TARGET_ELEMENTS_PER_PROGRAM // head_dim)
+def _rows_per_program(elements: int, head_dim: int) -> int:
+    return max(1, elements // head_dim)
+
+
+def division_free_bounds(fmt: FP4Format) -> tuple[tuple[float, ...], int]:
+    """Bounds b_i and a strictness mask such that |x| / divisor, rounded to float32 as eager.py
+    computes it, passes E2M1 threshold i exactly when |x| / divisor passes b_i (> if strict).
+
+    With a power-of-two divisor (E8M0) the quotient is exact and b_i is the threshold. With an
+    NVFP4 divisor the quotient is rounded to nearest even; every threshold has an even last
+    mantissa bit, so a quotient rounds past it exactly when the exact one passes the midpoint to
+    its float32 neighbour. Comparing |x| with b_i * divisor then needs no division (Triton's
+    exact division is slow).
+    """
+    rounded = fmt.scale_rule is ScaleRule.E4M3_AMAX_OVER_6G
+    bounds, strict_mask = [], 0
+    for i, threshold in enumerate(E2M1_THRESHOLDS):
+        strict = not fmt.tie_rounds_up(i)
+        c = torch.tensor(threshold, dtype=torch.float32)
+        assert c.view(torch.int32).item() & 1 == 0, "midpoint argument needs an even mantissa"
+        if rounded and strict:
+            bound = threshold + (torch.nextafter(c, torch.tensor(float("inf"))).item() - threshold) / 2
+        elif rounded:
+            bound = threshold - (threshold - torch.nextafter(c, torch.tensor(0.0)).item()) / 2
+        else:
+            bound = threshold
+        bounds.append(bound)
+        strict_mask |= int(strict) << i
+    return tuple(bounds), strict_mask
+
+
+@functools.lru_cache(maxsize=None)
+def _bounds_on(fmt: FP4Format, device: torch.device) -> tuple[torch.Tensor, int]:
+    """The bounds as a float64 device tensor, made once per device (first call: before capture)."""
+    bounds, strict_mask = division_free_bounds(fmt)
+    return torch.tensor(bounds, dtype=torch.float64, device=device), strict_mask
+
+
+# Input dtype -> (kernel IN_KIND, the dtype of a word holding two elements).
+_IN_KINDS = {torch.float32: (0, torch.int64), torch.float16: (1, torch.int32), torch.bfloat16: (2, torch.int32)}
+
+
+def _as_words(x: torch.Tensor) -> torch.Tensor:
+    """[T, H, D] viewed as [T, H, D/2] words of two elements (copied first if it cannot be)."""
+    word = _IN_KINDS[x.dtype][1]
+    try:
+        return x.view(word)
+    except RuntimeError:  # last axis not contiguous, or an odd stride or offset
+        return x.contiguous().view(word)
 
 
 def _launch_quantize(k, v, k_data, v_data, k_scales, v_scales, k_g, v_g, loc, fmt: FP4Format, num_slots: int):
-    """k, v: [T, H, D] with a contiguous last axis; v may be None (then one stream)."""
+    """k, v: [T, H, D]; v may be None (then one stream)."""
     t, h, d = k.shape
-    rows = _rows_per_program(d)
+    elements, num_warps = QUANTIZE_LAUNCH
+    rows = _rows_per_program(elements, d)
     n_rows = t * h
     streams = 1 if v is None else 2
     if v is None:
         v, v_data, v_scales, v_g = k, k_data, k_scales, k_g
+    k_words, v_words = _as_words(k), _as_words(v)
     has_g = k_g is not None
+    bounds, strict_mask = _bounds_on(fmt, k.device)
     grid = (triton.cdiv(n_rows, rows), streams)
     _quantize_kernel[grid](
-        k, k.stride(0), k.stride(1), k_data, k_scales.view(torch.uint8), k_g if has_g else k,
-        v, v.stride(0), v.stride(1), v_data, v_scales.view(torch.uint8), v_g if has_g else v,
-        loc if loc is not None else k_data, n_rows, h, num_slots,
-        D=d, BS=fmt.block_size, SCALE_RULE=int(fmt.scale_rule), TIES_AWAY=fmt.ties_away,
+        k_words, k_words.stride(0), k_words.stride(1), k_data, k_scales.view(torch.uint8), k_g if has_g else k,
+        v_words, v_words.stride(0), v_words.stride(1), v_data, v_scales.view(torch.uint8), v_g if has_g else v,
+        loc if loc is not None else k_data, bounds, n_rows, h, num_slots,
+        D=d, BS=fmt.block_size, SCALE_RULE=int(fmt.scale_rule), STRICT_MASK=strict_mask,
         SCALE_NAN_BYTE=fmt.scale_nan_byte, HAS_G=has_g, SCATTER=loc is not None, ROWS=rows,
-        num_warps=_NUM_WARPS,
+        IN_KIND=_IN_KINDS[k.dtype][0], num_warps=num_warps,
     )
-
-
-def _last_axis_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def quantize(x, fmt: FP4Format, global_scale=None):
     d = x.shape[-1]
-    flat = _last_axis_contiguous(x).reshape(-1, 1, d)
+    flat = x.reshape(-1, 1, d)
     data = torch.empty((flat.shape[0], 1, d // 2), dtype=torch.uint8, device=x.device)
     scales = torch.empty((flat.shape[0], 1, d // fmt.block_size), dtype=torch.uint8, device=x.device)
     _launch_quantize(flat, None, data, None, scales, None, global_scale, None, None, fmt, flat.shape[0])
@@ -268,14 +357,15 @@ def quantize_and_store(k_data, v_data, k_scales, v_scales, loc, k, v, fmt, k_glo
         k_global_scale = ones if k_global_scale is None else k_global_scale
         v_global_scale = ones if v_global_scale is None else v_global_scale
     _launch_quantize(
-        _last_axis_contiguous(k), _last_axis_contiguous(v), k_data, v_data, k_scales, v_scales,
+        k, v, k_data, v_data, k_scales, v_scales,
         k_global_scale, v_global_scale, loc, fmt, k_data.shape[0],
     )
 
 
 def _launch_dequantize(data, scales, loc, fmt: FP4Format, global_scale, dtype, out_rows: int, h: int):
     d = data.shape[-1] * 2
-    rows = _rows_per_program(d)
+    elements, num_warps = DEQUANTIZE_LAUNCH
+    rows = _rows_per_program(elements, d)
     out = torch.empty((out_rows * h, d), dtype=dtype, device=data.device)
     out_kind, view_dtype = _OUT_KINDS[dtype]
     has_g = global_scale is not None
@@ -283,8 +373,7 @@ def _launch_dequantize(data, scales, loc, fmt: FP4Format, global_scale, dtype, o
         data, scales.view(torch.uint8), global_scale if has_g else data, loc if loc is not None else data,
         out.view(view_dtype), out_rows * h, h, data.shape[0],
         D=d, BS=fmt.block_size, E4M3_SCALES=fmt.scale_rule is ScaleRule.E4M3_AMAX_OVER_6G,
-        HAS_G=has_g, GATHER=loc is not None, OUT_KIND=out_kind, ROWS=rows,
-        num_warps=_NUM_WARPS,
+        HAS_G=has_g, GATHER=loc is not None, OUT_KIND=out_kind, ROWS=rows, num_warps=num_warps,
     )
     return out
 

@@ -7,6 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 from conftest import INPUT_DTYPES, OUTPUT_DTYPES, RECIPES, TRITON_DEVICE, assert_same_bytes, global_scale_for, random_kv
 from torch_fp4kv.ops import FORMATS, eager
+from torch_fp4kv.ops.formats import E2M1_THRESHOLDS
 
 pytest.importorskip("triton")
 
@@ -95,3 +96,30 @@ def test_quantize_and_store_matches_eager(backend, recipe, dtype):
 def test_property_triton_equals_eager(recipe, dtype, tokens, heads, head_dim, g_value):
     with pytest.MonkeyPatch.context() as mp:
         _triton_vs_eager(lambda name: mp.setenv("TORCH_FP4KV_BACKEND", name), recipe, dtype, (tokens, heads, head_dim), g_value)
+
+
+def _neighbours(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """x and the `steps` float32 values on each side of it."""
+    bits = x.float().view(torch.int32)
+    return torch.cat([(bits + k).view(torch.float32) for k in range(-steps, steps + 1)])
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("g_value", [1.0, 0.37, 3.3e-5, 1234.5, 0.0173, 7.77, 0.1])
+def test_quotients_next_to_every_rounding_boundary(backend, recipe, g_value):
+    """Triton compares |x| with per-block bounds instead of dividing; probe the float32 values
+    around threshold * divisor, where a quotient rounded differently would show."""
+    fmt = FORMATS[recipe]
+    g = torch.tensor([g_value]) if fmt.has_global_scale else None
+    amax = torch.tensor([5.9 * g_value])
+    _, divisor = eager._scale_bytes_and_divisor(amax, fmt, g)
+    probes = _neighbours(torch.tensor(E2M1_THRESHOLDS) * divisor, 8)
+    probes = probes[probes <= amax]
+    per_block = fmt.block_size - 1
+    probes = torch.cat([probes, probes.new_zeros(-len(probes) % per_block)]).view(-1, per_block)
+    x = torch.cat([amax.expand(probes.shape[0], 1), probes], dim=1)
+    x = torch.cat([x, -x])
+    backend("triton")
+    g_dev = g.to(TRITON_DEVICE) if g is not None else None
+    for actual, expected in zip(torch.ops.fp4kv.quantize(x.to(TRITON_DEVICE), recipe, g_dev), eager.quantize(x, fmt, g)):
+        assert_same_bytes(actual, expected)
