@@ -8,20 +8,19 @@ runs these kernels under (`TRITON_INTERPRET=1`), and the byte contract must hold
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from .formats import BLOCKFP4_MIN_SCALE, E2M1_THRESHOLDS, E4M3_MAX, FP4Format, ScaleRule
+from .formats import BLOCKFP4_MIN_SCALE, E4M3_MAX, FP4Format, ScaleRule
 
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 _E4M3_MAX = tl.constexpr(E4M3_MAX)
 _BLOCKFP4_MIN_SCALE = tl.constexpr(BLOCKFP4_MIN_SCALE)
-# Launch shapes (elements per program, warps), tuned on the H100 with scratch sweeps (README).
+# Launch shapes (elements per program, warps): the best of a sweep over 1024..16384 x 2/4/8 on
+# the H100 for D=128 (README, performance).
 QUANTIZE_LAUNCH = (4096, 4)
-DEQUANTIZE_LAUNCH = (4096, 4)
+DEQUANTIZE_LAUNCH = (4096, 2)
 
 # Output dtype -> (kernel OUT_KIND, the dtype of a word holding two outputs): dequantize kernels
 # write each packed byte's two values as one word.
@@ -119,38 +118,28 @@ def _split_pair(word, IN_KIND: tl.constexpr):
 
 
 @triton.jit
-def _least_f32_above(t, STRICT: tl.constexpr):
-    """Smallest float32 L with (v >= L) == (v > t) if STRICT else (v >= t), for float32 v >= 0.
+def _e2m1_magnitude_of_quotient(y, TIES_AWAY: tl.constexpr):
+    """|x| / scale (float32 >= 0, may be inf) -> 3-bit magnitude code, by rounding its bits.
 
-    t is a float64 >= 0; float64 holds every product of a 24-bit divisor and a 26-bit bound
-    exactly, so this turns an exact comparison into a float32 one."""
-    r = t.to(tl.float32)
-    back = r.to(tl.float64)
-    if STRICT:
-        step = back <= t
+    Below 1 the grid is 0, 0.5, 1: two comparisons. From 1 on, E2M1 keeps one mantissa bit: round
+    the float32 there (to even, or away from zero) and read exponent and bit as the code."""
+    y = tl.minimum(y, 6.0)
+    if TIES_AWAY:
+        small = (y >= 0.25).to(tl.int32) + (y >= 0.75).to(tl.int32)
+        bits = y.to(tl.int32, bitcast=True) + 0x200000
     else:
-        step = back < t
-    bumped = (r.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True)
-    return tl.where(step & (r < float("inf")), bumped, r)
-
-
-@triton.jit
-def _e2m1_magnitude_vs_bounds(ax, divisor, bounds_ptr, STRICT_MASK: tl.constexpr):
-    """3-bit magnitude code of |x| / divisor without dividing: code m counts the bounds b_i with
-    RN(|x| / divisor) past threshold i, i.e. |x| past b_i * divisor (see `division_free_bounds`)."""
-    d = divisor.to(tl.float64)
-    m = tl.zeros(ax.shape, dtype=tl.int32)
-    for i in tl.static_range(7):
-        least = _least_f32_above(tl.load(bounds_ptr + i) * d, (STRICT_MASK >> i) & 1)
-        m += (ax >= least[:, :, None]).to(tl.int32)
-    return m
+        small = (y > 0.25).to(tl.int32) + (y >= 0.75).to(tl.int32)
+        bits = y.to(tl.int32, bitcast=True)
+        bits = bits + 0x1FFFFF + ((bits >> 22) & 1)
+    large = (((bits >> 23) - 126) << 1) | ((bits >> 22) & 1)
+    return tl.where(y < 1.0, small, large)
 
 
 @triton.jit
 def _quantize_rows(
-    x_ptr, x_stride_t, x_stride_h, data_ptr, scales_ptr, g_ptr, loc_ptr, bounds_ptr,
+    x_ptr, x_stride_t, x_stride_h, data_ptr, scales_ptr, g_ptr, loc_ptr,
     pid, n_rows, H, num_slots,
-    D: tl.constexpr, BS: tl.constexpr, SCALE_RULE: tl.constexpr, STRICT_MASK: tl.constexpr,
+    D: tl.constexpr, BS: tl.constexpr, SCALE_RULE: tl.constexpr, TIES_AWAY: tl.constexpr,
     SCALE_NAN_BYTE: tl.constexpr, HAS_G: tl.constexpr, SCATTER: tl.constexpr, ROWS: tl.constexpr,
     IN_KIND: tl.constexpr,
 ):
@@ -184,6 +173,7 @@ def _quantize_rows(
             g = 1.0
         byte = _e4m3_byte(tl.minimum(tl.math.div_rn(amax, 6.0 * g), _E4M3_MAX))
         divisor = _e4m3_value(byte) * g
+        y_lo, y_hi = tl.math.div_rn(a_lo, divisor[:, :, None]), tl.math.div_rn(a_hi, divisor[:, :, None])
         keep = finite & (divisor != 0.0)
     else:
         if SCALE_RULE == 1:  # E8M0 ceil(log2(max(amax / 6, 1e-10)))
@@ -192,13 +182,13 @@ def _quantize_rows(
             byte = (bits >> 23) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
         else:  # E8M0 floor(log2(amax)) - 2, clamped at byte 0
             byte = tl.maximum((amax.to(tl.int32, bitcast=True) >> 23) - 2, 0)
-        divisor = _e8m0_value(byte)
+        # Dividing by a power of two is multiplying by its exact inverse 2^-(byte - 127).
+        inverse = ((254 - byte) << 23).to(tl.float32, bitcast=True)[:, :, None]
+        y_lo, y_hi = a_lo * inverse, a_hi * inverse
         keep = finite
 
-    m_lo = _e2m1_magnitude_vs_bounds(a_lo, divisor, bounds_ptr, STRICT_MASK)
-    m_hi = _e2m1_magnitude_vs_bounds(a_hi, divisor, bounds_ptr, STRICT_MASK)
-    code_lo = m_lo | ((lo.to(tl.int32, bitcast=True) >> 28) & 0x8)
-    code_hi = m_hi | ((hi.to(tl.int32, bitcast=True) >> 28) & 0x8)
+    code_lo = _e2m1_magnitude_of_quotient(y_lo, TIES_AWAY) | ((lo.to(tl.int32, bitcast=True) >> 28) & 0x8)
+    code_hi = _e2m1_magnitude_of_quotient(y_hi, TIES_AWAY) | ((hi.to(tl.int32, bitcast=True) >> 28) & 0x8)
     packed = tl.where(keep[:, :, None], code_lo | (code_hi << 4), 0).to(tl.uint8)
     tl.store(data_ptr + dest[:, None, None] * (D // 2) + pairs[None, :, :], packed, mask=write[:, None, None])
     byte = tl.where(finite, byte, SCALE_NAN_BYTE).to(tl.uint8)
@@ -209,20 +199,20 @@ def _quantize_rows(
 def _quantize_kernel(
     k_ptr, k_stride_t, k_stride_h, k_data_ptr, k_scales_ptr, k_g_ptr,
     v_ptr, v_stride_t, v_stride_h, v_data_ptr, v_scales_ptr, v_g_ptr,
-    loc_ptr, bounds_ptr, n_rows, H, num_slots,
-    D: tl.constexpr, BS: tl.constexpr, SCALE_RULE: tl.constexpr, STRICT_MASK: tl.constexpr,
+    loc_ptr, n_rows, H, num_slots,
+    D: tl.constexpr, BS: tl.constexpr, SCALE_RULE: tl.constexpr, TIES_AWAY: tl.constexpr,
     SCALE_NAN_BYTE: tl.constexpr, HAS_G: tl.constexpr, SCATTER: tl.constexpr, ROWS: tl.constexpr,
     IN_KIND: tl.constexpr,
 ):
     """Grid (row tiles, 1 or 2): axis 1 picks K or V, so one launch writes both."""
     pid = tl.program_id(0)
     if tl.program_id(1) == 0:
-        _quantize_rows(k_ptr, k_stride_t, k_stride_h, k_data_ptr, k_scales_ptr, k_g_ptr, loc_ptr, bounds_ptr,
-                       pid, n_rows, H, num_slots, D, BS, SCALE_RULE, STRICT_MASK, SCALE_NAN_BYTE, HAS_G,
+        _quantize_rows(k_ptr, k_stride_t, k_stride_h, k_data_ptr, k_scales_ptr, k_g_ptr, loc_ptr,
+                       pid, n_rows, H, num_slots, D, BS, SCALE_RULE, TIES_AWAY, SCALE_NAN_BYTE, HAS_G,
                        SCATTER, ROWS, IN_KIND)
     else:
-        _quantize_rows(v_ptr, v_stride_t, v_stride_h, v_data_ptr, v_scales_ptr, v_g_ptr, loc_ptr, bounds_ptr,
-                       pid, n_rows, H, num_slots, D, BS, SCALE_RULE, STRICT_MASK, SCALE_NAN_BYTE, HAS_G,
+        _quantize_rows(v_ptr, v_stride_t, v_stride_h, v_data_ptr, v_scales_ptr, v_g_ptr, loc_ptr,
+                       pid, n_rows, H, num_slots, D, BS, SCALE_RULE, TIES_AWAY, SCALE_NAN_BYTE, HAS_G,
                        SCATTER, ROWS, IN_KIND)
 
 
@@ -272,40 +262,6 @@ def _rows_per_program(elements: int, head_dim: int) -> int:
     return max(1, elements // head_dim)
 
 
-def division_free_bounds(fmt: FP4Format) -> tuple[tuple[float, ...], int]:
-    """Bounds b_i and a strictness mask such that |x| / divisor, rounded to float32 as eager.py
-    computes it, passes E2M1 threshold i exactly when |x| / divisor passes b_i (> if strict).
-
-    With a power-of-two divisor (E8M0) the quotient is exact and b_i is the threshold. With an
-    NVFP4 divisor the quotient is rounded to nearest even; every threshold has an even last
-    mantissa bit, so a quotient rounds past it exactly when the exact one passes the midpoint to
-    its float32 neighbour. Comparing |x| with b_i * divisor then needs no division (Triton's
-    exact division is slow).
-    """
-    rounded = fmt.scale_rule is ScaleRule.E4M3_AMAX_OVER_6G
-    bounds, strict_mask = [], 0
-    for i, threshold in enumerate(E2M1_THRESHOLDS):
-        strict = not fmt.tie_rounds_up(i)
-        c = torch.tensor(threshold, dtype=torch.float32)
-        assert c.view(torch.int32).item() & 1 == 0, "midpoint argument needs an even mantissa"
-        if rounded and strict:
-            bound = threshold + (torch.nextafter(c, torch.tensor(float("inf"))).item() - threshold) / 2
-        elif rounded:
-            bound = threshold - (threshold - torch.nextafter(c, torch.tensor(0.0)).item()) / 2
-        else:
-            bound = threshold
-        bounds.append(bound)
-        strict_mask |= int(strict) << i
-    return tuple(bounds), strict_mask
-
-
-@functools.lru_cache(maxsize=None)
-def _bounds_on(fmt: FP4Format, device: torch.device) -> tuple[torch.Tensor, int]:
-    """The bounds as a float64 device tensor, made once per device (first call: before capture)."""
-    bounds, strict_mask = division_free_bounds(fmt)
-    return torch.tensor(bounds, dtype=torch.float64, device=device), strict_mask
-
-
 # Input dtype -> (kernel IN_KIND, the dtype of a word holding two elements).
 _IN_KINDS = {torch.float32: (0, torch.int64), torch.float16: (1, torch.int32), torch.bfloat16: (2, torch.int32)}
 
@@ -330,13 +286,12 @@ def _launch_quantize(k, v, k_data, v_data, k_scales, v_scales, k_g, v_g, loc, fm
         v, v_data, v_scales, v_g = k, k_data, k_scales, k_g
     k_words, v_words = _as_words(k), _as_words(v)
     has_g = k_g is not None
-    bounds, strict_mask = _bounds_on(fmt, k.device)
     grid = (triton.cdiv(n_rows, rows), streams)
     _quantize_kernel[grid](
         k_words, k_words.stride(0), k_words.stride(1), k_data, k_scales.view(torch.uint8), k_g if has_g else k,
         v_words, v_words.stride(0), v_words.stride(1), v_data, v_scales.view(torch.uint8), v_g if has_g else v,
-        loc if loc is not None else k_data, bounds, n_rows, h, num_slots,
-        D=d, BS=fmt.block_size, SCALE_RULE=int(fmt.scale_rule), STRICT_MASK=strict_mask,
+        loc if loc is not None else k_data, n_rows, h, num_slots,
+        D=d, BS=fmt.block_size, SCALE_RULE=int(fmt.scale_rule), TIES_AWAY=fmt.ties_away,
         SCALE_NAN_BYTE=fmt.scale_nan_byte, HAS_G=has_g, SCATTER=loc is not None, ROWS=rows,
         IN_KIND=_IN_KINDS[k.dtype][0], num_warps=num_warps,
     )
