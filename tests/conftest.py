@@ -48,6 +48,12 @@ def global_scale_for(recipe: str, device="cpu"):
     return torch.tensor([0.37], device=device) if FORMATS[recipe].has_global_scale else None
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test draws the same random data on every run."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def backend(monkeypatch):
     """Force a backend for the ops called in a test: backend("triton")."""

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import torch_fp4kv
-from conftest import RECIPES, assert_same_bytes, random_kv
+from conftest import RECIPES, RMSE_BOUND, assert_same_bytes, random_kv
 from torch_fp4kv import (
     FP4_KV_CACHE_QUANT_REGISTRY,
     BlockFP4KVMethod,
@@ -233,11 +233,11 @@ def test_nvfp4_compat_util_matches_ops():
 
 def test_blockfp4_compat_util_batched_shapes():
     assert KVFP4QuantizeUtil is BlockFP4KVQuantizeUtil
-    x = random_kv((2, 5, 64))
+    x = torch.randn(2, 50, 64)
     data, scales = BlockFP4KVQuantizeUtil.batched_quantize(x)
-    assert data.shape == (2, 5, 32) and scales.shape == (2, 5, 4)
+    assert data.shape == (2, 50, 32) and scales.shape == (2, 50, 4)
     out = BlockFP4KVQuantizeUtil.batched_dequantize(data, scales, torch.float32)
-    assert out.shape == x.shape and ((out - x.float()).norm() / x.float().norm()) < 0.12
+    assert out.shape == x.shape and ((out - x).norm() / x.norm()) < RMSE_BOUND["blockfp4"]
     with pytest.raises(ValueError, match=r"tensor must be 3-D \[B, M, N\]"):
         BlockFP4KVQuantizeUtil.batched_quantize(x[0])
     with pytest.raises(ValueError, match=r"quant_tensor must be 3-D"):
