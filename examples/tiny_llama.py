@@ -49,6 +49,13 @@ def make_caches(cfg: Config, kind: str, device) -> nn.ModuleList:
     return cache.layers
 
 
+def use_fused_decode(model: nn.Module) -> None:
+    """Decode steps read the FP4 cache with fp4kv.decode_attention instead of dequantizing it."""
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.fused_decode = isinstance(module.cache, torch_fp4kv.FP4KVLayerCache)
+
+
 def kv_cache_bytes(caches: nn.ModuleList) -> int:
     return sum(b.numel() * b.element_size() for b in caches.buffers())
 
@@ -62,12 +69,13 @@ class Attention(nn.Module):
     def __init__(self, cfg: Config, cache: nn.Module):
         super().__init__()
         self.cfg, self.cache = cfg, cache
+        self.fused_decode = False  # set by use_fused_decode() on FP4 caches
         self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, store_loc, read_loc, mask):
+    def forward(self, x, cos, sin, store_loc, read_loc, mask, seq_lens):
         """x [B, T, dim]; store_loc [B*T] slots for the new tokens; read_loc [B*S] every slot of
-        each sequence; mask [T, S] which of those a query may see."""
+        each sequence; mask [T, S] which of those a query may see; seq_lens [B] tokens so far."""
         cfg = self.cfg
         b, t, _ = x.shape
         q, k, v = self.wqkv(x).split([cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim,
@@ -76,6 +84,10 @@ class Attention(nn.Module):
         k = rope(k.view(b, t, cfg.n_kv_heads, cfg.head_dim), cos, sin)
         self.cache.store(store_loc, k.reshape(b * t, cfg.n_kv_heads, cfg.head_dim),
                          v.reshape(b * t, cfg.n_kv_heads, cfg.head_dim))
+        if t == 1 and self.fused_decode:  # read the FP4 cache directly, each sequence's slots as its page table
+            table = read_loc.view(b, -1).int()
+            out = self.cache.decode(q[:, 0], table, seq_lens, page_size=1)
+            return self.wo(out.reshape(b, 1, -1))
         keys, values = self.cache.read(read_loc, dtype=x.dtype)
         keys = keys.view(b, -1, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         values = values.view(b, -1, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
@@ -93,8 +105,8 @@ class Block(nn.Module):
         self.w13 = nn.Linear(cfg.dim, 2 * hidden, bias=False)
         self.w2 = nn.Linear(hidden, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, store_loc, read_loc, mask):
-        x = x + self.attention(self.attention_norm(x), cos, sin, store_loc, read_loc, mask)
+    def forward(self, x, cos, sin, store_loc, read_loc, mask, seq_lens):
+        x = x + self.attention(self.attention_norm(x), cos, sin, store_loc, read_loc, mask, seq_lens)
         gate, up = self.w13(self.ffn_norm(x)).chunk(2, dim=-1)
         return x + self.w2(F.silu(gate) * up)
 
@@ -123,7 +135,8 @@ class Transformer(nn.Module):
         store_loc = (seq_base + pos[None, :]).reshape(-1)
         read_loc = (seq_base + self.positions[None, :]).reshape(-1)
         mask = self.positions[None, :] <= pos[:, None]  # causal, over the whole fixed-size window
+        seq_lens = (start_pos + t).int().expand(b)
         x = self.embed(tokens)
         for block in self.blocks:
-            x = block(x, cos, sin, store_loc, read_loc, mask)
+            x = block(x, cos, sin, store_loc, read_loc, mask, seq_lens)
         return self.output(self.norm(x))

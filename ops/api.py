@@ -67,3 +67,37 @@ def gather_dequantize(
     """Dequantize cache slots loc [T] -> [T, H, D]; slots outside the cache read as zeros."""
     fmt = checks.gather_dequantize_args(data, scales, loc, recipe, global_scale, dtype)
     return torch.ops.fp4kv.gather_dequantize(data, scales, loc, fmt.name, global_scale, dtype)
+
+
+def decode_attention(
+    q: Tensor,
+    k_data: Tensor,
+    k_scales: Tensor,
+    v_data: Tensor,
+    v_scales: Tensor,
+    block_table: Tensor,
+    seq_lens: Tensor,
+    page_size: int,
+    recipe: str,
+    k_global_scale: Optional[Tensor] = None,
+    v_global_scale: Optional[Tensor] = None,
+    sm_scale: Optional[float] = None,
+    out: Optional[Tensor] = None,
+) -> Tensor:
+    """Decode attention reading the FP4 cache directly (no dequantized copy of the context).
+
+    q [B, Hq, D] (bf16/fp16, one new token per sequence; Hq a multiple of the cache's KV heads);
+    the layer's cache buffers [slots, Hkv, ...]; block_table [B, max_pages] int32 of page indices
+    (slot = page * page_size + offset; page_size 1 is a token table); seq_lens [B] int32, each at
+    most max_pages * page_size. sm_scale defaults to 1/sqrt(D). Writes into `out` when given
+    (CUDA graphs keep its address) and returns it.
+    """
+    if sm_scale is None and isinstance(q, Tensor):
+        sm_scale = q.shape[-1] ** -0.5
+    if out is None and isinstance(q, Tensor):
+        out = torch.empty_like(q)
+    fmt = checks.decode_attention_args(out, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens,
+                                       page_size, recipe, sm_scale, k_global_scale, v_global_scale)
+    torch.ops.fp4kv.decode_attention(out, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens,
+                                     page_size, fmt.name, sm_scale, k_global_scale, v_global_scale)
+    return out

@@ -19,7 +19,7 @@ import torch
 from .formats import FORMATS, FP4Format
 
 ENV_VAR = "TORCH_FP4KV_BACKEND"
-OPS = ("quantize", "dequantize", "quantize_and_store", "gather_dequantize")
+OPS = ("quantize", "dequantize", "quantize_and_store", "gather_dequantize", "decode_attention")
 
 
 class Backend(str, enum.Enum):
@@ -138,12 +138,14 @@ select_backend.cache_clear = _select.cache_clear  # tests that patch the capabil
 
 
 _MODULES = {Backend.EAGER: "eager", Backend.TRITON: "triton_kernels", Backend.FLASHINFER: "flashinfer_kernels"}
+_OP_MODULES = {(Backend.TRITON, "decode_attention"): "triton_decode"}  # exceptions to _MODULES
 
 
 def kernels_for(op: str, fmt: FP4Format, device: torch.device, dtype: torch.dtype):
     """The module whose function `op` runs this call (imported on first use)."""
     backend = select_backend(op, fmt, device, dtype)
-    return importlib.import_module(f".{_MODULES[backend]}", __package__)
+    module = _OP_MODULES.get((backend, op), _MODULES[backend])
+    return importlib.import_module(f".{module}", __package__)
 
 
 def describe(devices) -> list[tuple[str, str, str, str]]:

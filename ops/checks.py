@@ -174,3 +174,54 @@ def gather_dequantize_args(data, scales, loc_, recipe_, g, dtype) -> FP4Format:
     global_scale(g, "global_scale", fmt, data, "data")
     output_dtype(dtype)
     return fmt
+
+
+DECODE_HEAD_DIMS = (64, 128, 256)
+MAX_PAGE_SIZE = 128
+
+
+def decode_attention_args(out, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size,
+                          recipe_, sm_scale, kg, vg) -> FP4Format:
+    fmt = recipe(recipe_)
+    tensor(q, "q")
+    dtype_in(q, "q", (torch.bfloat16, torch.float16))
+    rank(q, "q", 3, "[B, Hq, D]")
+    cache(k_data, k_scales, fmt, "k")
+    cache(v_data, v_scales, fmt, "v")
+    for other, name in ((k_data, "k_data"), (k_scales, "k_scales"), (v_data, "v_data"), (v_scales, "v_scales")):
+        same_device(other, name, q, "q")
+    if v_data.shape != k_data.shape:
+        raise ValueError(f"v_data has shape {tuple(v_data.shape)} but k_data has {tuple(k_data.shape)}")
+    batch, hq, d = q.shape
+    hkv = k_data.shape[1]
+    if d not in DECODE_HEAD_DIMS:
+        raise ValueError(f"q: head_dim {d} is not one of {DECODE_HEAD_DIMS}")
+    if k_data.shape[2] * 2 != d:
+        raise ValueError(f"k_data holds head_dim {k_data.shape[2] * 2} but q has {d}")
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"q has {hq} heads, not a multiple of the cache's {hkv} KV heads")
+    tensor(block_table, "block_table")
+    dtype_in(block_table, "block_table", (torch.int32,))
+    rank(block_table, "block_table", 2, "[B, max_pages]")
+    tensor(seq_lens, "seq_lens")
+    dtype_in(seq_lens, "seq_lens", (torch.int32,))
+    rank(seq_lens, "seq_lens", 1, "[B]")
+    for x, name in ((block_table, "block_table"), (seq_lens, "seq_lens")):
+        same_device(x, name, q, "q")
+        if x.shape[0] != batch:
+            raise ValueError(f"{name} has {x.shape[0]} rows but q has batch {batch}")
+    if not isinstance(page_size, (int, torch.SymInt)) or not 1 <= page_size <= MAX_PAGE_SIZE:
+        raise ValueError(f"page_size must be an int in [1, {MAX_PAGE_SIZE}]; got {page_size!r}")
+    if k_data.shape[0] % page_size:
+        raise ValueError(f"k_data has {k_data.shape[0]} slots, not a whole number of pages of {page_size}")
+    if not isinstance(sm_scale, float):
+        raise TypeError(f"sm_scale must be a float, got {type(sm_scale).__name__}")
+    global_scale(kg, "k_global_scale", fmt, q, "q")
+    global_scale(vg, "v_global_scale", fmt, q, "q")
+    tensor(out, "out")
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"out must be a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}; "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+    return fmt

@@ -150,3 +150,31 @@ def gather_dequantize(data, scales, loc, fmt, global_scale=None, dtype=torch.bfl
     rows = torch.where(valid, data[slot], 0)
     row_scales = torch.where(valid, scales.view(torch.uint8)[slot], 0)
     return dequantize(rows, row_scales, fmt, global_scale, dtype)
+
+
+def paged_slots(block_table: torch.Tensor, page_size: int) -> torch.Tensor:
+    """[B, max_pages] page table -> [B, max_pages * page_size] cache slot of every position."""
+    offsets = torch.arange(page_size, device=block_table.device)
+    return (block_table.long()[:, :, None] * page_size + offsets).flatten(1)
+
+
+def decode_attention(out, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, fmt,
+                     sm_scale, k_global_scale=None, v_global_scale=None):
+    """One query token per sequence against its paged FP4 context: gather, dequantize, SDPA.
+
+    Positions at or past seq_lens[b] are masked; a sequence of length 0 attends to nothing and
+    gets zeros."""
+    b, hq, d = q.shape
+    hkv = k_data.shape[1]
+    slots = paged_slots(block_table, page_size)  # [B, L]
+    length = slots.shape[1]
+    flat = slots.reshape(-1)
+    k = gather_dequantize(k_data, k_scales, flat, fmt, k_global_scale, torch.float32).view(b, length, hkv, d)
+    v = gather_dequantize(v_data, v_scales, flat, fmt, v_global_scale, torch.float32).view(b, length, hkv, d)
+    visible = torch.arange(length, device=q.device)[None, :] < seq_lens[:, None].long()  # [B, L]
+    scores = torch.einsum("bgrd,blgd->bgrl", q.float().view(b, hkv, hq // hkv, d), k) * sm_scale
+    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    has_context = visible.any(-1)[:, None, None, None]
+    weights = torch.where(has_context, torch.softmax(scores, dim=-1), 0.0)  # length 0: zeros, not NaN
+    result = torch.einsum("bgrl,blgd->bgrd", weights, v).reshape(b, hq, d)
+    out.copy_(result.to(out.dtype))

@@ -120,3 +120,37 @@ def gather_dequantize(
 def _(data, scales, loc, recipe, global_scale=None, dtype=torch.bfloat16):
     checks.gather_dequantize_args(data, scales, loc, recipe, global_scale, dtype)
     return _gathered_like(data, loc, dtype)
+
+
+@torch.library.custom_op("fp4kv::decode_attention", mutates_args=("out",))
+def decode_attention(
+    out: Tensor,
+    q: Tensor,
+    k_data: Tensor,
+    k_scales: Tensor,
+    v_data: Tensor,
+    v_scales: Tensor,
+    block_table: Tensor,
+    seq_lens: Tensor,
+    page_size: int,
+    recipe: str,
+    sm_scale: float,
+    k_global_scale: Optional[Tensor] = None,
+    v_global_scale: Optional[Tensor] = None,
+) -> None:
+    """out [B, Hq, D] = attention of q [B, Hq, D] over each sequence's paged FP4 K/V, read directly."""
+    fmt = checks.decode_attention_args(out, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens,
+                                       page_size, recipe, sm_scale, k_global_scale, v_global_scale)
+    if q.numel() == 0:
+        return
+    kernels_for("decode_attention", fmt, q.device, q.dtype).decode_attention(
+        out, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, fmt, sm_scale,
+        k_global_scale, v_global_scale,
+    )
+
+
+@decode_attention.register_fake
+def _(out, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, recipe, sm_scale,
+      k_global_scale=None, v_global_scale=None):
+    checks.decode_attention_args(out, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size,
+                                 recipe, sm_scale, k_global_scale, v_global_scale)

@@ -43,12 +43,14 @@ def test_compiled_attention():
 def test_cuda_graph_decode_runs_eagerly_without_a_gpu():
     out = _run("examples/cuda_graph_decode.py", "--steps", "4", "--device", "cpu")
     assert "no GPU, so the decode loop runs eagerly" in out
+    assert "fused FP4 decode:" in out
     assert _number(r"FP4 cache is ([\d.]+)x the BF16 cache's bytes", out) == pytest.approx(0.281, abs=1e-3)
 
 
 def test_bench_table_and_json(tmp_path):
     path = tmp_path / "bench.json"
-    out = _run("-m", "torch_fp4kv.bench", "--device", "cpu", "--tokens", "64", "--backends", "eager", "--json", str(path))
+    out = _run("-m", "torch_fp4kv.bench", "--device", "cpu", "--tokens", "64", "--backends", "eager",
+               "--decode-batches", "2", "--decode-contexts", "64", "--json", str(path))
     assert "device-to-device copy" in out
     report = json.loads(path.read_text())
     assert report["copy_gb_per_s"] > 0
@@ -57,6 +59,9 @@ def test_bench_table_and_json(tmp_path):
         for recipe in ("nvfp4", "blockfp4", "mxfp4")
     }
     assert all(r["time_us"] > 0 and r["x_copy"] == pytest.approx(r["gb_per_s"] / report["copy_gb_per_s"]) for r in report["rows"])
+    assert [(r["recipe"], r["batch"], r["context"]) for r in report["decode_rows"]] == [
+        ("blockfp4", 2, 64), ("mxfp4", 2, 64), ("nvfp4", 2, 64)]
+    assert all(r["fp4_us"] > 0 for r in report["decode_rows"])
 
 
 def test_readme_quickstart_runs_and_its_commands_are_those_ci_runs():

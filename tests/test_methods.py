@@ -242,3 +242,28 @@ def test_blockfp4_compat_util_batched_shapes():
         BlockFP4KVQuantizeUtil.batched_quantize(x[0])
     with pytest.raises(ValueError, match=r"quant_tensor must be 3-D"):
         BlockFP4KVQuantizeUtil.batched_dequantize(data[0], scales[0])
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_methods_say_how_attention_reads_them(recipe):
+    method = get_fp4_kv_cache_quant_method(recipe)
+    assert method.attention_read("decode") is torch_fp4kv.AttentionRead.NATIVE_FP4
+    assert method.attention_read("prefill") is torch_fp4kv.AttentionRead.DEQUANTIZED
+    with pytest.raises(ValueError, match="phase must be"):
+        method.attention_read("train")
+
+
+def test_method_decode_attention_reads_its_layer():
+    method = NVFP4KVMethod()
+    method.create_buffers(32, H, D, 2, "cpu")
+    k, v = torch.randn(32, H, D), torch.randn(32, H, D)
+    method.quantize_and_store(1, torch.arange(32), k, v)
+    q = torch.randn(2, 2 * H, D, dtype=torch.bfloat16)
+    table = torch.arange(32, dtype=torch.int32).view(2, 16)
+    lens = torch.tensor([16, 9], dtype=torch.int32)
+    out = method.decode_attention(1, q, table, lens, page_size=1)
+    b = method.buffers
+    expected = torch_fp4kv.decode_attention(q, b.k_data[1], b.k_scales[1], b.v_data[1], b.v_scales[1], table, lens, 1,
+                                            "nvfp4", *method.global_scales(1))
+    assert torch.equal(out, expected)
+    assert not torch.equal(out, method.decode_attention(0, q, table, lens, page_size=1))

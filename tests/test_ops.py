@@ -8,7 +8,7 @@ import torch_fp4kv  # noqa: F401  (registers the ops)
 from conftest import INPUT_DTYPES, OUTPUT_DTYPES, RECIPES, assert_same_bytes, global_scale_for, random_kv
 from torch_fp4kv.ops import FORMATS, eager
 
-OPS = ("quantize", "dequantize", "quantize_and_store", "gather_dequantize")
+OPS = ("quantize", "dequantize", "quantize_and_store", "gather_dequantize", "decode_attention")
 SHAPES = [(0, 2, 64), (3, 1, 64), (5, 2, 128), (2, 3, 256), (4, 2, 16), (4, 2, 32)]
 
 

@@ -10,6 +10,7 @@ from .cache import FP4KVCache, FP4KVLayerCache
 from .compat import BlockFP4KVQuantizeUtil, KVFP4QuantizeUtil, NVFP4KVQuantizeUtil
 from .methods import (
     FP4_KV_CACHE_QUANT_REGISTRY,
+    AttentionRead,
     BlockFP4KVMethod,
     FP4KVBuffers,
     FP4KVCacheQuantMethod,
@@ -19,9 +20,18 @@ from .methods import (
     get_fp4_kv_cache_quant_method,
     register_fp4_kv_cache_quant_method,
 )
-from .ops import FORMATS, FP4KVCacheRecipe, dequantize, gather_dequantize, quantize, quantize_and_store
+from .ops import (
+    FORMATS,
+    FP4KVCacheRecipe,
+    decode_attention,
+    dequantize,
+    gather_dequantize,
+    quantize,
+    quantize_and_store,
+)
 
 __all__ = [
+    "AttentionRead",
     "FORMATS",
     "FP4_KV_CACHE_QUANT_REGISTRY",
     "BlockFP4KVMethod",
@@ -36,6 +46,7 @@ __all__ = [
     "NVFP4KVMethod",
     "NVFP4KVQuantizeUtil",
     "TableFP4KVMethod",
+    "decode_attention",
     "dequantize",
     "gather_dequantize",
     "get_fp4_kv_cache_quant_method",

@@ -118,6 +118,91 @@ def run(tokens: int, heads: int, head_dim: int, recipes, backends, device: torch
     return copy_gbs, rows
 
 
+@dataclass
+class DecodeRow:
+    """Paged decode attention, Hq query heads over Hkv KV heads, one token per sequence."""
+
+    recipe: str
+    batch: int
+    context: int
+    fp4_us: float
+    fp4_gb_per_s: float  # FP4 cache bytes read per second
+    flashinfer_bf16_us: float | None = None
+    flashinfer_fp8_us: float | None = None
+
+    @property
+    def x_bf16(self) -> float | None:
+        return self.fp4_us / self.flashinfer_bf16_us if self.flashinfer_bf16_us else None
+
+    @property
+    def x_fp8(self) -> float | None:
+        return self.fp4_us / self.flashinfer_fp8_us if self.flashinfer_fp8_us else None
+
+
+def _fp4_decode_time(recipe, batch, context, hq, hkv, d, page, device, timed) -> tuple[float, int]:
+    """Our decode over a cache of random (finite) FP4 bytes; returns (seconds, cache bytes read)."""
+    fmt = get_format(recipe)
+    pages_per_seq = context // page
+    slots = batch * pages_per_seq * page
+    data = [torch.randint(0, 256, (slots, hkv, d // 2), dtype=torch.uint8, device=device) for _ in "kv"]
+    scales = [torch.randint(100, 126, (slots, hkv, d // fmt.block_size), dtype=torch.uint8, device=device) for _ in "kv"]
+    g = torch.tensor([0.01], device=device) if fmt.has_global_scale else None
+    table = torch.randperm(batch * pages_per_seq, device=device).int().view(batch, pages_per_seq)
+    lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+    q = torch.randn(batch, hq, d, dtype=torch.bfloat16, device=device)
+    out = torch.empty_like(q)
+    seconds = timed(lambda: torch.ops.fp4kv.decode_attention(out, q, data[0], scales[0], data[1], scales[1], table, lens,
+                                                             page, recipe, d ** -0.5, g, g))
+    return seconds, 2 * (data[0].numel() + scales[0].numel())
+
+
+def _flashinfer_decode_time(kv_dtype, batch, context, hq, hkv, d, page, device, timed) -> float | None:
+    """FlashInfer's BatchDecodeWithPagedKVCacheWrapper on a BF16 or FP8 cache of the same shape."""
+    if unavailable_reason(Backend.FLASHINFER, "dequantize", "nvfp4", device, torch.bfloat16):
+        return None
+    import flashinfer
+
+    pages_per_seq = context // page
+    num_pages = batch * pages_per_seq
+    kv = torch.empty(num_pages, 2, page, hkv, d, dtype=torch.bfloat16, device=device).normal_().to(kv_dtype)
+    indptr = torch.arange(batch + 1, dtype=torch.int32, device=device) * pages_per_seq
+    indices = torch.randperm(num_pages, device=device).int()
+    last_page_len = torch.full((batch,), page, dtype=torch.int32, device=device)
+    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+        torch.empty(256 * 2**20, dtype=torch.uint8, device=device), "NHD")
+    wrapper.plan(indptr, indices, last_page_len, hq, hkv, d, page, q_data_type=torch.bfloat16, kv_data_type=kv_dtype)
+    q = torch.randn(batch, hq, d, dtype=torch.bfloat16, device=device)
+    return timed(lambda: wrapper.run(q, kv))
+
+
+def run_decode(batches, contexts, recipes, device: torch.device, hq=32, hkv=8, d=128, page=16) -> list[DecodeRow]:
+    timed = _timer(device)
+    rows = []
+    for batch in batches:
+        for context in contexts:
+            bf16 = _flashinfer_decode_time(torch.bfloat16, batch, context, hq, hkv, d, page, device, timed)
+            fp8 = _flashinfer_decode_time(torch.float8_e4m3fn, batch, context, hq, hkv, d, page, device, timed)
+            for recipe in recipes:
+                seconds, nbytes = _fp4_decode_time(recipe, batch, context, hq, hkv, d, page, device, timed)
+                rows.append(DecodeRow(recipe, batch, context, seconds * 1e6, nbytes / seconds / 1e9,
+                                      bf16 * 1e6 if bf16 else None, fp8 * 1e6 if fp8 else None))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the largest caches take tens of GB
+    return rows
+
+
+def print_decode_table(rows: list[DecodeRow]) -> None:
+    print("\ndecode attention (Hq=32, Hkv=8, D=128, page 16; FP4 read directly vs FlashInfer paged decode)")
+    print(f"{'recipe':<10}{'batch':>6}{'context':>9}{'FP4 us':>10}{'GB/s':>8}{'BF16 us':>10}{'FP8 us':>10}"
+          f"{'FP4/BF16':>10}{'FP4/FP8':>9}")
+    for r in rows:
+        def fmt(x, spec):
+            return format(x, spec) if x is not None else "-"
+        print(f"{r.recipe:<10}{r.batch:>6}{r.context:>9}{r.fp4_us:>10.1f}{r.fp4_gb_per_s:>8.0f}"
+              f"{fmt(r.flashinfer_bf16_us, '10.1f'):>10}{fmt(r.flashinfer_fp8_us, '10.1f'):>10}"
+              f"{fmt(r.x_bf16, '.3f'):>10}{fmt(r.x_fp8, '.3f'):>9}")
+
+
 def print_table(device_name: str, copy_gbs: float, rows: list[Row]) -> None:
     print(f"device: {device_name}; device-to-device copy: {copy_gbs:.0f} GB/s (read + write)")
     print(f"{'op':<19}{'recipe':<10}{'backend':<11}{'shape':<16}{'time us':>10}{'GB/s':>9}{'x copy':>8}{'x FlashInfer':>14}")
@@ -155,6 +240,8 @@ def main(argv=None) -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--recipes", nargs="+", default=sorted(FORMATS), choices=sorted(FORMATS))
     parser.add_argument("--backends", nargs="+", default=[b.value for b in Backend], choices=[b.value for b in Backend])
+    parser.add_argument("--decode-batches", type=int, nargs="*", default=[1, 8, 32, 128] if on_gpu else [1, 2])
+    parser.add_argument("--decode-contexts", type=int, nargs="*", default=[1024, 8192, 32768] if on_gpu else [256])
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--plot", metavar="PATH", help="also write a PNG bar chart (needs matplotlib)")
     args = parser.parse_args(argv)
@@ -163,10 +250,14 @@ def main(argv=None) -> None:
     copy_gbs, rows = run(args.tokens, args.heads, args.head_dim, args.recipes, args.backends, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print_table(name, copy_gbs, rows)
+    decode_rows = run_decode(args.decode_batches, args.decode_contexts, args.recipes, device)
+    print_decode_table(decode_rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": name, "torch": torch.__version__, "copy_gb_per_s": copy_gbs,
-                       "rows": [asdict(r) for r in rows]}, f, indent=1)
+                       "rows": [asdict(r) for r in rows],
+                       "decode_rows": [{**asdict(r), "x_bf16": r.x_bf16, "x_fp8": r.x_fp8} for r in decode_rows]},
+                      f, indent=1)
     if args.plot:
         plot(rows, args.plot)
 

@@ -43,6 +43,11 @@ class FP4KVLayerCache(nn.Module):
         v = ops.gather_dequantize(self.v_data, self.v_scales, loc, self.recipe, self.v_global_scale, dtype)
         return k, v
 
+    def decode(self, q, block_table, seq_lens, page_size: int, sm_scale: float | None = None, out=None):
+        """Attention of one new token per sequence, q [B, Hq, D], over its paged context read in FP4."""
+        return ops.decode_attention(q, self.k_data, self.k_scales, self.v_data, self.v_scales, block_table, seq_lens,
+                                    page_size, self.recipe, self.k_global_scale, self.v_global_scale, sm_scale, out)
+
 
 class FP4KVCache(nn.Module):
     """All layers' FP4 K/V caches, allocated by a quantization method (a registry name or instance).

@@ -8,6 +8,7 @@ what is particular to it (NVFP4's per-layer global scales and FP8 prefill worksp
 from __future__ import annotations
 
 import abc
+import enum
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,6 +20,13 @@ from torch import nn
 from . import ops
 from .ops import FP4Format, FP4KVCacheRecipe, get_format
 from .ops.formats import E2M1_MAX, E4M3_MAX
+
+
+class AttentionRead(enum.Enum):
+    """How an attention kernel reads a cache: the engine allocates a workspace only for DEQUANTIZED."""
+
+    NATIVE_FP4 = "native_fp4"  # fp4kv.decode_attention reads the packed cache itself
+    DEQUANTIZED = "dequantized"  # dequantize_prev_kv into a workspace, then a BF16/FP8 kernel
 
 
 @dataclass
@@ -65,6 +73,12 @@ class FP4KVCacheQuantMethod(abc.ABC):
     def needs_global_scale(self) -> bool:
         return False
 
+    def attention_read(self, phase: str) -> AttentionRead:
+        """How attention reads this cache in `phase` ("prefill" or "decode")."""
+        if phase not in ("prefill", "decode"):
+            raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
+        return AttentionRead.DEQUANTIZED
+
     def load_scales_from_model(self, source) -> int:
         """Load per-layer scales from a model or state dict; returns how many layers were set."""
         return 0
@@ -83,6 +97,20 @@ class TableFP4KVMethod(FP4KVCacheQuantMethod):
 
     def needs_dequant_workspace(self) -> bool:
         return self.prev_kv_dtype == torch.float8_e4m3fn
+
+    def attention_read(self, phase: str) -> AttentionRead:
+        """Decode reads FP4 directly (fp4kv.decode_attention); prefill reads a dequantized copy."""
+        read = super().attention_read(phase)
+        return AttentionRead.NATIVE_FP4 if phase == "decode" else read
+
+    def decode_attention(self, layer_id: int, q, block_table, seq_lens, page_size: int,
+                         sm_scale: float | None = None, out=None):
+        """Decode attention of q [B, Hq, D] over layer `layer_id`'s paged FP4 cache, read directly."""
+        b = self._buffers()
+        k_g, v_g = self.global_scales(layer_id)
+        return ops.decode_attention(q, b.k_data[layer_id], b.k_scales[layer_id], b.v_data[layer_id],
+                                    b.v_scales[layer_id], block_table, seq_lens, page_size, self.fmt.name,
+                                    k_g, v_g, sm_scale, out)
 
     def compute_cell_size(self, head_num: int, head_dim: int, layer_num: int) -> int:
         cell = layer_num * self.fmt.bytes_per_token(head_num, head_dim)

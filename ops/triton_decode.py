@@ -1,0 +1,177 @@
+"""Paged decode attention that reads the FP4 cache itself (split-K flash decoding, Triton).
+
+Each program takes one sequence, one KV head (with all the query heads that share it) and one
+slice of the context: it loads packed K/V tiles, decodes them in registers, and keeps an online
+softmax. A second kernel merges the slices. The grid depends only on shapes (batch, heads, the
+page table's width), never on sequence lengths, so one CUDA graph serves every step.
+
+Exactness: a decoded element e2m1 * s has at most 6 significant bits, so it is exact in bf16 and
+in fp16 (the tensor-core input type, the query's); the global scale is applied to the fp32 scores
+and outputs. The error against SDPA over the dequantized cache is then only the summation order
+and the bf16/fp16 rounding of the softmax weights, as in any flash-attention kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .formats import FP4Format, ScaleRule
+from .triton_kernels import _e2m1_value, _e4m3_value, _e8m0_value
+
+_BLOCK_N = 64  # context positions per tile
+_MIN_GROUP = 16  # tensor-core tiles need at least 16 rows: query heads are padded to this
+_POSITIONS_PER_SPLIT_MIN = 256
+
+
+@triton.jit
+def _decoded_tile(data_ptr, scales_ptr, rows, valid, pairs, D: tl.constexpr, BS: tl.constexpr,
+                  E4M3_SCALES: tl.constexpr, dtype: tl.constexpr):
+    """Packed rows [N] -> (even, odd) elements [N, D/2] as e2m1 * block scale, in dtype."""
+    packed = tl.load(data_ptr + rows[:, None] * (D // 2) + pairs[None, :], mask=valid[:, None], other=0).to(tl.int32)
+    scale_byte = tl.load(scales_ptr + rows[:, None] * (D // BS) + (pairs // (BS // 2))[None, :],
+                         mask=valid[:, None], other=0).to(tl.int32)
+    if E4M3_SCALES:
+        scale = _e4m3_value(scale_byte)
+    else:
+        scale = _e8m0_value(scale_byte)
+    even = (_e2m1_value(packed & 0xF) * scale).to(dtype)
+    odd = (_e2m1_value(packed >> 4) * scale).to(dtype)
+    return even, odd
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_data_ptr, k_scales_ptr, v_data_ptr, v_scales_ptr, k_g_ptr, v_g_ptr,
+    block_table_ptr, seq_lens_ptr, partial_out_ptr, partial_lse_ptr,
+    sm_scale, max_pages, positions_per_split,
+    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr,
+    E4M3_SCALES: tl.constexpr, HAS_G: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    dtype = q_ptr.dtype.element_ty
+    seq_len = tl.load(seq_lens_ptr + b)
+    seq_len = tl.minimum(seq_len, max_pages * PAGE)
+    start = split * positions_per_split
+    end = tl.minimum(start + positions_per_split, seq_len)
+
+    heads = kv_head * GROUP + tl.arange(0, GROUP_PAD)
+    head_ok = tl.arange(0, GROUP_PAD) < GROUP
+    pairs = tl.arange(0, D // 2)
+    q_rows = (b * HQ + heads).to(tl.int64)[:, None] * D
+    q_even = tl.load(q_ptr + q_rows + 2 * pairs[None, :], mask=head_ok[:, None], other=0.0)
+    q_odd = tl.load(q_ptr + q_rows + 2 * pairs[None, :] + 1, mask=head_ok[:, None], other=0.0)
+    if HAS_G:
+        k_g = tl.load(k_g_ptr)
+        v_g = tl.load(v_g_ptr)
+    else:
+        k_g = 1.0
+        v_g = 1.0
+    score_scale = sm_scale * k_g * 1.4426950408889634  # softmax in base 2
+
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([GROUP_PAD], tl.float32)
+    acc_even = tl.zeros([GROUP_PAD, D // 2], tl.float32)
+    acc_odd = tl.zeros([GROUP_PAD, D // 2], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        valid = pos < end
+        page = tl.load(block_table_ptr + b.to(tl.int64) * max_pages + pos // PAGE, mask=valid, other=0)
+        rows = (page.to(tl.int64) * PAGE + pos % PAGE) * HKV + kv_head
+        k_even, k_odd = _decoded_tile(k_data_ptr, k_scales_ptr, rows, valid, pairs, D, BS, E4M3_SCALES, dtype)
+        scores = tl.dot(q_even, tl.trans(k_even)) + tl.dot(q_odd, tl.trans(k_odd))  # [GROUP_PAD, BLOCK_N]
+        scores = tl.where(valid[None, :], scores * score_scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        v_even, v_odd = _decoded_tile(v_data_ptr, v_scales_ptr, rows, valid, pairs, D, BS, E4M3_SCALES, dtype)
+        p = p.to(dtype)
+        acc_even = acc_even * alpha[:, None] + tl.dot(p, v_even)
+        acc_odd = acc_odd * alpha[:, None] + tl.dot(p, v_odd)
+        m = m_new
+
+    # Partial results of this split: out = acc / l (times the V global scale), lse in base 2.
+    safe_l = tl.where(l > 0, l, 1.0)
+    base = ((b * HQ + heads).to(tl.int64) * NUM_SPLITS + split)
+    out_rows = base[:, None] * D
+    tl.store(partial_out_ptr + out_rows + 2 * pairs[None, :], acc_even / safe_l[:, None] * v_g, mask=head_ok[:, None])
+    tl.store(partial_out_ptr + out_rows + 2 * pairs[None, :] + 1, acc_odd / safe_l[:, None] * v_g, mask=head_ok[:, None])
+    lse = tl.where(l > 0, m + tl.log2(safe_l), float("-inf"))
+    tl.store(partial_lse_ptr + base, lse, mask=head_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                         SPLITS_POW2: tl.constexpr):
+    """One (sequence, query head): combine the splits' partial outputs by their log-sum-exps."""
+    row = tl.program_id(0).to(tl.int64)
+    splits = tl.arange(0, SPLITS_POW2)
+    lse = tl.load(partial_lse_ptr + row * NUM_SPLITS + splits, mask=splits < NUM_SPLITS, other=float("-inf"))
+    top = tl.max(lse, axis=0)
+    weights = tl.where(lse > float("-inf"), tl.exp2(lse - top), 0.0)
+    total = tl.sum(weights, axis=0)
+    dims = tl.arange(0, D)
+    partial = tl.load(partial_out_ptr + (row * NUM_SPLITS + splits)[:, None] * D + dims[None, :],
+                      mask=(splits < NUM_SPLITS)[:, None], other=0.0)
+    out = tl.sum(partial * weights[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + row * D + dims, out.to(out_ptr.dtype.element_ty))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few splits, so the merge is exercised
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def num_splits(batch: int, kv_heads: int, max_len: int, device: torch.device) -> int:
+    """Enough (sequence, KV head, split) programs to fill the GPU twice, from static sizes only."""
+    wanted = triton.cdiv(2 * _sm_count(device), max(1, batch * kv_heads))
+    return max(1, min(wanted, triton.cdiv(max_len, _POSITIONS_PER_SPLIT_MIN)))
+
+
+def decode_attention(out, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size,
+                     fmt: FP4Format, sm_scale, k_global_scale=None, v_global_scale=None):
+    batch, hq, d = q.shape
+    hkv = k_data.shape[1]
+    # On CPU tensors (the Triton interpreter, in CI) bf16 casts are not faithful: compute in fp32
+    # there and cast on the way out. On a GPU the kernels take and give q's dtype.
+    on_interpreter = q.device.type == "cpu"
+    final_out, q = (out, q.float()) if on_interpreter else (None, q.contiguous())
+    if on_interpreter:
+        out = torch.empty_like(q)
+    block_table = block_table.contiguous()
+    max_pages = block_table.shape[1]
+    max_len = max_pages * page_size
+    splits = num_splits(batch, hkv, max_len, q.device)
+    positions_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), splits), _BLOCK_N) * _BLOCK_N
+    partial_out = torch.empty((batch, hq, splits, d), dtype=torch.float32, device=q.device)
+    partial_lse = torch.empty((batch, hq, splits), dtype=torch.float32, device=q.device)
+    group = hq // hkv
+    if (k_global_scale is None) != (v_global_scale is None):
+        ones = torch.ones(1, dtype=torch.float32, device=q.device)
+        k_global_scale = ones if k_global_scale is None else k_global_scale
+        v_global_scale = ones if v_global_scale is None else v_global_scale
+    has_g = k_global_scale is not None
+    _decode_split_kernel[(batch, hkv, splits)](
+        q, k_data, k_scales.view(torch.uint8), v_data, v_scales.view(torch.uint8),
+        k_global_scale if has_g else q, v_global_scale if has_g else q,
+        block_table, seq_lens, partial_out, partial_lse,
+        sm_scale, max_pages, positions_per_split,
+        HQ=hq, HKV=hkv, D=d, BS=fmt.block_size, PAGE=page_size,
+        E4M3_SCALES=fmt.scale_rule is ScaleRule.E4M3_AMAX_OVER_6G, HAS_G=has_g,
+        GROUP=group, GROUP_PAD=max(_MIN_GROUP, triton.next_power_of_2(group)),
+        BLOCK_N=_BLOCK_N, NUM_SPLITS=splits,
+    )
+    _merge_splits_kernel[(batch * hq,)](
+        partial_out, partial_lse, out, D=d, NUM_SPLITS=splits, SPLITS_POW2=triton.next_power_of_2(splits),
+    )
+    if on_interpreter:
+        final_out.copy_(out)

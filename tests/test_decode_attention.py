@@ -1,0 +1,168 @@
+"""fp4kv.decode_attention: paged decode that reads the FP4 cache directly.
+
+The eager kernel (gather, dequantize, attention) is checked against PyTorch's SDPA; the Triton
+kernel against the eager one (compiled on a GPU, the interpreter on CPU)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+import torch_fp4kv
+from conftest import RECIPES, TRITON_DEVICE, requires_cuda
+from torch_fp4kv import FP4KVCache
+from torch_fp4kv.ops import eager
+
+
+def _paged_cache(recipe, pages, page_size, hkv, d, device, generator):
+    """A one-layer cache filled with normal K/V, with per-layer global scales where the recipe has them."""
+    cache = FP4KVCache(recipe, pages * page_size, hkv, d, 1, device=device).layers[0]
+    if cache.k_global_scale is not None:
+        cache.k_global_scale.fill_(0.003)
+        cache.v_global_scale.fill_(0.005)
+    slots = pages * page_size
+    k = torch.randn(slots, hkv, d, generator=generator).to(device)
+    v = torch.randn(slots, hkv, d, generator=generator).to(device)
+    cache.store(torch.arange(slots, device=device), k, v)
+    return cache
+
+
+def _problem(recipe, batch=3, hq=8, hkv=2, d=64, page_size=16, max_pages=4, seq_lens=None, device="cpu",
+             dtype=torch.bfloat16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pages = batch * max_pages + 1
+    cache = _paged_cache(recipe, pages, page_size, hkv, d, device, g)
+    block_table = torch.randperm(pages, generator=g)[: batch * max_pages].view(batch, max_pages).int().to(device)
+    if seq_lens is None:
+        seq_lens = torch.randint(0, max_pages * page_size + 1, (batch,), generator=g)
+    seq_lens = torch.as_tensor(seq_lens, dtype=torch.int32).to(device)
+    q = torch.randn(batch, hq, d, generator=g).to(device, dtype)
+    args = (q, cache.k_data, cache.k_scales, cache.v_data, cache.v_scales, block_table, seq_lens, page_size, recipe,
+            cache.k_global_scale, cache.v_global_scale)
+    return args, cache
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_eager_reference_equals_sdpa_over_the_dequantized_cache(recipe):
+    (q, k_data, k_scales, v_data, v_scales, table, lens, page, _, k_g, v_g), _ = _problem(recipe, seq_lens=[5, 64, 37])
+    out = torch_fp4kv.decode_attention(q, k_data, k_scales, v_data, v_scales, table, lens, page, recipe, k_g, v_g)
+    for b in range(q.shape[0]):
+        n = int(lens[b])
+        slots = eager.paged_slots(table[b : b + 1], page)[0, :n]
+        k = torch_fp4kv.gather_dequantize(k_data, k_scales, slots, recipe, k_g, torch.float32)
+        v = torch_fp4kv.gather_dequantize(v_data, v_scales, slots, recipe, v_g, torch.float32)
+        expected = F.scaled_dot_product_attention(q[b : b + 1, :, None].float(), k.transpose(0, 1)[None],
+                                                  v.transpose(0, 1)[None], enable_gqa=True)
+        torch.testing.assert_close(out[b].float(), expected[0, :, 0], atol=1e-2, rtol=1e-2)
+
+
+def test_empty_sequence_gives_zeros():
+    args, _ = _problem("nvfp4", seq_lens=[0, 3, 0])
+    out = torch_fp4kv.decode_attention(*args)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(out[2], torch.zeros_like(out[2]))
+    assert out[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("page_size, hq, hkv, d", [(16, 8, 2, 64), (1, 4, 4, 128), (5, 6, 2, 64), (128, 2, 1, 64)])
+def test_opcheck(recipe, page_size, hq, hkv, d):
+    max_pages = max(1, 64 // page_size)
+    (q, *rest), _ = _problem(recipe, hq=hq, hkv=hkv, d=d, page_size=page_size, max_pages=max_pages)
+    out = torch.empty_like(q)
+    k_data, k_scales, v_data, v_scales, table, lens, page, recipe_, k_g, v_g = rest
+    torch.library.opcheck(torch.ops.fp4kv.decode_attention.default,
+                          (out, q, k_data, k_scales, v_data, v_scales, table, lens, page, recipe_, d ** -0.5, k_g, v_g))
+
+
+CASES = [  # (batch, hq, hkv, d, page_size, max_pages, seq_lens)
+    (3, 8, 2, 64, 16, 4, [5, 64, 0]),
+    (2, 4, 1, 128, 1, 70, [70, 1]),
+    (2, 8, 8, 64, 7, 10, [69, 33]),
+    (1, 16, 2, 256, 32, 3, [90]),
+]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("case", CASES, ids=[f"b{c[0]}-hq{c[1]}-hkv{c[2]}-d{c[3]}-page{c[4]}" for c in CASES])
+def test_triton_matches_eager(backend, recipe, case):
+    batch, hq, hkv, d, page, max_pages, lens = case
+    args, _ = _problem(recipe, batch, hq, hkv, d, page, max_pages, lens, device=TRITON_DEVICE)
+    backend("eager")
+    expected = torch_fp4kv.decode_attention(*args)
+    backend("triton")
+    actual = torch_fp4kv.decode_attention(*args)
+    torch.testing.assert_close(actual.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_writes_into_out_and_rejects_bad_arguments():
+    (q, k_data, k_scales, v_data, v_scales, table, lens, page, recipe, k_g, v_g), _ = _problem("nvfp4")
+    out = torch.empty_like(q)
+    assert torch_fp4kv.decode_attention(q, k_data, k_scales, v_data, v_scales, table, lens, page, recipe, k_g, v_g,
+                                        out=out) is out
+    call = dict(q=q, k_data=k_data, k_scales=k_scales, v_data=v_data, v_scales=v_scales, block_table=table,
+                seq_lens=lens, page_size=page, recipe=recipe, k_global_scale=k_g, v_global_scale=v_g)
+    bad = [
+        (dict(q=q[:, :3]), ValueError, "q has 3 heads, not a multiple of the cache's 2 KV heads"),
+        (dict(q=q.float()), TypeError, "q must have dtype"),
+        (dict(block_table=table.long()), TypeError, "block_table must have dtype int32"),
+        (dict(seq_lens=lens[:2]), ValueError, "seq_lens has 2 rows but q has batch 3"),
+        (dict(page_size=0), ValueError, "page_size must be an int in"),
+        (dict(page_size=3), ValueError, "not a whole number of pages of 3"),
+        (dict(out=out[:, :4]), ValueError, "out must be a"),
+        (dict(sm_scale=1), TypeError, "sm_scale must be a float"),
+    ]
+    for change, error, text in bad:
+        with pytest.raises(error, match=text):
+            torch_fp4kv.decode_attention(**{**call, **change})
+
+
+def test_compiles_fullgraph_without_recompiling_for_new_lengths():
+    torch._dynamo.reset()
+    counters.clear()
+    (q, *rest), _ = _problem("nvfp4", seq_lens=[5, 9, 2])
+    compiled = torch.compile(torch_fp4kv.decode_attention, fullgraph=True)
+    for seed, lens in enumerate(([5, 9, 2], [6, 10, 3], [64, 1, 0])):
+        rest[5] = torch.tensor(lens, dtype=torch.int32)
+        torch.testing.assert_close(compiled(q, *rest), torch_fp4kv.decode_attention(q, *rest), atol=0, rtol=0)
+    assert sum(counters["graph_break"].values()) == 0
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
+
+
+@requires_cuda
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("context", [1, 1000, 8192, 32768])
+def test_long_ragged_contexts_on_gpu(recipe, context):
+    page = 16
+    max_pages = -(-context // page)
+    lens = [context, max(1, context // 3), max(1, context - 17)]
+    args, _ = _problem(recipe, 3, 32, 8, 128, page, max_pages, lens, device="cuda")
+    actual = torch_fp4kv.decode_attention(*args)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCH_FP4KV_BACKEND", "eager")
+        torch_fp4kv.ops.select_backend.cache_clear()
+        expected = torch_fp4kv.decode_attention(*args)
+    torch_fp4kv.ops.select_backend.cache_clear()
+    torch.testing.assert_close(actual.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+@requires_cuda
+def test_captured_in_a_cuda_graph_with_changing_lengths():
+    (q, k_data, k_scales, v_data, v_scales, table, lens, page, recipe, k_g, v_g), _ = _problem(
+        "nvfp4", batch=4, hq=32, hkv=8, d=128, max_pages=64, seq_lens=[1, 2, 3, 4], device="cuda")
+    out = torch.empty_like(q)
+
+    def step():
+        torch_fp4kv.decode_attention(q, k_data, k_scales, v_data, v_scales, table, lens, page, recipe, k_g, v_g, out=out)
+
+    step()  # compile the kernels before capturing
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for new_lens in ([1000, 5, 1024, 0], [17, 900, 3, 600]):
+        lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        q.normal_()
+        graph.replay()
+        expected = torch_fp4kv.decode_attention(q, k_data, k_scales, v_data, v_scales, table, lens, page, recipe, k_g, v_g)
+        torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
