@@ -5,10 +5,12 @@ slice of the context: it loads packed K/V tiles, decodes them in registers, and 
 softmax. A second kernel merges the slices. The grid depends only on shapes (batch, heads, the
 page table's width), never on sequence lengths, so one CUDA graph serves every step.
 
-Exactness: a decoded element e2m1 * s has at most 6 significant bits, so it is exact in bf16 and
-in fp16 (the tensor-core input type, the query's); the global scale is applied to the fp32 scores
-and outputs. The error against SDPA over the dequantized cache is then only the summation order
-and the bf16/fp16 rounding of the softmax weights, as in any flash-attention kernel.
+Decoding builds tensor-core inputs straight from bits (no float conversions, which Hopper runs at a
+fraction of its arithmetic rate): fp16 for NVFP4, bf16 for E8M0 scales, both exact (see
+_decoded_tile); the query is cast to that type once per program, and the global scales and the
+factor left out of the tiles are applied to the fp32 scores and outputs. The error against SDPA
+over the dequantized cache is the query's rounding to that type, the summation order, and the
+16-bit rounding of the softmax weights, as in any flash-attention kernel.
 """
 
 from __future__ import annotations
@@ -20,27 +22,50 @@ import triton
 import triton.language as tl
 
 from .formats import FP4Format, ScaleRule
-from .triton_kernels import _e2m1_value, _e4m3_value, _e8m0_value
 
-_BLOCK_N = 64  # context positions per tile
+# (context positions per tile, warps, programs per SM to aim for): tuned on the H100 (README).
+DECODE_LAUNCH = (64, 4, 2)
 _MIN_GROUP = 16  # tensor-core tiles need at least 16 rows: query heads are padded to this
 _POSITIONS_PER_SPLIT_MIN = 256
 
 
 @triton.jit
 def _decoded_tile(data_ptr, scales_ptr, rows, valid, pairs, D: tl.constexpr, BS: tl.constexpr,
-                  E4M3_SCALES: tl.constexpr, dtype: tl.constexpr):
-    """Packed rows [N] -> (even, odd) elements [N, D/2] as e2m1 * block scale, in dtype."""
-    packed = tl.load(data_ptr + rows[:, None] * (D // 2) + pairs[None, :], mask=valid[:, None], other=0).to(tl.int32)
+                  E4M3_SCALES: tl.constexpr, FP32_TILES: tl.constexpr):
+    """Packed rows [N] -> (even, odd) elements [N, D/2] built from bits, with no float conversion.
+
+    NVFP4: fp16 holding e2m1 * s * 2^-14 (the code's bits placed in an fp16 give e2m1 * 2^-14, and
+    E4M3 scales are fp16 values; every such product is exact in fp16, down to its smallest
+    subnormal). E8M0: bf16 holding e2m1 * 2^e, exact (bf16 has float32's exponent range)."""
+    packed = tl.load(data_ptr + rows[:, None] * (D // 2) + pairs[None, :], mask=valid[:, None], other=0).to(tl.int16)
     scale_byte = tl.load(scales_ptr + rows[:, None] * (D // BS) + (pairs // (BS // 2))[None, :],
-                         mask=valid[:, None], other=0).to(tl.int32)
+                         mask=valid[:, None], other=0).to(tl.int16)
+    lo, hi = packed & 0xF, (packed >> 4) & 0xF
     if E4M3_SCALES:
-        scale = _e4m3_value(scale_byte)
+        scale_bits = ((scale_byte & 0x80) << 8) | ((scale_byte & 0x7F) << 7)  # E4M3 value * 2^-8, as fp16
+        scale = scale_bits.to(tl.float16, bitcast=True) * 256.0
+        scale = tl.where((scale_byte & 0x7F) == 0x7F, float("nan"), scale).to(tl.float16)
+        even = (((lo & 0x8) << 12) | ((lo & 0x7) << 9)).to(tl.float16, bitcast=True) * scale
+        odd = (((hi & 0x8) << 12) | ((hi & 0x7) << 9)).to(tl.float16, bitcast=True) * scale
     else:
-        scale = _e8m0_value(scale_byte)
-    even = (_e2m1_value(packed & 0xF) * scale).to(dtype)
-    odd = (_e2m1_value(packed >> 4) * scale).to(dtype)
+        even = _e2m1_times_e8m0_bf16(lo, scale_byte, FP32_TILES)
+        odd = _e2m1_times_e8m0_bf16(hi, scale_byte, FP32_TILES)
     return even, odd
+
+
+@triton.jit
+def _e2m1_times_e8m0_bf16(code, scale_byte, FP32_TILES: tl.constexpr):
+    """E2M1 code times 2^(scale_byte - 127) as bf16, by adding to the exponent field.
+
+    Magnitudes 0.5 .. 6 are bf16 0x3F00 + m * 0x40 (m = 1 is 0x3F00). Scale bytes below 2 would
+    leave bf16's normal range (values under 2^-125, which decode to 0 here); 255 is NaN."""
+    m = code & 0x7
+    magnitude = tl.where(m == 1, 0x3F00, 0x3F00 + m * 0x40) + ((scale_byte - 127) << 7)
+    bits = tl.where((m == 0) | (scale_byte < 2), 0, magnitude) | ((code & 0x8) << 12)
+    bits = tl.where(scale_byte == 255, 0x7FC0, bits).to(tl.int32) & 0xFFFF
+    if FP32_TILES:  # the same value widened: a bf16 is the top half of a float32
+        return (bits << 16).to(tl.float32, bitcast=True)
+    return bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
@@ -50,12 +75,20 @@ def _decode_split_kernel(
     sm_scale, max_pages, positions_per_split,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr,
     E4M3_SCALES: tl.constexpr, HAS_G: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, FP32_TILES: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    dtype = q_ptr.dtype.element_ty
+    if E4M3_SCALES:  # the dtype _decoded_tile builds, and the factor it leaves out
+        dtype = tl.float16
+        tile_factor = 16384.0
+    elif FP32_TILES:
+        dtype = tl.float32
+        tile_factor = 1.0
+    else:
+        dtype = tl.bfloat16
+        tile_factor = 1.0
     seq_len = tl.load(seq_lens_ptr + b)
     seq_len = tl.minimum(seq_len, max_pages * PAGE)
     start = split * positions_per_split
@@ -65,15 +98,15 @@ def _decode_split_kernel(
     head_ok = tl.arange(0, GROUP_PAD) < GROUP
     pairs = tl.arange(0, D // 2)
     q_rows = (b * HQ + heads).to(tl.int64)[:, None] * D
-    q_even = tl.load(q_ptr + q_rows + 2 * pairs[None, :], mask=head_ok[:, None], other=0.0)
-    q_odd = tl.load(q_ptr + q_rows + 2 * pairs[None, :] + 1, mask=head_ok[:, None], other=0.0)
+    q_even = tl.load(q_ptr + q_rows + 2 * pairs[None, :], mask=head_ok[:, None], other=0.0).to(dtype)
+    q_odd = tl.load(q_ptr + q_rows + 2 * pairs[None, :] + 1, mask=head_ok[:, None], other=0.0).to(dtype)
     if HAS_G:
         k_g = tl.load(k_g_ptr)
         v_g = tl.load(v_g_ptr)
     else:
         k_g = 1.0
         v_g = 1.0
-    score_scale = sm_scale * k_g * 1.4426950408889634  # softmax in base 2
+    score_scale = sm_scale * k_g * tile_factor * 1.4426950408889634  # softmax in base 2
 
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)
@@ -84,26 +117,26 @@ def _decode_split_kernel(
         valid = pos < end
         page = tl.load(block_table_ptr + b.to(tl.int64) * max_pages + pos // PAGE, mask=valid, other=0)
         rows = (page.to(tl.int64) * PAGE + pos % PAGE) * HKV + kv_head
-        k_even, k_odd = _decoded_tile(k_data_ptr, k_scales_ptr, rows, valid, pairs, D, BS, E4M3_SCALES, dtype)
+        k_even, k_odd = _decoded_tile(k_data_ptr, k_scales_ptr, rows, valid, pairs, D, BS, E4M3_SCALES, FP32_TILES)
         scores = tl.dot(q_even, tl.trans(k_even)) + tl.dot(q_odd, tl.trans(k_odd))  # [GROUP_PAD, BLOCK_N]
         scores = tl.where(valid[None, :], scores * score_scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l = l * alpha + tl.sum(p, axis=1)
-        v_even, v_odd = _decoded_tile(v_data_ptr, v_scales_ptr, rows, valid, pairs, D, BS, E4M3_SCALES, dtype)
+        v_even, v_odd = _decoded_tile(v_data_ptr, v_scales_ptr, rows, valid, pairs, D, BS, E4M3_SCALES, FP32_TILES)
         p = p.to(dtype)
         acc_even = acc_even * alpha[:, None] + tl.dot(p, v_even)
         acc_odd = acc_odd * alpha[:, None] + tl.dot(p, v_odd)
         m = m_new
 
     # Partial results of this split: out = acc / l (times the V global scale), lse in base 2.
-    safe_l = tl.where(l > 0, l, 1.0)
+    safe_l = tl.where(l > 0, l, 1.0) / (v_g * tile_factor)
     base = ((b * HQ + heads).to(tl.int64) * NUM_SPLITS + split)
     out_rows = base[:, None] * D
-    tl.store(partial_out_ptr + out_rows + 2 * pairs[None, :], acc_even / safe_l[:, None] * v_g, mask=head_ok[:, None])
-    tl.store(partial_out_ptr + out_rows + 2 * pairs[None, :] + 1, acc_odd / safe_l[:, None] * v_g, mask=head_ok[:, None])
-    lse = tl.where(l > 0, m + tl.log2(safe_l), float("-inf"))
+    tl.store(partial_out_ptr + out_rows + 2 * pairs[None, :], acc_even / safe_l[:, None], mask=head_ok[:, None])
+    tl.store(partial_out_ptr + out_rows + 2 * pairs[None, :] + 1, acc_odd / safe_l[:, None], mask=head_ok[:, None])
+    lse = tl.where(l > 0, m + tl.log2(l), float("-inf"))
     tl.store(partial_lse_ptr + base, lse, mask=head_ok)
 
 
@@ -131,9 +164,9 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def num_splits(batch: int, kv_heads: int, max_len: int, device: torch.device) -> int:
-    """Enough (sequence, KV head, split) programs to fill the GPU twice, from static sizes only."""
-    wanted = triton.cdiv(2 * _sm_count(device), max(1, batch * kv_heads))
+def num_splits(batch: int, kv_heads: int, max_len: int, device: torch.device, waves: int) -> int:
+    """Enough (sequence, KV head, split) programs to fill the GPU `waves` times, from static sizes only."""
+    wanted = triton.cdiv(waves * _sm_count(device), max(1, batch * kv_heads))
     return max(1, min(wanted, triton.cdiv(max_len, _POSITIONS_PER_SPLIT_MIN)))
 
 
@@ -141,8 +174,8 @@ def decode_attention(out, q, k_data, k_scales, v_data, v_scales, block_table, se
                      fmt: FP4Format, sm_scale, k_global_scale=None, v_global_scale=None):
     batch, hq, d = q.shape
     hkv = k_data.shape[1]
-    # On CPU tensors (the Triton interpreter, in CI) bf16 casts are not faithful: compute in fp32
-    # there and cast on the way out. On a GPU the kernels take and give q's dtype.
+    # On CPU tensors (the Triton interpreter, in CI) bf16 casts and arithmetic are not faithful:
+    # there q, the E8M0 tiles and the output stay fp32 (same values), and out is cast at the end.
     on_interpreter = q.device.type == "cpu"
     final_out, q = (out, q.float()) if on_interpreter else (None, q.contiguous())
     if on_interpreter:
@@ -150,8 +183,9 @@ def decode_attention(out, q, k_data, k_scales, v_data, v_scales, block_table, se
     block_table = block_table.contiguous()
     max_pages = block_table.shape[1]
     max_len = max_pages * page_size
-    splits = num_splits(batch, hkv, max_len, q.device)
-    positions_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), splits), _BLOCK_N) * _BLOCK_N
+    block_n, num_warps, waves = DECODE_LAUNCH
+    splits = num_splits(batch, hkv, max_len, q.device, waves)
+    positions_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), splits), block_n) * block_n
     partial_out = torch.empty((batch, hq, splits, d), dtype=torch.float32, device=q.device)
     partial_lse = torch.empty((batch, hq, splits), dtype=torch.float32, device=q.device)
     group = hq // hkv
@@ -168,7 +202,7 @@ def decode_attention(out, q, k_data, k_scales, v_data, v_scales, block_table, se
         HQ=hq, HKV=hkv, D=d, BS=fmt.block_size, PAGE=page_size,
         E4M3_SCALES=fmt.scale_rule is ScaleRule.E4M3_AMAX_OVER_6G, HAS_G=has_g,
         GROUP=group, GROUP_PAD=max(_MIN_GROUP, triton.next_power_of_2(group)),
-        BLOCK_N=_BLOCK_N, NUM_SPLITS=splits,
+        BLOCK_N=block_n, NUM_SPLITS=splits, FP32_TILES=on_interpreter, num_warps=num_warps,
     )
     _merge_splits_kernel[(batch * hq,)](
         partial_out, partial_lse, out, D=d, NUM_SPLITS=splits, SPLITS_POW2=triton.next_power_of_2(splits),
