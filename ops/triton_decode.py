@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .formats import FP4Format, ScaleRule
+from .triton_kernels import _e2m1_half, _e4m3_half, global_scale_pair
 
 # (context positions per tile, warps, programs per SM to aim for): tuned on the H100 (README).
 DECODE_LAUNCH = (128, 4, 4)
@@ -42,11 +43,10 @@ def _decoded_tile(data_ptr, scales_ptr, rows, valid, pairs, D: tl.constexpr, BS:
                          mask=valid[:, None], other=0).to(tl.int16)
     lo, hi = packed & 0xF, (packed >> 4) & 0xF
     if E4M3_SCALES:
-        scale_bits = ((scale_byte & 0x80) << 8) | ((scale_byte & 0x7F) << 7)  # E4M3 value * 2^-8, as fp16
-        scale = scale_bits.to(tl.float16, bitcast=True) * 256.0
+        scale = _e4m3_half(scale_byte) * 256.0
         scale = tl.where((scale_byte & 0x7F) == 0x7F, float("nan"), scale).to(tl.float16)
-        even = (((lo & 0x8) << 12) | ((lo & 0x7) << 9)).to(tl.float16, bitcast=True) * scale
-        odd = (((hi & 0x8) << 12) | ((hi & 0x7) << 9)).to(tl.float16, bitcast=True) * scale
+        even = _e2m1_half(lo) * scale
+        odd = _e2m1_half(hi) * scale
     else:
         even = _e2m1_times_e8m0_bf16(lo, scale_byte, FP32_TILES)
         odd = _e2m1_times_e8m0_bf16(hi, scale_byte, FP32_TILES)
@@ -189,10 +189,7 @@ def decode_attention(out, q, k_data, k_scales, v_data, v_scales, block_table, se
     partial_out = torch.empty((batch, hq, splits, d), dtype=torch.float32, device=q.device)
     partial_lse = torch.empty((batch, hq, splits), dtype=torch.float32, device=q.device)
     group = hq // hkv
-    if (k_global_scale is None) != (v_global_scale is None):
-        ones = torch.ones(1, dtype=torch.float32, device=q.device)
-        k_global_scale = ones if k_global_scale is None else k_global_scale
-        v_global_scale = ones if v_global_scale is None else v_global_scale
+    k_global_scale, v_global_scale = global_scale_pair(k_global_scale, v_global_scale, q.device)
     has_g = k_global_scale is not None
     _decode_split_kernel[(batch, hkv, splits)](
         q, k_data, k_scales.view(torch.uint8), v_data, v_scales.view(torch.uint8),

@@ -47,10 +47,15 @@ def _e4m3_byte(v):
 
 
 @triton.jit
+def _e4m3_half(byte):
+    """E4M3 byte -> fp16 holding value / 2^8: the byte's bits shifted into an fp16 (NaN not handled)."""
+    return (((byte & 0x80) << 8) | ((byte & 0x7F) << 7)).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
 def _e4m3_value(byte):
-    """E4M3 byte -> float32: the byte's bits shifted into an fp16 give value / 2^8."""
-    fp16_bits = ((byte & 0x80) << 8) | ((byte & 0x7F) << 7)
-    value = fp16_bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 256.0
+    """E4M3 byte -> float32."""
+    value = _e4m3_half(byte).to(tl.float32) * 256.0
     return tl.where((byte & 0x7F) == 0x7F, float("nan"), value)
 
 
@@ -62,10 +67,15 @@ def _e8m0_value(byte):
 
 
 @triton.jit
+def _e2m1_half(code):
+    """4-bit E2M1 code -> fp16 holding value / 2^14: sign and magnitude bits placed in an fp16."""
+    return (((code & 0x8) << 12) | ((code & 0x7) << 9)).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
 def _e2m1_value(code):
-    """4-bit E2M1 code -> float32: sign and magnitude bits placed in an fp16 give value / 2^14."""
-    fp16_bits = ((code & 0x8) << 12) | ((code & 0x7) << 9)
-    return fp16_bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 16384.0
+    """4-bit E2M1 code -> float32."""
+    return _e2m1_half(code).to(tl.float32) * 16384.0
 
 
 @triton.jit
@@ -306,11 +316,16 @@ def quantize(x, fmt: FP4Format, global_scale=None):
     return data.view(*x.shape[:-1], d // 2), scales.view(*x.shape[:-1], d // fmt.block_size)
 
 
+def global_scale_pair(k_global_scale, v_global_scale, device):
+    """Both scales or neither: kernels take one HAS_G flag, so a lone scale gets 1.0 beside it."""
+    if (k_global_scale is None) == (v_global_scale is None):
+        return k_global_scale, v_global_scale
+    ones = torch.ones(1, dtype=torch.float32, device=device)
+    return (ones if k_global_scale is None else k_global_scale), (ones if v_global_scale is None else v_global_scale)
+
+
 def quantize_and_store(k_data, v_data, k_scales, v_scales, loc, k, v, fmt, k_global_scale=None, v_global_scale=None):
-    if (k_global_scale is None) != (v_global_scale is None):
-        ones = torch.ones(1, dtype=torch.float32, device=k.device)
-        k_global_scale = ones if k_global_scale is None else k_global_scale
-        v_global_scale = ones if v_global_scale is None else v_global_scale
+    k_global_scale, v_global_scale = global_scale_pair(k_global_scale, v_global_scale, k.device)
     _launch_quantize(
         k, v, k_data, v_data, k_scales, v_scales,
         k_global_scale, v_global_scale, loc, fmt, k_data.shape[0],
