@@ -37,11 +37,14 @@ def _choice(op, recipe, device, dtype=torch.bfloat16):
     return select_backend(op, FORMATS[recipe], device, dtype)
 
 
+def _every_choice(device) -> set[Backend]:
+    """The backends chosen for every op and recipe on `device` (bf16)."""
+    return {_choice(op, recipe, device) for op in backends.OPS for recipe in FORMATS}
+
+
 def test_cpu_runs_eager(fake_gpu):
     fake_gpu((0, 0))
-    for op in backends.OPS:
-        for recipe in FORMATS:
-            assert _choice(op, recipe, CPU) is Backend.EAGER
+    assert _every_choice(CPU) == {Backend.EAGER}
 
 
 def test_sm100_quantizes_nvfp4_half_inputs_with_flashinfer(fake_gpu):
@@ -66,9 +69,7 @@ def test_sm100_without_flashinfer_falls_to_triton(fake_gpu):
 
 def test_hopper_uses_triton_everywhere(fake_gpu):
     fake_gpu((9, 0))
-    for op in backends.OPS:
-        for recipe in FORMATS:
-            assert _choice(op, recipe, CUDA) is Backend.TRITON
+    assert _every_choice(CUDA) == {Backend.TRITON}
 
 
 def test_pre_ampere_gpu_uses_eager(fake_gpu):
