@@ -124,6 +124,16 @@ def cache(data, scales, fmt: FP4Format, prefix: str) -> None:
             raise ValueError(f"{name} must be contiguous (cache buffers are written in place)")
 
 
+def kv_cache(k_data, k_scales, v_data, v_scales, fmt: FP4Format) -> None:
+    """One layer's K and V caches: each valid, both alike, all on k_data's device."""
+    cache(k_data, k_scales, fmt, "k")
+    cache(v_data, v_scales, fmt, "v")
+    for other, name in ((v_data, "v_data"), (k_scales, "k_scales"), (v_scales, "v_scales")):
+        same_device(other, name, k_data, "k_data")
+    if v_data.shape != k_data.shape:
+        raise ValueError(f"v_data has shape {tuple(v_data.shape)} but k_data has {tuple(k_data.shape)}")
+
+
 # ---- one check per op -------------------------------------------------------------------------
 
 
@@ -144,18 +154,13 @@ def dequantize_args(data, scales, recipe_, g, dtype) -> FP4Format:
 
 def quantize_and_store_args(k_data, v_data, k_scales, v_scales, loc_, k, v, recipe_, kg, vg) -> FP4Format:
     fmt = recipe(recipe_)
-    cache(k_data, k_scales, fmt, "k")
-    cache(v_data, v_scales, fmt, "v")
+    kv_cache(k_data, k_scales, v_data, v_scales, fmt)
     for x, name in ((k, "k"), (v, "v")):
         activation(x, name, fmt)
         rank(x, name, 3, "[T, H, D]")
         same_device(x, name, k_data, "k_data")
-    for other, name in ((v_data, "v_data"), (k_scales, "k_scales"), (v_scales, "v_scales")):
-        same_device(other, name, k_data, "k_data")
     if v.shape != k.shape:
         raise ValueError(f"v has shape {tuple(v.shape)} but k has {tuple(k.shape)}")
-    if v_data.shape != k_data.shape:
-        raise ValueError(f"v_data has shape {tuple(v_data.shape)} but k_data has {tuple(k_data.shape)}")
     expected = (k.shape[1], k.shape[2] // 2)
     if tuple(k_data.shape[1:]) != expected:
         raise ValueError(f"k_data has [H, D/2] = {tuple(k_data.shape[1:])} but k needs {expected}")
@@ -186,12 +191,8 @@ def decode_attention_args(out, q, k_data, k_scales, v_data, v_scales, block_tabl
     tensor(q, "q")
     dtype_in(q, "q", (torch.bfloat16, torch.float16))
     rank(q, "q", 3, "[B, Hq, D]")
-    cache(k_data, k_scales, fmt, "k")
-    cache(v_data, v_scales, fmt, "v")
-    for other, name in ((k_data, "k_data"), (k_scales, "k_scales"), (v_data, "v_data"), (v_scales, "v_scales")):
-        same_device(other, name, q, "q")
-    if v_data.shape != k_data.shape:
-        raise ValueError(f"v_data has shape {tuple(v_data.shape)} but k_data has {tuple(k_data.shape)}")
+    kv_cache(k_data, k_scales, v_data, v_scales, fmt)
+    same_device(k_data, "k_data", q, "q")
     batch, hq, d = q.shape
     hkv = k_data.shape[1]
     if d not in DECODE_HEAD_DIMS:
