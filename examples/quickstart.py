@@ -1,5 +1,5 @@
 """Quantize a batch of K/V into an FP4 cache at chosen slots, read it back, and report the error
-and the memory saved against BF16 and FP8 caches. Runs on CPU in about a second.
+and the memory saved against BF16 and FP8 caches. Runs on CPU in a few seconds.
 
     python examples/quickstart.py [--recipe nvfp4|blockfp4|mxfp4] [--device cpu|cuda]
 """
