@@ -40,7 +40,14 @@ def _timer(device: torch.device):
     if device.type == "cuda":
         from triton.testing import do_bench_cudagraph
 
-        return lambda fn: do_bench_cudagraph(fn, rep=100, return_mode="median") / 1e3
+        def gpu_time(fn) -> float:
+            # do_bench_cudagraph runs fn on a new stream that does not wait for the default one:
+            # without this, inputs made just before (a random page table) may still be unwritten
+            # when fn reads them, and a decode would follow garbage page indices.
+            torch.cuda.synchronize(device)
+            return do_bench_cudagraph(fn, rep=100, return_mode="median") / 1e3
+
+        return gpu_time
 
     def cpu_time(fn, reps: int = 5) -> float:
         fn()
