@@ -1,9 +1,10 @@
 """Triton kernels: the fast path on CUDA GPUs, byte-for-byte equal to eager.py.
 
-Every float conversion whose rounding matters is written out in integer arithmetic (E4M3 and
-bf16 encoding, E2M1/E4M3/E8M0 decoding) and divisions use `div_rn`: the hardware's own
-conversions and Triton's default division differ between GPU and the CPU interpreter that CI
-runs these kernels under (`TRITON_INTERPRET=1`), and the byte contract must hold on both.
+The byte contract must hold on the GPU and under the CPU interpreter that CI runs these kernels
+with (`TRITON_INTERPRET=1`), whose bf16 and float8 casts and default division round differently.
+So divisions are correctly rounded (`div_rn`, or a reciprocal with exact corrections), format
+decoding is integer arithmetic on the bits, and the bf16/float8 output casts are the hardware's
+on a GPU (HW_CASTS) and written out in integer arithmetic on the interpreter.
 """
 
 from __future__ import annotations
@@ -87,15 +88,21 @@ def _bf16_bits(v):
 
 
 @triton.jit
-def _fp8_bits(v):
-    """float32 -> E4M3 byte, saturating at +-448; NaN -> 0x7F with its sign (as PyTorch does)."""
+def _fp8_bits(v, HW_CASTS: tl.constexpr):
+    """float32 -> E4M3 byte, saturating at +-448; NaN -> 0x7F with its sign (as PyTorch does).
+
+    With HW_CASTS (a GPU) the hardware conversion (cvt.rn.satfinite) encodes the magnitude; sign
+    and NaN are set here, as the conversion saturates NaN."""
     sign = (v.to(tl.uint32, bitcast=True) >> 31).to(tl.int32) << 7
-    magnitude = _e4m3_byte(tl.minimum(tl.abs(v), _E4M3_MAX))
+    if HW_CASTS:
+        magnitude = tl.abs(v).to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True).to(tl.int32)
+    else:
+        magnitude = _e4m3_byte(tl.minimum(tl.abs(v), _E4M3_MAX))
     return (tl.where(v != v, 0x7F, magnitude) | sign).to(tl.uint8)
 
 
 @triton.jit
-def _output_word(lo, hi, OUT_KIND: tl.constexpr):
+def _output_word(lo, hi, OUT_KIND: tl.constexpr, HW_CASTS: tl.constexpr):
     """Two float32 values -> one word holding both in the output dtype, `lo` in the low half."""
     if OUT_KIND == 0:
         lo_bits = lo.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
@@ -104,9 +111,12 @@ def _output_word(lo, hi, OUT_KIND: tl.constexpr):
         lo_bits = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         return lo_bits | (hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16)
     elif OUT_KIND == 2:
+        if HW_CASTS:
+            lo_bits = lo.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            return lo_bits | (hi.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) << 16)
         return (_bf16_bits(lo).to(tl.int32) & 0xFFFF) | (_bf16_bits(hi).to(tl.int32) << 16)
     else:
-        return (_fp8_bits(lo).to(tl.int16) | (_fp8_bits(hi).to(tl.int16) << 8)).to(tl.int16)
+        return (_fp8_bits(lo, HW_CASTS).to(tl.int16) | (_fp8_bits(hi, HW_CASTS).to(tl.int16) << 8)).to(tl.int16)
 
 
 # ---- quantize (optionally scattering rows to cache slots) ---------------------------------------
@@ -131,18 +141,42 @@ def _split_pair(word, IN_KIND: tl.constexpr):
 def _e2m1_magnitude_of_quotient(y, TIES_AWAY: tl.constexpr):
     """|x| / scale (float32 >= 0, may be inf) -> 3-bit magnitude code, by rounding its bits.
 
-    Below 1 the grid is 0, 0.5, 1: two comparisons. From 1 on, E2M1 keeps one mantissa bit: round
-    the float32 there (to even, or away from zero) and read exponent and bit as the code."""
+    Below 1 the grid is 0, 0.5, 1: adding 2^22 (whose float32 step is 0.5) rounds to it, to even;
+    ties away take two comparisons. From 1 on, E2M1 keeps one mantissa bit: round the float32
+    there and read exponent and bit together (bits >> 22) as the code."""
     y = tl.minimum(y, 6.0)
+    bits = y.to(tl.int32, bitcast=True)
     if TIES_AWAY:
         small = (y >= 0.25).to(tl.int32) + (y >= 0.75).to(tl.int32)
-        bits = y.to(tl.int32, bitcast=True) + 0x200000
+        bits = bits + 0x200000
     else:
-        small = (y > 0.25).to(tl.int32) + (y >= 0.75).to(tl.int32)
-        bits = y.to(tl.int32, bitcast=True)
+        small = (y + 4194304.0).to(tl.int32, bitcast=True) - 0x4A800000  # 2^22 + code / 2
         bits = bits + 0x1FFFFF + ((bits >> 22) & 1)
-    large = (((bits >> 23) - 126) << 1) | ((bits >> 22) & 1)
-    return tl.where(y < 1.0, small, large)
+    return tl.where(y < 1.0, small, (bits >> 22) - 252)  # 252: the exponent of 1.0 (127), twice
+
+
+@triton.jit
+def _max_keeping_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _divide_rn(a, d):
+    """a / d rounded to nearest (what div_rn gives), for a >= 0 and d [..., 1] per block.
+
+    div_rn per element costs a dozen instructions and a branch; this divides once per block
+    (1 / d) and corrects a * (1 / d) twice with exact FMA residuals (Markstein's theorem: with
+    1 / d rounded to nearest and a quotient within one ulp, q + (a - q d) / d rounds correctly).
+    Both operands are first scaled by the power of two that brings d into [1, 2), so residuals
+    never underflow; quotients above 16 (a saturated scale) are capped there, any cap above 6
+    giving the same code."""
+    to_unit = ((254 - ((d.to(tl.int32, bitcast=True) >> 23) & 0xFF)) << 23).to(tl.float32, bitcast=True)
+    d = d * to_unit
+    inverse = tl.math.div_rn(1.0, d)
+    a = tl.minimum(a * to_unit, 16.0 * d)
+    q = a * inverse
+    q = tl.fma(tl.fma(-q, d, a), inverse, q)
+    return tl.fma(tl.fma(-q, d, a), inverse, q)
 
 
 @triton.jit
@@ -173,8 +207,8 @@ def _quantize_rows(
     words = tl.load(x_ptr + src, mask=in_range[:, None, None], other=0)
     lo, hi = _split_pair(words, IN_KIND)
     a_lo, a_hi = tl.abs(lo), tl.abs(hi)
-    finite = tl.min(((a_lo <= _FLT_MAX) & (a_hi <= _FLT_MAX)).to(tl.int32), axis=2) == 1  # [ROWS, NB]
-    amax = tl.max(tl.maximum(a_lo, a_hi), axis=2)
+    amax = tl.reduce(_max_keeping_nan(a_lo, a_hi), 2, _max_keeping_nan)  # [ROWS, NB]; NaN if any is
+    finite = amax <= _FLT_MAX
 
     if SCALE_RULE == 0:  # E4M3 of amax / (6 g)
         if HAS_G:
@@ -183,7 +217,7 @@ def _quantize_rows(
             g = 1.0
         byte = _e4m3_byte(tl.minimum(tl.math.div_rn(amax, 6.0 * g), _E4M3_MAX))
         divisor = _e4m3_value(byte) * g
-        y_lo, y_hi = tl.math.div_rn(a_lo, divisor[:, :, None]), tl.math.div_rn(a_hi, divisor[:, :, None])
+        y_lo, y_hi = _divide_rn(a_lo, divisor[:, :, None]), _divide_rn(a_hi, divisor[:, :, None])
         keep = finite & (divisor != 0.0)
     else:
         if SCALE_RULE == 1:  # E8M0 ceil(log2(max(amax / 6, 1e-10)))
@@ -234,7 +268,7 @@ def _dequantize_kernel(
     data_ptr, scales_ptr, g_ptr, loc_ptr, out_ptr,
     n_rows, H, num_slots,
     D: tl.constexpr, BS: tl.constexpr, E4M3_SCALES: tl.constexpr, HAS_G: tl.constexpr,
-    GATHER: tl.constexpr, OUT_KIND: tl.constexpr, ROWS: tl.constexpr,
+    GATHER: tl.constexpr, OUT_KIND: tl.constexpr, ROWS: tl.constexpr, HW_CASTS: tl.constexpr,
 ):
     NB: tl.constexpr = D // BS
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -262,7 +296,7 @@ def _dequantize_kernel(
         lo = lo * g
         hi = hi * g
     dest = rows.to(tl.int64)[:, None] * (D // 2) + pairs[None, :]
-    tl.store(out_ptr + dest, _output_word(lo, hi, OUT_KIND), mask=in_range[:, None])
+    tl.store(out_ptr + dest, _output_word(lo, hi, OUT_KIND, HW_CASTS), mask=in_range[:, None])
 
 
 # ---- launchers ----------------------------------------------------------------------------------
@@ -343,7 +377,8 @@ def _launch_dequantize(data, scales, loc, fmt: FP4Format, global_scale, dtype, o
         data, scales.view(torch.uint8), global_scale if has_g else data, loc if loc is not None else data,
         out.view(view_dtype), out_rows * h, h, data.shape[0],
         D=d, BS=fmt.block_size, E4M3_SCALES=fmt.scale_rule is ScaleRule.E4M3_AMAX_OVER_6G,
-        HAS_G=has_g, GATHER=loc is not None, OUT_KIND=out_kind, ROWS=rows, num_warps=num_warps,
+        HAS_G=has_g, GATHER=loc is not None, OUT_KIND=out_kind, ROWS=rows,
+        HW_CASTS=data.device.type == "cuda", num_warps=num_warps,
     )
     return out
 

@@ -98,6 +98,20 @@ def test_property_triton_equals_eager(recipe, dtype, tokens, heads, head_dim, g_
         _triton_vs_eager(lambda name: mp.setenv("TORCH_FP4KV_BACKEND", name), recipe, dtype, (tokens, heads, head_dim), g_value)
 
 
+@pytest.mark.parametrize("recipe, g_value", [*(("nvfp4", g) for g in (1e-30, 3.3e-5, 1.0, 1234.5, 1e30)),
+                                              ("blockfp4", None), ("mxfp4", None)])
+def test_quantize_matches_eager_across_the_float32_range(backend, recipe, g_value):
+    """Blocks from subnormal to near-overflow magnitudes, so quotients that underflow, saturate or
+    overflow (and global scales far from 1) take the kernel's edge paths."""
+    x = torch.randn(64, 4, 64) * torch.exp2(torch.randint(-140, 125, (64, 4, 1)).float())
+    fmt = FORMATS[recipe]
+    g = torch.tensor([g_value]) if g_value is not None else None
+    backend("triton")
+    g_dev = g.to(TRITON_DEVICE) if g is not None else None
+    for actual, expected in zip(torch.ops.fp4kv.quantize(x.to(TRITON_DEVICE), recipe, g_dev), eager.quantize(x, fmt, g)):
+        assert_same_bytes(actual, expected)
+
+
 def _neighbours(x: torch.Tensor, steps: int) -> torch.Tensor:
     """x and the `steps` float32 values on each side of it."""
     bits = x.float().view(torch.int32)
@@ -107,8 +121,8 @@ def _neighbours(x: torch.Tensor, steps: int) -> torch.Tensor:
 @pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("g_value", [1.0, 0.37, 3.3e-5, 1234.5, 0.0173, 7.77, 0.1])
 def test_quotients_next_to_every_rounding_boundary(backend, recipe, g_value):
-    """Triton compares |x| with per-block bounds instead of dividing; probe the float32 values
-    around threshold * divisor, where a quotient rounded differently would show."""
+    """Probe the float32 values around threshold * divisor, where a quotient rounded differently
+    from eager's division (Triton multiplies by a per-block reciprocal and corrects) would show."""
     fmt = FORMATS[recipe]
     g = torch.tensor([g_value]) if fmt.has_global_scale else None
     amax = torch.tensor([5.9 * g_value])
