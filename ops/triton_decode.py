@@ -5,9 +5,9 @@ slice of the context: it loads packed K/V tiles, decodes them in registers, and 
 softmax. A second kernel merges the slices. The grid depends only on shapes (batch, heads, the
 page table's width), never on sequence lengths, so one CUDA graph serves every step.
 
-Decoding builds tensor-core inputs straight from bits (no float conversions, which Hopper runs at a
-fraction of its arithmetic rate): fp16 for NVFP4, bf16 for E8M0 scales, both exact (see
-_decoded_tile); the query is cast to that type once per program, and the global scales and the
+Decoding builds tensor-core inputs from bits and exact 16-bit products (no float conversions,
+which Hopper runs at a fraction of its arithmetic rate): fp16 for NVFP4, bf16 for E8M0 scales
+(see _decoded_tile); the query is cast to that type once per program, and the global scales and the
 factor left out of the tiles are applied to the fp32 scores and outputs. The error against SDPA
 over the dequantized cache is the query's rounding to that type, the summation order, and the
 16-bit rounding of the softmax weights, as in any flash-attention kernel.
@@ -28,6 +28,7 @@ from .triton_kernels import _e2m1_half, _e4m3_half, global_scale_pair
 DECODE_LAUNCH = (128, 4, 4)
 _MIN_GROUP = 16  # tensor-core tiles need at least 16 rows: query heads are padded to this
 _POSITIONS_PER_SPLIT_MIN = 256
+_MERGE_SPLITS_PER_STEP = 8  # splits the merge kernel reads at once: 8 x D fp32 per program
 
 
 @triton.jit
@@ -37,7 +38,7 @@ def _decoded_tile(data_ptr, scales_ptr, rows, valid, pairs, D: tl.constexpr, BS:
 
     NVFP4: fp16 holding e2m1 * s * 2^-14 (the code's bits placed in an fp16 give e2m1 * 2^-14, and
     E4M3 scales are fp16 values; every such product is exact in fp16, down to its smallest
-    subnormal). E8M0: bf16 holding e2m1 * 2^e, exact (bf16 has float32's exponent range)."""
+    subnormal). E8M0: bf16 holding e2m1 * 2^e (see _e2m1_times_e8m0_bf16)."""
     packed = tl.load(data_ptr + rows[:, None] * (D // 2) + pairs[None, :], mask=valid[:, None], other=0).to(tl.int16)
     scale_byte = tl.load(scales_ptr + rows[:, None] * (D // BS) + (pairs // (BS // 2))[None, :],
                          mask=valid[:, None], other=0).to(tl.int16)
@@ -55,17 +56,20 @@ def _decoded_tile(data_ptr, scales_ptr, rows, valid, pairs, D: tl.constexpr, BS:
 
 @triton.jit
 def _e2m1_times_e8m0_bf16(code, scale_byte, FP32_TILES: tl.constexpr):
-    """E2M1 code times 2^(scale_byte - 127) as bf16, by adding to the exponent field.
+    """E2M1 code times 2^(scale_byte - 127) as bf16: two exact bf16 products.
 
-    Magnitudes 0.5 .. 6 are bf16 0x3F00 + m * 0x40 (m = 1 is 0x3F00). Scale bytes below 2 would
-    leave bf16's normal range (values under 2^-125, which decode to 0 here); 255 is NaN."""
-    m = code & 0x7
-    magnitude = tl.where(m == 1, 0x3F00, 0x3F00 + m * 0x40) + ((scale_byte - 127) << 7)
-    bits = tl.where((m == 0) | (scale_byte < 2), 0, magnitude) | ((code & 0x8) << 12)
-    bits = tl.where(scale_byte == 255, 0x7FC0, bits).to(tl.int32) & 0xFFFF
-    if FP32_TILES:  # the same value widened: a bf16 is the top half of a float32
-        return (bits << 16).to(tl.float32, bitcast=True)
-    return bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    The code's bits placed in a bf16 give e2m1 * 2^-126 (as in _e2m1_half); times 2^126, then
+    times the scale, whose bits are the byte shifted into the exponent field (byte 0 is the
+    subnormal 2^-127, 255 is NaN). Both products are exact wherever the result is a bf16."""
+    tiny = ((code & 0x8) << 12) | ((code & 0x7) << 6)
+    scale = tl.where(scale_byte == 0, 0x40, tl.where(scale_byte == 255, 0x7FC0, scale_byte << 7))
+    if FP32_TILES:  # the interpreter: the same values as float32 (a bf16 is the top half of one)
+        tiny = (tiny.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+        scale = (scale.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        tiny = tiny.to(tl.int16).to(tl.bfloat16, bitcast=True)
+        scale = scale.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    return tiny * 8.507059173023462e37 * scale  # 2^126
 
 
 @triton.jit
@@ -142,18 +146,30 @@ def _decode_split_kernel(
 
 @triton.jit
 def _merge_splits_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                         SPLITS_POW2: tl.constexpr):
-    """One (sequence, query head): combine the splits' partial outputs by their log-sum-exps."""
+                         SPLITS_PER_STEP: tl.constexpr):
+    """One (sequence, query head): combine the splits' partial outputs by their log-sum-exps.
+
+    Splits are read SPLITS_PER_STEP at a time with a running maximum, so the registers a program
+    needs stay the same however many splits a short batch gets."""
     row = tl.program_id(0).to(tl.int64)
-    splits = tl.arange(0, SPLITS_POW2)
-    lse = tl.load(partial_lse_ptr + row * NUM_SPLITS + splits, mask=splits < NUM_SPLITS, other=float("-inf"))
-    top = tl.max(lse, axis=0)
-    weights = tl.where(lse > float("-inf"), tl.exp2(lse - top), 0.0)
-    total = tl.sum(weights, axis=0)
     dims = tl.arange(0, D)
-    partial = tl.load(partial_out_ptr + (row * NUM_SPLITS + splits)[:, None] * D + dims[None, :],
-                      mask=(splits < NUM_SPLITS)[:, None], other=0.0)
-    out = tl.sum(partial * weights[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    top = tl.full([1], float("-inf"), tl.float32)
+    total = tl.zeros([1], tl.float32)
+    acc = tl.zeros([D], tl.float32)
+    for first in range(0, NUM_SPLITS, SPLITS_PER_STEP):
+        splits = first + tl.arange(0, SPLITS_PER_STEP)
+        present = splits < NUM_SPLITS
+        lse = tl.load(partial_lse_ptr + row * NUM_SPLITS + splits, mask=present, other=float("-inf"))
+        new_top = tl.maximum(top, tl.max(lse, axis=0))
+        # Rescale what is summed so far; splits that saw no position (lse = -inf) weigh 0.
+        rescale = tl.where(new_top > float("-inf"), tl.exp2(top - new_top), 0.0)
+        weights = tl.where(lse > float("-inf"), tl.exp2(lse - new_top), 0.0)
+        partial = tl.load(partial_out_ptr + (row * NUM_SPLITS + splits)[:, None] * D + dims[None, :],
+                          mask=present[:, None], other=0.0)
+        acc = acc * rescale + tl.sum(partial * weights[:, None], axis=0)
+        total = total * rescale + tl.sum(weights, axis=0)
+        top = new_top
+    out = acc / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + row * D + dims, out.to(out_ptr.dtype.element_ty))
 
 
@@ -202,7 +218,7 @@ def decode_attention(out, q, k_data, k_scales, v_data, v_scales, block_table, se
         BLOCK_N=block_n, NUM_SPLITS=splits, FP32_TILES=on_interpreter, num_warps=num_warps,
     )
     _merge_splits_kernel[(batch * hq,)](
-        partial_out, partial_lse, out, D=d, NUM_SPLITS=splits, SPLITS_POW2=triton.next_power_of_2(splits),
+        partial_out, partial_lse, out, D=d, NUM_SPLITS=splits, SPLITS_PER_STEP=min(_MERGE_SPLITS_PER_STEP, triton.next_power_of_2(splits)),
     )
     if on_interpreter:
         final_out.copy_(out)

@@ -79,6 +79,7 @@ CASES = [  # (batch, hq, hkv, d, page_size, max_pages, seq_lens)
     (2, 4, 1, 128, 1, 70, [70, 1]),
     (2, 8, 8, 64, 7, 10, [69, 33]),
     (1, 16, 2, 256, 32, 3, [90]),
+    (1, 4, 1, 64, 16, 160, [2500]),  # ten splits on the interpreter: the merge reads them in two steps
 ]
 
 
