@@ -209,6 +209,7 @@ def test_cache_module_holds_buffers_and_round_trips(recipe):
     names = {name for name, _ in layer.named_buffers()}
     assert {"k_data", "v_data", "k_scales", "v_scales"} <= names
     assert cache.method.buffers.k_data[1].data_ptr() == layer.k_data.data_ptr()
+    assert layer is cache.method.layer(1)  # the method stores and reads through the same module
     assert cache.bytes_per_token() == cache.method.compute_cell_size(H, D, LAYERS)
     k, v = random_kv((4, H, D)), random_kv((4, H, D))
     loc = torch.tensor([1, 5, 2, 11])
@@ -216,6 +217,14 @@ def test_cache_module_holds_buffers_and_round_trips(recipe):
     k_out, _ = layer.read(loc, torch.float32)
     g = layer.k_global_scale
     assert_same_bytes(k_out, torch_fp4kv.dequantize(*torch_fp4kv.quantize(k, recipe, g), recipe, g, torch.float32))
+
+
+def test_cache_module_needs_a_table_method():
+    class Opaque(FP4KVCacheQuantMethod):
+        create_buffers = quantize_and_store = dequantize_prev_kv = compute_cell_size = None
+
+    with pytest.raises(TypeError, match="method must be a TableFP4KVMethod"):
+        FP4KVCache(Opaque(), SIZE, H, D, 1)
 
 
 def test_cache_module_keeps_global_scales_float32_under_dtype_casts():

@@ -6,7 +6,8 @@
 """
 
 from . import ops
-from .cache import FP4KVCache, FP4KVLayerCache
+from .cache import FP4KVCache
+from .layer_cache import FP4KVLayerCache
 from .compat import BlockFP4KVQuantizeUtil, KVFP4QuantizeUtil, NVFP4KVQuantizeUtil
 from .methods import (
     FP4_KV_CACHE_QUANT_REGISTRY,

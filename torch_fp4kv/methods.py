@@ -17,7 +17,7 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
-from . import ops
+from .layer_cache import FP4KVLayerCache
 from .ops import FP4Format, FP4KVCacheRecipe, get_format
 from .ops.formats import E2M1_MAX, E4M3_MAX
 
@@ -106,11 +106,7 @@ class TableFP4KVMethod(FP4KVCacheQuantMethod):
     def decode_attention(self, layer_id: int, q, block_table, seq_lens, page_size: int,
                          sm_scale: float | None = None, out=None):
         """Decode attention of q [B, Hq, D] over layer `layer_id`'s paged FP4 cache, read directly."""
-        b = self._buffers()
-        k_g, v_g = self.global_scales(layer_id)
-        return ops.decode_attention(q, b.k_data[layer_id], b.k_scales[layer_id], b.v_data[layer_id],
-                                    b.v_scales[layer_id], block_table, seq_lens, page_size, self.fmt.name,
-                                    k_g, v_g, sm_scale, out)
+        return self.layer(layer_id).decode(q, block_table, seq_lens, page_size, sm_scale, out)
 
     def compute_cell_size(self, head_num: int, head_dim: int, layer_num: int) -> int:
         cell = layer_num * self.fmt.bytes_per_token(head_num, head_dim)
@@ -135,7 +131,7 @@ class TableFP4KVMethod(FP4KVCacheQuantMethod):
         workspace = None
         if self.needs_dequant_workspace():
             workspace = tuple(torch.zeros(size, head_num, head_dim, dtype=self.prev_kv_dtype, device=device) for _ in "kv")
-        self.buffers = FP4KVBuffers(
+        b = self.buffers = FP4KVBuffers(
             k_data=per_layer(head_dim // 2),
             v_data=per_layer(head_dim // 2),
             k_scales=per_layer(head_dim // fmt.block_size),
@@ -145,12 +141,20 @@ class TableFP4KVMethod(FP4KVCacheQuantMethod):
             v_global_scales=scalars() if self.needs_global_scale() else None,
             dequant_workspace=workspace,
         )
-        return self.buffers
+        k_g, v_g = b.k_global_scales or [None] * layer_num, b.v_global_scales or [None] * layer_num
+        self._layers = [FP4KVLayerCache(fmt.name, b.k_data[i], b.v_data[i], b.k_scales[i], b.v_scales[i], k_g[i], v_g[i])
+                        for i in range(layer_num)]
+        return b
 
     def _buffers(self) -> FP4KVBuffers:
         if self.buffers is None:
             raise RuntimeError(f"{type(self).__name__}: call create_buffers() first")
         return self.buffers
+
+    def layer(self, layer_id: int) -> FP4KVLayerCache:
+        """Layer `layer_id`'s cache as a module over the method's own buffers (no copies)."""
+        self._buffers()
+        return self._layers[layer_id]
 
     def global_scales(self, layer_id: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         b = self._buffers()
@@ -159,21 +163,14 @@ class TableFP4KVMethod(FP4KVCacheQuantMethod):
         return b.k_global_scales[layer_id], b.v_global_scales[layer_id]
 
     def quantize_and_store(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        b = self._buffers()
-        k_g, v_g = self.global_scales(layer_id)
-        ops.quantize_and_store(
-            b.k_data[layer_id], b.v_data[layer_id], b.k_scales[layer_id], b.v_scales[layer_id],
-            loc, k, v, self.fmt.name, k_g, v_g,
-        )
+        self.layer(layer_id).store(loc, k, v)
 
     def dequantize_prev_kv(self, layer_id: int, loc: torch.Tensor, dtype: torch.dtype | None = None):
         """(k, v) [T, H, D] of slots `loc`. In the method's FP8 workspace when it has one and
         `dtype` is left at the default; otherwise freshly allocated in `dtype`."""
-        b = self._buffers()
         dtype = dtype or self.prev_kv_dtype
-        k_g, v_g = self.global_scales(layer_id)
-        k = ops.gather_dequantize(b.k_data[layer_id], b.k_scales[layer_id], loc, self.fmt.name, k_g, dtype)
-        v = ops.gather_dequantize(b.v_data[layer_id], b.v_scales[layer_id], loc, self.fmt.name, v_g, dtype)
+        k, v = self.layer(layer_id).read(loc, dtype)
+        b = self._buffers()
         if b.dequant_workspace is None or dtype != self.prev_kv_dtype:
             return k, v
         k_ws, v_ws = b.dequant_workspace
