@@ -58,7 +58,9 @@ def test_bench_table_and_json(tmp_path):
         (op, recipe) for op in ("quantize", "dequantize", "quantize_and_store", "gather_dequantize")
         for recipe in ("nvfp4", "blockfp4", "mxfp4")
     }
-    assert all(r["time_us"] > 0 and r["x_copy"] == pytest.approx(r["gb_per_s"] / report["copy_gb_per_s"]) for r in report["rows"])
+    assert all(r["time_us"] > 0 and r["gb_per_s"] > 0 for r in report["rows"])
+    table_lines = [line for line in out.splitlines() if line.split()[:1] and line.split()[0] in {r["op"] for r in report["rows"]}]
+    assert len(table_lines) == len(report["rows"])  # the table on stdout shows every row of the JSON
     assert [(r["recipe"], r["batch"], r["context"]) for r in report["decode_rows"]] == [
         ("blockfp4", 2, 64), ("mxfp4", 2, 64), ("nvfp4", 2, 64)]
     assert all(r["fp4_us"] > 0 for r in report["decode_rows"])
