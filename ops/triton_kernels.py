@@ -139,12 +139,13 @@ def _split_pair(word, IN_KIND: tl.constexpr):
 
 @triton.jit
 def _e2m1_magnitude_of_quotient(y, TIES_AWAY: tl.constexpr):
-    """|x| / scale (float32 >= 0, may be inf) -> 3-bit magnitude code, by rounding its bits.
+    """|x| / scale (float32 >= 0, may be inf or NaN, which count as above 6) -> 3-bit magnitude
+    code, by rounding its bits.
 
     Below 1 the grid is 0, 0.5, 1: adding 2^22 (whose float32 step is 0.5) rounds to it, to even;
     ties away take two comparisons. From 1 on, E2M1 keeps one mantissa bit: round the float32
     there and read exponent and bit together (bits >> 22) as the code."""
-    y = tl.minimum(y, 6.0)
+    y = tl.minimum(y, 6.0, propagate_nan=tl.PropagateNan.NONE)  # minNum: NaN -> 6
     bits = y.to(tl.int32, bitcast=True)
     if TIES_AWAY:
         small = (y >= 0.25).to(tl.int32) + (y >= 0.75).to(tl.int32)
@@ -168,12 +169,12 @@ def _divide_rn(a, d):
     (1 / d) and corrects a * (1 / d) twice with exact FMA residuals (Markstein's theorem: with
     1 / d rounded to nearest and a quotient within one ulp, q + (a - q d) / d rounds correctly).
     Both operands are first scaled by the power of two that brings d into [1, 2), so residuals
-    never underflow; quotients above 16 (a saturated scale) are capped there, any cap above 6
-    giving the same code."""
+    never underflow. An a that overflows there (a saturated scale) gives a NaN quotient, which the
+    caller's minimum(y, 6) maps to 6, as it maps the exact quotient."""
     to_unit = ((254 - ((d.to(tl.int32, bitcast=True) >> 23) & 0xFF)) << 23).to(tl.float32, bitcast=True)
     d = d * to_unit
     inverse = tl.math.div_rn(1.0, d)
-    a = tl.minimum(a * to_unit, 16.0 * d)
+    a = a * to_unit
     q = a * inverse
     q = tl.fma(tl.fma(-q, d, a), inverse, q)
     return tl.fma(tl.fma(-q, d, a), inverse, q)
@@ -182,7 +183,7 @@ def _divide_rn(a, d):
 @triton.jit
 def _quantize_rows(
     x_ptr, x_stride_t, x_stride_h, data_ptr, scales_ptr, g_ptr, loc_ptr,
-    pid, n_rows, H, num_slots,
+    pid, n_rows, num_slots, H: tl.constexpr,
     D: tl.constexpr, BS: tl.constexpr, SCALE_RULE: tl.constexpr, TIES_AWAY: tl.constexpr,
     SCALE_NAN_BYTE: tl.constexpr, HAS_G: tl.constexpr, SCATTER: tl.constexpr, ROWS: tl.constexpr,
     IN_KIND: tl.constexpr,
@@ -243,7 +244,7 @@ def _quantize_rows(
 def _quantize_kernel(
     k_ptr, k_stride_t, k_stride_h, k_data_ptr, k_scales_ptr, k_g_ptr,
     v_ptr, v_stride_t, v_stride_h, v_data_ptr, v_scales_ptr, v_g_ptr,
-    loc_ptr, n_rows, H, num_slots,
+    loc_ptr, n_rows, num_slots, H: tl.constexpr,
     D: tl.constexpr, BS: tl.constexpr, SCALE_RULE: tl.constexpr, TIES_AWAY: tl.constexpr,
     SCALE_NAN_BYTE: tl.constexpr, HAS_G: tl.constexpr, SCATTER: tl.constexpr, ROWS: tl.constexpr,
     IN_KIND: tl.constexpr,
@@ -252,11 +253,11 @@ def _quantize_kernel(
     pid = tl.program_id(0)
     if tl.program_id(1) == 0:
         _quantize_rows(k_ptr, k_stride_t, k_stride_h, k_data_ptr, k_scales_ptr, k_g_ptr, loc_ptr,
-                       pid, n_rows, H, num_slots, D, BS, SCALE_RULE, TIES_AWAY, SCALE_NAN_BYTE, HAS_G,
+                       pid, n_rows, num_slots, H, D, BS, SCALE_RULE, TIES_AWAY, SCALE_NAN_BYTE, HAS_G,
                        SCATTER, ROWS, IN_KIND)
     else:
         _quantize_rows(v_ptr, v_stride_t, v_stride_h, v_data_ptr, v_scales_ptr, v_g_ptr, loc_ptr,
-                       pid, n_rows, H, num_slots, D, BS, SCALE_RULE, TIES_AWAY, SCALE_NAN_BYTE, HAS_G,
+                       pid, n_rows, num_slots, H, D, BS, SCALE_RULE, TIES_AWAY, SCALE_NAN_BYTE, HAS_G,
                        SCATTER, ROWS, IN_KIND)
 
 
@@ -266,7 +267,7 @@ def _quantize_kernel(
 @triton.jit
 def _dequantize_kernel(
     data_ptr, scales_ptr, g_ptr, loc_ptr, out_ptr,
-    n_rows, H, num_slots,
+    n_rows, num_slots, H: tl.constexpr,
     D: tl.constexpr, BS: tl.constexpr, E4M3_SCALES: tl.constexpr, HAS_G: tl.constexpr,
     GATHER: tl.constexpr, OUT_KIND: tl.constexpr, ROWS: tl.constexpr, HW_CASTS: tl.constexpr,
 ):
@@ -334,7 +335,7 @@ def _launch_quantize(k, v, k_data, v_data, k_scales, v_scales, k_g, v_g, loc, fm
     _quantize_kernel[grid](
         k_words, k_words.stride(0), k_words.stride(1), k_data, k_scales.view(torch.uint8), k_g if has_g else k,
         v_words, v_words.stride(0), v_words.stride(1), v_data, v_scales.view(torch.uint8), v_g if has_g else v,
-        loc if loc is not None else k_data, n_rows, h, num_slots,
+        loc if loc is not None else k_data, n_rows, num_slots, H=h,
         D=d, BS=fmt.block_size, SCALE_RULE=int(fmt.scale_rule), TIES_AWAY=fmt.ties_away,
         SCALE_NAN_BYTE=fmt.scale_nan_byte, HAS_G=has_g, SCATTER=loc is not None, ROWS=rows,
         IN_KIND=_IN_KINDS[k.dtype][0], num_warps=num_warps,
@@ -375,7 +376,7 @@ def _launch_dequantize(data, scales, loc, fmt: FP4Format, global_scale, dtype, o
     has_g = global_scale is not None
     _dequantize_kernel[(triton.cdiv(out_rows * h, rows),)](
         data, scales.view(torch.uint8), global_scale if has_g else data, loc if loc is not None else data,
-        out.view(view_dtype), out_rows * h, h, data.shape[0],
+        out.view(view_dtype), out_rows * h, data.shape[0], H=h,
         D=d, BS=fmt.block_size, E4M3_SCALES=fmt.scale_rule is ScaleRule.E4M3_AMAX_OVER_6G,
         HAS_G=has_g, GATHER=loc is not None, OUT_KIND=out_kind, ROWS=rows,
         HW_CASTS=data.device.type == "cuda", num_warps=num_warps,
