@@ -50,10 +50,10 @@ def test_cuda_graph_decode_runs_eagerly_without_a_gpu():
 def test_bench_table_and_json(tmp_path):
     path = tmp_path / "bench.json"
     out = _run("-m", "torch_fp4kv.bench", "--device", "cpu", "--tokens", "64", "--backends", "eager",
-               "--decode-batches", "2", "--decode-contexts", "64", "--json", str(path))
-    assert "device-to-device copy" in out
+               "--decode-batches", "2", "--decode-contexts", "64", "--out-dtype", "float8_e4m3fn", "--json", str(path))
+    assert "device-to-device copy" in out and "dequantize and gather_dequantize write float8_e4m3fn" in out
     report = json.loads(path.read_text())
-    assert report["copy_gb_per_s"] > 0
+    assert report["copy_gb_per_s"] > 0 and report["out_dtype"] == "float8_e4m3fn"
     assert {(r["op"], r["recipe"]) for r in report["rows"]} == {
         (op, recipe) for op in ("quantize", "dequantize", "quantize_and_store", "gather_dequantize")
         for recipe in ("nvfp4", "blockfp4", "mxfp4")

@@ -21,6 +21,9 @@ from .ops import FORMATS, Backend, get_format
 from .ops.backends import ENV_VAR, unavailable_reason
 
 
+_OUT_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)}
+
+
 @dataclass
 class Row:
     op: str
@@ -68,8 +71,9 @@ def copy_bandwidth(nbytes: int, device: torch.device, timed) -> float:
     return 2 * nbytes / timed(lambda: dst.copy_(src)) / 1e9
 
 
-def _cases(tokens: int, heads: int, head_dim: int, recipe: str, device: torch.device):
-    """(op, fn-for-current-backend, bytes moved) for each op, on fresh random inputs."""
+def _cases(tokens: int, heads: int, head_dim: int, recipe: str, out_dtype: torch.dtype, device: torch.device):
+    """(op, fn-for-current-backend, bytes moved) for each op, on fresh random inputs; the two
+    dequantizing ops write `out_dtype`."""
     fmt = get_format(recipe)
     g = torch.tensor([0.5], device=device) if fmt.has_global_scale else None
     k = torch.randn(tokens, heads, head_dim, dtype=torch.bfloat16, device=device)
@@ -77,40 +81,43 @@ def _cases(tokens: int, heads: int, head_dim: int, recipe: str, device: torch.de
     data, scales = torch.ops.fp4kv.quantize(k, recipe, g)
     loc = torch.randperm(tokens, device=device)
     cache = [torch.empty_like(data), torch.empty_like(data), torch.empty_like(scales), torch.empty_like(scales)]
-    x_bytes, packed_bytes = k.numel() * 2, data.numel() + scales.numel()
+    x_bytes, packed_bytes, out_bytes = k.numel() * 2, data.numel() + scales.numel(), k.numel() * out_dtype.itemsize
+    loc_bytes = loc.numel() * loc.element_size()
     return [
         ("quantize", lambda: torch.ops.fp4kv.quantize(k, recipe, g), x_bytes + packed_bytes),
-        ("dequantize", lambda: torch.ops.fp4kv.dequantize(data, scales, recipe, g), packed_bytes + x_bytes),
+        ("dequantize", lambda: torch.ops.fp4kv.dequantize(data, scales, recipe, g, out_dtype), packed_bytes + out_bytes),
         ("quantize_and_store", lambda: torch.ops.fp4kv.quantize_and_store(*cache, loc, k, v, recipe, g, g),
-         2 * (x_bytes + packed_bytes) + loc.numel() * loc.element_size()),
-        ("gather_dequantize", lambda: torch.ops.fp4kv.gather_dequantize(data, scales, loc, recipe, g),
-         packed_bytes + x_bytes + loc.numel() * loc.element_size()),
+         2 * (x_bytes + packed_bytes) + loc_bytes),
+        ("gather_dequantize", lambda: torch.ops.fp4kv.gather_dequantize(data, scales, loc, recipe, g, out_dtype),
+         packed_bytes + out_bytes + loc_bytes),
     ], (data, scales, g)
 
 
-def _flashinfer_time(op: str, recipe: str, packed, device: torch.device, timed) -> float | None:
+def _flashinfer_time(op: str, recipe: str, out_dtype, packed, device: torch.device, timed) -> float | None:
     """FlashInfer's own kernel for the same work, if it has one here."""
-    if recipe != "nvfp4" or op != "dequantize" or unavailable_reason(Backend.FLASHINFER, op, recipe, device, torch.bfloat16):
+    if recipe != "nvfp4" or op != "dequantize" or unavailable_reason(Backend.FLASHINFER, op, recipe, device, out_dtype):
         return None
     import flashinfer
 
     data, scales, g = packed
     flat_data, flat_scales = data.reshape(-1, data.shape[-1]), scales.reshape(-1, scales.shape[-1])
-    return timed(lambda: flashinfer.nvfp4_kv_dequantize(flat_data, flat_scales, g, output_dtype=torch.bfloat16))
+    return timed(lambda: flashinfer.nvfp4_kv_dequantize(flat_data, flat_scales, g, output_dtype=out_dtype))
 
 
-def run(tokens: int, heads: int, head_dim: int, recipes, backends, device: torch.device) -> tuple[float, list[Row]]:
+def run(tokens: int, heads: int, head_dim: int, recipes, backends, device: torch.device,
+        out_dtype: torch.dtype = torch.bfloat16) -> tuple[float, list[Row]]:
     timed = _timer(device)
     copy_gbs = copy_bandwidth(tokens * heads * head_dim * 2, device, timed)
     rows = []
     previous = os.environ.get(ENV_VAR)
     try:
         for recipe in recipes:
-            cases, packed = _cases(tokens, heads, head_dim, recipe, device)
+            cases, packed = _cases(tokens, heads, head_dim, recipe, out_dtype, device)
             for op, fn, nbytes in cases:
-                flashinfer_s = _flashinfer_time(op, recipe, packed, device, timed)
+                flashinfer_s = _flashinfer_time(op, recipe, out_dtype, packed, device, timed)
+                dtype = out_dtype if op.endswith("dequantize") else torch.bfloat16
                 for backend in backends:
-                    if unavailable_reason(Backend(backend), op, recipe, device, torch.bfloat16):
+                    if unavailable_reason(Backend(backend), op, recipe, device, dtype):
                         continue
                     os.environ[ENV_VAR] = backend
                     seconds = timed(fn)
@@ -210,8 +217,9 @@ def print_decode_table(rows: list[DecodeRow]) -> None:
               f"{fmt(r.x_bf16, '.3f'):>10}{fmt(r.x_fp8, '.3f'):>9}")
 
 
-def print_table(device_name: str, copy_gbs: float, rows: list[Row]) -> None:
+def print_table(device_name: str, copy_gbs: float, rows: list[Row], out_dtype: str) -> None:
     print(f"device: {device_name}; device-to-device copy: {copy_gbs:.0f} GB/s (read + write)")
+    print(f"inputs bfloat16; dequantize and gather_dequantize write {out_dtype}")
     print(f"{'op':<19}{'recipe':<10}{'backend':<11}{'shape':<16}{'time us':>10}{'GB/s':>9}{'x copy':>8}{'x FlashInfer':>14}")
     for r in rows:
         fi = f"{r.x_flashinfer:.2f}" if r.x_flashinfer else "-"
@@ -246,6 +254,8 @@ def main(argv=None) -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--recipes", nargs="+", default=sorted(FORMATS), choices=sorted(FORMATS))
+    parser.add_argument("--out-dtype", default="bfloat16", choices=sorted(_OUT_DTYPES),
+                        help="what dequantize and gather_dequantize write")
     parser.add_argument("--backends", nargs="+", default=[b.value for b in Backend], choices=[b.value for b in Backend])
     parser.add_argument("--decode-batches", type=int, nargs="*", default=[1, 8, 32, 128] if on_gpu else [1, 2])
     parser.add_argument("--decode-contexts", type=int, nargs="*", default=[1024, 8192, 32768] if on_gpu else [256])
@@ -254,14 +264,16 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    copy_gbs, rows = run(args.tokens, args.heads, args.head_dim, args.recipes, args.backends, device)
+    copy_gbs, rows = run(args.tokens, args.heads, args.head_dim, args.recipes, args.backends, device,
+                         _OUT_DTYPES[args.out_dtype])
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print_table(name, copy_gbs, rows)
+    print_table(name, copy_gbs, rows, args.out_dtype)
     decode_rows = run_decode(args.decode_batches, args.decode_contexts, args.recipes, device)
-    print_decode_table(decode_rows)
+    if decode_rows:
+        print_decode_table(decode_rows)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "torch": torch.__version__, "copy_gb_per_s": copy_gbs,
+            json.dump({"device": name, "torch": torch.__version__, "copy_gb_per_s": copy_gbs, "out_dtype": args.out_dtype,
                        "rows": [asdict(r) for r in rows],
                        "decode_rows": [{**asdict(r), "x_bf16": r.x_bf16, "x_fp8": r.x_fp8} for r in decode_rows]},
                       f, indent=1)
