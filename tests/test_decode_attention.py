@@ -6,6 +6,7 @@ kernel against the eager one (compiled on a GPU, the interpreter on CPU)."""
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
 from torch._dynamo.utils import counters
 
 import torch_fp4kv
@@ -92,6 +93,25 @@ def test_triton_matches_eager(backend, recipe, case):
     expected = torch_fp4kv.decode_attention(*args)
     backend("triton")
     actual = torch_fp4kv.decode_attention(*args)
+    torch.testing.assert_close(actual.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+@settings(max_examples=12, deadline=None)
+@given(recipe=st.sampled_from(RECIPES), batch=st.integers(1, 3), hkv=st.integers(1, 2), group=st.sampled_from([1, 3, 4]),
+       d=st.sampled_from([64, 128]), page_size=st.sampled_from([1, 3, 16]), max_len=st.integers(1, 96),
+       seed=st.integers(0, 2**16))
+def test_property_triton_matches_eager(recipe, batch, hkv, group, d, page_size, max_len, seed):
+    """Random shapes, page sizes and ragged lengths (empty sequences and partly filled last pages
+    included): the Triton kernel agrees with the eager reference."""
+    max_pages = -(-max_len // page_size)
+    lens = torch.randint(0, max_pages * page_size + 1, (batch,), generator=torch.Generator().manual_seed(seed))
+    args, _ = _problem(recipe, batch, hkv * group, hkv, d, page_size, max_pages, lens.tolist(), device=TRITON_DEVICE,
+                       seed=seed)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCH_FP4KV_BACKEND", "eager")
+        expected = torch_fp4kv.decode_attention(*args)
+        mp.setenv("TORCH_FP4KV_BACKEND", "triton")
+        actual = torch_fp4kv.decode_attention(*args)
     torch.testing.assert_close(actual.float(), expected.float(), atol=2e-2, rtol=2e-2)
 
 
