@@ -4,7 +4,8 @@ The byte contract must hold on the GPU and under the CPU interpreter that CI run
 with (`TRITON_INTERPRET=1`), whose bf16 and float8 casts and default division round differently.
 So divisions are correctly rounded (`div_rn`, or a reciprocal with exact corrections), format
 decoding is integer arithmetic on the bits, and the bf16/float8 output casts are the hardware's
-on a GPU (HW_CASTS) and written out in integer arithmetic on the interpreter.
+on a GPU (float8 from SM89, see hardware_casts) and written out in integer arithmetic on the
+interpreter.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import backends
 from .formats import BLOCKFP4_MIN_SCALE, E4M3_MAX, FP4Format, ScaleRule
 
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
@@ -88,13 +90,13 @@ def _bf16_bits(v):
 
 
 @triton.jit
-def _fp8_bits(v, HW_CASTS: tl.constexpr):
+def _fp8_bits(v, HW_FP8: tl.constexpr):
     """float32 -> E4M3 byte, saturating at +-448; NaN -> 0x7F with its sign (as PyTorch does).
 
-    With HW_CASTS (a GPU) the hardware conversion (cvt.rn.satfinite) encodes the magnitude; sign
+    With HW_FP8 (SM89+) the hardware conversion (cvt.rn.satfinite) encodes the magnitude; sign
     and NaN are set here, as the conversion saturates NaN."""
     sign = (v.to(tl.uint32, bitcast=True) >> 31).to(tl.int32) << 7
-    if HW_CASTS:
+    if HW_FP8:
         magnitude = tl.abs(v).to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True).to(tl.int32)
     else:
         magnitude = _e4m3_byte(tl.minimum(tl.abs(v), _E4M3_MAX))
@@ -102,7 +104,7 @@ def _fp8_bits(v, HW_CASTS: tl.constexpr):
 
 
 @triton.jit
-def _output_word(lo, hi, OUT_KIND: tl.constexpr, HW_CASTS: tl.constexpr):
+def _output_word(lo, hi, OUT_KIND: tl.constexpr, HW_BF16: tl.constexpr, HW_FP8: tl.constexpr):
     """Two float32 values -> one word holding both in the output dtype, `lo` in the low half."""
     if OUT_KIND == 0:
         lo_bits = lo.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
@@ -111,12 +113,12 @@ def _output_word(lo, hi, OUT_KIND: tl.constexpr, HW_CASTS: tl.constexpr):
         lo_bits = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         return lo_bits | (hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16)
     elif OUT_KIND == 2:
-        if HW_CASTS:
+        if HW_BF16:
             lo_bits = lo.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
             return lo_bits | (hi.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) << 16)
         return (_bf16_bits(lo).to(tl.int32) & 0xFFFF) | (_bf16_bits(hi).to(tl.int32) << 16)
     else:
-        return (_fp8_bits(lo, HW_CASTS).to(tl.int16) | (_fp8_bits(hi, HW_CASTS).to(tl.int16) << 8)).to(tl.int16)
+        return (_fp8_bits(lo, HW_FP8).to(tl.int16) | (_fp8_bits(hi, HW_FP8).to(tl.int16) << 8)).to(tl.int16)
 
 
 # ---- quantize (optionally scattering rows to cache slots) ---------------------------------------
@@ -168,9 +170,11 @@ def _divide_rn(a, d):
     div_rn per element costs a dozen instructions and a branch; this divides once per block
     (1 / d) and corrects a * (1 / d) twice with exact FMA residuals (Markstein's theorem: with
     1 / d rounded to nearest and a quotient within one ulp, q + (a - q d) / d rounds correctly).
-    Both operands are first scaled by the power of two that brings d into [1, 2), so residuals
-    never underflow. An a that overflows there (a saturated scale) gives a NaN quotient, which the
-    caller's minimum(y, 6) maps to 6, as it maps the exact quotient."""
+    Both operands are first scaled by the power of two that brings a normal d into [1, 2) (a
+    subnormal one to 2^-22 or more), so residuals stay exact wherever the code depends on them,
+    near the rounding thresholds. An a that overflows there (a
+    saturated scale) gives a NaN quotient, which the caller's minimum(y, 6) maps to 6, as it maps
+    the exact quotient; d == 0 gives inf or NaN, which the caller discards (keep)."""
     to_unit = ((254 - ((d.to(tl.int32, bitcast=True) >> 23) & 0xFF)) << 23).to(tl.float32, bitcast=True)
     d = d * to_unit
     inverse = tl.math.div_rn(1.0, d)
@@ -269,7 +273,7 @@ def _dequantize_kernel(
     data_ptr, scales_ptr, g_ptr, loc_ptr, out_ptr,
     n_rows, num_slots, H: tl.constexpr,
     D: tl.constexpr, BS: tl.constexpr, E4M3_SCALES: tl.constexpr, HAS_G: tl.constexpr,
-    GATHER: tl.constexpr, OUT_KIND: tl.constexpr, ROWS: tl.constexpr, HW_CASTS: tl.constexpr,
+    GATHER: tl.constexpr, OUT_KIND: tl.constexpr, ROWS: tl.constexpr, HW_BF16: tl.constexpr, HW_FP8: tl.constexpr,
 ):
     NB: tl.constexpr = D // BS
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -297,7 +301,7 @@ def _dequantize_kernel(
         lo = lo * g
         hi = hi * g
     dest = rows.to(tl.int64)[:, None] * (D // 2) + pairs[None, :]
-    tl.store(out_ptr + dest, _output_word(lo, hi, OUT_KIND, HW_CASTS), mask=in_range[:, None])
+    tl.store(out_ptr + dest, _output_word(lo, hi, OUT_KIND, HW_BF16, HW_FP8), mask=in_range[:, None])
 
 
 # ---- launchers ----------------------------------------------------------------------------------
@@ -367,19 +371,29 @@ def quantize_and_store(k_data, v_data, k_scales, v_scales, loc, k, v, fmt, k_glo
     )
 
 
+def hardware_casts(device: torch.device) -> tuple[bool, bool]:
+    """(bf16, float8 E4M3) output casts done by the GPU's conversion instructions: bf16 on every
+    GPU these kernels run on (SM80+), E4M3 from SM89 (Triton has no float8e4nv type below). The
+    interpreter, whose casts round differently, gets the integer code for both."""
+    if device.type != "cuda":
+        return False, False
+    return True, backends.device_capability(device) >= (8, 9)
+
+
 def _launch_dequantize(data, scales, loc, fmt: FP4Format, global_scale, dtype, out_rows: int, h: int):
     d = data.shape[-1] * 2
     elements, num_warps = DEQUANTIZE_LAUNCH
     rows = _rows_per_program(elements, d)
     out = torch.empty((out_rows * h, d), dtype=dtype, device=data.device)
     out_kind, view_dtype = _OUT_KINDS[dtype]
+    hw_bf16, hw_fp8 = hardware_casts(data.device)
     has_g = global_scale is not None
     _dequantize_kernel[(triton.cdiv(out_rows * h, rows),)](
         data, scales.view(torch.uint8), global_scale if has_g else data, loc if loc is not None else data,
         out.view(view_dtype), out_rows * h, data.shape[0], H=h,
         D=d, BS=fmt.block_size, E4M3_SCALES=fmt.scale_rule is ScaleRule.E4M3_AMAX_OVER_6G,
         HAS_G=has_g, GATHER=loc is not None, OUT_KIND=out_kind, ROWS=rows,
-        HW_CASTS=data.device.type == "cuda", num_warps=num_warps,
+        HW_BF16=hw_bf16, HW_FP8=hw_fp8, num_warps=num_warps,
     )
     return out
 

@@ -154,3 +154,14 @@ def test_info_prints_the_table_and_choices():
     assert "selection table (first matching row wins):" in out
     assert "flashinfer cuda >= SM100" in out
     assert "quantize_and_store nvfp4     cpu   eager" in out
+
+
+@pytest.mark.parametrize("capability, expected", [((8, 0), (True, False)), ((8, 9), (True, True)), ((9, 0), (True, True))])
+def test_triton_output_casts_use_the_hardware_only_where_it_has_them(fake_gpu, capability, expected):
+    """float8 E4M3 conversion instructions (and Triton's float8e4nv type) start at SM89; an A100
+    must get the integer encoding, or FP8 dequantize would not compile there."""
+    from torch_fp4kv.ops.triton_kernels import hardware_casts
+
+    fake_gpu(capability)
+    assert hardware_casts(torch.device("cuda")) == expected
+    assert hardware_casts(torch.device("cpu")) == (False, False)

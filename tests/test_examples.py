@@ -59,8 +59,15 @@ def test_bench_table_and_json(tmp_path):
         for recipe in ("nvfp4", "blockfp4", "mxfp4")
     }
     assert all(r["time_us"] > 0 and r["gb_per_s"] > 0 for r in report["rows"])
-    table_lines = [line for line in out.splitlines() if line.split()[:1] and line.split()[0] in {r["op"] for r in report["rows"]}]
-    assert len(table_lines) == len(report["rows"])  # the table on stdout shows every row of the JSON
+    printed = {}  # (op, recipe, backend) -> (time us, x copy) as the table on stdout shows them
+    for line in out.splitlines():
+        fields = line.split()
+        if fields[:1] and fields[0] in {r["op"] for r in report["rows"]}:
+            printed[tuple(fields[:3])] = (float(fields[4]), float(fields[6]))
+    assert len(printed) == len(report["rows"])
+    for r in report["rows"]:
+        time_us, x_copy = printed[(r["op"], r["recipe"], r["backend"])]
+        assert time_us == pytest.approx(r["time_us"], abs=0.051) and x_copy == pytest.approx(r["x_copy"], abs=5e-4)
     assert [(r["recipe"], r["batch"], r["context"]) for r in report["decode_rows"]] == [
         ("blockfp4", 2, 64), ("mxfp4", 2, 64), ("nvfp4", 2, 64)]
     assert all(r["fp4_us"] > 0 for r in report["decode_rows"])

@@ -227,6 +227,14 @@ def test_cache_module_needs_a_table_method():
         FP4KVCache(Opaque(), SIZE, H, D, 1)
 
 
+def test_method_scales_follow_the_cache_module_when_it_moves():
+    """Calibration and scale loading write the tensors the stores use, also after a device move."""
+    cache = FP4KVCache("nvfp4", SIZE, H, D, 1).to("meta")
+    k_g, v_g = cache.method.global_scales(0)
+    assert k_g is cache.layers[0].k_global_scale and v_g is cache.layers[0].v_global_scale
+    assert k_g.device.type == "meta" and k_g.dtype == torch.float32
+
+
 def test_cache_module_keeps_global_scales_float32_under_dtype_casts():
     cache = FP4KVCache("nvfp4", SIZE, H, D, 1).to(torch.bfloat16)
     assert cache.layers[0].k_global_scale.dtype == torch.float32

@@ -10,9 +10,9 @@ from .methods import FP4KVCacheQuantMethod, TableFP4KVMethod, get_fp4_kv_cache_q
 class FP4KVCache(nn.Module):
     """All layers' FP4 K/V caches, allocated by a quantization method (a registry name or instance).
 
-    `layers[i]` is the method's own FP4KVLayerCache for layer i. Allocate the cache on the device
-    it will run on: the method keeps references to the same tensors (for calibration and scale
-    loading), so moving the module with `.to()` would split them.
+    `layers[i]` is the method's own FP4KVLayerCache for layer i: the method stores, reads and sets
+    scales through it. Allocate the cache on the device it will run on: `.to()` moves the layers'
+    tensors, but the method's `buffers` lists keep the originals.
     """
 
     def __init__(self, method: str | FP4KVCacheQuantMethod, size: int, head_num: int, head_dim: int,

@@ -157,10 +157,10 @@ class TableFP4KVMethod(FP4KVCacheQuantMethod):
         return self._layers[layer_id]
 
     def global_scales(self, layer_id: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        b = self._buffers()
-        if b.k_global_scales is None:
-            return None, None
-        return b.k_global_scales[layer_id], b.v_global_scales[layer_id]
+        """The layer's (K, V) global scales: the tensors its stores and reads use, which the scale
+        setters write in place (taken from the layer module, so they follow it if it moves)."""
+        layer = self.layer(layer_id)
+        return layer.k_global_scale, layer.v_global_scale
 
     def quantize_and_store(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         self.layer(layer_id).store(loc, k, v)
