@@ -218,7 +218,8 @@ def decode_attention(out, q, k_data, k_scales, v_data, v_scales, block_table, se
         BLOCK_N=block_n, NUM_SPLITS=splits, FP32_TILES=on_interpreter, num_warps=num_warps,
     )
     _merge_splits_kernel[(batch * hq,)](
-        partial_out, partial_lse, out, D=d, NUM_SPLITS=splits, SPLITS_PER_STEP=min(_MERGE_SPLITS_PER_STEP, triton.next_power_of_2(splits)),
+        partial_out, partial_lse, out, D=d, NUM_SPLITS=splits,
+        SPLITS_PER_STEP=min(_MERGE_SPLITS_PER_STEP, triton.next_power_of_2(splits)),
     )
     if on_interpreter:
         final_out.copy_(out)

@@ -172,9 +172,9 @@ def _divide_rn(a, d):
     1 / d rounded to nearest and a quotient within one ulp, q + (a - q d) / d rounds correctly).
     Both operands are first scaled by the power of two that brings a normal d into [1, 2) (a
     subnormal one to 2^-22 or more), so residuals stay exact wherever the code depends on them,
-    near the rounding thresholds. An a that overflows there (a
-    saturated scale) gives a NaN quotient, which the caller's minimum(y, 6) maps to 6, as it maps
-    the exact quotient; d == 0 gives inf or NaN, which the caller discards (keep)."""
+    near the rounding thresholds. An a that overflows there (a saturated scale) gives a NaN
+    quotient, which the caller's minimum(y, 6) maps to 6, as it maps the exact quotient; d == 0
+    gives inf or NaN, which the caller discards (keep)."""
     to_unit = ((254 - ((d.to(tl.int32, bitcast=True) >> 23) & 0xFF)) << 23).to(tl.float32, bitcast=True)
     d = d * to_unit
     inverse = tl.math.div_rn(1.0, d)

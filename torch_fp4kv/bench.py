@@ -19,9 +19,10 @@ import torch
 
 from .ops import FORMATS, Backend, get_format
 from .ops.backends import ENV_VAR, unavailable_reason
+from .ops.checks import OUTPUT_DTYPES
 
 
-_OUT_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)}
+_OUT_DTYPES = {str(d).removeprefix("torch."): d for d in OUTPUT_DTYPES}  # --out-dtype names
 
 
 @dataclass
@@ -72,8 +73,8 @@ def copy_bandwidth(nbytes: int, device: torch.device, timed) -> float:
 
 
 def _cases(tokens: int, heads: int, head_dim: int, recipe: str, out_dtype: torch.dtype, device: torch.device):
-    """(op, fn-for-current-backend, bytes moved) for each op, on fresh random inputs; the two
-    dequantizing ops write `out_dtype`."""
+    """(op, fn-for-current-backend, bytes moved, dtype the backend must handle) for each op, on
+    fresh random inputs: the quantizing ops read bf16, the dequantizing ones write `out_dtype`."""
     fmt = get_format(recipe)
     g = torch.tensor([0.5], device=device) if fmt.has_global_scale else None
     k = torch.randn(tokens, heads, head_dim, dtype=torch.bfloat16, device=device)
@@ -84,24 +85,25 @@ def _cases(tokens: int, heads: int, head_dim: int, recipe: str, out_dtype: torch
     x_bytes, packed_bytes, out_bytes = k.numel() * 2, data.numel() + scales.numel(), k.numel() * out_dtype.itemsize
     loc_bytes = loc.numel() * loc.element_size()
     return [
-        ("quantize", lambda: torch.ops.fp4kv.quantize(k, recipe, g), x_bytes + packed_bytes),
-        ("dequantize", lambda: torch.ops.fp4kv.dequantize(data, scales, recipe, g, out_dtype), packed_bytes + out_bytes),
+        ("quantize", lambda: torch.ops.fp4kv.quantize(k, recipe, g), x_bytes + packed_bytes, k.dtype),
+        ("dequantize", lambda: torch.ops.fp4kv.dequantize(data, scales, recipe, g, out_dtype), packed_bytes + out_bytes,
+         out_dtype),
         ("quantize_and_store", lambda: torch.ops.fp4kv.quantize_and_store(*cache, loc, k, v, recipe, g, g),
-         2 * (x_bytes + packed_bytes) + loc_bytes),
+         2 * (x_bytes + packed_bytes) + loc_bytes, k.dtype),
         ("gather_dequantize", lambda: torch.ops.fp4kv.gather_dequantize(data, scales, loc, recipe, g, out_dtype),
-         packed_bytes + out_bytes + loc_bytes),
+         packed_bytes + out_bytes + loc_bytes, out_dtype),
     ], (data, scales, g)
 
 
-def _flashinfer_time(op: str, recipe: str, out_dtype, packed, device: torch.device, timed) -> float | None:
-    """FlashInfer's own kernel for the same work, if it has one here."""
-    if recipe != "nvfp4" or op != "dequantize" or unavailable_reason(Backend.FLASHINFER, op, recipe, device, out_dtype):
+def _flashinfer_time(op: str, recipe: str, dtype, packed, device: torch.device, timed) -> float | None:
+    """FlashInfer's own kernel for the same work (writing `dtype`), if it has one here."""
+    if recipe != "nvfp4" or op != "dequantize" or unavailable_reason(Backend.FLASHINFER, op, recipe, device, dtype):
         return None
     import flashinfer
 
     data, scales, g = packed
     flat_data, flat_scales = data.reshape(-1, data.shape[-1]), scales.reshape(-1, scales.shape[-1])
-    return timed(lambda: flashinfer.nvfp4_kv_dequantize(flat_data, flat_scales, g, output_dtype=out_dtype))
+    return timed(lambda: flashinfer.nvfp4_kv_dequantize(flat_data, flat_scales, g, output_dtype=dtype))
 
 
 def run(tokens: int, heads: int, head_dim: int, recipes, backends, device: torch.device,
@@ -113,9 +115,8 @@ def run(tokens: int, heads: int, head_dim: int, recipes, backends, device: torch
     try:
         for recipe in recipes:
             cases, packed = _cases(tokens, heads, head_dim, recipe, out_dtype, device)
-            for op, fn, nbytes in cases:
-                flashinfer_s = _flashinfer_time(op, recipe, out_dtype, packed, device, timed)
-                dtype = out_dtype if op.endswith("dequantize") else torch.bfloat16
+            for op, fn, nbytes, dtype in cases:
+                flashinfer_s = _flashinfer_time(op, recipe, dtype, packed, device, timed)
                 for backend in backends:
                     if unavailable_reason(Backend(backend), op, recipe, device, dtype):
                         continue
