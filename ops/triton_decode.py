@@ -5,12 +5,15 @@ slice of the context: it loads packed K/V tiles, decodes them in registers, and 
 softmax. A second kernel merges the slices. The grid depends only on shapes (batch, heads, the
 page table's width), never on sequence lengths, so one CUDA graph serves every step.
 
-Decoding builds tensor-core inputs from bits and exact 16-bit products (no float conversions,
-which Hopper runs at a fraction of its arithmetic rate): fp16 for NVFP4, bf16 for E8M0 scales
-(see _decoded_tile); the query is cast to that type once per program, and the global scales and the
-factor left out of the tiles are applied to the fp32 scores and outputs. The error against SDPA
-over the dequantized cache is the query's rounding to that type, the summation order, and the
-16-bit rounding of the softmax weights, as in any flash-attention kernel.
+Decoding turns four packed bytes into eight exact 16-bit tensor-core inputs with a few lines of
+inline PTX (byte-table lookups with prmt, see _decode_ptx): fp16 for NVFP4, bf16 for E8M0 scales,
+the block scale applied by one packed multiply. Positions are the long side of the score tile
+(keys feed the tensor cores from registers, their pair columns permuted so each thread reads
+adjacent bytes, see _key_tile); values are decoded row by row and reach the tensor cores through
+shared memory. The query is cast to the tiles' type once per program and the global scales are
+applied to the fp32 scores and outputs. The error against SDPA over the dequantized cache is the
+query's rounding to that type, the summation order, and the 16-bit rounding of the softmax
+weights, as in any flash-attention kernel.
 """
 
 from __future__ import annotations
@@ -22,54 +25,156 @@ import triton
 import triton.language as tl
 
 from .formats import FP4Format, ScaleRule
-from .triton_kernels import _e2m1_half, _e4m3_half, global_scale_pair
+from .triton_kernels import _e2m1_value, _e4m3_half, _e4m3_value, _e8m0_value, global_scale_pair, hardware_casts
 
-# (context positions per tile, warps, programs per SM to aim for): tuned on the H100 (README).
-DECODE_LAUNCH = (128, 4, 4)
+# head_dim -> (context positions per tile, warps, programs per SM to aim for, registers per thread
+# at most): tuned on the H100 (README). The cap lets three programs share an SM instead of two;
+# head_dim 256 keeps the compiler's count (capped, it would spill 384 bytes per thread).
+DECODE_LAUNCH = {64: (128, 4, 4, 168), 128: (128, 4, 4, 168), 256: (128, 4, 4, None)}
 _MIN_GROUP = 16  # tensor-core tiles need at least 16 rows: query heads are padded to this
 _POSITIONS_PER_SPLIT_MIN = 256
 _MERGE_SPLITS_PER_STEP = 8  # splits the merge kernel reads at once: 8 x D fp32 per program
 
 
-@triton.jit
-def _decoded_tile(data_ptr, scales_ptr, rows, valid, pairs, D: tl.constexpr, BS: tl.constexpr,
-                  E4M3_SCALES: tl.constexpr, FP32_TILES: tl.constexpr):
-    """Packed rows [N] -> (even, odd) elements [N, D/2] built from bits, with no float conversion.
+def _table_lookup(name: str, table_bytes) -> list[str]:
+    """PTX that reads byte table[code] for the four 3-bit codes in `codes` (and in `codes_hi`):
+    prmt picks bytes of two words by 4-bit selectors, so eight entries fit in two registers."""
+    table = bytes(table_bytes)
+    return [f"mov.b32 ta, 0x{int.from_bytes(table[:4], 'little'):08X};",
+            f"mov.b32 tb, 0x{int.from_bytes(table[4:], 'little'):08X};",
+            f"prmt.b32 {name}_lo, ta, tb, codes;",
+            f"prmt.b32 {name}_hi, ta, tb, codes_hi;"]
 
-    NVFP4: fp16 holding e2m1 * s * 2^-14 (the code's bits placed in an fp16 give e2m1 * 2^-14, and
-    E4M3 scales are fp16 values; every such product is exact in fp16, down to its smallest
-    subnormal). E8M0: bf16 holding e2m1 * 2^e (see _e2m1_times_e8m0_bf16)."""
-    packed = tl.load(data_ptr + rows[:, None] * (D // 2) + pairs[None, :], mask=valid[:, None], other=0).to(tl.int16)
-    scale_byte = tl.load(scales_ptr + rows[:, None] * (D // BS) + (pairs // (BS // 2))[None, :],
-                         mask=valid[:, None], other=0).to(tl.int16)
-    lo, hi = packed & 0xF, (packed >> 4) & 0xF
-    if E4M3_SCALES:
-        scale = _e4m3_half(scale_byte) * 256.0
-        scale = tl.where((scale_byte & 0x7F) == 0x7F, float("nan"), scale).to(tl.float16)
-        even = _e2m1_half(lo) * scale
-        odd = _e2m1_half(hi) * scale
+
+def _decode_ptx(high_bytes, low_bytes, multiply: str) -> str:
+    """Inline PTX: four packed bytes (eight E2M1 codes) and their scales -> eight 16-bit values.
+
+    Operands: $0 $1 the even elements (of bytes 0-1, 2-3), $2 $3 the odd ones, $4 the four bytes,
+    $5 $6 the four bytes' scales as 16-bit pairs. The magnitude codes index byte tables for each
+    value's high byte and (bf16 only) low byte; a shuffle puts two values in a word, the sign bits
+    of a byte pair get there with at most one shift, and one packed multiply applies the scales.
+    About 20 instructions for the eight values."""
+    lines = [
+        ".reg .b32 codes, codes_hi, high_lo, high_hi, low_lo, low_hi, signs_lo, signs_hi, shifted, t, ta, tb, negative_zero;",
+        "mov.b32 negative_zero, 0x80008000;",
+        "and.b32 codes, $4, 0x77777777;",  # magnitude codes: bits 2..0 of each nibble
+        "shr.u32 codes_hi, codes, 16;",
+        *_table_lookup("high", high_bytes),
+        *(["mov.b32 low_lo, 0;", "mov.b32 low_hi, 0;"] if low_bytes is None else _table_lookup("low", low_bytes)),
+        # Bytes 0, 1 (2, 3) moved to bits 15..8 and 31..24: the odd codes' sign bits land on bits 15
+        # and 31, where a 16-bit pair keeps them, and the even codes' 4 bits lower.
+        "prmt.b32 signs_lo, $4, 0, 0x1404;",
+        "prmt.b32 signs_hi, $4, 0, 0x3424;",
+    ]
+    for out, (half, selector, shift) in enumerate((
+        ("lo", "0x6240", 4),  # even codes of bytes 0, 1: table bytes 0 and 2 (low, high each)
+        ("hi", "0x6240", 4),  # even codes of bytes 2, 3
+        ("lo", "0x7351", 0),  # odd codes of bytes 0, 1: table bytes 1 and 3
+        ("hi", "0x7351", 0),  # odd codes of bytes 2, 3
+    )):
+        signs = f"signs_{half}"
+        if shift:
+            lines.append(f"shl.b32 shifted, {signs}, {shift};")
+            signs = "shifted"
+        lines += [f"prmt.b32 t, low_{half}, high_{half}, {selector};",
+                  f"lop3.b32 t, t, {signs}, 0x80008000, 0xF8;",  # t | (signs & 0x80008000)
+                  multiply.format(out=f"${out}", value="t", scale=f"${5 + out % 2}")]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+# NVFP4: fp16 tiles. Every E2M1 value is an fp16 whose low byte is zero, and E4M3 scales are fp16
+# values: their product is exact (at most 6 significant bits, 2^-10 to 2688).
+_NVFP4_DECODE_PTX = tl.constexpr(_decode_ptx(
+    [0x00, 0x38, 0x3C, 0x3E, 0x40, 0x42, 0x44, 0x46], None, "mul.rn.f16x2 {out}, {value}, {scale};"))
+# E8M0 scales: bf16 tiles (their range), the scale 2^(byte - 127) a bf16 too; the product, a power
+# of two times an E2M1 value, is exact down to bf16's subnormals. fma with -0 is the bf16 multiply
+# SM80 has (mul.bf16x2 needs SM90) and keeps the product's sign of zero.
+_E8M0_DECODE_PTX = tl.constexpr(_decode_ptx(
+    [0x00, 0x3F, 0x3F, 0x3F, 0x40, 0x40, 0x40, 0x40], [0x00, 0x00, 0x80, 0xC0, 0x00, 0x40, 0x80, 0xC0],
+    "fma.rn.bf16x2 {out}, {value}, {scale}, negative_zero;"))
+
+
+@triton.jit
+def _block_scales(byte, E4M3_SCALES: tl.constexpr, FP32_TILES: tl.constexpr, HW_FP8: tl.constexpr):
+    """Scale bytes -> the scales as the tiles' type (float32 on the interpreter); NaN bytes give NaN.
+
+    E4M3 from SM89 by the conversion instruction (two per cvt, NaN kept), else from the bits."""
+    if FP32_TILES:
+        if E4M3_SCALES:
+            scale = _e4m3_value(byte.to(tl.int32))
+        else:
+            scale = _e8m0_value(byte.to(tl.int32))
+    elif E4M3_SCALES:
+        if HW_FP8:
+            scale = byte.to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        else:
+            scale = tl.where((byte & 0x7F) == 0x7F, float("nan"), _e4m3_half(byte.to(tl.int32)) * 256.0).to(tl.float16)
     else:
-        even = _e2m1_times_e8m0_bf16(lo, scale_byte, FP32_TILES)
-        odd = _e2m1_times_e8m0_bf16(hi, scale_byte, FP32_TILES)
+        byte = byte.to(tl.int32)
+        bits = tl.where(byte == 0, 0x40, tl.where(byte == 255, 0x7FC0, byte << 7))  # byte 0: subnormal 2^-127
+        scale = bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    return scale
+
+
+@triton.jit
+def _decode(packed, scale, E4M3_SCALES: tl.constexpr, FP32_TILES: tl.constexpr):
+    """Packed bytes and their scales (same shape) -> (even, odd) exact values, 16-bit on a GPU."""
+    if FP32_TILES:  # the interpreter runs no PTX: the same values from Triton arithmetic
+        codes = packed.to(tl.int32)
+        even = _e2m1_value(codes & 0xF) * scale
+        odd = _e2m1_value(codes >> 4) * scale
+    else:
+        even, odd = tl.inline_asm_elementwise(
+            _NVFP4_DECODE_PTX if E4M3_SCALES else _E8M0_DECODE_PTX, "=r,=r,=r,=r,r,r,r", [packed, scale],
+            dtype=(scale.dtype, scale.dtype), is_pure=True, pack=4)
     return even, odd
 
 
 @triton.jit
-def _e2m1_times_e8m0_bf16(code, scale_byte, FP32_TILES: tl.constexpr):
-    """E2M1 code times 2^(scale_byte - 127) as bf16: two exact bf16 products.
+def _key_tile(data_ptr, scales_ptr, rows, valid, D: tl.constexpr, BS: tl.constexpr,
+              E4M3_SCALES: tl.constexpr, FP32_TILES: tl.constexpr, HW_FP8: tl.constexpr):
+    """Key rows [N] -> (even, odd) [N, D/2], pair columns in key_pair_order(D).
 
-    The code's bits placed in a bf16 give e2m1 * 2^-126 (as in _e2m1_half); times 2^126, then
-    times the scale, whose bits are the byte shifted into the exponent field (byte 0 is the
-    subnormal 2^-127, 255 is NaN). Both products are exact wherever the result is a bf16."""
-    tiny = ((code & 0x8) << 12) | ((code & 0x7) << 6)
-    scale = tl.where(scale_byte == 0, 0x40, tl.where(scale_byte == 255, 0x7FC0, scale_byte << 7))
-    if FP32_TILES:  # the interpreter: the same values as float32 (a bf16 is the top half of one)
-        tiny = (tiny.to(tl.int32) << 16).to(tl.float32, bitcast=True)
-        scale = (scale.to(tl.int32) << 16).to(tl.float32, bitcast=True)
-    else:
-        tiny = tiny.to(tl.int16).to(tl.bfloat16, bitcast=True)
-        scale = scale.to(tl.int16).to(tl.bfloat16, bitcast=True)
-    return tiny * 8.507059173023462e37 * scale  # 2^126
+    Any column order gives the same q.k if q is read in it too; this one hands each thread of a
+    tensor-core A fragment (pairs 2c, 2c+1, 2c+8, 2c+9 of every 16, c = lane % 4) D/8 adjacent
+    bytes: one wide load and one or two scales per row instead of a scale every two bytes."""
+    PC: tl.constexpr = D // 8  # adjacent pairs per fragment thread
+    NBC: tl.constexpr = PC * 2 // BS if PC * 2 >= BS else 1  # blocks a thread's pairs touch
+    PPC: tl.constexpr = PC // NBC
+    N: tl.constexpr = rows.shape[0]
+    chunk = tl.arange(0, 4)[:, None] * PC + tl.arange(0, NBC)[None, :] * PPC  # [4, NBC] first pair
+    packed = tl.load(data_ptr + rows[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :], mask=valid[:, None], other=0)
+    packed = tl.reshape(packed, (N, 4, NBC, PPC))
+    scale_byte = tl.load(scales_ptr + rows[:, None, None] * (D // BS) + (chunk // (BS // 2))[None, :, :],
+                         mask=valid[:, None, None], other=0)
+    scale = tl.broadcast_to(tl.expand_dims(_block_scales(scale_byte, E4M3_SCALES, FP32_TILES, HW_FP8), 3), packed.shape)
+    even, odd = _decode(packed, scale, E4M3_SCALES, FP32_TILES)
+    even = tl.reshape(tl.permute(tl.reshape(even, (N, 4, PC // 4, 2, 2)), (0, 2, 3, 1, 4)), (N, D // 2))
+    odd = tl.reshape(tl.permute(tl.reshape(odd, (N, 4, PC // 4, 2, 2)), (0, 2, 3, 1, 4)), (N, D // 2))
+    return even, odd
+
+
+@triton.jit
+def key_pair_order(D: tl.constexpr):
+    """The physical pair behind each column of _key_tile: k = 16 s + 8 h + 2 c + e -> D/8 c + 4 s + 2 h + e."""
+    k = tl.arange(0, D // 2)
+    return (k // 2 % 4) * (D // 8) + (k // 16) * 4 + (k // 8 % 2) * 2 + k % 2
+
+
+@triton.jit
+def _value_tile(data_ptr, scales_ptr, rows, valid, D: tl.constexpr, BS: tl.constexpr,
+                E4M3_SCALES: tl.constexpr, FP32_TILES: tl.constexpr, HW_FP8: tl.constexpr):
+    """Value rows [N] -> (even, odd) [N, D/2] in pair order, read as [rows, blocks, bytes] so a
+    block's scale broadcasts over its bytes in registers."""
+    NB: tl.constexpr = D // BS
+    HB: tl.constexpr = BS // 2
+    N: tl.constexpr = rows.shape[0]
+    packed = tl.load(data_ptr + rows[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :], mask=valid[:, None], other=0)
+    packed = tl.reshape(packed, (N, NB, HB))
+    scale_byte = tl.load(scales_ptr + rows[:, None] * NB + tl.arange(0, NB)[None, :], mask=valid[:, None], other=0)
+    scale = tl.broadcast_to(tl.expand_dims(_block_scales(scale_byte, E4M3_SCALES, FP32_TILES, HW_FP8), 2), packed.shape)
+    even, odd = _decode(packed, scale, E4M3_SCALES, FP32_TILES)
+    return tl.reshape(tl.join(even, odd), (N, D))
 
 
 @triton.jit
@@ -79,67 +184,63 @@ def _decode_split_kernel(
     sm_scale, max_pages, positions_per_split,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr,
     E4M3_SCALES: tl.constexpr, HAS_G: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, FP32_TILES: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, FP32_TILES: tl.constexpr, HW_FP8: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    if E4M3_SCALES:  # the dtype _decoded_tile builds, and the factor it leaves out
-        dtype = tl.float16
-        tile_factor = 16384.0
-    elif FP32_TILES:
+    if FP32_TILES:  # the type _decode builds
         dtype = tl.float32
-        tile_factor = 1.0
+    elif E4M3_SCALES:
+        dtype = tl.float16
     else:
         dtype = tl.bfloat16
-        tile_factor = 1.0
     seq_len = tl.load(seq_lens_ptr + b)
     seq_len = tl.minimum(seq_len, max_pages * PAGE)
     start = split * positions_per_split
     end = tl.minimum(start + positions_per_split, seq_len)
 
+    # Scores are K q^T [BLOCK_N, heads]: positions are the tensor-core tile's long side, and q is
+    # read in the keys' pair order (key_pair_order). The output is p^T V [heads, D].
     heads = kv_head * GROUP + tl.arange(0, GROUP_PAD)
     head_ok = tl.arange(0, GROUP_PAD) < GROUP
     pairs = tl.arange(0, D // 2)
-    q_rows = (b * HQ + heads).to(tl.int64)[:, None] * D
-    q_even = tl.load(q_ptr + q_rows + 2 * pairs[None, :], mask=head_ok[:, None], other=0.0).to(dtype)
-    q_odd = tl.load(q_ptr + q_rows + 2 * pairs[None, :] + 1, mask=head_ok[:, None], other=0.0).to(dtype)
+    key_pairs = key_pair_order(D)
+    q_cols = (b * HQ + heads).to(tl.int64)[None, :] * D
+    q_even = tl.load(q_ptr + q_cols + 2 * key_pairs[:, None], mask=head_ok[None, :], other=0.0).to(dtype)
+    q_odd = tl.load(q_ptr + q_cols + 2 * key_pairs[:, None] + 1, mask=head_ok[None, :], other=0.0).to(dtype)
     if HAS_G:
         k_g = tl.load(k_g_ptr)
         v_g = tl.load(v_g_ptr)
     else:
         k_g = 1.0
         v_g = 1.0
-    score_scale = sm_scale * k_g * tile_factor * 1.4426950408889634  # softmax in base 2
+    score_scale = sm_scale * k_g * 1.4426950408889634  # softmax in base 2
 
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)
-    acc_even = tl.zeros([GROUP_PAD, D // 2], tl.float32)
-    acc_odd = tl.zeros([GROUP_PAD, D // 2], tl.float32)
+    acc = tl.zeros([GROUP_PAD, D], tl.float32)
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         valid = pos < end
         page = tl.load(block_table_ptr + b.to(tl.int64) * max_pages + pos // PAGE, mask=valid, other=0)
         rows = (page.to(tl.int64) * PAGE + pos % PAGE) * HKV + kv_head
-        k_even, k_odd = _decoded_tile(k_data_ptr, k_scales_ptr, rows, valid, pairs, D, BS, E4M3_SCALES, FP32_TILES)
-        scores = tl.dot(q_even, tl.trans(k_even)) + tl.dot(q_odd, tl.trans(k_odd))  # [GROUP_PAD, BLOCK_N]
-        scores = tl.where(valid[None, :], scores * score_scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        k_even, k_odd = _key_tile(k_data_ptr, k_scales_ptr, rows, valid, D, BS, E4M3_SCALES, FP32_TILES, HW_FP8)
+        scores = tl.dot(k_even, q_even) + tl.dot(k_odd, q_odd)  # [BLOCK_N, GROUP_PAD]
+        scores = tl.where(valid[:, None], scores * score_scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=0))
         alpha = tl.exp2(m - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        v_even, v_odd = _decoded_tile(v_data_ptr, v_scales_ptr, rows, valid, pairs, D, BS, E4M3_SCALES, FP32_TILES)
-        p = p.to(dtype)
-        acc_even = acc_even * alpha[:, None] + tl.dot(p, v_even)
-        acc_odd = acc_odd * alpha[:, None] + tl.dot(p, v_odd)
+        p = tl.exp2(scores - m_new[None, :])
+        l = l * alpha + tl.sum(p, axis=0)
+        v = _value_tile(v_data_ptr, v_scales_ptr, rows, valid, D, BS, E4M3_SCALES, FP32_TILES, HW_FP8)
+        p = tl.trans(p.to(dtype))
+        acc = tl.dot(p, v, acc * alpha[:, None])
         m = m_new
 
     # Partial results of this split: out = acc / l (times the V global scale), lse in base 2.
-    safe_l = tl.where(l > 0, l, 1.0) / (v_g * tile_factor)
+    safe_l = tl.where(l > 0, l, 1.0) / v_g
     base = ((b * HQ + heads).to(tl.int64) * NUM_SPLITS + split)
-    out_rows = base[:, None] * D
-    tl.store(partial_out_ptr + out_rows + 2 * pairs[None, :], acc_even / safe_l[:, None], mask=head_ok[:, None])
-    tl.store(partial_out_ptr + out_rows + 2 * pairs[None, :] + 1, acc_odd / safe_l[:, None], mask=head_ok[:, None])
+    tl.store(partial_out_ptr + base[:, None] * D + tl.arange(0, D)[None, :], acc / safe_l[:, None], mask=head_ok[:, None])
     lse = tl.where(l > 0, m + tl.log2(l), float("-inf"))
     tl.store(partial_lse_ptr + base, lse, mask=head_ok)
 
@@ -199,7 +300,7 @@ def decode_attention(out, q, k_data, k_scales, v_data, v_scales, block_table, se
     block_table = block_table.contiguous()
     max_pages = block_table.shape[1]
     max_len = max_pages * page_size
-    block_n, num_warps, waves = DECODE_LAUNCH
+    block_n, num_warps, waves, max_registers = DECODE_LAUNCH[d]
     splits = num_splits(batch, hkv, max_len, q.device, waves)
     positions_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), splits), block_n) * block_n
     partial_out = torch.empty((batch, hq, splits, d), dtype=torch.float32, device=q.device)
@@ -215,7 +316,8 @@ def decode_attention(out, q, k_data, k_scales, v_data, v_scales, block_table, se
         HQ=hq, HKV=hkv, D=d, BS=fmt.block_size, PAGE=page_size,
         E4M3_SCALES=fmt.scale_rule is ScaleRule.E4M3_AMAX_OVER_6G, HAS_G=has_g,
         GROUP=group, GROUP_PAD=max(_MIN_GROUP, triton.next_power_of_2(group)),
-        BLOCK_N=block_n, NUM_SPLITS=splits, FP32_TILES=on_interpreter, num_warps=num_warps,
+        BLOCK_N=block_n, NUM_SPLITS=splits, FP32_TILES=on_interpreter, HW_FP8=hardware_casts(q.device)[1],
+        num_warps=num_warps, maxnreg=max_registers,
     )
     _merge_splits_kernel[(batch * hq,)](
         partial_out, partial_lse, out, D=d, NUM_SPLITS=splits,
