@@ -31,7 +31,7 @@ from .triton_kernels import _e2m1_value, _e4m3_half, _e4m3_value, _e8m0_value, g
 # at most): tuned on the H100 (README). The cap lets three programs share an SM instead of two;
 # head_dim 256 keeps the compiler's count (capped, it would spill 384 bytes per thread).
 DECODE_LAUNCH = {64: (128, 4, 4, 168), 128: (128, 4, 4, 168), 256: (128, 4, 4, None)}
-_MIN_GROUP = 16  # tensor-core tiles need at least 16 rows: query heads are padded to this
+_MIN_GROUP = 16  # tensor-core tiles need a side of at least 16: query heads are padded to this
 _POSITIONS_PER_SPLIT_MIN = 256
 _MERGE_SPLITS_PER_STEP = 8  # splits the merge kernel reads at once: 8 x D fp32 per program
 
@@ -133,7 +133,7 @@ def _decode(packed, scale, E4M3_SCALES: tl.constexpr, FP32_TILES: tl.constexpr):
 @triton.jit
 def _key_tile(data_ptr, scales_ptr, rows, valid, D: tl.constexpr, BS: tl.constexpr,
               E4M3_SCALES: tl.constexpr, FP32_TILES: tl.constexpr, HW_FP8: tl.constexpr):
-    """Key rows [N] -> (even, odd) [N, D/2], pair columns in key_pair_order(D).
+    """Key rows [N] -> (even, odd) [N, D/2], pair columns in _key_pair_order(D).
 
     Any column order gives the same q.k if q is read in it too; this one hands each thread of a
     tensor-core A fragment (pairs 2c, 2c+1, 2c+8, 2c+9 of every 16, c = lane % 4) D/8 adjacent
@@ -155,7 +155,7 @@ def _key_tile(data_ptr, scales_ptr, rows, valid, D: tl.constexpr, BS: tl.constex
 
 
 @triton.jit
-def key_pair_order(D: tl.constexpr):
+def _key_pair_order(D: tl.constexpr):
     """The physical pair behind each column of _key_tile: k = 16 s + 8 h + 2 c + e -> D/8 c + 4 s + 2 h + e."""
     k = tl.arange(0, D // 2)
     return (k // 2 % 4) * (D // 8) + (k // 16) * 4 + (k // 8 % 2) * 2 + k % 2
@@ -164,8 +164,10 @@ def key_pair_order(D: tl.constexpr):
 @triton.jit
 def _value_tile(data_ptr, scales_ptr, rows, valid, D: tl.constexpr, BS: tl.constexpr,
                 E4M3_SCALES: tl.constexpr, FP32_TILES: tl.constexpr, HW_FP8: tl.constexpr):
-    """Value rows [N] -> (even, odd) [N, D/2] in pair order, read as [rows, blocks, bytes] so a
-    block's scale broadcasts over its bytes in registers."""
+    """Value rows [N] -> [N, D] in element order, decoded as [rows, blocks, bytes] so a block's
+    scale broadcasts over its bytes in registers. Joining the even and odd halves (not an
+    elementwise op) keeps Triton from moving the decode into the tensor-core operand layout, where
+    every element would need its own scale; the joined rows reach it through shared memory."""
     NB: tl.constexpr = D // BS
     HB: tl.constexpr = BS // 2
     N: tl.constexpr = rows.shape[0]
@@ -201,11 +203,10 @@ def _decode_split_kernel(
     end = tl.minimum(start + positions_per_split, seq_len)
 
     # Scores are K q^T [BLOCK_N, heads]: positions are the tensor-core tile's long side, and q is
-    # read in the keys' pair order (key_pair_order). The output is p^T V [heads, D].
+    # read in the keys' pair order (_key_pair_order). The output is p^T V [heads, D].
     heads = kv_head * GROUP + tl.arange(0, GROUP_PAD)
     head_ok = tl.arange(0, GROUP_PAD) < GROUP
-    pairs = tl.arange(0, D // 2)
-    key_pairs = key_pair_order(D)
+    key_pairs = _key_pair_order(D)
     q_cols = (b * HQ + heads).to(tl.int64)[None, :] * D
     q_even = tl.load(q_ptr + q_cols + 2 * key_pairs[:, None], mask=head_ok[None, :], other=0.0).to(dtype)
     q_odd = tl.load(q_ptr + q_cols + 2 * key_pairs[:, None] + 1, mask=head_ok[None, :], other=0.0).to(dtype)
