@@ -57,6 +57,12 @@ def test_eager_reference_equals_sdpa_over_the_dequantized_cache(recipe):
         torch.testing.assert_close(out[b].float(), expected[0, :, 0], atol=1e-2, rtol=1e-2)
 
 
+def test_every_accepted_head_dim_has_a_launch_shape():
+    from torch_fp4kv.ops import checks, triton_decode
+
+    assert sorted(triton_decode.DECODE_LAUNCH) == sorted(checks.DECODE_HEAD_DIMS)
+
+
 def test_empty_sequence_gives_zeros():
     args, _ = _problem("nvfp4", seq_lens=[0, 3, 0])
     out = torch_fp4kv.decode_attention(*args)
