@@ -238,12 +238,15 @@ def _decode_split_kernel(
         acc = tl.dot(p, v, acc * alpha[:, None])
         m = m_new
 
-    # Partial results of this split: out = acc / l (times the V global scale), lse in base 2.
+    # Partial results of this split: out = acc / l (times the V global scale), lse in base 2. With
+    # one split this is the output itself (partial_out_ptr is out: no merge kernel runs).
     safe_l = tl.where(l > 0, l, 1.0) / v_g
     base = ((b * HQ + heads).to(tl.int64) * NUM_SPLITS + split)
-    tl.store(partial_out_ptr + base[:, None] * D + tl.arange(0, D)[None, :], acc / safe_l[:, None], mask=head_ok[:, None])
-    lse = tl.where(l > 0, m + tl.log2(l), float("-inf"))
-    tl.store(partial_lse_ptr + base, lse, mask=head_ok)
+    tl.store(partial_out_ptr + base[:, None] * D + tl.arange(0, D)[None, :],
+             (acc / safe_l[:, None]).to(partial_out_ptr.dtype.element_ty), mask=head_ok[:, None])
+    if NUM_SPLITS > 1:
+        lse = tl.where(l > 0, m + tl.log2(l), float("-inf"))
+        tl.store(partial_lse_ptr + base, lse, mask=head_ok)
 
 
 @triton.jit
@@ -304,8 +307,11 @@ def decode_attention(out, q, k_data, k_scales, v_data, v_scales, block_table, se
     block_n, num_warps, waves, max_registers = DECODE_LAUNCH[d]
     splits = num_splits(batch, hkv, max_len, q.device, waves)
     positions_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), splits), block_n) * block_n
-    partial_out = torch.empty((batch, hq, splits, d), dtype=torch.float32, device=q.device)
-    partial_lse = torch.empty((batch, hq, splits), dtype=torch.float32, device=q.device)
+    if splits == 1:
+        partial_out, partial_lse = out, out
+    else:
+        partial_out = torch.empty((batch, hq, splits, d), dtype=torch.float32, device=q.device)
+        partial_lse = torch.empty((batch, hq, splits), dtype=torch.float32, device=q.device)
     group = hq // hkv
     k_global_scale, v_global_scale = global_scale_pair(k_global_scale, v_global_scale, q.device)
     has_g = k_global_scale is not None
@@ -320,9 +326,10 @@ def decode_attention(out, q, k_data, k_scales, v_data, v_scales, block_table, se
         BLOCK_N=block_n, NUM_SPLITS=splits, FP32_TILES=on_interpreter, HW_FP8=hardware_casts(q.device)[1],
         num_warps=num_warps, maxnreg=max_registers,
     )
-    _merge_splits_kernel[(batch * hq,)](
-        partial_out, partial_lse, out, D=d, NUM_SPLITS=splits,
-        SPLITS_PER_STEP=min(_MERGE_SPLITS_PER_STEP, triton.next_power_of_2(splits)),
-    )
+    if splits > 1:
+        _merge_splits_kernel[(batch * hq,)](
+            partial_out, partial_lse, out, D=d, NUM_SPLITS=splits,
+            SPLITS_PER_STEP=min(_MERGE_SPLITS_PER_STEP, triton.next_power_of_2(splits)),
+        )
     if on_interpreter:
         final_out.copy_(out)

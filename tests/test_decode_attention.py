@@ -174,6 +174,25 @@ def test_long_ragged_contexts_on_gpu(recipe, context):
 
 
 @requires_cuda
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_one_split_writes_the_output_without_a_merge_on_gpu(recipe):
+    """A batch that fills the GPU by itself gets one split, whose kernel writes `out` directly."""
+    from torch_fp4kv.ops import triton_decode
+
+    hkv, waves = 8, triton_decode.DECODE_LAUNCH[128][2]
+    batch = -(-waves * torch.cuda.get_device_properties(0).multi_processor_count // hkv)
+    assert triton_decode.num_splits(batch, hkv, 64, torch.device("cuda"), waves) == 1
+    args, _ = _problem(recipe, batch, 32, hkv, 128, 16, 4, device="cuda")
+    actual = torch_fp4kv.decode_attention(*args)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCH_FP4KV_BACKEND", "eager")
+        torch_fp4kv.ops.select_backend.cache_clear()
+        expected = torch_fp4kv.decode_attention(*args)
+    torch_fp4kv.ops.select_backend.cache_clear()
+    torch.testing.assert_close(actual.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+@requires_cuda
 def test_captured_in_a_cuda_graph_with_changing_lengths():
     (q, k_data, k_scales, v_data, v_scales, table, lens, page, recipe, k_g, v_g), _ = _problem(
         "nvfp4", batch=4, hq=32, hkv=8, d=128, max_pages=64, seq_lens=[1, 2, 3, 4], device="cuda")
