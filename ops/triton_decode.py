@@ -2,8 +2,9 @@
 
 Each program takes one sequence, one KV head (with all the query heads that share it) and one
 slice of the context: it loads packed K/V tiles, decodes them in registers, and keeps an online
-softmax. A second kernel merges the slices. The grid depends only on shapes (batch, heads, the
-page table's width), never on sequence lengths, so one CUDA graph serves every step.
+softmax. A second kernel merges the slices (a lone slice writes the output itself). The grid
+depends only on shapes (batch, heads, the page table's width), never on sequence lengths, so one
+CUDA graph serves every step.
 
 Decoding turns four packed bytes into eight exact 16-bit tensor-core inputs with a few lines of
 inline PTX (byte-table lookups with prmt, see _decode_ptx): fp16 for NVFP4, bf16 for E8M0 scales,
@@ -53,10 +54,10 @@ def _decode_ptx(high_bytes, low_bytes, multiply: str) -> str:
     $5 $6 the four bytes' scales as 16-bit pairs. The magnitude codes index byte tables for each
     value's high byte and (bf16 only) low byte; a shuffle puts two values in a word, the sign bits
     of a byte pair get there with at most one shift, and one packed multiply applies the scales.
-    About 20 instructions for the eight values."""
+    About 25 instructions for the eight values (ptxas folds the table words into the prmts)."""
     lines = [
-        ".reg .b32 codes, codes_hi, high_lo, high_hi, low_lo, low_hi, signs_lo, signs_hi, shifted, t, ta, tb, negative_zero;",
-        "mov.b32 negative_zero, 0x80008000;",
+        ".reg .b32 codes, codes_hi, high_lo, high_hi, low_lo, low_hi, signs_lo, signs_hi, shifted, t, ta, tb;",
+        *([".reg .b32 negative_zero;", "mov.b32 negative_zero, 0x80008000;"] if "negative_zero" in multiply else []),
         "and.b32 codes, $4, 0x77777777;",  # magnitude codes: bits 2..0 of each nibble
         "shr.u32 codes_hi, codes, 16;",
         *_table_lookup("high", high_bytes),
@@ -137,7 +138,8 @@ def _key_tile(data_ptr, scales_ptr, rows, valid, D: tl.constexpr, BS: tl.constex
 
     Any column order gives the same q.k if q is read in it too; this one hands each thread of a
     tensor-core A fragment (pairs 2c, 2c+1, 2c+8, 2c+9 of every 16, c = lane % 4) D/8 adjacent
-    bytes: one wide load and one or two scales per row instead of a scale every two bytes."""
+    bytes per row: 16-byte loads, and one scale per block those bytes span (1 to 4) instead of a
+    scale every two bytes."""
     PC: tl.constexpr = D // 8  # adjacent pairs per fragment thread
     NBC: tl.constexpr = PC * 2 // BS if PC * 2 >= BS else 1  # blocks a thread's pairs touch
     PPC: tl.constexpr = PC // NBC
@@ -307,7 +309,7 @@ def decode_attention(out, q, k_data, k_scales, v_data, v_scales, block_table, se
     block_n, num_warps, waves, max_registers = DECODE_LAUNCH[d]
     splits = num_splits(batch, hkv, max_len, q.device, waves)
     positions_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), splits), block_n) * block_n
-    if splits == 1:
+    if splits == 1:  # the split kernel writes out itself and stores no log-sum-exp
         partial_out, partial_lse = out, out
     else:
         partial_out = torch.empty((batch, hq, splits, d), dtype=torch.float32, device=q.device)

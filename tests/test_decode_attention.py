@@ -179,10 +179,11 @@ def test_one_split_writes_the_output_without_a_merge_on_gpu(recipe):
     """A batch that fills the GPU by itself gets one split, whose kernel writes `out` directly."""
     from torch_fp4kv.ops import triton_decode
 
-    hkv, waves = 8, triton_decode.DECODE_LAUNCH[128][2]
+    hkv, waves, page, max_pages = 8, triton_decode.DECODE_LAUNCH[128][2], 16, 32
     batch = -(-waves * torch.cuda.get_device_properties(0).multi_processor_count // hkv)
-    assert triton_decode.num_splits(batch, hkv, 64, torch.device("cuda"), waves) == 1
-    args, _ = _problem(recipe, batch, 32, hkv, 128, 16, 4, device="cuda")
+    splits = [triton_decode.num_splits(b, hkv, page * max_pages, torch.device("cuda"), waves) for b in (batch - 1, batch)]
+    assert splits[0] > 1 and splits[1] == 1  # the batch, not the context, makes it one split
+    args, _ = _problem(recipe, batch, 32, hkv, 128, page, max_pages, device="cuda")
     actual = torch_fp4kv.decode_attention(*args)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TORCH_FP4KV_BACKEND", "eager")
