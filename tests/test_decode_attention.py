@@ -43,6 +43,15 @@ def _problem(recipe, batch=3, hq=8, hkv=2, d=64, page_size=16, max_pages=4, seq_
     return args, cache
 
 
+
+def _assert_triton_matches_eager(args, force_backend):
+    """The same call with each backend forced (force_backend(name) sets TORCH_FP4KV_BACKEND)."""
+    force_backend("eager")
+    expected = torch_fp4kv.decode_attention(*args)
+    force_backend("triton")
+    actual = torch_fp4kv.decode_attention(*args)
+    torch.testing.assert_close(actual.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_eager_reference_equals_sdpa_over_the_dequantized_cache(recipe):
     (q, k_data, k_scales, v_data, v_scales, table, lens, page, _, k_g, v_g), _ = _problem(recipe, seq_lens=[5, 64, 37])
@@ -95,11 +104,7 @@ CASES = [  # (batch, hq, hkv, d, page_size, max_pages, seq_lens)
 def test_triton_matches_eager(backend, recipe, case):
     batch, hq, hkv, d, page, max_pages, lens = case
     args, _ = _problem(recipe, batch, hq, hkv, d, page, max_pages, lens, device=TRITON_DEVICE)
-    backend("eager")
-    expected = torch_fp4kv.decode_attention(*args)
-    backend("triton")
-    actual = torch_fp4kv.decode_attention(*args)
-    torch.testing.assert_close(actual.float(), expected.float(), atol=2e-2, rtol=2e-2)
+    _assert_triton_matches_eager(args, backend)
 
 
 @settings(max_examples=12, deadline=None)
@@ -113,12 +118,8 @@ def test_property_triton_matches_eager(recipe, batch, hkv, group, d, page_size, 
     lens = torch.randint(0, max_pages * page_size + 1, (batch,), generator=torch.Generator().manual_seed(seed))
     args, _ = _problem(recipe, batch, hkv * group, hkv, d, page_size, max_pages, lens.tolist(), device=TRITON_DEVICE,
                        seed=seed)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TORCH_FP4KV_BACKEND", "eager")
-        expected = torch_fp4kv.decode_attention(*args)
-        mp.setenv("TORCH_FP4KV_BACKEND", "triton")
-        actual = torch_fp4kv.decode_attention(*args)
-    torch.testing.assert_close(actual.float(), expected.float(), atol=2e-2, rtol=2e-2)
+    with pytest.MonkeyPatch.context() as mp:  # hypothesis runs many examples per fixture: patch here
+        _assert_triton_matches_eager(args, lambda name: mp.setenv("TORCH_FP4KV_BACKEND", name))
 
 
 def test_writes_into_out_and_rejects_bad_arguments():
@@ -159,23 +160,17 @@ def test_compiles_fullgraph_without_recompiling_for_new_lengths():
 @requires_cuda
 @pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("context", [1, 1000, 8192, 32768])
-def test_long_ragged_contexts_on_gpu(recipe, context):
+def test_long_ragged_contexts_on_gpu(backend, recipe, context):
     page = 16
     max_pages = -(-context // page)
     lens = [context, max(1, context // 3), max(1, context - 17)]
     args, _ = _problem(recipe, 3, 32, 8, 128, page, max_pages, lens, device="cuda")
-    actual = torch_fp4kv.decode_attention(*args)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TORCH_FP4KV_BACKEND", "eager")
-        torch_fp4kv.ops.select_backend.cache_clear()
-        expected = torch_fp4kv.decode_attention(*args)
-    torch_fp4kv.ops.select_backend.cache_clear()
-    torch.testing.assert_close(actual.float(), expected.float(), atol=2e-2, rtol=2e-2)
+    _assert_triton_matches_eager(args, backend)
 
 
 @requires_cuda
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_one_split_writes_the_output_without_a_merge_on_gpu(recipe):
+def test_one_split_writes_the_output_without_a_merge_on_gpu(backend, recipe):
     """A batch that fills the GPU by itself gets one split, whose kernel writes `out` directly."""
     from torch_fp4kv.ops import triton_decode
 
@@ -184,13 +179,7 @@ def test_one_split_writes_the_output_without_a_merge_on_gpu(recipe):
     splits = [triton_decode.num_splits(b, hkv, page * max_pages, torch.device("cuda"), waves) for b in (batch - 1, batch)]
     assert splits[0] > 1 and splits[1] == 1  # the batch, not the context, makes it one split
     args, _ = _problem(recipe, batch, 32, hkv, 128, page, max_pages, device="cuda")
-    actual = torch_fp4kv.decode_attention(*args)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TORCH_FP4KV_BACKEND", "eager")
-        torch_fp4kv.ops.select_backend.cache_clear()
-        expected = torch_fp4kv.decode_attention(*args)
-    torch_fp4kv.ops.select_backend.cache_clear()
-    torch.testing.assert_close(actual.float(), expected.float(), atol=2e-2, rtol=2e-2)
+    _assert_triton_matches_eager(args, backend)
 
 
 @requires_cuda
