@@ -2,8 +2,9 @@
 
 The byte contract must hold on the GPU and under the CPU interpreter that CI runs these kernels
 with (`TRITON_INTERPRET=1`), whose bf16 and float8 casts and default division round differently.
-So divisions are correctly rounded (`div_rn`, or a reciprocal with exact corrections), format
-decoding is integer arithmetic on the bits, and the bf16/float8 output casts are the hardware's
+So divisions are correctly rounded (`div_rn`), or give the E2M1 code that the correctly rounded
+quotient gives (a reciprocal and one exact correction, see _e2m1_quotient), format decoding is
+integer arithmetic on the bits, and the bf16/float8 output casts are the hardware's
 on a GPU (float8 from SM89, see hardware_casts) and written out in integer arithmetic on the
 interpreter.
 """
@@ -140,22 +141,24 @@ def _split_pair(word, IN_KIND: tl.constexpr):
 
 
 @triton.jit
-def _e2m1_magnitude_of_quotient(y, TIES_AWAY: tl.constexpr):
-    """|x| / scale (float32 >= 0, may be inf or NaN, which count as above 6) -> 3-bit magnitude
-    code, by rounding its bits.
+def _e2m1_magnitude(y, TIES_AWAY: tl.constexpr, AT_MOST_6: tl.constexpr):
+    """|x| / scale (float32 >= 0) -> 3-bit E2M1 magnitude code, by the float adder's rounding.
 
-    Below 1 the grid is 0, 0.5, 1: adding 2^22 (whose float32 step is 0.5) rounds to it, to even;
-    ties away take two comparisons. From 1 on, E2M1 keeps one mantissa bit: round the float32
-    there and read exponent and bit together (bits >> 22) as the code."""
-    y = tl.minimum(y, 6.0, propagate_nan=tl.PropagateNan.NONE)  # minNum: NaN -> 6
-    bits = y.to(tl.int32, bitcast=True)
+    E2M1's step is 0.5 below 2 and doubles with each binade above; adding a power of two M whose
+    float32 step is that (2^22 below 2, 2^23 in [2, 4), 2^24 in [4, 8)) rounds y onto the grid,
+    to even, and bits(y + M) - bits(M) counts the steps. Ties away first set y's last mantissa
+    bit: a tie moves just above the midpoint, while no other value reaches it (midpoints have few
+    bits). Values above 6 (an E4M3 scale rounded down, an MX scale, NaN or inf) clamp to 6 unless
+    the scale rule keeps the quotient at most 6 (AT_MOST_6). tests/test_e2m1_rounding.py checks
+    every float32 in [2^-3, 8) against the thresholds."""
+    if not AT_MOST_6:
+        y = tl.minimum(y, 6.0, propagate_nan=tl.PropagateNan.NONE)  # minNum: NaN -> 6
     if TIES_AWAY:
-        small = (y >= 0.25).to(tl.int32) + (y >= 0.75).to(tl.int32)
-        bits = bits + 0x200000
-    else:
-        small = (y + 4194304.0).to(tl.int32, bitcast=True) - 0x4A800000  # 2^22 + code / 2
-        bits = bits + 0x1FFFFF + ((bits >> 22) & 1)
-    return tl.where(y < 1.0, small, (bits >> 22) - 252)  # 252: the exponent of 1.0 (127), twice
+        y = (y.to(tl.int32, bitcast=True) | 1).to(tl.float32, bitcast=True)
+    magic = (tl.maximum(y, 1.0).to(tl.int32, bitcast=True) & 0x7F800000) + (22 << 23)
+    steps = (y + magic.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True) - magic
+    # Binade b = 0, 1, 2 (magic >> 22 = 298 + 2b) starts at code 2b: 1.0, 2.0, 4.0.
+    return steps + (magic >> 22) - 298
 
 
 @triton.jit
@@ -164,23 +167,24 @@ def _max_keeping_nan(a, b):
 
 
 @triton.jit
-def _divide_rn(a, d):
-    """a / d rounded to nearest (what div_rn gives), for a >= 0 and d [..., 1] per block.
+def _e2m1_quotient(a, d):
+    """A float32 a / d (a >= 0, d [..., 1] per block) with the E2M1 code of the correctly rounded
+    quotient, which eager computes: what the code needs, at a third of div_rn's cost.
 
-    div_rn per element costs a dozen instructions and a branch; this divides once per block
-    (1 / d) and corrects a * (1 / d) twice with exact FMA residuals (Markstein's theorem: with
-    1 / d rounded to nearest and a quotient within one ulp, q + (a - q d) / d rounds correctly).
-    Both operands are first scaled by the power of two that brings a normal d into [1, 2) (a
-    subnormal one to 2^-22 or more), so residuals stay exact wherever the code depends on them,
-    near the rounding thresholds. An a that overflows there (a saturated scale) gives a NaN
-    quotient, which the caller's minimum(y, 6) maps to 6, as it maps the exact quotient; d == 0
-    gives inf or NaN, which the caller discards (keep)."""
+    One division per block (1 / d), then per element a * (1 / d) corrected once with its exact
+    FMA residual (Markstein). That is not always the correctly rounded quotient, but it falls on
+    the same side of every E2M1 rounding boundary: tests/test_e2m1_rounding.py checks each float32
+    d in [1, 2) against the dividends nearest every boundary (only a quotient within about 2^-46,
+    relative, of a boundary can land on its other side, and only those dividends come that close). Both operands are first scaled
+    by the power of two that brings a normal d into [1, 2) (a subnormal one to 2^-22 or more),
+    which makes every d one of those checked and keeps the residual exact. An a that overflows
+    there (a saturated scale) gives a NaN quotient, which _e2m1_magnitude maps to 6, as it maps
+    the exact quotient; d == 0 gives inf or NaN, which the caller discards (keep)."""
     to_unit = ((254 - ((d.to(tl.int32, bitcast=True) >> 23) & 0xFF)) << 23).to(tl.float32, bitcast=True)
     d = d * to_unit
     inverse = tl.math.div_rn(1.0, d)
     a = a * to_unit
     q = a * inverse
-    q = tl.fma(tl.fma(-q, d, a), inverse, q)
     return tl.fma(tl.fma(-q, d, a), inverse, q)
 
 
@@ -222,7 +226,7 @@ def _quantize_rows(
             g = 1.0
         byte = _e4m3_byte(tl.minimum(tl.math.div_rn(amax, 6.0 * g), _E4M3_MAX))
         divisor = _e4m3_value(byte) * g
-        y_lo, y_hi = _divide_rn(a_lo, divisor[:, :, None]), _divide_rn(a_hi, divisor[:, :, None])
+        y_lo, y_hi = _e2m1_quotient(a_lo, divisor[:, :, None]), _e2m1_quotient(a_hi, divisor[:, :, None])
         keep = finite & (divisor != 0.0)
     else:
         if SCALE_RULE == 1:  # E8M0 ceil(log2(max(amax / 6, 1e-10)))
@@ -236,8 +240,10 @@ def _quantize_rows(
         y_lo, y_hi = a_lo * inverse, a_hi * inverse
         keep = finite
 
-    code_lo = _e2m1_magnitude_of_quotient(y_lo, TIES_AWAY) | ((lo.to(tl.int32, bitcast=True) >> 28) & 0x8)
-    code_hi = _e2m1_magnitude_of_quotient(y_hi, TIES_AWAY) | ((hi.to(tl.int32, bitcast=True) >> 28) & 0x8)
+    # The ceil rule's scale is at least amax / 6 (rounded), so its quotients stay below 7.
+    at_most_6: tl.constexpr = SCALE_RULE == 1
+    code_lo = _e2m1_magnitude(y_lo, TIES_AWAY, at_most_6) | ((lo.to(tl.int32, bitcast=True) >> 28) & 0x8)
+    code_hi = _e2m1_magnitude(y_hi, TIES_AWAY, at_most_6) | ((hi.to(tl.int32, bitcast=True) >> 28) & 0x8)
     packed = tl.where(keep[:, :, None], code_lo | (code_hi << 4), 0).to(tl.uint8)
     tl.store(data_ptr + dest[:, None, None] * (D // 2) + pairs[None, :, :], packed, mask=write[:, None, None])
     byte = tl.where(finite, byte, SCALE_NAN_BYTE).to(tl.uint8)
