@@ -36,7 +36,7 @@ def test_adder_rounding_gives_every_code_of_the_thresholds(recipe, at_most_6):
     small = _every_float32(0.0, 0.125)[::4099]
     specials = torch.tensor([] if at_most_6 else [float("inf"), float("nan")])
     y = torch.cat([_every_float32(0.125, top), small, specials])
-    block = 1 << 20
+    block = 1024 if TRITON_DEVICE == "cuda" else 1 << 20  # the interpreter pays per program
     y = torch.cat([y, y.new_zeros(-len(y) % block)])
     out = torch.empty(y.shape, dtype=torch.int32, device=TRITON_DEVICE)
     _magnitude_kernel[(len(y) // block,)](y.to(TRITON_DEVICE), out, fmt.ties_away, at_most_6, BLOCK=block)
