@@ -2,8 +2,8 @@
 
 The byte contract must hold on the GPU and under the CPU interpreter that CI runs these kernels
 with (`TRITON_INTERPRET=1`), whose bf16 and float8 casts and default division round differently.
-So divisions are correctly rounded (`div_rn`), or give the E2M1 code that the correctly rounded
-quotient gives (a reciprocal and one exact correction, see _e2m1_quotient), format decoding is
+So quotients round to the same codes and scale bytes as correctly rounded ones (a reciprocal and
+one exact correction, see _rounding_quotient), format decoding is
 integer arithmetic on the bits, and the bf16/float8 output casts are the hardware's
 on a GPU (float8 from SM89, see hardware_casts) and written out in integer arithmetic on the
 interpreter.
@@ -167,23 +167,41 @@ def _max_keeping_nan(a, b):
 
 
 @triton.jit
-def _e2m1_quotient(a, d):
-    """A float32 a / d (a >= 0, d [..., 1] per block) with the E2M1 code of the correctly rounded
-    quotient, which eager computes: what the code needs, at a third of div_rn's cost.
+def _unit_scale(d):
+    """The power of two that brings a normal float32 d into [1, 2) (a subnormal one to 2^-22 or more)."""
+    return ((254 - ((d.to(tl.int32, bitcast=True) >> 23) & 0xFF)) << 23).to(tl.float32, bitcast=True)
 
-    One division per block (1 / d), then per element a * (1 / d) corrected once with its exact
-    FMA residual (Markstein). That is not always the correctly rounded quotient, but it falls on
-    the same side of every E2M1 rounding boundary: tests/test_e2m1_rounding.py checks each float32
-    d in [1, 2) against the dividends nearest every boundary (only a quotient within about 2^-46,
-    relative, of a boundary can land on its other side, and only those dividends come that close). Both operands are first scaled
-    by the power of two that brings a normal d into [1, 2) (a subnormal one to 2^-22 or more),
-    which makes every d one of those checked and keeps the residual exact. An a that overflows
-    there (a saturated scale) gives a NaN quotient, which _e2m1_magnitude maps to 6, as it maps
-    the exact quotient; d == 0 gives inf or NaN, which the caller discards (keep)."""
-    to_unit = ((254 - ((d.to(tl.int32, bitcast=True) >> 23) & 0xFF)) << 23).to(tl.float32, bitcast=True)
-    d = d * to_unit
-    inverse = tl.math.div_rn(1.0, d)
-    a = a * to_unit
+
+@triton.jit
+def _reciprocal(d):
+    """1 / d rounded to nearest, d in [1, 2): Triton's division (within 2 ulp on a GPU, exact in the
+    interpreter) and two Newton steps, which round correctly from any start within 3 ulp except
+    at d = 2 - 2^-23 (Markstein's exception), set here. Unlike div_rn it has no slow-path call,
+    whose calling convention costs the quantize kernel a third more registers."""
+    r = 1.0 / d
+    r = tl.fma(r, tl.fma(-d, r, 1.0), r)
+    r = tl.fma(r, tl.fma(-d, r, 1.0), r)
+    return tl.where(d == 1.9999998807907104, 0.5000000596046448, r)
+
+
+@triton.jit
+def _rounding_quotient(a, d):
+    """A float32 a / d (a >= 0, d > 0, broadcast against a) that rounds to the same E2M1 code,
+    E4M3 byte or power of two as the correctly rounded quotient, which eager computes.
+
+    a * (1 / d), corrected once with its exact FMA residual (Markstein), is not always the correctly
+    rounded quotient, but it is on the same side of every float32 midpoint next to a value of at
+    most 5 significant bits (the codes' rounding boundaries): tests/test_e2m1_rounding.py checks
+    each float32 d in [1, 2) against the dividends nearest every such boundary (only a quotient
+    within about 2^-46, relative, of a boundary can land on its other side, and only those
+    dividends come that close). Both operands are first scaled by _unit_scale(d), which makes every
+    normal d one of those checked and keeps the residual exact. An a that overflows there gives a
+    NaN quotient, which the callers' minimum maps to the top code, as they map the exact quotient;
+    d == 0 gives inf or NaN, which _quantize_rows discards (keep)."""
+    scale = _unit_scale(d)
+    d = d * scale
+    inverse = _reciprocal(d)
+    a = a * scale
     q = a * inverse
     return tl.fma(tl.fma(-q, d, a), inverse, q)
 
@@ -223,14 +241,14 @@ def _quantize_rows(
         if HAS_G:
             g = tl.load(g_ptr)
         else:
-            g = 1.0
-        byte = _e4m3_byte(tl.minimum(tl.math.div_rn(amax, 6.0 * g), _E4M3_MAX))
+            g = tl.full((), 1.0, tl.float32)
+        byte = _e4m3_byte(tl.minimum(_rounding_quotient(amax, 6.0 * g), _E4M3_MAX, propagate_nan=tl.PropagateNan.NONE))
         divisor = _e4m3_value(byte) * g
-        y_lo, y_hi = _e2m1_quotient(a_lo, divisor[:, :, None]), _e2m1_quotient(a_hi, divisor[:, :, None])
+        y_lo, y_hi = _rounding_quotient(a_lo, divisor[:, :, None]), _rounding_quotient(a_hi, divisor[:, :, None])
         keep = finite & (divisor != 0.0)
     else:
         if SCALE_RULE == 1:  # E8M0 ceil(log2(max(amax / 6, 1e-10)))
-            v = tl.maximum(tl.math.div_rn(amax, 6.0), _BLOCKFP4_MIN_SCALE)
+            v = tl.maximum(_rounding_quotient(amax, tl.full((), 6.0, tl.float32)), _BLOCKFP4_MIN_SCALE)
             bits = v.to(tl.int32, bitcast=True)
             byte = (bits >> 23) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
         else:  # E8M0 floor(log2(amax)) - 2, clamped at byte 0

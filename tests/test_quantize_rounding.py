@@ -1,6 +1,7 @@
-"""The two shortcuts the Triton quantize kernel takes on the way to an E2M1 code, checked over
-every input they can meet: the float adder's rounding in _e2m1_magnitude, and one correction of
-a * (1 / d) in _e2m1_quotient. Eager's rule (compare with the thresholds) is the reference."""
+"""The shortcuts the Triton quantize kernel takes to E2M1 codes and scale bytes, checked over every
+input they can meet: the float adder's rounding in _e2m1_magnitude (eager's rule, comparing with
+the thresholds, is the reference), the Newton reciprocal in _reciprocal, and one correction of
+a * (1 / d) in _rounding_quotient (correct rounding is the reference)."""
 
 import numpy as np
 import pytest
@@ -16,9 +17,19 @@ from torch_fp4kv.ops import triton_kernels  # noqa: E402
 
 
 @triton.jit
+def _reciprocal_kernel(d_ptr, out_ptr, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offsets, triton_kernels._reciprocal(tl.load(d_ptr + offsets)))
+
+
+@triton.jit
 def _magnitude_kernel(y_ptr, out_ptr, TIES_AWAY: tl.constexpr, AT_MOST_6: tl.constexpr, BLOCK: tl.constexpr):
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     tl.store(out_ptr + offsets, triton_kernels._e2m1_magnitude(tl.load(y_ptr + offsets), TIES_AWAY, AT_MOST_6))
+
+
+_BLOCK = 1024 if TRITON_DEVICE == "cuda" else 1 << 20  # the interpreter pays per program
+_UNIT_DIVISORS = ((np.arange(1 << 23, dtype=np.int64) + 0x3F800000).astype(np.int32).view(np.float32))  # [1, 2)
 
 
 def _every_float32(lo: float, hi: float) -> torch.Tensor:
@@ -36,7 +47,7 @@ def test_adder_rounding_gives_every_code_of_the_thresholds(recipe, at_most_6):
     small = _every_float32(0.0, 0.125)[::4099]
     specials = torch.tensor([] if at_most_6 else [float("inf"), float("nan")])
     y = torch.cat([_every_float32(0.125, top), small, specials])
-    block = 1024 if TRITON_DEVICE == "cuda" else 1 << 20  # the interpreter pays per program
+    block = _BLOCK
     y = torch.cat([y, y.new_zeros(-len(y) % block)])
     out = torch.empty(y.shape, dtype=torch.int32, device=TRITON_DEVICE)
     _magnitude_kernel[(len(y) // block,)](y.to(TRITON_DEVICE), out, fmt.ties_away, at_most_6, BLOCK=block)
@@ -45,18 +56,7 @@ def test_adder_rounding_gives_every_code_of_the_thresholds(recipe, at_most_6):
     assert len(mismatch) == 0, f"{len(mismatch)} codes differ, first at y={y[mismatch[:4]].tolist()}"
 
 
-# ---- _e2m1_quotient: one Markstein correction, modelled exactly in numpy ----------------------
-
-
-def _rounding_boundaries():
-    """(threshold, boundary, inclusive): the correctly rounded quotient is >= t (inclusive) or > t
-    exactly when a / d > boundary, the float32 midpoint below or above t. a / d never equals it:
-    a midpoint has 25 significant bits, so boundary * d would need more than float32's 24."""
-    for t in E2M1_THRESHOLDS:
-        t32 = np.float32(t)
-        below, above = np.nextafter(t32, np.float32(0)), np.nextafter(t32, np.float32(np.inf))
-        yield t32, (np.float64(below) + np.float64(t32)) / 2, True
-        yield t32, (np.float64(above) + np.float64(t32)) / 2, False
+# ---- exact numpy models of float32 FMA arithmetic -----------------------------------------------
 
 
 def _float32_midpoint(s: np.ndarray):
@@ -76,22 +76,80 @@ def _round_to_float32(s: np.ndarray, err: np.ndarray) -> np.ndarray:
 
 
 def _fma32(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
-    """float32 fma(x, y, z) = RN(x*y + z), exact in the ranges used here: x*y is exact in float64
-    (48 bits) and TwoSum gives the remainder of adding z."""
+    """float32 fma(x, y, z) = RN(x*y + z): x*y is exact in float64 (48 bits) and TwoSum gives the
+    remainder of adding z."""
     p = x.astype(np.float64) * y.astype(np.float64)
-    z = z.astype(np.float64)
+    z = np.broadcast_to(z, p.shape).astype(np.float64)
     s = p + z
     t = s - p
     err = (p - (s - t)) + (z - t)
     return _round_to_float32(s, err)
 
 
-def _reciprocal32(d: np.ndarray) -> np.ndarray:
+def _correct_reciprocal(d: np.ndarray) -> np.ndarray:
     """float32 RN(1 / d), deciding the (rare) float64 results that sit on a float32 midpoint."""
     inv = 1.0 / d.astype(np.float64)
     midpoint, below = _float32_midpoint(inv)
     exact_above = (inv * d.astype(np.float64)) < 1.0  # 1/d > midpoint; the product is exact
     return np.where(midpoint, np.where(exact_above, np.nextafter(below, np.float32(np.inf)), below), inv.astype(np.float32))
+
+
+def _newton_reciprocal(d: np.ndarray, start: np.ndarray, set_exception: bool = True) -> np.ndarray:
+    """_reciprocal's arithmetic, from a given first approximation."""
+    r = start
+    for _ in range(2):
+        r = _fma32(r, _fma32(-d, r, np.float32(1)), r)
+    if set_exception:
+        r = np.where(d == np.float32(2 - 2**-23), np.float32(0.5 + 2**-24), r)
+    return r
+
+
+# ---- _reciprocal -----------------------------------------------------------------------------------
+
+
+def test_newton_reciprocal_rounds_correctly_from_any_start_within_3_ulp():
+    """Triton's 1.0 / d is within 2 ulp on a GPU (div.full.f32) and exact in the interpreter."""
+    correct = _correct_reciprocal(_UNIT_DIVISORS)
+    for ulps in range(-3, 4):
+        start = (correct.view(np.int32) + ulps).view(np.float32)
+        wrong = np.nonzero(_newton_reciprocal(_UNIT_DIVISORS, start) != correct)[0]
+        assert len(wrong) == 0, (ulps, _UNIT_DIVISORS[wrong[:4]])
+
+
+def test_newton_reciprocal_needs_its_one_exception():
+    """The check above can fail: without the set value, d = 2 - 2^-23 comes out one ulp low."""
+    d = _UNIT_DIVISORS
+    correct = _correct_reciprocal(d)
+    start = (correct.view(np.int32) + 1).view(np.float32)
+    wrong = d[_newton_reciprocal(d, start, set_exception=False) != correct]
+    assert wrong.tolist() == [np.float32(2 - 2**-23)]
+
+
+def test_reciprocal_kernel_equals_correct_rounding():
+    """The Triton function itself, on this machine's division, over every d in [1, 2)."""
+    d = torch.from_numpy(_UNIT_DIVISORS.copy())
+    out = torch.empty_like(d, device=TRITON_DEVICE)
+    _reciprocal_kernel[(len(d) // _BLOCK,)](d.to(TRITON_DEVICE), out, BLOCK=_BLOCK)
+    assert torch.equal(out.cpu(), torch.from_numpy(_correct_reciprocal(_UNIT_DIVISORS)))
+
+
+# ---- _rounding_quotient: one Markstein correction ------------------------------------------------
+
+# The rounding boundaries of every code the quotients feed lie next to values of at most 5
+# significant bits: E2M1 thresholds (0.25 ... 5), E4M3 midpoints (normal 1 + (2j + 1) / 16 and
+# subnormal (2j + 1) * 2^-10, times powers of two) and powers of two (the E8M0 ceil rule). Scaling
+# a by a power of two scales the kernel's arithmetic exactly, so one binade of each suffices.
+_TARGETS = [np.float32(k / 16) for k in range(16, 32)]
+
+
+def _rounding_boundaries():
+    """(target, boundary, inclusive): the correctly rounded quotient is >= t (inclusive) or > t
+    exactly when a / d > boundary, the float32 midpoint below or above t. a / d never equals it:
+    a midpoint has 25 significant bits, so boundary * d would need more than float32's 24."""
+    for t in _TARGETS:
+        below, above = np.nextafter(t, np.float32(0)), np.nextafter(t, np.float32(np.inf))
+        yield t, (np.float64(below) + np.float64(t)) / 2, True
+        yield t, (np.float64(above) + np.float64(t)) / 2, False
 
 
 def _wrong_sides(corrections: int, stride: int = 1) -> int:
@@ -101,8 +159,8 @@ def _wrong_sides(corrections: int, stride: int = 1) -> int:
     wrong = 0
     chunk = 1 << 20
     for start in range(0, 1 << 23, chunk):
-        d = (np.arange(start, start + chunk, stride, dtype=np.int64) + 0x3F800000).astype(np.int32).view(np.float32)
-        inverse = _reciprocal32(d)
+        d = _UNIT_DIVISORS[start:start + chunk:stride]
+        inverse = _correct_reciprocal(d)
         for t, boundary, inclusive in _rounding_boundaries():
             exact = boundary * d.astype(np.float64)  # 25 x 24 bits: exact
             nearest = exact.astype(np.float32)
