@@ -149,7 +149,7 @@ def _e2m1_magnitude(y, TIES_AWAY: tl.constexpr, AT_MOST_6: tl.constexpr):
     to even, and bits(y + M) - bits(M) counts the steps. Ties away first set y's last mantissa
     bit: a tie moves just above the midpoint, while no other value reaches it (midpoints have few
     bits). Values above 6 (an E4M3 scale rounded down, an MX scale, NaN or inf) clamp to 6 unless
-    the scale rule keeps the quotient at most 6 (AT_MOST_6). tests/test_e2m1_rounding.py checks
+    the scale rule keeps the quotient at most 6 (AT_MOST_6). tests/test_quantize_rounding.py checks
     every float32 in [2^-3, 8) against the thresholds."""
     if not AT_MOST_6:
         y = tl.minimum(y, 6.0, propagate_nan=tl.PropagateNan.NONE)  # minNum: NaN -> 6
@@ -157,7 +157,7 @@ def _e2m1_magnitude(y, TIES_AWAY: tl.constexpr, AT_MOST_6: tl.constexpr):
         y = (y.to(tl.int32, bitcast=True) | 1).to(tl.float32, bitcast=True)
     magic = (tl.maximum(y, 1.0).to(tl.int32, bitcast=True) & 0x7F800000) + (22 << 23)
     steps = (y + magic.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True) - magic
-    # Binade b = 0, 1, 2 (magic >> 22 = 298 + 2b) starts at code 2b: 1.0, 2.0, 4.0.
+    # y in [2^b, 2^(b+1)) (b = 0 below 2) takes code steps + 2b; magic >> 22 is 298 + 2b.
     return steps + (magic >> 22) - 298
 
 
@@ -185,22 +185,26 @@ def _reciprocal(d):
 
 
 @triton.jit
-def _rounding_quotient(a, d):
+def _rounding_quotient(a, d, CALL_FREE: tl.constexpr):
     """A float32 a / d (a >= 0, d > 0, broadcast against a) that rounds to the same E2M1 code,
     E4M3 byte or power of two as the correctly rounded quotient, which eager computes.
 
     a * (1 / d), corrected once with its exact FMA residual (Markstein), is not always the correctly
     rounded quotient, but it is on the same side of every float32 midpoint next to a value of at
-    most 5 significant bits (the codes' rounding boundaries): tests/test_e2m1_rounding.py checks
+    most 5 significant bits (the codes' rounding boundaries): tests/test_quantize_rounding.py checks
     each float32 d in [1, 2) against the dividends nearest every such boundary (only a quotient
     within about 2^-46, relative, of a boundary can land on its other side, and only those
     dividends come that close). Both operands are first scaled by _unit_scale(d), which makes every
     normal d one of those checked and keeps the residual exact. An a that overflows there gives a
     NaN quotient, which the callers' minimum maps to the top code, as they map the exact quotient;
-    d == 0 gives inf or NaN, which _quantize_rows discards (keep)."""
+    d == 0 gives inf or NaN, which _quantize_rows discards (keep). CALL_FREE takes 1 / d from
+    _reciprocal instead of div_rn (both round it correctly): which is faster depends on the recipe."""
     scale = _unit_scale(d)
     d = d * scale
-    inverse = _reciprocal(d)
+    if CALL_FREE:
+        inverse = _reciprocal(d)
+    else:
+        inverse = tl.math.div_rn(1.0, d)
     a = a * scale
     q = a * inverse
     return tl.fma(tl.fma(-q, d, a), inverse, q)
@@ -241,14 +245,17 @@ def _quantize_rows(
         if HAS_G:
             g = tl.load(g_ptr)
         else:
-            g = tl.full((), 1.0, tl.float32)
-        byte = _e4m3_byte(tl.minimum(_rounding_quotient(amax, 6.0 * g), _E4M3_MAX, propagate_nan=tl.PropagateNan.NONE))
+            g = 1.0
+        byte = _e4m3_byte(tl.minimum(tl.math.div_rn(amax, 6.0 * g), _E4M3_MAX))
         divisor = _e4m3_value(byte) * g
-        y_lo, y_hi = _rounding_quotient(a_lo, divisor[:, :, None]), _rounding_quotient(a_hi, divisor[:, :, None])
+        # NVFP4 keeps div_rn: call-free, its kernel needs 72 registers instead of 101, yet ran
+        # slower on the H100 (0.70x copy against 0.77x; blockfp4 gained 0.78x -> 0.80x).
+        d = divisor[:, :, None]
+        y_lo, y_hi = _rounding_quotient(a_lo, d, CALL_FREE=False), _rounding_quotient(a_hi, d, CALL_FREE=False)
         keep = finite & (divisor != 0.0)
     else:
         if SCALE_RULE == 1:  # E8M0 ceil(log2(max(amax / 6, 1e-10)))
-            v = tl.maximum(_rounding_quotient(amax, tl.full((), 6.0, tl.float32)), _BLOCKFP4_MIN_SCALE)
+            v = tl.maximum(_rounding_quotient(amax, tl.full((), 6.0, tl.float32), CALL_FREE=True), _BLOCKFP4_MIN_SCALE)
             bits = v.to(tl.int32, bitcast=True)
             byte = (bits >> 23) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
         else:  # E8M0 floor(log2(amax)) - 2, clamped at byte 0
