@@ -2,11 +2,10 @@
 
 The byte contract must hold on the GPU and under the CPU interpreter that CI runs these kernels
 with (`TRITON_INTERPRET=1`), whose bf16 and float8 casts and default division round differently.
-So quotients round to the same codes and scale bytes as correctly rounded ones (a reciprocal and
-one exact correction, see _rounding_quotient), format decoding is
-integer arithmetic on the bits, and the bf16/float8 output casts are the hardware's
-on a GPU (float8 from SM89, see hardware_casts) and written out in integer arithmetic on the
-interpreter.
+So divisions are correctly rounded (`div_rn`) or give the same codes and scale bytes as correctly
+rounded ones (see _rounding_quotient), format decoding is integer arithmetic on the bits, and the
+bf16/float8 output casts are the hardware's on a GPU (float8 from SM89, see hardware_casts) and
+written out in integer arithmetic on the interpreter.
 """
 
 from __future__ import annotations
@@ -174,8 +173,8 @@ def _unit_scale(d):
 
 @triton.jit
 def _reciprocal(d):
-    """1 / d rounded to nearest, d in [1, 2): Triton's division (within 2 ulp on a GPU, exact in the
-    interpreter) and two Newton steps, which round correctly from any start within 3 ulp except
+    """1 / d rounded to nearest, d in [1, 2): Triton's division (within 2 ulp on a GPU, correctly
+    rounded in the interpreter) and two Newton steps, which round correctly from any start within 3 ulp except
     at d = 2 - 2^-23 (Markstein's exception), set here. Unlike div_rn it has no slow-path call,
     whose calling convention costs the quantize kernel a third more registers."""
     r = 1.0 / d
@@ -185,9 +184,10 @@ def _reciprocal(d):
 
 
 @triton.jit
-def _rounding_quotient(a, d, CALL_FREE: tl.constexpr):
-    """A float32 a / d (a >= 0, d > 0, broadcast against a) that rounds to the same E2M1 code,
-    E4M3 byte or power of two as the correctly rounded quotient, which eager computes.
+def _rounding_quotient(a, d, NEWTON_RECIPROCAL: tl.constexpr):
+    """A float32 a / d (a >= 0, d > 0, broadcast against a) that rounds to the same E2M1 code and
+    lies on the same side of every power of two as the correctly rounded quotient, which eager
+    computes (NVFP4's codes; blockfp4's ceil-rule scale).
 
     a * (1 / d), corrected once with its exact FMA residual (Markstein), is not always the correctly
     rounded quotient, but it is on the same side of every float32 midpoint next to a value of at
@@ -195,13 +195,15 @@ def _rounding_quotient(a, d, CALL_FREE: tl.constexpr):
     each float32 d in [1, 2) against the dividends nearest every such boundary (only a quotient
     within about 2^-46, relative, of a boundary can land on its other side, and only those
     dividends come that close). Both operands are first scaled by _unit_scale(d), which makes every
-    normal d one of those checked and keeps the residual exact. An a that overflows there gives a
+    normal d one of those checked and keeps the residual exact; a subnormal d lands in [2^-22, 1),
+    where every step is the checked one scaled by a power of two, exactly. An a that overflows there gives a
     NaN quotient, which the callers' minimum maps to the top code, as they map the exact quotient;
-    d == 0 gives inf or NaN, which _quantize_rows discards (keep). CALL_FREE takes 1 / d from
-    _reciprocal instead of div_rn (both round it correctly): which is faster depends on the recipe."""
+    d == 0 gives inf or NaN, which _quantize_rows discards (keep). NEWTON_RECIPROCAL takes 1 / d from
+    _reciprocal instead of div_rn (both round it correctly; div_rn's slow-path call costs
+    registers): which is faster depends on the recipe."""
     scale = _unit_scale(d)
     d = d * scale
-    if CALL_FREE:
+    if NEWTON_RECIPROCAL:
         inverse = _reciprocal(d)
     else:
         inverse = tl.math.div_rn(1.0, d)
@@ -248,14 +250,16 @@ def _quantize_rows(
             g = 1.0
         byte = _e4m3_byte(tl.minimum(tl.math.div_rn(amax, 6.0 * g), _E4M3_MAX))
         divisor = _e4m3_value(byte) * g
-        # NVFP4 keeps div_rn: call-free, its kernel needs 72 registers instead of 101, yet ran
-        # slower on the H100 (0.70x copy against 0.77x; blockfp4 gained 0.78x -> 0.80x).
+        # NVFP4 keeps div_rn: with _reciprocal its kernel needs 72 registers instead of 101, yet ran
+        # slower on the H100 (0.71x copy against 0.77x; blockfp4 gained 0.78x -> 0.80x).
         d = divisor[:, :, None]
-        y_lo, y_hi = _rounding_quotient(a_lo, d, CALL_FREE=False), _rounding_quotient(a_hi, d, CALL_FREE=False)
+        y_lo = _rounding_quotient(a_lo, d, NEWTON_RECIPROCAL=False)
+        y_hi = _rounding_quotient(a_hi, d, NEWTON_RECIPROCAL=False)
         keep = finite & (divisor != 0.0)
     else:
         if SCALE_RULE == 1:  # E8M0 ceil(log2(max(amax / 6, 1e-10)))
-            v = tl.maximum(_rounding_quotient(amax, tl.full((), 6.0, tl.float32), CALL_FREE=True), _BLOCKFP4_MIN_SCALE)
+            six = tl.full((), 6.0, tl.float32)
+            v = tl.maximum(_rounding_quotient(amax, six, NEWTON_RECIPROCAL=True), _BLOCKFP4_MIN_SCALE)
             bits = v.to(tl.int32, bitcast=True)
             byte = (bits >> 23) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
         else:  # E8M0 floor(log2(amax)) - 2, clamped at byte 0

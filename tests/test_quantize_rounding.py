@@ -9,7 +9,6 @@ import torch
 
 from conftest import TRITON_DEVICE
 from torch_fp4kv.ops import FORMATS, eager
-from torch_fp4kv.ops.formats import E2M1_THRESHOLDS
 
 triton = pytest.importorskip("triton")
 tl = triton.language
@@ -38,7 +37,8 @@ def _every_float32(lo: float, hi: float) -> torch.Tensor:
     return torch.arange(first, last, dtype=torch.int32).view(torch.float32)
 
 
-@pytest.mark.parametrize("recipe, at_most_6", [("nvfp4", False), ("blockfp4", True), ("blockfp4", False)])
+# The kernel's two uses: ties to even with the clamp (nvfp4, mxfp4), ties away without (blockfp4).
+@pytest.mark.parametrize("recipe, at_most_6", [("nvfp4", False), ("blockfp4", True)])
 def test_adder_rounding_gives_every_code_of_the_thresholds(recipe, at_most_6):
     """Every float32 from 2^-3 (below, all codes are 0) to 7 (8 without the clamp: MX quotients
     reach just under 8), plus zero, a sample of smaller values and the clamp's NaN and inf."""
@@ -68,7 +68,7 @@ def _float32_midpoint(s: np.ndarray):
 
 
 def _round_to_float32(s: np.ndarray, err: np.ndarray) -> np.ndarray:
-    """float32 RN of s + err, where s = fl64(x + p) and err is its exact remainder."""
+    """float32 RN of s + err, where s is a float64 sum and err its exact remainder (TwoSum)."""
     f = s.astype(np.float32)
     midpoint, below = _float32_midpoint(s)
     above = np.nextafter(below, np.float32(np.inf))
@@ -126,7 +126,8 @@ def test_newton_reciprocal_needs_its_one_exception():
 
 
 def test_reciprocal_kernel_equals_correct_rounding():
-    """The Triton function itself, on this machine's division, over every d in [1, 2)."""
+    """The Triton function itself over every d in [1, 2): on a GPU from the hardware's approximate
+    division, under the interpreter from a correctly rounded one."""
     d = torch.from_numpy(_UNIT_DIVISORS.copy())
     out = torch.empty_like(d, device=TRITON_DEVICE)
     _reciprocal_kernel[(len(d) // _BLOCK,)](d.to(TRITON_DEVICE), out, BLOCK=_BLOCK)
@@ -135,10 +136,10 @@ def test_reciprocal_kernel_equals_correct_rounding():
 
 # ---- _rounding_quotient: one Markstein correction ------------------------------------------------
 
-# The rounding boundaries of every code the quotients feed lie next to values of at most 5
-# significant bits: E2M1 thresholds (0.25 ... 5), E4M3 midpoints (normal 1 + (2j + 1) / 16 and
-# subnormal (2j + 1) * 2^-10, times powers of two) and powers of two (the E8M0 ceil rule). Scaling
-# a by a power of two scales the kernel's arithmetic exactly, so one binade of each suffices.
+# The rounding boundaries of the codes the quotients feed lie next to values of at most 3
+# significant bits: E2M1 thresholds (0.25 ... 5) and powers of two (blockfp4's ceil rule). The
+# targets are every significand of at most 5 bits (k / 16), a superset. Scaling a by a power of
+# two scales the kernel's arithmetic exactly, so one binade of each suffices.
 _TARGETS = [np.float32(k / 16) for k in range(16, 32)]
 
 
