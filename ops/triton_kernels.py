@@ -174,9 +174,9 @@ def _unit_scale(d):
 @triton.jit
 def _reciprocal(d):
     """1 / d rounded to nearest, d in [1, 2): Triton's division (within 2 ulp on a GPU, correctly
-    rounded in the interpreter) and two Newton steps, which round correctly from any start within 3 ulp except
-    at d = 2 - 2^-23 (Markstein's exception), set here. Unlike div_rn it has no slow-path call,
-    whose calling convention costs the quantize kernel a third more registers."""
+    rounded in the interpreter) and two Newton steps, which round correctly from any start within
+    3 ulp except at d = 2 - 2^-23 (Markstein's exception), set here. Unlike div_rn it has no
+    slow-path call, whose calling convention costs the quantize kernel registers."""
     r = 1.0 / d
     r = tl.fma(r, tl.fma(-d, r, 1.0), r)
     r = tl.fma(r, tl.fma(-d, r, 1.0), r)
@@ -196,11 +196,11 @@ def _rounding_quotient(a, d, NEWTON_RECIPROCAL: tl.constexpr):
     within about 2^-46, relative, of a boundary can land on its other side, and only those
     dividends come that close). Both operands are first scaled by _unit_scale(d), which makes every
     normal d one of those checked and keeps the residual exact; a subnormal d lands in [2^-22, 1),
-    where every step is the checked one scaled by a power of two, exactly. An a that overflows there gives a
-    NaN quotient, which the callers' minimum maps to the top code, as they map the exact quotient;
-    d == 0 gives inf or NaN, which _quantize_rows discards (keep). NEWTON_RECIPROCAL takes 1 / d from
-    _reciprocal instead of div_rn (both round it correctly; div_rn's slow-path call costs
-    registers): which is faster depends on the recipe."""
+    where every step is a checked one scaled by a power of two, exactly. An a that overflows there
+    gives a NaN quotient, which the callers' minimum maps to the top code, as they map the exact
+    quotient; d == 0 gives inf or NaN, which _quantize_rows discards (keep). NEWTON_RECIPROCAL
+    takes 1 / d from _reciprocal instead of div_rn (both round it correctly; div_rn's slow-path
+    call costs registers): which is faster depends on the recipe."""
     scale = _unit_scale(d)
     d = d * scale
     if NEWTON_RECIPROCAL:
@@ -269,7 +269,8 @@ def _quantize_rows(
         y_lo, y_hi = a_lo * inverse, a_hi * inverse
         keep = finite
 
-    # The ceil rule's scale is at least amax / 6 (rounded), so its quotients stay below 7.
+    # The ceil rule's scale is at least amax / 6 rounded, so no quotient passes 6 by more than a
+    # rounding error: the clamp, which matters from 7 on, is skipped.
     at_most_6: tl.constexpr = SCALE_RULE == 1
     code_lo = _e2m1_magnitude(y_lo, TIES_AWAY, at_most_6) | ((lo.to(tl.int32, bitcast=True) >> 28) & 0x8)
     code_hi = _e2m1_magnitude(y_hi, TIES_AWAY, at_most_6) | ((hi.to(tl.int32, bitcast=True) >> 28) & 0x8)
