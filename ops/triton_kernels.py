@@ -184,10 +184,23 @@ def _reciprocal(d):
 
 
 @triton.jit
-def _rounding_quotient(a, d, NEWTON_RECIPROCAL: tl.constexpr):
-    """A float32 a / d (a >= 0, d > 0, broadcast against a) that rounds to the same E2M1 code and
-    lies on the same side of every power of two as the correctly rounded quotient, which eager
-    computes (NVFP4's codes; blockfp4's ceil-rule scale).
+def _unit_divisor(d, NEWTON_RECIPROCAL: tl.constexpr):
+    """A per-block divisor d > 0 prepared for _rounding_quotient, once for all its dividends:
+    (scale, d * scale, 1 / (d * scale) rounded to nearest); see there."""
+    scale = _unit_scale(d)
+    d = d * scale
+    if NEWTON_RECIPROCAL:
+        inverse = _reciprocal(d)
+    else:
+        inverse = tl.math.div_rn(1.0, d)
+    return scale, d, inverse
+
+
+@triton.jit
+def _rounding_quotient(a, scale, d, inverse):
+    """A float32 a / d (a >= 0; scale, d, inverse from _unit_divisor of a d > 0, broadcast against
+    a) that rounds to the same E2M1 code and lies on the same side of every power of two as the
+    correctly rounded quotient, which eager computes (NVFP4's codes; blockfp4's ceil-rule scale).
 
     a * (1 / d), corrected once with its exact FMA residual (Markstein), is not always the correctly
     rounded quotient, but it is on the same side of every float32 midpoint next to a value of at
@@ -198,15 +211,9 @@ def _rounding_quotient(a, d, NEWTON_RECIPROCAL: tl.constexpr):
     normal d one of those checked and keeps the residual exact; a subnormal d lands in [2^-22, 1),
     where every step is a checked one scaled by a power of two, exactly. An a that overflows there
     gives a NaN quotient, which the callers' minimum maps to the top code, as they map the exact
-    quotient; d == 0 gives inf or NaN, which _quantize_rows discards (keep). NEWTON_RECIPROCAL
-    takes 1 / d from _reciprocal instead of div_rn (both round it correctly; div_rn's slow-path
-    call costs registers): which is faster depends on the recipe."""
-    scale = _unit_scale(d)
-    d = d * scale
-    if NEWTON_RECIPROCAL:
-        inverse = _reciprocal(d)
-    else:
-        inverse = tl.math.div_rn(1.0, d)
+    quotient; d == 0 gives inf or NaN, which _quantize_rows discards (keep). _unit_divisor's
+    NEWTON_RECIPROCAL takes 1 / d from _reciprocal instead of div_rn (both round it correctly;
+    div_rn's slow-path call costs registers): which is faster depends on the recipe."""
     a = a * scale
     q = a * inverse
     return tl.fma(tl.fma(-q, d, a), inverse, q)
@@ -252,14 +259,13 @@ def _quantize_rows(
         divisor = _e4m3_value(byte) * g
         # NVFP4 keeps div_rn: with _reciprocal its kernel needs 72 registers instead of 101, yet ran
         # slower on the H100 (0.71x copy against 0.77x; blockfp4 gained 0.78x -> 0.80x).
-        d = divisor[:, :, None]
-        y_lo = _rounding_quotient(a_lo, d, NEWTON_RECIPROCAL=False)
-        y_hi = _rounding_quotient(a_hi, d, NEWTON_RECIPROCAL=False)
+        scale, d, inverse = _unit_divisor(divisor[:, :, None], NEWTON_RECIPROCAL=False)
+        y_lo, y_hi = _rounding_quotient(a_lo, scale, d, inverse), _rounding_quotient(a_hi, scale, d, inverse)
         keep = finite & (divisor != 0.0)
     else:
         if SCALE_RULE == 1:  # E8M0 ceil(log2(max(amax / 6, 1e-10)))
-            six = tl.full((), 6.0, tl.float32)
-            v = tl.maximum(_rounding_quotient(amax, six, NEWTON_RECIPROCAL=True), _BLOCKFP4_MIN_SCALE)
+            scale, six, inverse = _unit_divisor(tl.full((), 6.0, tl.float32), NEWTON_RECIPROCAL=True)
+            v = tl.maximum(_rounding_quotient(amax, scale, six, inverse), _BLOCKFP4_MIN_SCALE)
             bits = v.to(tl.int32, bitcast=True)
             byte = (bits >> 23) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
         else:  # E8M0 floor(log2(amax)) - 2, clamped at byte 0

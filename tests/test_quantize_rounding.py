@@ -47,10 +47,9 @@ def test_adder_rounding_gives_every_code_of_the_thresholds(recipe, at_most_6):
     small = _every_float32(0.0, 0.125)[::4099]
     specials = torch.tensor([] if at_most_6 else [float("inf"), float("nan")])
     y = torch.cat([_every_float32(0.125, top), small, specials])
-    block = _BLOCK
-    y = torch.cat([y, y.new_zeros(-len(y) % block)])
+    y = torch.cat([y, y.new_zeros(-len(y) % _BLOCK)])
     out = torch.empty(y.shape, dtype=torch.int32, device=TRITON_DEVICE)
-    _magnitude_kernel[(len(y) // block,)](y.to(TRITON_DEVICE), out, fmt.ties_away, at_most_6, BLOCK=block)
+    _magnitude_kernel[(len(y) // _BLOCK,)](y.to(TRITON_DEVICE), out, fmt.ties_away, at_most_6, BLOCK=_BLOCK)
     expected = eager._e2m1_magnitude(y.nan_to_num(nan=6.0), fmt).to(torch.int32)
     mismatch = (out.cpu() != expected).nonzero().flatten()
     assert len(mismatch) == 0, f"{len(mismatch)} codes differ, first at y={y[mismatch[:4]].tolist()}"
@@ -108,7 +107,8 @@ def _newton_reciprocal(d: np.ndarray, start: np.ndarray, set_exception: bool = T
 
 
 def test_newton_reciprocal_rounds_correctly_from_any_start_within_3_ulp():
-    """Triton's 1.0 / d is within 2 ulp on a GPU (div.full.f32) and exact in the interpreter."""
+    """Triton's 1.0 / d is within 2 ulp on a GPU (div.full.f32), correctly rounded in the
+    interpreter."""
     correct = _correct_reciprocal(_UNIT_DIVISORS)
     for ulps in range(-3, 4):
         start = (correct.view(np.int32) + ulps).view(np.float32)
