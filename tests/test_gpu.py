@@ -145,7 +145,6 @@ def test_cuda_graph_decode_example_on_gpu():
     print(result.stdout)
 
 
-
 def test_bench_timer_waits_for_inputs_written_just_before():
     """The benchmark times each call on a stream of its own; inputs still being written on the
     default stream must be finished first (a half-written page table made decode read out of bounds)."""
