@@ -29,9 +29,10 @@ from .formats import FP4Format, ScaleRule
 from .triton_kernels import _e2m1_value, _e4m3_half, _e4m3_value, _e8m0_value, global_scale_pair, hardware_casts
 
 # head_dim -> (context positions per tile, warps, programs per SM to aim for, registers per thread
-# at most): tuned on the H100 (README). The cap lets three programs share an SM instead of two;
-# head_dim 256 keeps the compiler's count (capped, it would spill 384 bytes per thread).
-DECODE_LAUNCH = {64: (128, 4, 4, 168), 128: (128, 4, 4, 168), 256: (128, 4, 4, None)}
+# at most, software-pipeline stages): tuned on the H100 and H200 (README). The cap lets three programs share
+# an SM instead of two; head_dim 256 keeps the compiler's count (capped, it would spill 384 bytes
+# per thread).
+DECODE_LAUNCH = {64: (128, 4, 4, 168, 3), 128: (128, 4, 4, 168, 3), 256: (128, 4, 4, None, 3)}
 _MIN_GROUP = 16  # tensor-core tiles need a side of at least 16: query heads are padded to this
 _POSITIONS_PER_SPLIT_MIN = 256
 _MERGE_SPLITS_PER_STEP = 8  # splits the merge kernel reads at once: 8 x D fp32 per program
@@ -205,7 +206,10 @@ def _decode_split_kernel(
     end = tl.minimum(start + positions_per_split, seq_len)
 
     # Scores are K q^T [BLOCK_N, heads]: positions are the tensor-core tile's long side, and q is
-    # read in the keys' pair order (_key_pair_order). The output is p^T V [heads, D].
+    # read in the keys' pair order (_key_pair_order). The output is kept transposed, V^T p [D, heads],
+    # for the same reason: with the 16 padded heads as the long side, the second product ran on the
+    # older mma.sync path, whose reads of V from shared memory were 4-way bank-conflicted (ncu:
+    # 65% of the shared-load wavefronts); as V^T p both products are wgmma (README).
     heads = kv_head * GROUP + tl.arange(0, GROUP_PAD)
     head_ok = tl.arange(0, GROUP_PAD) < GROUP
     key_pairs = _key_pair_order(D)
@@ -222,7 +226,7 @@ def _decode_split_kernel(
 
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, D], tl.float32)
+    acc = tl.zeros([D, GROUP_PAD], tl.float32)
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         valid = pos < end
@@ -236,16 +240,15 @@ def _decode_split_kernel(
         p = tl.exp2(scores - m_new[None, :])
         l = l * alpha + tl.sum(p, axis=0)
         v = _value_tile(v_data_ptr, v_scales_ptr, rows, valid, D, BS, E4M3_SCALES, FP32_TILES, HW_FP8)
-        p = tl.trans(p.to(dtype))
-        acc = tl.dot(p, v, acc * alpha[:, None])
+        acc = tl.dot(tl.trans(v), p.to(dtype), acc * alpha[None, :])
         m = m_new
 
-    # Partial results of this split: out = acc / l (times the V global scale), lse in base 2. With
+    # Partial results of this split: out = acc^T / l (times the V global scale), lse in base 2. With
     # one split this is the output itself (partial_out_ptr is out: no merge kernel runs).
     safe_l = tl.where(l > 0, l, 1.0) / v_g
     base = ((b * HQ + heads).to(tl.int64) * NUM_SPLITS + split)
-    tl.store(partial_out_ptr + base[:, None] * D + tl.arange(0, D)[None, :],
-             (acc / safe_l[:, None]).to(partial_out_ptr.dtype.element_ty), mask=head_ok[:, None])
+    tl.store(partial_out_ptr + base[None, :] * D + tl.arange(0, D)[:, None],
+             (acc / safe_l[None, :]).to(partial_out_ptr.dtype.element_ty), mask=head_ok[None, :])
     if NUM_SPLITS > 1:
         lse = tl.where(l > 0, m + tl.log2(l), float("-inf"))
         tl.store(partial_lse_ptr + base, lse, mask=head_ok)
@@ -306,7 +309,7 @@ def decode_attention(out, q, k_data, k_scales, v_data, v_scales, block_table, se
     block_table = block_table.contiguous()
     max_pages = block_table.shape[1]
     max_len = max_pages * page_size
-    block_n, num_warps, waves, max_registers = DECODE_LAUNCH[d]
+    block_n, num_warps, waves, max_registers, num_stages = DECODE_LAUNCH[d]
     splits = num_splits(batch, hkv, max_len, q.device, waves)
     positions_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), splits), block_n) * block_n
     if splits == 1:  # the split kernel writes out itself and stores no log-sum-exp
@@ -326,7 +329,7 @@ def decode_attention(out, q, k_data, k_scales, v_data, v_scales, block_table, se
         E4M3_SCALES=fmt.scale_rule is ScaleRule.E4M3_AMAX_OVER_6G, HAS_G=has_g,
         GROUP=group, GROUP_PAD=max(_MIN_GROUP, triton.next_power_of_2(group)),
         BLOCK_N=block_n, NUM_SPLITS=splits, FP32_TILES=on_interpreter, HW_FP8=hardware_casts(q.device)[1],
-        num_warps=num_warps, maxnreg=max_registers,
+        num_warps=num_warps, maxnreg=max_registers, num_stages=num_stages,
     )
     if splits > 1:
         _merge_splits_kernel[(batch * hq,)](
