@@ -225,7 +225,7 @@ def _decode_split_kernel(
     score_scale = sm_scale * k_g * 1.4426950408889634  # softmax in base 2
 
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l = tl.zeros([GROUP_PAD], tl.float32)
+    l_acc = tl.zeros([BLOCK_N, GROUP_PAD], tl.float32)
     acc = tl.zeros([D, GROUP_PAD], tl.float32)
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
@@ -238,13 +238,14 @@ def _decode_split_kernel(
         m_new = tl.maximum(m, tl.max(scores, axis=0))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(scores - m_new[None, :])
-        l = l * alpha + tl.sum(p, axis=0)
+        l_acc = l_acc * alpha[None, :] + p
         v = _value_tile(v_data_ptr, v_scales_ptr, rows, valid, D, BS, E4M3_SCALES, FP32_TILES, HW_FP8)
         acc = tl.dot(tl.trans(v), p.to(dtype), acc * alpha[None, :])
         m = m_new
 
     # Partial results of this split: out = acc^T / l (times the V global scale), lse in base 2. With
     # one split this is the output itself (partial_out_ptr is out: no merge kernel runs).
+    l = tl.sum(l_acc, axis=0)
     safe_l = tl.where(l > 0, l, 1.0) / v_g
     base = ((b * HQ + heads).to(tl.int64) * NUM_SPLITS + split)
     tl.store(partial_out_ptr + base[None, :] * D + tl.arange(0, D)[:, None],
