@@ -72,6 +72,20 @@ def test_every_accepted_head_dim_has_a_launch_shape():
     assert sorted(triton_decode.DECODE_LAUNCH) == sorted(checks.DECODE_HEAD_DIMS)
 
 
+def test_split_count_fills_the_gpu_from_static_sizes(monkeypatch):
+    """Splits fill the SMs `waves` times, hold at least 256 positions, and one 128-position tile when
+    256 would leave SMs idle (the H100's 132 SMs, 8 KV heads, 4 waves)."""
+    from torch_fp4kv.ops import triton_decode
+
+    monkeypatch.setattr(triton_decode, "_sm_count", lambda device: 132)
+    cpu = torch.device("cpu")
+    assert triton_decode.num_splits(1, 8, 1024, cpu, 4) == 8  # 32 programs of 256 < 132 SMs: 128 each
+    assert triton_decode.num_splits(8, 8, 1024, cpu, 4) == 4  # 256 programs of 256 fill the SMs
+    assert triton_decode.num_splits(1, 8, 8192, cpu, 4) == 32
+    assert triton_decode.num_splits(32, 8, 8192, cpu, 4) == 3  # 4 waves of 132 programs
+    assert triton_decode.num_splits(128, 8, 8192, cpu, 4) == 1
+
+
 def test_empty_sequence_gives_zeros():
     args, _ = _problem("nvfp4", seq_lens=[0, 3, 0])
     out = torch_fp4kv.decode_attention(*args)
