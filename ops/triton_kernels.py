@@ -3,7 +3,7 @@
 The byte contract must hold on the GPU and under the CPU interpreter that CI runs these kernels
 with (`TRITON_INTERPRET=1`), whose bf16 and float8 casts and default division round differently.
 So divisions are correctly rounded (`div_rn`) or give the same codes and scale bytes as correctly
-rounded ones (see _rounding_quotient), format decoding is integer arithmetic on the bits, and the
+rounded ones (see _rounding_quotient and blockfp4's scale), format decoding is integer arithmetic on the bits, and the
 bf16/float8 output casts are the hardware's on a GPU (float8 from SM89, see hardware_casts) and
 written out in integer arithmetic on the interpreter.
 """
@@ -20,6 +20,7 @@ from .formats import BLOCKFP4_MIN_SCALE, E4M3_MAX, FP4Format, ScaleRule
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 _E4M3_MAX = tl.constexpr(E4M3_MAX)
 _BLOCKFP4_MIN_SCALE = tl.constexpr(BLOCKFP4_MIN_SCALE)
+_ONE_SIXTH = tl.constexpr(0.1666666716337204)  # 1/6 rounded to float32
 # Launch shapes (elements per program, warps): the best of a sweep over 1024..16384 x 2/4/8 on
 # the H100 for D=128 (README, performance).
 QUANTIZE_LAUNCH = (4096, 4)
@@ -172,35 +173,19 @@ def _unit_scale(d):
 
 
 @triton.jit
-def _reciprocal(d):
-    """1 / d rounded to nearest, d in [1, 2): Triton's division (within 2 ulp on a GPU, correctly
-    rounded in the interpreter) and two Newton steps, which round correctly from any start within
-    3 ulp except at d = 2 - 2^-23 (Markstein's exception), set here. Unlike div_rn it has no
-    slow-path call, whose calling convention costs the quantize kernel registers."""
-    r = 1.0 / d
-    r = tl.fma(r, tl.fma(-d, r, 1.0), r)
-    r = tl.fma(r, tl.fma(-d, r, 1.0), r)
-    return tl.where(d == 1.9999998807907104, 0.5000000596046448, r)
-
-
-@triton.jit
-def _unit_divisor(d, NEWTON_RECIPROCAL: tl.constexpr):
+def _unit_divisor(d):
     """A per-block divisor d > 0 prepared for _rounding_quotient, once for all its dividends:
     (scale, d * scale, 1 / (d * scale) rounded to nearest); see there."""
     scale = _unit_scale(d)
     d = d * scale
-    if NEWTON_RECIPROCAL:
-        inverse = _reciprocal(d)
-    else:
-        inverse = tl.math.div_rn(1.0, d)
-    return scale, d, inverse
+    return scale, d, tl.math.div_rn(1.0, d)
 
 
 @triton.jit
 def _rounding_quotient(a, scale, d, inverse):
     """A float32 a / d (a >= 0; scale, d, inverse from _unit_divisor of a d > 0, broadcast against
     a) that rounds to the same E2M1 code and lies on the same side of every power of two as the
-    correctly rounded quotient, which eager computes (NVFP4's codes; blockfp4's ceil-rule scale).
+    correctly rounded quotient, which eager computes (NVFP4's codes).
 
     a * (1 / d), corrected once with its exact FMA residual (Markstein), is not always the correctly
     rounded quotient, but it is on the same side of every float32 midpoint next to a value of at
@@ -211,9 +196,7 @@ def _rounding_quotient(a, scale, d, inverse):
     normal d one of those checked and keeps the residual exact; a subnormal d lands in [2^-22, 1),
     where every step is a checked one scaled by a power of two, exactly. An a that overflows there
     gives a NaN quotient, which the callers' minimum maps to the top code, as they map the exact
-    quotient; d == 0 gives inf or NaN, which _quantize_rows discards (keep). _unit_divisor's
-    NEWTON_RECIPROCAL takes 1 / d from _reciprocal instead of div_rn (both round it correctly;
-    div_rn's slow-path call costs registers): which is faster depends on the recipe."""
+    quotient; d == 0 gives inf or NaN, which _quantize_rows discards (keep)."""
     a = a * scale
     q = a * inverse
     return tl.fma(tl.fma(-q, d, a), inverse, q)
@@ -257,15 +240,15 @@ def _quantize_rows(
             g = 1.0
         byte = _e4m3_byte(tl.minimum(tl.math.div_rn(amax, 6.0 * g), _E4M3_MAX))
         divisor = _e4m3_value(byte) * g
-        # NVFP4 keeps div_rn: with _reciprocal its kernel needs 72 registers instead of 101, yet ran
-        # slower on the H100 (0.71x copy against 0.77x; blockfp4 gained 0.78x -> 0.80x).
-        scale, d, inverse = _unit_divisor(divisor[:, :, None], NEWTON_RECIPROCAL=False)
+        scale, d, inverse = _unit_divisor(divisor[:, :, None])
         y_lo, y_hi = _rounding_quotient(a_lo, scale, d, inverse), _rounding_quotient(a_hi, scale, d, inverse)
         keep = finite & (divisor != 0.0)
     else:
         if SCALE_RULE == 1:  # E8M0 ceil(log2(max(amax / 6, 1e-10)))
-            scale, six, inverse = _unit_divisor(tl.full((), 6.0, tl.float32), NEWTON_RECIPROCAL=True)
-            v = tl.maximum(_rounding_quotient(amax, scale, six, inverse), _BLOCKFP4_MIN_SCALE)
+            # amax * RN(1/6) for eager's amax / 6: the byte only asks whether the quotient is a
+            # power of two and which binade it is in, and both roundings agree on that for every
+            # float32 amax (tests/test_quantize_rounding.py).
+            v = tl.maximum(amax * _ONE_SIXTH, _BLOCKFP4_MIN_SCALE)
             bits = v.to(tl.int32, bitcast=True)
             byte = (bits >> 23) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
         else:  # E8M0 floor(log2(amax)) - 2, clamped at byte 0

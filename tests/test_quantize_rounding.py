@@ -1,7 +1,7 @@
 """The shortcuts the Triton quantize kernel takes to E2M1 codes and scale bytes, checked over every
 input they can meet: the float adder's rounding in _e2m1_magnitude (eager's rule, comparing with
-the thresholds, is the reference), the Newton reciprocal in _reciprocal, and one correction of
-a * (1 / d) in _rounding_quotient (correct rounding is the reference)."""
+the thresholds, is the reference), one correction of a * (1 / d) in _rounding_quotient, and
+blockfp4's amax * RN(1/6) for amax / 6 (correct rounding is the reference for both)."""
 
 import numpy as np
 import pytest
@@ -9,16 +9,11 @@ import torch
 
 from conftest import TRITON_DEVICE
 from torch_fp4kv.ops import FORMATS, eager
+from torch_fp4kv.ops.formats import BLOCKFP4_MIN_SCALE
 
 triton = pytest.importorskip("triton")
 tl = triton.language
 from torch_fp4kv.ops import triton_kernels  # noqa: E402
-
-
-@triton.jit
-def _reciprocal_kernel(d_ptr, out_ptr, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + offsets, triton_kernels._reciprocal(tl.load(d_ptr + offsets)))
 
 
 @triton.jit
@@ -93,51 +88,10 @@ def _correct_reciprocal(d: np.ndarray) -> np.ndarray:
     return np.where(midpoint, np.where(exact_above, np.nextafter(below, np.float32(np.inf)), below), inv.astype(np.float32))
 
 
-def _newton_reciprocal(d: np.ndarray, start: np.ndarray, set_exception: bool = True) -> np.ndarray:
-    """_reciprocal's arithmetic, from a given first approximation."""
-    r = start
-    for _ in range(2):
-        r = _fma32(r, _fma32(-d, r, np.float32(1)), r)
-    if set_exception:
-        r = np.where(d == np.float32(2 - 2**-23), np.float32(0.5 + 2**-24), r)
-    return r
-
-
-# ---- _reciprocal -----------------------------------------------------------------------------------
-
-
-def test_newton_reciprocal_rounds_correctly_from_any_start_within_3_ulp():
-    """Triton's 1.0 / d is within 2 ulp on a GPU (div.full.f32), correctly rounded in the
-    interpreter."""
-    correct = _correct_reciprocal(_UNIT_DIVISORS)
-    for ulps in range(-3, 4):
-        start = (correct.view(np.int32) + ulps).view(np.float32)
-        wrong = np.nonzero(_newton_reciprocal(_UNIT_DIVISORS, start) != correct)[0]
-        assert len(wrong) == 0, (ulps, _UNIT_DIVISORS[wrong[:4]])
-
-
-def test_newton_reciprocal_needs_its_one_exception():
-    """The check above can fail: without the set value, d = 2 - 2^-23 comes out one ulp low."""
-    d = _UNIT_DIVISORS
-    correct = _correct_reciprocal(d)
-    start = (correct.view(np.int32) + 1).view(np.float32)
-    wrong = d[_newton_reciprocal(d, start, set_exception=False) != correct]
-    assert wrong.tolist() == [np.float32(2 - 2**-23)]
-
-
-def test_reciprocal_kernel_equals_correct_rounding():
-    """The Triton function itself over every d in [1, 2): on a GPU from the hardware's approximate
-    division, under the interpreter from a correctly rounded one."""
-    d = torch.from_numpy(_UNIT_DIVISORS.copy())
-    out = torch.empty_like(d, device=TRITON_DEVICE)
-    _reciprocal_kernel[(len(d) // _BLOCK,)](d.to(TRITON_DEVICE), out, BLOCK=_BLOCK)
-    assert torch.equal(out.cpu(), torch.from_numpy(_correct_reciprocal(_UNIT_DIVISORS)))
-
-
 # ---- _rounding_quotient: one Markstein correction ------------------------------------------------
 
 # The rounding boundaries of the codes the quotients feed lie next to values of at most 3
-# significant bits: E2M1 thresholds (0.25 ... 5) and powers of two (blockfp4's ceil rule). The
+# significant bits: the E2M1 thresholds (0.25 ... 5), NVFP4's codes. The
 # targets are every significand of at most 5 bits (k / 16), a superset. Scaling a by a power of
 # two scales the kernel's arithmetic exactly, so one binade of each suffices.
 _TARGETS = [np.float32(k / 16) for k in range(16, 32)]
@@ -182,3 +136,35 @@ def test_one_correction_decides_every_boundary_as_correct_rounding():
 def test_the_boundary_check_catches_an_uncorrected_quotient():
     """The check above can fail: without the correction, quotients land on the wrong side."""
     assert _wrong_sides(corrections=0, stride=64) > 0
+
+
+# ---- blockfp4's scale: amax * RN(1/6) for amax / 6 ---------------------------------------------
+
+
+def _ceil_rule_byte(v: np.ndarray) -> np.ndarray:
+    """eager's E8M0 byte of the ceil rule from the quotient v (float32)."""
+    bits = np.maximum(v, np.float32(BLOCKFP4_MIN_SCALE)).view(np.int32)
+    return (bits >> 23) + ((bits & 0x7FFFFF) != 0)
+
+
+def _ceil_rule_mismatches(one_sixth: np.float32) -> int:
+    """Bytes from amax * one_sixth that differ from eager's, over every float32 amax in [1, 2) and
+    in the binade where amax / 6 crosses the 1e-10 floor. Scaling amax by a power of two scales
+    both quotients exactly, so these cover every amax but those whose quotient is subnormal, which
+    the floor maps to the same byte anyway, and overflow, which float32 amax / 6 cannot reach."""
+    wrong = 0
+    for low in (np.float32(1), np.float32(2.0**-31)):
+        amax = _every_float32(float(low), float(low) * 2).numpy()
+        expected = _ceil_rule_byte(amax / np.float32(6))
+        wrong += int((_ceil_rule_byte(amax * one_sixth) != expected).sum())
+    return wrong
+
+
+def test_one_sixth_gives_the_ceil_rule_byte_of_amax_over_6():
+    assert _ceil_rule_mismatches(np.float32(1 / 6)) == 0
+    assert np.float32(1 / 6) == np.float32(triton_kernels._ONE_SIXTH.value)
+
+
+def test_the_ceil_rule_check_catches_a_reciprocal_one_ulp_high():
+    """The check above can fail: one ulp above RN(1/6), amax = 6 * 2^e gives 2^e plus an ulp."""
+    assert _ceil_rule_mismatches(np.nextafter(np.float32(1 / 6), np.float32(1))) > 0
