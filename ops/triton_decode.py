@@ -29,9 +29,9 @@ from .formats import FP4Format, ScaleRule
 from .triton_kernels import _e2m1_value, _e4m3_half, _e4m3_value, _e8m0_value, global_scale_pair, hardware_casts
 
 # head_dim -> (context positions per tile, warps, programs per SM to aim for, registers per thread
-# at most, software-pipeline stages): tuned on the H100 and H200 (README). The cap lets three programs share
-# an SM instead of two; head_dim 256 keeps the compiler's count (capped, it would spill 384 bytes
-# per thread).
+# at most, software-pipeline stages): tuned on the H100 and H200 (README). The cap lets three
+# programs share an SM instead of two; head_dim 256 keeps the compiler's count (capped, it would
+# spill 384 bytes per thread).
 DECODE_LAUNCH = {64: (128, 4, 4, 168, 3), 128: (128, 4, 4, 168, 3), 256: (128, 4, 4, None, 3)}
 _MIN_GROUP = 16  # tensor-core tiles need a side of at least 16: query heads are padded to this
 _POSITIONS_PER_SPLIT_MIN = 256
@@ -207,10 +207,10 @@ def _decode_split_kernel(
     end = tl.minimum(start + positions_per_split, seq_len)
 
     # Scores are K q^T [BLOCK_N, heads]: positions are the tensor-core tile's long side, and q is
-    # read in the keys' pair order (_key_pair_order). The output is kept transposed, V^T p [D, heads],
-    # for the same reason: with the 16 padded heads as the long side, the second product ran on the
-    # older mma.sync path, whose reads of V from shared memory were 4-way bank-conflicted (ncu:
-    # 65% of the shared-load wavefronts); as V^T p both products are wgmma (README).
+    # read in the keys' pair order (_key_pair_order). The output is kept transposed, V^T p
+    # [D, heads], for the same reason: with the 16 padded heads as the long side, the second
+    # product ran on the older mma.sync path, whose reads of V from shared memory were 4-way
+    # bank-conflicted (ncu: 65% of the shared-load wavefronts); as V^T p both are wgmma (README).
     heads = kv_head * GROUP + tl.arange(0, GROUP_PAD)
     head_ok = tl.arange(0, GROUP_PAD) < GROUP
     key_pairs = _key_pair_order(D)
@@ -226,7 +226,7 @@ def _decode_split_kernel(
     score_scale = sm_scale * k_g * 1.4426950408889634  # softmax in base 2
 
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l_acc = tl.zeros([BLOCK_N, GROUP_PAD], tl.float32)
+    l_acc = tl.zeros([BLOCK_N, GROUP_PAD], tl.float32)  # softmax denominators, per position until the end
     acc = tl.zeros([D, GROUP_PAD], tl.float32)
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)

@@ -3,9 +3,9 @@
 The byte contract must hold on the GPU and under the CPU interpreter that CI runs these kernels
 with (`TRITON_INTERPRET=1`), whose bf16 and float8 casts and default division round differently.
 So divisions are correctly rounded (`div_rn`) or give the same codes and scale bytes as correctly
-rounded ones (see _rounding_quotient and blockfp4's scale), format decoding is integer arithmetic on the bits, and the
-bf16/float8 output casts are the hardware's on a GPU (float8 from SM89, see hardware_casts) and
-written out in integer arithmetic on the interpreter.
+rounded ones (see _rounding_quotient and blockfp4's scale), format decoding is integer arithmetic
+on the bits, and the bf16/float8 output casts are the hardware's on a GPU (float8 from SM89, see
+hardware_casts) and written out in integer arithmetic on the interpreter.
 """
 
 from __future__ import annotations
@@ -184,8 +184,8 @@ def _unit_divisor(d):
 @triton.jit
 def _rounding_quotient(a, scale, d, inverse):
     """A float32 a / d (a >= 0; scale, d, inverse from _unit_divisor of a d > 0, broadcast against
-    a) that rounds to the same E2M1 code and lies on the same side of every power of two as the
-    correctly rounded quotient, which eager computes (NVFP4's codes).
+    a) that rounds to the same E2M1 code as the correctly rounded quotient, which eager computes
+    (NVFP4's codes).
 
     a * (1 / d), corrected once with its exact FMA residual (Markstein), is not always the correctly
     rounded quotient, but it is on the same side of every float32 midpoint next to a value of at
