@@ -90,10 +90,10 @@ def _correct_reciprocal(d: np.ndarray) -> np.ndarray:
 
 # ---- _rounding_quotient: one Markstein correction ------------------------------------------------
 
-# The rounding boundaries of the codes the quotients feed lie next to values of at most 3
-# significant bits: the E2M1 thresholds (0.25 ... 5), NVFP4's codes. The
-# targets are every significand of at most 5 bits (k / 16), a superset. Scaling a by a power of
-# two scales the kernel's arithmetic exactly, so one binade of each suffices.
+# The rounding boundaries of the codes the quotients feed (NVFP4's) lie next to values of at most
+# 3 significant bits: the E2M1 thresholds 0.25 ... 5. The targets are every significand of at most
+# 5 bits (k / 16), a superset. Scaling a by a power of two scales the kernel's arithmetic exactly,
+# so one binade of each suffices.
 _TARGETS = [np.float32(k / 16) for k in range(16, 32)]
 
 
