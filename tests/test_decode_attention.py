@@ -12,7 +12,7 @@ from torch._dynamo.utils import counters
 import torch_fp4kv
 from conftest import RECIPES, TRITON_DEVICE, requires_cuda
 from torch_fp4kv import FP4KVCache
-from torch_fp4kv.ops import eager
+from torch_fp4kv.ops import eager, get_format
 
 
 def _paged_cache(recipe, pages, page_size, hkv, d, device, generator):
@@ -185,15 +185,63 @@ def test_long_ragged_contexts_on_gpu(backend, recipe, context):
 @requires_cuda
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_one_split_writes_the_output_without_a_merge_on_gpu(backend, recipe):
-    """A batch that fills the GPU by itself gets one split, whose kernel writes `out` directly."""
+    """The smallest batch that fills the GPU by itself gets one split, whose kernel writes `out`
+    directly (the split rule of whichever kernel serves the call here)."""
     from torch_fp4kv.ops import triton_decode
 
-    hkv, waves, page, max_pages = 8, triton_decode.DECODE_LAUNCH[128][2], 16, 32
-    batch = -(-waves * torch.cuda.get_device_properties(0).multi_processor_count // hkv)
-    splits = [triton_decode.num_splits(b, hkv, page * max_pages, torch.device("cuda"), waves) for b in (batch - 1, batch)]
-    assert splits[0] > 1 and splits[1] == 1  # the batch, not the context, makes it one split
+    hkv, page, max_pages, device = 8, 16, 32, torch.device("cuda")
+    kernel = triton_decode._hopper_kernel(torch.empty(1, 32, 128, device=device), hkv, get_format(recipe))
+    if kernel:
+        splits = lambda b: kernel.splits_for(b, hkv, page * max_pages, device)  # noqa: E731
+    else:
+        waves = triton_decode.DECODE_LAUNCH[128][2]
+        splits = lambda b: triton_decode.num_splits(b, hkv, page * max_pages, device, waves)  # noqa: E731
+    batch = next(b for b in range(2, 1024) if splits(b) == 1)
+    assert splits(batch - 1) > 1  # the batch, not the context, makes it one split
     args, _ = _problem(recipe, batch, 32, hkv, 128, page, max_pages, device="cuda")
     _assert_triton_matches_eager(args, backend)
+
+
+def test_gluon_split_count_takes_whole_rounds_of_the_gpu():
+    """Gluon kernel: the fewest splits that finish in the fewest rounds x (tiles + 1), 264 programs at once."""
+    gluon_decode = pytest.importorskip("torch_fp4kv.ops.gluon_decode")
+    assert gluon_decode.num_splits(32, 8, 8192, 264) == 1  # 256 programs: one round of 64 tiles
+    assert gluon_decode.num_splits(8, 8, 8192, 264) == 4  # 256 programs of 16 tiles
+    assert gluon_decode.num_splits(1, 8, 1024, 264) == 8  # one tile each
+    assert gluon_decode.num_splits(16, 8, 512, 264) == 2 and gluon_decode.num_splits(17, 8, 512, 264) == 1
+
+
+requires_hopper = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0), reason="needs an SM90 GPU")
+HOPPER_CASES = [  # (batch, hq, hkv, d, page_size, max_pages, seq_lens)
+    (3, 32, 8, 128, 16, 130, [2000, 1, 0]),
+    (2, 16, 1, 64, 1, 700, [700, 129]),
+    (4, 4, 4, 128, 128, 9, [1100, 128, 127, 5]),
+    (1, 12, 4, 64, 5, 50, [249]),
+]
+
+
+@requires_hopper
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("case", HOPPER_CASES, ids=[f"b{c[0]}-hq{c[1]}-hkv{c[2]}-d{c[3]}-page{c[4]}" for c in HOPPER_CASES])
+def test_gluon_and_triton_kernels_match_eager_on_hopper(recipe, case):
+    """Both CUDA kernels, called directly (the op picks Gluon for these shapes on SM90)."""
+    from torch_fp4kv.ops import gluon_decode, triton_decode
+
+    batch, hq, hkv, d, page, max_pages, lens = case
+    (q, *cache), _ = _problem(recipe, batch, hq, hkv, d, page, max_pages, lens, device="cuda")
+    k_data, k_scales, v_data, v_scales, table, seq_lens, page, _, k_g, v_g = cache
+    assert gluon_decode.supported(q, hkv, get_format(recipe)) == (recipe != "mxfp4" or d != 64)  # 2 scale bytes a row
+    outputs = []
+    kernels = [eager.decode_attention, triton_decode.decode_with_triton_kernel]
+    if gluon_decode.supported(q, hkv, get_format(recipe)):
+        kernels.append(gluon_decode.decode_attention)
+    for kernel in kernels:
+        out = torch.empty_like(q)
+        kernel(out, q, k_data, k_scales, v_data, v_scales, table, seq_lens, page, get_format(recipe), d ** -0.5, k_g, v_g)
+        outputs.append(out.float())
+    for actual in outputs[1:]:
+        torch.testing.assert_close(actual, outputs[0], atol=2e-2, rtol=2e-2)
 
 
 @requires_cuda

@@ -1,0 +1,364 @@
+"""Paged FP4 decode attention for Hopper (SM90), written in Gluon: Triton's language with explicit layouts.
+
+The Triton kernel (triton_decode.py) cannot choose where values live, and its values reach the
+tensor cores through a decoded round trip in shared memory (64 KB per 128-position tile) that
+ncu showed it waiting on. Here each layout is chosen by hand:
+
+- packed K/V tiles and their scale bytes are copied into shared memory with cp.async, one tile
+  ahead of the one being computed (double buffering), so the loads overlap the math;
+- keys are read so that each thread holds the bytes of its own wgmma A fragment and are decoded
+  straight into the registers the tensor cores read (scores = K q^T, positions on the long side);
+- values are decoded once into shared memory, where wgmma reads V^T itself (out^T = V^T p);
+- NVFP4 codes decode through FP8: a code's bits placed in an E4M3 byte give its value / 2^6
+  exactly (the subnormal 0.5 too), SM89's cvt turns two of them into fp16, and one packed
+  multiply by scale * 2^6 applies the block scale. E8M0 recipes use triton_decode's bf16 decode.
+
+It serves head_dim 64 and 128 (not MXFP4 at 64) with up to 16 query heads per KV head (query heads are padded to 16,
+the wgmma tile's side); other shapes and GPUs run the Triton kernel. Splits, the merge kernel and
+the output layout are the Triton kernel's. The kernel compiles with Triton 3.6 (PyTorch 2.11's)
+and later, whose Gluon renamed two builtins (the aliases below).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import async_copy, fence_async_shared, warpgroup_mma
+
+from .formats import FP4Format, ScaleRule
+from .triton_decode import _E8M0_DECODE_PTX, _MERGE_SPLITS_PER_STEP, _merge_splits_kernel, _sm_count
+from .triton_kernels import global_scale_pair
+
+async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+
+HEAD_DIMS = (64, 128)
+MAX_GROUP = 16  # query heads per KV head: the padded side of the score tile
+BLOCK_N = 128  # context positions per tile
+STAGES = 2  # shared-memory buffers of packed tiles: 2 measured faster than 3 and 4 (H100, README)
+# Programs one SM holds at head_dim 128 (188 registers per thread, 78 KB of shared memory), for
+# sizing the splits to whole rounds of the GPU.
+PROGRAMS_PER_SM = 2
+_NUM_WARPS = gl.constexpr(4)  # one warpgroup: the wgmma unit
+
+# Operands $4: four packed bytes (eight codes); $5, $6: the block scales * 2^6 of bytes 0-1 and 2-3
+# as fp16 pairs. Results as in triton_decode._decode_ptx: $0 $1 the even codes of bytes 0-1, 2-3,
+# $2 $3 the odd ones. A code s,e1,e0,m goes to E4M3 bits s......e1e0m.. (sign to bit 7, the rest
+# to bits 4..2): E4M3's exponent bias 7 against E2M1's 1 makes it value / 2^6, and code 1 (0.5) a
+# subnormal E4M3 of the same ratio. Scaled values have at most 6 significant bits and lie in
+# [2^-10, 2688]: every step is exact in fp16.
+_NVFP4_DECODE_PTX = gl.constexpr("""{
+.reg .b32 a, b, even, odd;
+.reg .b16 even01, even23, odd01, odd23;
+shl.b32 a, $4, 2;
+and.b32 a, a, 0x1C1C1C1C;
+shl.b32 b, $4, 4;
+and.b32 b, b, 0x80808080;
+or.b32 even, a, b;
+shr.b32 a, $4, 2;
+and.b32 a, a, 0x1C1C1C1C;
+and.b32 b, $4, 0x80808080;
+or.b32 odd, a, b;
+mov.b32 {even01, even23}, even;
+mov.b32 {odd01, odd23}, odd;
+cvt.rn.f16x2.e4m3x2 $0, even01;
+cvt.rn.f16x2.e4m3x2 $1, even23;
+cvt.rn.f16x2.e4m3x2 $2, odd01;
+cvt.rn.f16x2.e4m3x2 $3, odd23;
+mul.rn.f16x2 $0, $0, $5;
+mul.rn.f16x2 $1, $1, $6;
+mul.rn.f16x2 $2, $2, $5;
+mul.rn.f16x2 $3, $3, $6;
+}""")
+_E8M0_PTX = gl.constexpr(_E8M0_DECODE_PTX.value)
+
+
+def supported(q: torch.Tensor, kv_heads: int, fmt: FP4Format) -> bool:
+    """Whether this kernel serves the call: a Hopper GPU (wgmma is SM90-only) and its shapes. A
+    row's scale bytes must make one cp.async of at least 4 bytes (not MXFP4 at head_dim 64)."""
+    batch, hq, d = q.shape
+    return (q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) == (9, 0)
+            and d in HEAD_DIMS and hq // kv_heads <= MAX_GROUP and d // fmt.block_size >= 4)
+
+
+@functools.lru_cache(maxsize=None)
+def num_splits(batch: int, kv_heads: int, max_len: int, programs: int) -> int:
+    """Splits of the context that finish soonest on a GPU running `programs` at once.
+
+    Each program takes whole 128-position tiles plus about one tile's worth of start-up (its first
+    copies, the query, the output); programs run in rounds of `programs`, so the time is rounds x
+    (tiles per split + 1). Ties go to fewer splits (less to merge). 32 x 8k on the H100 (264 at
+    once) gets 1 split, 8 x 8k 4, 1 x 1k 8. From static sizes only: one CUDA graph serves all."""
+    pairs, tiles = max(1, batch * kv_heads), triton.cdiv(max(max_len, 1), BLOCK_N)
+
+    def cost(splits: int) -> tuple[int, int]:
+        return triton.cdiv(pairs * splits, programs) * (triton.cdiv(tiles, splits) + 1), splits
+
+    return min(range(1, tiles + 1), key=cost)
+
+
+def splits_for(batch: int, kv_heads: int, max_len: int, device: torch.device) -> int:
+    """num_splits for this kernel on `device`."""
+    return num_splits(batch, kv_heads, max_len, _sm_count(device) * PROGRAMS_PER_SM)
+
+
+@gluon.constexpr_function
+def _bits(x):
+    return x.bit_length() - 1
+
+
+@gluon.constexpr_function
+def _byte_basis(byte, HB):
+    """Coordinates in a [rows, blocks, bytes of a block] tile of the row's byte `byte` (a power of two)."""
+    return [0, byte // HB, 0] if byte >= HB else [0, 0, byte]
+
+
+@gluon.constexpr_function
+def _key_bytes_layout(N, D, HB):
+    """Packed keys [N, D/(2 HB), HB] as wgmma's A fragments need them: the thread that holds rows
+    r and r + 8 of a 16-row slab (r = lane / 4, slab = warp, 64-row halves in registers) holds D/8
+    adjacent bytes of each, starting at byte D/8 * (lane % 4). _key_columns reorders them."""
+    chunk = D // 8
+    regs = [_byte_basis(1 << b, HB) for b in range(_bits(chunk))] + [[8, 0, 0]]
+    regs += [[64 << r, 0, 0] for r in range(_bits(N // 64))]
+    lanes = [_byte_basis(chunk, HB), _byte_basis(2 * chunk, HB), [1, 0, 0], [2, 0, 0], [4, 0, 0]]
+    return gl.DistributedLinearLayout(regs, lanes, [[16, 0, 0], [32, 0, 0]], [], [N, D // (2 * HB), HB])
+
+
+@gluon.constexpr_function
+def _value_bytes_layout(N, D, HB):
+    """Packed values [N, D/(2 HB), HB]: 16 adjacent bytes per thread, a row's threads adjacent."""
+    regs = [_byte_basis(1 << b, HB) for b in range(4)]
+    lanes = [_byte_basis(16 << b, HB) for b in range(_bits(D // 32))]
+    rows = 1
+    while len(lanes) < 5:
+        lanes.append([rows, 0, 0])
+        rows *= 2
+    warps = [[rows, 0, 0], [2 * rows, 0, 0]]
+    rows *= 4
+    while rows < N:
+        regs.append([rows, 0, 0])
+        rows *= 2
+    return gl.DistributedLinearLayout(regs, lanes, warps, [], [N, D // (2 * HB), HB])
+
+
+@gluon.jit
+def _key_columns(x, N: gl.constexpr, D: gl.constexpr):
+    """[N, D/(2 HB), HB] pair columns in byte order -> [N, D/2] in the A fragment's k order: column
+    16 s + 8 h + 2 c + e holds byte D/8 c + 4 s + 2 h + e (triton_decode._key_pair_order), so the
+    layout becomes wgmma's A operand layout without moving data."""
+    x = gl.reshape(x, [N, 4, D // 32, 2, 2])
+    return gl.reshape(gl.permute(x, [0, 2, 3, 1, 4]), [N, D // 2])
+
+
+@gluon.jit
+def _block_scales(byte, E4M3_SCALES: gl.constexpr):
+    """Scale bytes -> the operand the decode multiplies by: E4M3 * 2^6 as fp16, E8M0 as bf16."""
+    if E4M3_SCALES:
+        scale = byte.to(gl.float8e4nv, bitcast=True).to(gl.float16) * 64.0
+    else:
+        b = byte.to(gl.int32)
+        bits = gl.where(b == 0, 0x40, gl.where(b == 255, 0x7FC0, b << 7))  # byte 0: subnormal 2^-127
+        scale = bits.to(gl.int16).to(gl.bfloat16, bitcast=True)
+    return scale
+
+
+@gluon.jit
+def _decode_tile(data_smem, scales_smem, layout: gl.constexpr, D: gl.constexpr, BS: gl.constexpr,
+                 E4M3_SCALES: gl.constexpr):
+    """A staged tile (bytes [N, D/2] and scale bytes [N, D/BS] in shared memory) -> its even and
+    odd elements, [N, D/BS, BS/2] each in `layout`, exact in 16 bits."""
+    N: gl.constexpr = data_smem.shape[0]
+    packed = data_smem.reshape([N, D // BS, BS // 2]).load(layout)
+    scale = _block_scales(scales_smem.load(gl.SliceLayout(2, layout)), E4M3_SCALES)
+    scale = gl.broadcast(gl.expand_dims(scale, 2), packed)[0]
+    if E4M3_SCALES:
+        even, odd = gl.inline_asm_elementwise(_NVFP4_DECODE_PTX, "=r,=r,=r,=r,r,r,r", [packed, scale],
+                                              dtype=(gl.float16, gl.float16), is_pure=True, pack=4)
+    else:
+        even, odd = gl.inline_asm_elementwise(_E8M0_PTX, "=r,=r,=r,=r,r,r,r", [packed, scale],
+                                              dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=4)
+    return even, odd
+
+
+@gluon.jit
+def _stage_tile(n0, end, b, kv_head, block_table_ptr, max_pages, k_data_ptr, k_scales_ptr, v_data_ptr,
+                v_scales_ptr, stage, kd_smem, ks_smem, vd_smem, vs_smem,
+                HKV: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, PAGE: gl.constexpr, N: gl.constexpr):
+    """Start copying the K and V bytes and scales of positions [n0, n0 + N) into buffer `stage`
+    (positions from `end` on read as zeros)."""
+    NB: gl.constexpr = D // BS
+    CHUNKS: gl.constexpr = D // 32  # 16-byte copies per row
+    bytes_layout: gl.constexpr = gl.BlockedLayout([1, 16], [32 // CHUNKS, CHUNKS], [_NUM_WARPS, 1], [1, 0])
+    scales_layout: gl.constexpr = gl.BlockedLayout([1, NB], [32, 1], [_NUM_WARPS, 1], [1, 0])
+    rows = _cache_rows(n0, end, b, kv_head, block_table_ptr, max_pages, HKV, PAGE, gl.SliceLayout(1, bytes_layout), N)
+    cols = gl.arange(0, D // 2, layout=gl.SliceLayout(0, bytes_layout))
+    offsets = gl.expand_dims(rows, 1) * (D // 2) + gl.expand_dims(cols, 0)
+    mask = gl.expand_dims(rows >= 0, 1)
+    async_load(kd_smem.index(stage), k_data_ptr + offsets, mask=mask)
+    async_load(vd_smem.index(stage), v_data_ptr + offsets, mask=mask)
+    rows = _cache_rows(n0, end, b, kv_head, block_table_ptr, max_pages, HKV, PAGE, gl.SliceLayout(1, scales_layout), N)
+    cols = gl.arange(0, NB, layout=gl.SliceLayout(0, scales_layout))
+    offsets = gl.expand_dims(rows, 1) * NB + gl.expand_dims(cols, 0)
+    mask = gl.expand_dims(rows >= 0, 1)
+    async_load(ks_smem.index(stage), k_scales_ptr + offsets, mask=mask)
+    async_load(vs_smem.index(stage), v_scales_ptr + offsets, mask=mask)
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _cache_rows(n0, end, b, kv_head, block_table_ptr, max_pages, HKV: gl.constexpr, PAGE: gl.constexpr,
+                layout: gl.constexpr, N: gl.constexpr):
+    """Cache row (slot * HKV + kv_head) of positions n0 .. n0 + N - 1 through the page table; -1 from `end` on."""
+    pos = n0 + gl.arange(0, N, layout=layout)
+    valid = pos < end
+    page = gl.load(block_table_ptr + b.to(gl.int64) * max_pages + pos // PAGE, mask=valid, other=0)
+    return gl.where(valid, (page.to(gl.int64) * PAGE + pos % PAGE) * HKV + kv_head, -1)
+
+
+@gluon.jit
+def _decode_split_kernel(
+    q_ptr, k_data_ptr, k_scales_ptr, v_data_ptr, v_scales_ptr, k_g_ptr, v_g_ptr,
+    block_table_ptr, seq_lens_ptr, partial_out_ptr, partial_lse_ptr,
+    sm_scale, max_pages, positions_per_split,
+    HQ: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, PAGE: gl.constexpr,
+    E4M3_SCALES: gl.constexpr, HAS_G: gl.constexpr, GROUP: gl.constexpr, GROUP_PAD: gl.constexpr,
+    N: gl.constexpr, NUM_SPLITS: gl.constexpr, STAGES: gl.constexpr,
+):
+    """One (sequence, KV head, split): the online softmax of triton_decode._decode_split_kernel."""
+    if E4M3_SCALES:
+        dtype: gl.constexpr = gl.float16
+    else:
+        dtype: gl.constexpr = gl.bfloat16
+    b = gl.program_id(0)
+    kv_head = gl.program_id(1)
+    split = gl.program_id(2)
+    seq_len = gl.minimum(gl.load(seq_lens_ptr + b), max_pages * PAGE)
+    start = split * positions_per_split
+    end = gl.minimum(start + positions_per_split, seq_len)
+
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[_NUM_WARPS, 1],
+                                                  instr_shape=[16, GROUP_PAD, 16])
+    key_operand: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    key_layout: gl.constexpr = _key_bytes_layout(N, D, BS // 2)
+    value_layout: gl.constexpr = _value_bytes_layout(N, D, BS // 2)
+    raw: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    kd_smem = gl.allocate_shared_memory(gl.uint8, [STAGES, N, D // 2], raw)
+    vd_smem = gl.allocate_shared_memory(gl.uint8, [STAGES, N, D // 2], raw)
+    ks_smem = gl.allocate_shared_memory(gl.uint8, [STAGES, N, D // BS], raw)
+    vs_smem = gl.allocate_shared_memory(gl.uint8, [STAGES, N, D // BS], raw)
+    for i in gl.static_range(STAGES - 1):
+        _stage_tile(start + i * N, end, b, kv_head, block_table_ptr, max_pages, k_data_ptr, k_scales_ptr, v_data_ptr,
+                    v_scales_ptr, i, kd_smem, ks_smem, vd_smem, vs_smem, HKV, D, BS, PAGE, N)
+
+    # q^T's even and odd elements in the keys' column order: the B operands of the two score products.
+    q_layout: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [_NUM_WARPS, 1], [1, 0])
+    k = gl.arange(0, D // 2, layout=gl.SliceLayout(1, q_layout))
+    head = gl.arange(0, GROUP_PAD, layout=gl.SliceLayout(0, q_layout))
+    pair = (k // 2 % 4) * (D // 8) + (k // 16) * 4 + (k // 8 % 2) * 2 + k % 2
+    q_offsets = gl.expand_dims((b * HQ + kv_head * GROUP + head).to(gl.int64) * D, 0) + gl.expand_dims(2 * pair, 1)
+    q_mask = gl.expand_dims(head < GROUP, 0)
+    q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D // 2, GROUP_PAD], dtype)
+    q_even = gl.allocate_shared_memory(dtype, [D // 2, GROUP_PAD], q_smem_layout,
+                                       gl.load(q_ptr + q_offsets, mask=q_mask, other=0.0).to(dtype))
+    q_odd = gl.allocate_shared_memory(dtype, [D // 2, GROUP_PAD], q_smem_layout,
+                                      gl.load(q_ptr + q_offsets + 1, mask=q_mask, other=0.0).to(dtype))
+    p_smem = gl.allocate_shared_memory(dtype, [N, GROUP_PAD], gl.NVMMASharedLayout.get_default_for([N, GROUP_PAD], dtype))
+    v_smem = gl.allocate_shared_memory(dtype, [N, D], gl.NVMMASharedLayout.get_default_for([N, D], dtype))
+    fence_async_shared()
+
+    if HAS_G:
+        k_g = gl.load(k_g_ptr)
+        v_g = gl.load(v_g_ptr)
+    else:
+        k_g = 1.0
+        v_g = 1.0
+    score_scale = sm_scale * k_g * 1.4426950408889634  # softmax in base 2
+
+    m = gl.full([GROUP_PAD], float("-inf"), gl.float32, layout=gl.SliceLayout(0, mma))
+    l_acc = gl.zeros([N, GROUP_PAD], gl.float32, layout=mma)  # softmax denominators per position
+    acc = gl.zeros([D, GROUP_PAD], gl.float32, layout=mma)  # out^T
+    tile = 0
+    for n0 in range(start, end, N):
+        stage = tile % STAGES
+        async_copy.wait_group(STAGES - 2)
+        barrier()  # every thread's copies of this tile have landed, and the buffer refilled next is free
+        _stage_tile(n0 + (STAGES - 1) * N, end, b, kv_head, block_table_ptr, max_pages, k_data_ptr, k_scales_ptr,
+                    v_data_ptr, v_scales_ptr, (tile + STAGES - 1) % STAGES, kd_smem, ks_smem, vd_smem, vs_smem,
+                    HKV, D, BS, PAGE, N)
+
+        k_even, k_odd = _decode_tile(kd_smem.index(stage), ks_smem.index(stage), key_layout, D, BS, E4M3_SCALES)
+        k_even = gl.convert_layout(_key_columns(k_even, N, D), key_operand)  # same registers, no data moves
+        k_odd = gl.convert_layout(_key_columns(k_odd, N, D), key_operand)
+        scores = warpgroup_mma(k_even, q_even, gl.zeros([N, GROUP_PAD], gl.float32, layout=mma), use_acc=False)
+        scores = warpgroup_mma(k_odd, q_odd, scores)
+        pos = n0 + gl.arange(0, N, layout=gl.SliceLayout(1, mma))
+        scores = gl.where(gl.expand_dims(pos < end, 1), scores * score_scale, float("-inf"))
+        m_new = gl.maximum(m, gl.max(scores, axis=0))
+        alpha = gl.exp2(m - m_new)
+        p = gl.exp2(scores - gl.expand_dims(m_new, 0))
+        l_acc = l_acc * gl.expand_dims(alpha, 0) + p
+
+        v_even, v_odd = _decode_tile(vd_smem.index(stage), vs_smem.index(stage), value_layout, D, BS, E4M3_SCALES)
+        v = gl.reshape(gl.join(gl.reshape(v_even, [N, D // 2]), gl.reshape(v_odd, [N, D // 2])), [N, D])
+        v_smem.store(v)
+        p_smem.store(p.to(dtype))
+        fence_async_shared()
+        barrier()
+        acc = warpgroup_mma(v_smem.permute((1, 0)), p_smem, acc * gl.expand_dims(alpha, 0))
+        m = m_new
+        tile += 1
+    async_copy.wait_group(0)
+
+    # This split's partial result: out = acc^T / l (times the V global scale), lse in base 2; with
+    # one split it is the output itself.
+    l = gl.sum(l_acc, axis=0)
+    safe_l = gl.where(l > 0, l, 1.0) / v_g
+    head = gl.arange(0, GROUP_PAD, layout=gl.SliceLayout(0, mma))
+    base = (b * HQ + kv_head * GROUP + head).to(gl.int64) * NUM_SPLITS + split
+    dims = gl.arange(0, D, layout=gl.SliceLayout(1, mma))
+    gl.store(partial_out_ptr + gl.expand_dims(base, 0) * D + gl.expand_dims(dims, 1),
+             (acc / gl.expand_dims(safe_l, 0)).to(partial_out_ptr.dtype.element_ty),
+             mask=gl.expand_dims(head < GROUP, 0))
+    if NUM_SPLITS > 1:
+        gl.store(partial_lse_ptr + base, gl.where(l > 0, m + gl.log2(l), float("-inf")), mask=head < GROUP)
+
+
+def decode_attention(out, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size,
+                     fmt: FP4Format, sm_scale, k_global_scale=None, v_global_scale=None):
+    batch, hq, d = q.shape
+    hkv = k_data.shape[1]
+    q = q.contiguous()
+    block_table = block_table.contiguous()
+    max_pages = block_table.shape[1]
+    max_len = max_pages * page_size
+    splits = splits_for(batch, hkv, max_len, q.device)
+    tiles_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), BLOCK_N), splits)
+    splits = triton.cdiv(triton.cdiv(max(max_len, 1), BLOCK_N), tiles_per_split)  # none left empty
+    if splits == 1:  # the split kernel writes out itself and stores no log-sum-exp
+        partial_out, partial_lse = out, out
+    else:
+        partial_out = torch.empty((batch, hq, splits, d), dtype=torch.float32, device=q.device)
+        partial_lse = torch.empty((batch, hq, splits), dtype=torch.float32, device=q.device)
+    group = hq // hkv
+    k_global_scale, v_global_scale = global_scale_pair(k_global_scale, v_global_scale, q.device)
+    has_g = k_global_scale is not None
+    _decode_split_kernel[(batch, hkv, splits)](
+        q, k_data, k_scales.view(torch.uint8), v_data, v_scales.view(torch.uint8),
+        k_global_scale if has_g else q, v_global_scale if has_g else q,
+        block_table, seq_lens, partial_out, partial_lse,
+        sm_scale, max_pages, tiles_per_split * BLOCK_N,
+        HQ=hq, HKV=hkv, D=d, BS=fmt.block_size, PAGE=page_size,
+        E4M3_SCALES=fmt.scale_rule is ScaleRule.E4M3_AMAX_OVER_6G, HAS_G=has_g,
+        GROUP=group, GROUP_PAD=MAX_GROUP, N=BLOCK_N, NUM_SPLITS=splits, STAGES=STAGES,
+        num_warps=_NUM_WARPS.value,
+    )
+    if splits > 1:
+        _merge_splits_kernel[(batch * hq,)](
+            partial_out, partial_lse, out, D=d, NUM_SPLITS=splits,
+            SPLITS_PER_STEP=min(_MERGE_SPLITS_PER_STEP, triton.next_power_of_2(splits)),
+        )
