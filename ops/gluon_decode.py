@@ -13,10 +13,11 @@ ncu showed it waiting on. Here each layout is chosen by hand:
   exactly (the subnormal 0.5 too), SM89's cvt turns two of them into fp16, and one packed
   multiply by scale * 2^6 applies the block scale. E8M0 recipes use triton_decode's bf16 decode.
 
-It serves head_dim 64 and 128 (not MXFP4 at 64) with up to 16 query heads per KV head (query heads are padded to 16,
-the wgmma tile's side); other shapes and GPUs run the Triton kernel. Splits, the merge kernel and
-the output layout are the Triton kernel's. The kernel compiles with Triton 3.6 (PyTorch 2.11's)
-and later, whose Gluon renamed two builtins (the aliases below).
+Tiles are 64 positions, so four or five programs share an SM. It serves head_dim 64 and 128 (not
+MXFP4 at 64) with up to 16 query heads per KV head (padded to 8 or 16, a wgmma tile's side);
+other shapes and GPUs run the Triton kernel, whose merge kernel and partial-output layout this one
+shares. It runs with Triton 3.6 (PyTorch 2.11's; measured there) and compiles with 3.9, whose
+Gluon renamed two builtins (the aliases below).
 """
 
 from __future__ import annotations
@@ -37,12 +38,17 @@ async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_gl
 barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
 HEAD_DIMS = (64, 128)
-MAX_GROUP = 16  # query heads per KV head: the padded side of the score tile
-BLOCK_N = 128  # context positions per tile
+MAX_GROUP = 16  # query heads per KV head
+# Context positions per tile. 64 rather than 128: a program then needs 77 registers per thread and
+# 38 KB of shared memory instead of 154 and 74 KB, five share an SM instead of two, and the H100
+# measured 32 x 8k NVFP4 in 153 us instead of 171 (README).
+BLOCK_N = 64
 STAGES = 2  # shared-memory buffers of packed tiles: 2 measured faster than 3 and 4 (H100, README)
-# Programs one SM holds at head_dim 128 (188 registers per thread, 78 KB of shared memory), for
-# sizing the splits to whole rounds of the GPU.
-PROGRAMS_PER_SM = 2
+# Programs an SM holds at least (head_dim 128: 77 to 127 registers per thread by recipe and padded
+# heads, 37 to 41 KB): sizes the splits to whole rounds of the GPU.
+PROGRAMS_PER_SM = 4
+# At most this many splits: 1 x 32k ran slower in 82 splits of 400 positions than in 32 (H100).
+MAX_SPLITS = 32
 _NUM_WARPS = gl.constexpr(4)  # one warpgroup: the wgmma unit
 
 # Operands $4: four packed bytes (eight codes); $5, $6: the block scales * 2^6 of bytes 0-1 and 2-3
@@ -87,18 +93,24 @@ def supported(q: torch.Tensor, kv_heads: int, fmt: FP4Format) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def num_splits(batch: int, kv_heads: int, max_len: int, programs: int) -> int:
-    """Splits of the context that finish soonest on a GPU running `programs` at once.
+    """Splits of the context (at most MAX_SPLITS) that finish soonest on a GPU running `programs` at once.
 
-    Each program takes whole 128-position tiles plus about one tile's worth of start-up (its first
-    copies, the query, the output); programs run in rounds of `programs`, so the time is rounds x
-    (tiles per split + 1). Ties go to fewer splits (less to merge). 32 x 8k on the H100 (264 at
-    once) gets 1 split, 8 x 8k 4, 1 x 1k 8. From static sizes only: one CUDA graph serves all."""
+    Each program takes whole tiles plus about one tile's worth of start-up (its first copies, the
+    query, the output); programs run in rounds of `programs`, so the time is rounds x (tiles per
+    split + 1). Ties go to fewer splits (less to merge). On the H100 with 8 KV heads (528 programs
+    at once): 32 x 8k gets 2 splits, 8 x 8k 8, 1 x 1k 16. From static sizes only: one CUDA graph
+    serves every sequence length."""
     pairs, tiles = max(1, batch * kv_heads), triton.cdiv(max(max_len, 1), BLOCK_N)
 
     def cost(splits: int) -> tuple[int, int]:
         return triton.cdiv(pairs * splits, programs) * (triton.cdiv(tiles, splits) + 1), splits
 
-    return min(range(1, tiles + 1), key=cost)
+    return min(range(1, min(tiles, MAX_SPLITS) + 1), key=cost)
+
+
+def group_pad(group: int) -> int:
+    """Query heads per KV head padded to a wgmma tile side (8 or 16)."""
+    return max(8, triton.next_power_of_2(group))
 
 
 def splits_for(batch: int, kv_heads: int, max_len: int, device: torch.device) -> int:
@@ -255,19 +267,22 @@ def _decode_split_kernel(
         _stage_tile(start + i * N, end, b, kv_head, block_table_ptr, max_pages, k_data_ptr, k_scales_ptr, v_data_ptr,
                     v_scales_ptr, i, kd_smem, ks_smem, vd_smem, vs_smem, HKV, D, BS, PAGE, N)
 
-    # q^T's even and odd elements in the keys' column order: the B operands of the two score products.
+    # q's even and odd elements in the keys' column order: the B operands of the two score
+    # products, stored [heads, k] and read through transposed views (wgmma's plainest B layout; an
+    # [k, 8] one read out of bounds on Triton 3.6).
     q_layout: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [_NUM_WARPS, 1], [1, 0])
-    k = gl.arange(0, D // 2, layout=gl.SliceLayout(1, q_layout))
-    head = gl.arange(0, GROUP_PAD, layout=gl.SliceLayout(0, q_layout))
+    head = gl.arange(0, GROUP_PAD, layout=gl.SliceLayout(1, q_layout))
+    k = gl.arange(0, D // 2, layout=gl.SliceLayout(0, q_layout))
     pair = (k // 2 % 4) * (D // 8) + (k // 16) * 4 + (k // 8 % 2) * 2 + k % 2
-    q_offsets = gl.expand_dims((b * HQ + kv_head * GROUP + head).to(gl.int64) * D, 0) + gl.expand_dims(2 * pair, 1)
-    q_mask = gl.expand_dims(head < GROUP, 0)
-    q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D // 2, GROUP_PAD], dtype)
-    q_even = gl.allocate_shared_memory(dtype, [D // 2, GROUP_PAD], q_smem_layout,
+    q_offsets = gl.expand_dims((b * HQ + kv_head * GROUP + head).to(gl.int64) * D, 1) + gl.expand_dims(2 * pair, 0)
+    q_mask = gl.expand_dims(head < GROUP, 1)
+    q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([GROUP_PAD, D // 2], dtype)
+    q_even = gl.allocate_shared_memory(dtype, [GROUP_PAD, D // 2], q_smem_layout,
                                        gl.load(q_ptr + q_offsets, mask=q_mask, other=0.0).to(dtype))
-    q_odd = gl.allocate_shared_memory(dtype, [D // 2, GROUP_PAD], q_smem_layout,
+    q_odd = gl.allocate_shared_memory(dtype, [GROUP_PAD, D // 2], q_smem_layout,
                                       gl.load(q_ptr + q_offsets + 1, mask=q_mask, other=0.0).to(dtype))
-    p_smem = gl.allocate_shared_memory(dtype, [N, GROUP_PAD], gl.NVMMASharedLayout.get_default_for([N, GROUP_PAD], dtype))
+    p_smem = gl.allocate_shared_memory(dtype, [GROUP_PAD, N],
+                                       gl.NVMMASharedLayout.get_default_for([GROUP_PAD, N], dtype))
     v_smem = gl.allocate_shared_memory(dtype, [N, D], gl.NVMMASharedLayout.get_default_for([N, D], dtype))
     fence_async_shared()
 
@@ -294,8 +309,9 @@ def _decode_split_kernel(
         k_even, k_odd = _decode_tile(kd_smem.index(stage), ks_smem.index(stage), key_layout, D, BS, E4M3_SCALES)
         k_even = gl.convert_layout(_key_columns(k_even, N, D), key_operand)  # same registers, no data moves
         k_odd = gl.convert_layout(_key_columns(k_odd, N, D), key_operand)
-        scores = warpgroup_mma(k_even, q_even, gl.zeros([N, GROUP_PAD], gl.float32, layout=mma), use_acc=False)
-        scores = warpgroup_mma(k_odd, q_odd, scores)
+        zeros = gl.zeros([N, GROUP_PAD], gl.float32, layout=mma)
+        scores = warpgroup_mma(k_even, q_even.permute((1, 0)), zeros, use_acc=False)
+        scores = warpgroup_mma(k_odd, q_odd.permute((1, 0)), scores)
         pos = n0 + gl.arange(0, N, layout=gl.SliceLayout(1, mma))
         scores = gl.where(gl.expand_dims(pos < end, 1), scores * score_scale, float("-inf"))
         m_new = gl.maximum(m, gl.max(scores, axis=0))
@@ -306,10 +322,10 @@ def _decode_split_kernel(
         v_even, v_odd = _decode_tile(vd_smem.index(stage), vs_smem.index(stage), value_layout, D, BS, E4M3_SCALES)
         v = gl.reshape(gl.join(gl.reshape(v_even, [N, D // 2]), gl.reshape(v_odd, [N, D // 2])), [N, D])
         v_smem.store(v)
-        p_smem.store(p.to(dtype))
+        p_smem.store(gl.permute(p.to(dtype), [1, 0]))
         fence_async_shared()
         barrier()
-        acc = warpgroup_mma(v_smem.permute((1, 0)), p_smem, acc * gl.expand_dims(alpha, 0))
+        acc = warpgroup_mma(v_smem.permute((1, 0)), p_smem.permute((1, 0)), acc * gl.expand_dims(alpha, 0))
         m = m_new
         tile += 1
     async_copy.wait_group(0)
@@ -336,6 +352,7 @@ def decode_attention(out, q, k_data, k_scales, v_data, v_scales, block_table, se
     block_table = block_table.contiguous()
     max_pages = block_table.shape[1]
     max_len = max_pages * page_size
+    group = hq // hkv
     splits = splits_for(batch, hkv, max_len, q.device)
     tiles_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), BLOCK_N), splits)
     splits = triton.cdiv(triton.cdiv(max(max_len, 1), BLOCK_N), tiles_per_split)  # none left empty
@@ -344,7 +361,6 @@ def decode_attention(out, q, k_data, k_scales, v_data, v_scales, block_table, se
     else:
         partial_out = torch.empty((batch, hq, splits, d), dtype=torch.float32, device=q.device)
         partial_lse = torch.empty((batch, hq, splits), dtype=torch.float32, device=q.device)
-    group = hq // hkv
     k_global_scale, v_global_scale = global_scale_pair(k_global_scale, v_global_scale, q.device)
     has_g = k_global_scale is not None
     _decode_split_kernel[(batch, hkv, splits)](
@@ -354,7 +370,7 @@ def decode_attention(out, q, k_data, k_scales, v_data, v_scales, block_table, se
         sm_scale, max_pages, tiles_per_split * BLOCK_N,
         HQ=hq, HKV=hkv, D=d, BS=fmt.block_size, PAGE=page_size,
         E4M3_SCALES=fmt.scale_rule is ScaleRule.E4M3_AMAX_OVER_6G, HAS_G=has_g,
-        GROUP=group, GROUP_PAD=MAX_GROUP, N=BLOCK_N, NUM_SPLITS=splits, STAGES=STAGES,
+        GROUP=group, GROUP_PAD=group_pad(group), N=BLOCK_N, NUM_SPLITS=splits, STAGES=STAGES,
         num_warps=_NUM_WARPS.value,
     )
     if splits > 1:

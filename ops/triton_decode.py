@@ -308,11 +308,13 @@ def num_splits(batch: int, kv_heads: int, max_len: int, device: torch.device, wa
 
 def _hopper_kernel(q: torch.Tensor, kv_heads: int, fmt: FP4Format):
     """gluon_decode if it serves this call (an SM90 GPU, head_dim 64/128, <= 16 query heads per KV
-    head, see gluon_decode.supported), else None. Gluon ships with the Triton of every PyTorch that has SM90 wheels (2.6+)."""
+    head: gluon_decode.supported), else None, as with a Triton too old to have Gluon's Hopper API."""
     if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
         return None
-    from . import gluon_decode
-
+    try:
+        from . import gluon_decode
+    except ImportError:
+        return None
     return gluon_decode if gluon_decode.supported(q, kv_heads, fmt) else None
 
 
@@ -325,8 +327,8 @@ def decode_attention(out, q, k_data, k_scales, v_data, v_scales, block_table, se
         k_global_scale, v_global_scale)
 
 
-def decode_with_triton_kernel(out, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size,
-                              fmt: FP4Format, sm_scale, k_global_scale=None, v_global_scale=None):
+def decode_with_triton_kernel(out, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens,
+                              page_size, fmt: FP4Format, sm_scale, k_global_scale=None, v_global_scale=None):
     batch, hq, d = q.shape
     hkv = k_data.shape[1]
     # On CPU tensors (the Triton interpreter, in CI) bf16 casts and arithmetic are not faithful:

@@ -203,12 +203,14 @@ def test_one_split_writes_the_output_without_a_merge_on_gpu(backend, recipe):
 
 
 def test_gluon_split_count_takes_whole_rounds_of_the_gpu():
-    """Gluon kernel: the fewest splits that finish in the fewest rounds x (tiles + 1), 264 programs at once."""
+    """Gluon kernel: the fewest splits (at most 32) that finish in the fewest rounds x (tiles + 1)
+    of 64 positions, for an H100 running 528 programs at once."""
     gluon_decode = pytest.importorskip("torch_fp4kv.ops.gluon_decode")
-    assert gluon_decode.num_splits(32, 8, 8192, 264) == 1  # 256 programs: one round of 64 tiles
-    assert gluon_decode.num_splits(8, 8, 8192, 264) == 4  # 256 programs of 16 tiles
-    assert gluon_decode.num_splits(1, 8, 1024, 264) == 8  # one tile each
-    assert gluon_decode.num_splits(16, 8, 512, 264) == 2 and gluon_decode.num_splits(17, 8, 512, 264) == 1
+    assert gluon_decode.num_splits(32, 8, 8192, 528) == 2  # 512 programs of 64 tiles: one round
+    assert gluon_decode.num_splits(8, 8, 8192, 528) == 8  # 512 programs of 16 tiles
+    assert gluon_decode.num_splits(1, 8, 1024, 528) == 16  # one tile each
+    assert gluon_decode.num_splits(1, 8, 32768, 528) == 32  # capped
+    assert gluon_decode.num_splits(128, 8, 8192, 528) == 1  # two rounds of 128 tiles beat more splits
 
 
 requires_hopper = pytest.mark.skipif(
