@@ -31,7 +31,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import async_copy, fence_async_shared, warpgroup_mma
 
 from .formats import FP4Format, ScaleRule
-from .triton_decode import _E8M0_DECODE_PTX, _MERGE_SPLITS_PER_STEP, _merge_splits_kernel, _sm_count
+from .triton_decode import _E8M0_DECODE_PTX, _sm_count, merge_splits, split_outputs
 from .triton_kernels import global_scale_pair
 
 async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
@@ -39,15 +39,15 @@ barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
 HEAD_DIMS = (64, 128)
 MAX_GROUP = 16  # query heads per KV head
-# Context positions per tile. 64 rather than 128: a program then needs 77 registers per thread and
-# 38 KB of shared memory instead of 154 and 74 KB, five share an SM instead of two, and the H100
-# measured 32 x 8k NVFP4 in 153 us instead of 171 (README).
+# Context positions per tile. 64 (heads padded to 8) rather than 128 (to 16): a program needs 77
+# registers per thread and 38 KB of shared memory instead of 190 and 78 KB, five share an SM instead
+# of two, and the H100 measured 32 x 8k NVFP4 in 153 us instead of 176 (README).
 BLOCK_N = 64
 STAGES = 2  # shared-memory buffers of packed tiles: 2 measured faster than 3 and 4 (H100, README)
 # Programs an SM holds at least (head_dim 128: 77 to 127 registers per thread by recipe and padded
 # heads, 37 to 41 KB): sizes the splits to whole rounds of the GPU.
 PROGRAMS_PER_SM = 4
-# At most this many splits: 1 x 32k ran slower in 82 splits of 400 positions than in 32 (H100).
+# At most this many splits: 1 x 32k took 35.2 us in 82 splits of 400 positions, 28.7 us in 32 (H100).
 MAX_SPLITS = 32
 _NUM_WARPS = gl.constexpr(4)  # one warpgroup: the wgmma unit
 
@@ -356,11 +356,7 @@ def decode_attention(out, q, k_data, k_scales, v_data, v_scales, block_table, se
     splits = splits_for(batch, hkv, max_len, q.device)
     tiles_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), BLOCK_N), splits)
     splits = triton.cdiv(triton.cdiv(max(max_len, 1), BLOCK_N), tiles_per_split)  # none left empty
-    if splits == 1:  # the split kernel writes out itself and stores no log-sum-exp
-        partial_out, partial_lse = out, out
-    else:
-        partial_out = torch.empty((batch, hq, splits, d), dtype=torch.float32, device=q.device)
-        partial_lse = torch.empty((batch, hq, splits), dtype=torch.float32, device=q.device)
+    partial_out, partial_lse = split_outputs(out, splits)
     k_global_scale, v_global_scale = global_scale_pair(k_global_scale, v_global_scale, q.device)
     has_g = k_global_scale is not None
     _decode_split_kernel[(batch, hkv, splits)](
@@ -373,8 +369,4 @@ def decode_attention(out, q, k_data, k_scales, v_data, v_scales, block_table, se
         GROUP=group, GROUP_PAD=group_pad(group), N=BLOCK_N, NUM_SPLITS=splits, STAGES=STAGES,
         num_warps=_NUM_WARPS.value,
     )
-    if splits > 1:
-        _merge_splits_kernel[(batch * hq,)](
-            partial_out, partial_lse, out, D=d, NUM_SPLITS=splits,
-            SPLITS_PER_STEP=min(_MERGE_SPLITS_PER_STEP, triton.next_power_of_2(splits)),
-        )
+    merge_splits(partial_out, partial_lse, out, splits)

@@ -306,6 +306,26 @@ def num_splits(batch: int, kv_heads: int, max_len: int, device: torch.device, wa
     return max(1, min(wanted, triton.cdiv(max_len, min_positions)))
 
 
+def split_outputs(out: torch.Tensor, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a split kernel writes: `out` itself for one split (no log-sum-exp is stored), else
+    fp32 partial outputs [B, Hq, splits, D] and their log-sum-exps [B, Hq, splits]."""
+    if splits == 1:
+        return out, out
+    batch, hq, d = out.shape
+    return (torch.empty((batch, hq, splits, d), dtype=torch.float32, device=out.device),
+            torch.empty((batch, hq, splits), dtype=torch.float32, device=out.device))
+
+
+def merge_splits(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: torch.Tensor, splits: int) -> None:
+    """Combine the splits of split_outputs into `out` (one split wrote it already)."""
+    if splits > 1:
+        batch, hq, d = out.shape
+        _merge_splits_kernel[(batch * hq,)](
+            partial_out, partial_lse, out, D=d, NUM_SPLITS=splits,
+            SPLITS_PER_STEP=min(_MERGE_SPLITS_PER_STEP, triton.next_power_of_2(splits)),
+        )
+
+
 def _hopper_kernel(q: torch.Tensor, kv_heads: int, fmt: FP4Format):
     """gluon_decode if it serves this call (an SM90 GPU, head_dim 64/128, <= 16 query heads per KV
     head: gluon_decode.supported), else None, as with a Triton too old to have Gluon's Hopper API."""
@@ -343,11 +363,7 @@ def decode_with_triton_kernel(out, q, k_data, k_scales, v_data, v_scales, block_
     block_n, num_warps, waves, max_registers, num_stages = DECODE_LAUNCH[d]
     splits = num_splits(batch, hkv, max_len, q.device, waves)
     positions_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), splits), block_n) * block_n
-    if splits == 1:  # the split kernel writes out itself and stores no log-sum-exp
-        partial_out, partial_lse = out, out
-    else:
-        partial_out = torch.empty((batch, hq, splits, d), dtype=torch.float32, device=q.device)
-        partial_lse = torch.empty((batch, hq, splits), dtype=torch.float32, device=q.device)
+    partial_out, partial_lse = split_outputs(out, splits)
     group = hq // hkv
     k_global_scale, v_global_scale = global_scale_pair(k_global_scale, v_global_scale, q.device)
     has_g = k_global_scale is not None
@@ -362,10 +378,6 @@ def decode_with_triton_kernel(out, q, k_data, k_scales, v_data, v_scales, block_
         BLOCK_N=block_n, NUM_SPLITS=splits, FP32_TILES=on_interpreter, HW_FP8=hardware_casts(q.device)[1],
         num_warps=num_warps, maxnreg=max_registers, num_stages=num_stages,
     )
-    if splits > 1:
-        _merge_splits_kernel[(batch * hq,)](
-            partial_out, partial_lse, out, D=d, NUM_SPLITS=splits,
-            SPLITS_PER_STEP=min(_MERGE_SPLITS_PER_STEP, triton.next_power_of_2(splits)),
-        )
+    merge_splits(partial_out, partial_lse, out, splits)
     if on_interpreter:
         final_out.copy_(out)

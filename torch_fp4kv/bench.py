@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .ops import FORMATS, Backend, get_format
-from .ops.backends import ENV_VAR, unavailable_reason
+from .ops.backends import ENV_VAR, select_backend, unavailable_reason
 from .ops.checks import OUTPUT_DTYPES
 
 
@@ -144,6 +144,8 @@ class DecodeRow:
     fp4_gb_per_s: float  # FP4 cache bytes read per second
     flashinfer_bf16_us: float | None = None
     flashinfer_fp8_us: float | None = None
+    # Our Triton kernel on the same call, where the op ran the Gluon one (SM90): the gain in one run.
+    triton_kernel_us: float | None = None
 
     @property
     def x_bf16(self) -> float | None:
@@ -154,8 +156,9 @@ class DecodeRow:
         return self.fp4_us / self.flashinfer_fp8_us if self.flashinfer_fp8_us else None
 
 
-def _fp4_decode_time(recipe, batch, context, hq, hkv, d, page, device, timed) -> tuple[float, int]:
-    """Our decode over a cache of random (finite) FP4 bytes; returns (seconds, cache bytes read)."""
+def _fp4_decode_time(recipe, batch, context, hq, hkv, d, page, device, timed) -> tuple[float, int, float | None]:
+    """Our decode over a cache of random (finite) FP4 bytes: (seconds, cache bytes read, seconds of
+    the Triton kernel on the same call where the op runs the Gluon one, else None)."""
     fmt = get_format(recipe)
     pages_per_seq = context // page
     slots = batch * pages_per_seq * page
@@ -166,9 +169,15 @@ def _fp4_decode_time(recipe, batch, context, hq, hkv, d, page, device, timed) ->
     lens = torch.full((batch,), context, dtype=torch.int32, device=device)
     q = torch.randn(batch, hq, d, dtype=torch.bfloat16, device=device)
     out = torch.empty_like(q)
-    seconds = timed(lambda: torch.ops.fp4kv.decode_attention(out, q, data[0], scales[0], data[1], scales[1], table, lens,
-                                                             page, recipe, d ** -0.5, g, g))
-    return seconds, 2 * (data[0].numel() + scales[0].numel())
+    args = (out, q, data[0], scales[0], data[1], scales[1], table, lens, page)
+    seconds = timed(lambda: torch.ops.fp4kv.decode_attention(*args, recipe, d ** -0.5, g, g))
+    triton_seconds = None
+    if device.type == "cuda" and select_backend("decode_attention", fmt, device, q.dtype) is Backend.TRITON:
+        from .ops import triton_decode
+
+        if triton_decode._hopper_kernel(q, hkv, fmt):
+            triton_seconds = timed(lambda: triton_decode.decode_with_triton_kernel(*args, fmt, d ** -0.5, g, g))
+    return seconds, 2 * (data[0].numel() + scales[0].numel()), triton_seconds
 
 
 def _flashinfer_decode_time(kv_dtype, batch, context, hq, hkv, d, page, device, timed) -> float | None:
@@ -198,24 +207,27 @@ def run_decode(batches, contexts, recipes, device: torch.device, hq=32, hkv=8, d
             bf16 = _flashinfer_decode_time(torch.bfloat16, batch, context, hq, hkv, d, page, device, timed)
             fp8 = _flashinfer_decode_time(torch.float8_e4m3fn, batch, context, hq, hkv, d, page, device, timed)
             for recipe in recipes:
-                seconds, nbytes = _fp4_decode_time(recipe, batch, context, hq, hkv, d, page, device, timed)
+                seconds, nbytes, triton_seconds = _fp4_decode_time(recipe, batch, context, hq, hkv, d, page, device,
+                                                                   timed)
                 rows.append(DecodeRow(recipe, batch, context, seconds * 1e6, nbytes / seconds / 1e9,
-                                      bf16 * 1e6 if bf16 else None, fp8 * 1e6 if fp8 else None))
+                                      bf16 * 1e6 if bf16 else None, fp8 * 1e6 if fp8 else None,
+                                      triton_seconds * 1e6 if triton_seconds else None))
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the largest caches take tens of GB
     return rows
 
 
 def print_decode_table(rows: list[DecodeRow]) -> None:
-    print("\ndecode attention (Hq=32, Hkv=8, D=128, page 16; FP4 read directly vs FlashInfer paged decode)")
+    print("\ndecode attention (Hq=32, Hkv=8, D=128, page 16; FP4 read directly vs FlashInfer paged decode;"
+          " 'Triton us': our Triton kernel where the op ran the Gluon one)")
     print(f"{'recipe':<10}{'batch':>6}{'context':>9}{'FP4 us':>10}{'GB/s':>8}{'BF16 us':>10}{'FP8 us':>10}"
-          f"{'FP4/BF16':>10}{'FP4/FP8':>9}")
+          f"{'FP4/BF16':>10}{'FP4/FP8':>9}{'Triton us':>11}")
     for r in rows:
         def fmt(x, spec):
             return format(x, spec) if x is not None else "-"
         print(f"{r.recipe:<10}{r.batch:>6}{r.context:>9}{r.fp4_us:>10.1f}{r.fp4_gb_per_s:>8.0f}"
               f"{fmt(r.flashinfer_bf16_us, '10.1f'):>10}{fmt(r.flashinfer_fp8_us, '10.1f'):>10}"
-              f"{fmt(r.x_bf16, '.3f'):>10}{fmt(r.x_fp8, '.3f'):>9}")
+              f"{fmt(r.x_bf16, '.3f'):>10}{fmt(r.x_fp8, '.3f'):>9}{fmt(r.triton_kernel_us, '11.1f'):>11}")
 
 
 def print_table(device_name: str, copy_gbs: float, rows: list[Row], out_dtype: str) -> None:
