@@ -1,4 +1,4 @@
-"""The decode kernel's inline PTX, run by a small model of the instructions it uses.
+"""The decode kernels' inline PTX, run by a small model of the instructions it uses.
 
 CI has no GPU, so this is where the PTX's bit logic is checked on every run: every byte value
 in every position of the word must come out as its two E2M1 values times its own byte's scale,
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from torch_fp4kv.ops import triton_decode
 from torch_fp4kv.ops.formats import E2M1_VALUES
@@ -45,6 +46,13 @@ def _word(values: np.ndarray, float_type) -> int:
     return int(bits[0]) | (int(bits[1]) << 16)
 
 
+def _e4m3x2_to_f16x2(pair: int) -> int:
+    """cvt.rn.f16x2.e4m3x2: the two E4M3 bytes of a 16-bit value (low byte to the low half), by
+    PyTorch's float8 conversion."""
+    fp8 = torch.tensor([pair & 0xFF, pair >> 8], dtype=torch.uint8).view(torch.float8_e4m3fn)
+    return _word(fp8.to(torch.float32).numpy(), np.float16)
+
+
 def run_ptx(ptx: str, operands: dict[str, int], float_type) -> dict[str, int]:
     """Executes the PTX on 32-bit words; the packed multiplies run in numpy, per 16-bit half."""
     regs = dict(operands)
@@ -53,6 +61,12 @@ def run_ptx(ptx: str, operands: dict[str, int], float_type) -> dict[str, int]:
         if line.startswith(".reg"):
             continue
         op, rest = line.split(None, 1)
+        if rest.startswith("{"):  # mov.b32 {lo, hi}, word: a word's 16-bit halves
+            halves, source = rest[1:].split("}")
+            lo, hi = [name.strip() for name in halves.split(",")]
+            word = regs[source.strip(", ")]
+            regs[lo], regs[hi] = word & 0xFFFF, word >> 16
+            continue
         dest, *names = [a.strip() for a in rest.split(",")]
         args = [int(n, 0) if n[0].isdigit() else regs[n] for n in names]
         if op in ("mul.rn.f16x2", "fma.rn.bf16x2"):
@@ -63,8 +77,11 @@ def run_ptx(ptx: str, operands: dict[str, int], float_type) -> dict[str, int]:
             continue
         regs[dest] = {
             "and.b32": lambda x, y: x & y,
+            "or.b32": lambda x, y: x | y,
             "shr.u32": lambda x, y: x >> y,
+            "shr.b32": lambda x, y: x >> y,
             "shl.b32": lambda x, y: (x << y) & MASK,
+            "cvt.rn.f16x2.e4m3x2": _e4m3x2_to_f16x2,
             "mov.b32": lambda x: x,
             "prmt.b32": _prmt,
             "lop3.b32": _lop3,
@@ -76,9 +93,15 @@ def _e2m1(code: int) -> float:
     return (-1.0 if code & 8 else 1.0) * E2M1_VALUES[code & 7]
 
 
+def _gluon_nvfp4_ptx() -> str:
+    return pytest.importorskip("torch_fp4kv.ops.gluon_decode")._NVFP4_DECODE_PTX.value
+
+
+# name -> (PTX, 16-bit type, what the kernel multiplies the scale by before passing it)
 FORMATS = {
-    "fp16 (nvfp4)": (triton_decode._NVFP4_DECODE_PTX.value, np.float16),
-    "bf16 (E8M0 scales)": (triton_decode._E8M0_DECODE_PTX.value, np.float32),
+    "fp16 (nvfp4)": (lambda: triton_decode._NVFP4_DECODE_PTX.value, np.float16, 1.0),
+    "bf16 (E8M0 scales)": (lambda: triton_decode._E8M0_DECODE_PTX.value, np.float32, 1.0),
+    "fp16 through E4M3 (nvfp4, Gluon)": (_gluon_nvfp4_ptx, np.float16, 64.0),  # the codes come out / 2^6
 }
 # A different power of two per byte: each value must be multiplied by its own byte's scale.
 SCALES = np.array([2.0, 0.25, 4.0, 0.5])
@@ -86,9 +109,11 @@ SCALES = np.array([2.0, 0.25, 4.0, 0.5])
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 def test_every_byte_in_every_position_decodes_to_its_scaled_e2m1_pair(fmt):
-    ptx, float_type = FORMATS[fmt]
+    ptx, float_type, scale_factor = FORMATS[fmt]
+    ptx = ptx()
     rng = np.random.default_rng(0)
-    scale_words = {"$5": _word(SCALES[:2], float_type), "$6": _word(SCALES[2:], float_type)}
+    scales = SCALES * scale_factor
+    scale_words = {"$5": _word(scales[:2], float_type), "$6": _word(scales[2:], float_type)}
     for position in range(4):
         for byte in range(256):
             word = int(rng.integers(0, 2**32)) & ~(0xFF << (8 * position)) | (byte << (8 * position))
