@@ -326,7 +326,7 @@ def merge_splits(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: torc
         )
 
 
-def _hopper_kernel(q: torch.Tensor, kv_heads: int, fmt: FP4Format):
+def hopper_kernel(q: torch.Tensor, kv_heads: int, fmt: FP4Format):
     """gluon_decode if it serves this call (an SM90 GPU, head_dim 64/128, <= 16 query heads per KV
     head: gluon_decode.supported), else None, as with a Triton too old to have Gluon's Hopper API."""
     if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
@@ -341,7 +341,7 @@ def _hopper_kernel(q: torch.Tensor, kv_heads: int, fmt: FP4Format):
 def decode_attention(out, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size,
                      fmt: FP4Format, sm_scale, k_global_scale=None, v_global_scale=None):
     """The Gluon kernel on Hopper where it serves the shapes (faster, README), else the Triton kernel."""
-    kernel = _hopper_kernel(q, k_data.shape[1], fmt)
+    kernel = hopper_kernel(q, k_data.shape[1], fmt)
     run = kernel.decode_attention if kernel else decode_with_triton_kernel
     run(out, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, fmt, sm_scale,
         k_global_scale, v_global_scale)

@@ -190,7 +190,7 @@ def test_one_split_writes_the_output_without_a_merge_on_gpu(backend, recipe):
     from torch_fp4kv.ops import triton_decode
 
     hkv, page, max_pages, device = 8, 16, 32, torch.device("cuda")
-    kernel = triton_decode._hopper_kernel(torch.empty(1, 32, 128, device=device), hkv, get_format(recipe))
+    kernel = triton_decode.hopper_kernel(torch.empty(1, 32, 128, device=device), hkv, get_format(recipe))
     if kernel:
         splits = lambda b: kernel.splits_for(b, hkv, page * max_pages, device)  # noqa: E731
     else:

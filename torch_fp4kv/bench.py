@@ -175,7 +175,7 @@ def _fp4_decode_time(recipe, batch, context, hq, hkv, d, page, device, timed) ->
     if device.type == "cuda" and select_backend("decode_attention", fmt, device, q.dtype) is Backend.TRITON:
         from .ops import triton_decode
 
-        if triton_decode._hopper_kernel(q, hkv, fmt):
+        if triton_decode.hopper_kernel(q, hkv, fmt):
             triton_seconds = timed(lambda: triton_decode.decode_with_triton_kernel(*args, fmt, d ** -0.5, g, g))
     return seconds, 2 * (data[0].numel() + scales[0].numel()), triton_seconds
 
