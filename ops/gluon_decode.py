@@ -307,8 +307,9 @@ def _decode_split_kernel(
                     HKV, D, BS, PAGE, N)
 
         k_even, k_odd = _decode_tile(kd_smem.index(stage), ks_smem.index(stage), key_layout, D, BS, E4M3_SCALES)
-        k_even = gl.convert_layout(_key_columns(k_even, N, D), key_operand)  # same registers, no data moves
-        k_odd = gl.convert_layout(_key_columns(k_odd, N, D), key_operand)
+        # The same registers: the compiler checks that no data moves (assert_trivial).
+        k_even = gl.convert_layout(_key_columns(k_even, N, D), key_operand, assert_trivial=True)
+        k_odd = gl.convert_layout(_key_columns(k_odd, N, D), key_operand, assert_trivial=True)
         zeros = gl.zeros([N, GROUP_PAD], gl.float32, layout=mma)
         scores = warpgroup_mma(k_even, q_even.permute((1, 0)), zeros, use_acc=False)
         scores = warpgroup_mma(k_odd, q_odd.permute((1, 0)), scores)
