@@ -8,7 +8,8 @@ ncu showed it waiting on. Here each layout is chosen by hand:
   ahead of the one being computed (double buffering), so the loads overlap the math;
 - keys are read so that each thread holds the bytes of its own wgmma A fragment and are decoded
   straight into the registers the tensor cores read (scores = K q^T, positions on the long side);
-- values are decoded once into shared memory, where wgmma reads V^T itself (out^T = V^T p);
+- values are decoded once into shared memory, where wgmma reads V^T itself (out^T = V^T p),
+  while the tensor cores compute the tile's scores;
 - NVFP4 codes decode through FP8: a code's bits placed in an E4M3 byte give its value / 2^6
   exactly (the subnormal 0.5 too), SM89's cvt turns two of them into fp16, and one packed
   multiply by scale * 2^6 applies the block scale. E8M0 recipes use triton_decode's bf16 decode.
@@ -28,7 +29,7 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import async_copy, fence_async_shared, warpgroup_mma
+from triton.experimental.gluon.language.nvidia.hopper import async_copy, fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from .formats import FP4Format, ScaleRule
 from .triton_decode import _E8M0_DECODE_PTX, _sm_count, merge_splits, split_outputs
@@ -311,8 +312,12 @@ def _decode_split_kernel(
         k_even = gl.convert_layout(_key_columns(k_even, N, D), key_operand, assert_trivial=True)
         k_odd = gl.convert_layout(_key_columns(k_odd, N, D), key_operand, assert_trivial=True)
         zeros = gl.zeros([N, GROUP_PAD], gl.float32, layout=mma)
-        scores = warpgroup_mma(k_even, q_even.permute((1, 0)), zeros, use_acc=False)
-        scores = warpgroup_mma(k_odd, q_odd.permute((1, 0)), scores)
+        scores = warpgroup_mma(k_even, q_even.permute((1, 0)), zeros, use_acc=False, is_async=True)
+        scores = warpgroup_mma(k_odd, q_odd.permute((1, 0)), scores, is_async=True)
+        # The values decode while the tensor cores compute the scores (whose key registers stay live).
+        v_even, v_odd = _decode_tile(vd_smem.index(stage), vs_smem.index(stage), value_layout, D, BS, E4M3_SCALES)
+        v = gl.reshape(gl.join(gl.reshape(v_even, [N, D // 2]), gl.reshape(v_odd, [N, D // 2])), [N, D])
+        scores = warpgroup_mma_wait(num_outstanding=0, deps=(scores, k_even, k_odd))[0]
         pos = n0 + gl.arange(0, N, layout=gl.SliceLayout(1, mma))
         scores = gl.where(gl.expand_dims(pos < end, 1), scores * score_scale, float("-inf"))
         m_new = gl.maximum(m, gl.max(scores, axis=0))
@@ -320,8 +325,6 @@ def _decode_split_kernel(
         p = gl.exp2(scores - gl.expand_dims(m_new, 0))
         l_acc = l_acc * gl.expand_dims(alpha, 0) + p
 
-        v_even, v_odd = _decode_tile(vd_smem.index(stage), vs_smem.index(stage), value_layout, D, BS, E4M3_SCALES)
-        v = gl.reshape(gl.join(gl.reshape(v_even, [N, D // 2]), gl.reshape(v_odd, [N, D // 2])), [N, D])
         v_smem.store(v)
         p_smem.store(gl.permute(p.to(dtype), [1, 0]))
         fence_async_shared()
