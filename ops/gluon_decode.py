@@ -14,7 +14,7 @@ ncu showed it waiting on. Here each layout is chosen by hand:
   exactly (the subnormal 0.5 too), SM89's cvt turns two of them into fp16, and one packed
   multiply by scale * 2^6 applies the block scale. E8M0 recipes use triton_decode's bf16 decode.
 
-Tiles are 64 positions, so four or five programs share an SM. It serves head_dim 64 and 128 (not
+Tiles are 64 positions, so three to five programs share an SM. It serves head_dim 64 and 128 (not
 MXFP4 at 64) with up to 16 query heads per KV head (padded to 8 or 16, a wgmma tile's side);
 other shapes and GPUs run the Triton kernel, whose merge kernel and partial-output layout this one
 shares. It runs with Triton 3.6 (PyTorch 2.11's; measured there) and compiles with 3.9, whose
@@ -29,7 +29,8 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import async_copy, fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, warpgroup_mma,
+                                                           warpgroup_mma_wait)
 
 from .formats import FP4Format, ScaleRule
 from .triton_decode import _E8M0_DECODE_PTX, _sm_count, merge_splits, split_outputs
@@ -40,13 +41,14 @@ barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
 HEAD_DIMS = (64, 128)
 MAX_GROUP = 16  # query heads per KV head
-# Context positions per tile. 64 (heads padded to 8) rather than 128 (to 16): a program needs 77
-# registers per thread and 38 KB of shared memory instead of 190 and 78 KB, five share an SM instead
-# of two, and the H100 measured 32 x 8k NVFP4 in 153 us instead of 176 (README).
+# Context positions per tile. 64 (heads padded to 8) rather than 128 (to 16): an NVFP4 program needs
+# 92 registers per thread and 38 KB of shared memory instead of about 190 and 78 KB, five share an SM
+# instead of two, and the H100 measured 32 x 8k NVFP4 in 153 us instead of 176 (README).
 BLOCK_N = 64
 STAGES = 2  # shared-memory buffers of packed tiles: 2 measured faster than 3 and 4 (H100, README)
-# Programs an SM holds at least (head_dim 128: 77 to 127 registers per thread by recipe and padded
-# heads, 37 to 41 KB): sizes the splits to whole rounds of the GPU.
+# Programs an SM holds, for sizing the splits to whole rounds of the GPU: at head_dim 128, 5 for NVFP4
+# with heads padded to 8 (92 registers), 3 to 4 for E8M0 scales or 16 heads (127 to 142).
+# Four is the middle: the split rule is coarse, and a round more or less shows only at the tails.
 PROGRAMS_PER_SM = 4
 # At most this many splits: 1 x 32k took 35.2 us in 82 splits of 400 positions, 28.7 us in 32 (H100).
 MAX_SPLITS = 32
