@@ -32,9 +32,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, warpgroup_mma,
                                                            warpgroup_mma_wait)
 
-from .formats import FP4Format, ScaleRule
-from .triton_decode import _E8M0_DECODE_PTX, _sm_count, merge_splits, split_outputs
-from .triton_kernels import global_scale_pair
+from .formats import FP4Format
+from .triton_decode import (_E8M0_DECODE_PTX, _e8m0_bf16, _key_pair, _sm_count, merge_splits,
+                            split_kernel_arguments, split_outputs)
 
 async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 barrier = getattr(gl, "barrier", None) or gl.thread_barrier
@@ -164,7 +164,7 @@ def _value_bytes_layout(N, D, HB):
 @gluon.jit
 def _key_columns(x, N: gl.constexpr, D: gl.constexpr):
     """[N, D/(2 HB), HB] pair columns in byte order -> [N, D/2] in the A fragment's k order: column
-    16 s + 8 h + 2 c + e holds byte D/8 c + 4 s + 2 h + e (triton_decode._key_pair_order), so the
+    16 s + 8 h + 2 c + e holds byte D/8 c + 4 s + 2 h + e (triton_decode._key_pair), so the
     layout becomes wgmma's A operand layout without moving data."""
     x = gl.reshape(x, [N, 4, D // 32, 2, 2])
     return gl.reshape(gl.permute(x, [0, 2, 3, 1, 4]), [N, D // 2])
@@ -176,9 +176,7 @@ def _block_scales(byte, E4M3_SCALES: gl.constexpr):
     if E4M3_SCALES:
         scale = byte.to(gl.float8e4nv, bitcast=True).to(gl.float16) * 64.0
     else:
-        b = byte.to(gl.int32)
-        bits = gl.where(b == 0, 0x40, gl.where(b == 255, 0x7FC0, b << 7))  # byte 0: subnormal 2^-127
-        scale = bits.to(gl.int16).to(gl.bfloat16, bitcast=True)
+        scale = _e8m0_bf16(byte)
     return scale
 
 
@@ -276,7 +274,7 @@ def _decode_split_kernel(
     q_layout: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [_NUM_WARPS, 1], [1, 0])
     head = gl.arange(0, GROUP_PAD, layout=gl.SliceLayout(1, q_layout))
     k = gl.arange(0, D // 2, layout=gl.SliceLayout(0, q_layout))
-    pair = (k // 2 % 4) * (D // 8) + (k // 16) * 4 + (k // 8 % 2) * 2 + k % 2
+    pair = _key_pair(k, D)
     q_offsets = gl.expand_dims((b * HQ + kv_head * GROUP + head).to(gl.int64) * D, 1) + gl.expand_dims(2 * pair, 0)
     q_mask = gl.expand_dims(head < GROUP, 1)
     q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([GROUP_PAD, D // 2], dtype)
@@ -352,27 +350,21 @@ def _decode_split_kernel(
 
 def decode_attention(out, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size,
                      fmt: FP4Format, sm_scale, k_global_scale=None, v_global_scale=None):
-    batch, hq, d = q.shape
+    batch, hq, _ = q.shape
     hkv = k_data.shape[1]
     q = q.contiguous()
     block_table = block_table.contiguous()
     max_pages = block_table.shape[1]
     max_len = max_pages * page_size
-    group = hq // hkv
     splits = splits_for(batch, hkv, max_len, q.device)
     tiles_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), BLOCK_N), splits)
     splits = triton.cdiv(triton.cdiv(max(max_len, 1), BLOCK_N), tiles_per_split)  # none left empty
     partial_out, partial_lse = split_outputs(out, splits)
-    k_global_scale, v_global_scale = global_scale_pair(k_global_scale, v_global_scale, q.device)
-    has_g = k_global_scale is not None
+    args, constants = split_kernel_arguments(q, k_data, k_scales, v_data, v_scales, block_table, seq_lens,
+                                             partial_out, partial_lse, page_size, fmt, sm_scale, k_global_scale,
+                                             v_global_scale, tiles_per_split * BLOCK_N)
     _decode_split_kernel[(batch, hkv, splits)](
-        q, k_data, k_scales.view(torch.uint8), v_data, v_scales.view(torch.uint8),
-        k_global_scale if has_g else q, v_global_scale if has_g else q,
-        block_table, seq_lens, partial_out, partial_lse,
-        sm_scale, max_pages, tiles_per_split * BLOCK_N,
-        HQ=hq, HKV=hkv, D=d, BS=fmt.block_size, PAGE=page_size,
-        E4M3_SCALES=fmt.scale_rule is ScaleRule.E4M3_AMAX_OVER_6G, HAS_G=has_g,
-        GROUP=group, GROUP_PAD=group_pad(group), N=BLOCK_N, NUM_SPLITS=splits, STAGES=STAGES,
+        *args, **constants, GROUP_PAD=group_pad(hq // hkv), N=BLOCK_N, NUM_SPLITS=splits, STAGES=STAGES,
         num_warps=_NUM_WARPS.value,
     )
     merge_splits(partial_out, partial_lse, out, splits)

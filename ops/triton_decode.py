@@ -113,10 +113,17 @@ def _block_scales(byte, E4M3_SCALES: tl.constexpr, FP32_TILES: tl.constexpr, HW_
         else:
             scale = tl.where((byte & 0x7F) == 0x7F, float("nan"), _e4m3_half(byte.to(tl.int32)) * 256.0).to(tl.float16)
     else:
-        byte = byte.to(tl.int32)
-        bits = tl.where(byte == 0, 0x40, tl.where(byte == 255, 0x7FC0, byte << 7))  # byte 0: subnormal 2^-127
-        scale = bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
+        scale = _e8m0_bf16(byte)
     return scale
+
+
+@triton.jit
+def _e8m0_bf16(byte):
+    """E8M0 scale bytes -> bf16 2^(byte - 127) from the bits (byte 0: the subnormal 2^-127; 255: NaN).
+    Also called by gluon_decode."""
+    byte = byte.to(tl.int32)
+    bits = tl.where(byte == 0, 0x40, tl.where(byte == 255, 0x7FC0, byte << 7))
+    return bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
@@ -136,7 +143,7 @@ def _decode(packed, scale, E4M3_SCALES: tl.constexpr, FP32_TILES: tl.constexpr):
 @triton.jit
 def _key_tile(data_ptr, scales_ptr, rows, valid, D: tl.constexpr, BS: tl.constexpr,
               E4M3_SCALES: tl.constexpr, FP32_TILES: tl.constexpr, HW_FP8: tl.constexpr):
-    """Key rows [N] -> (even, odd) [N, D/2], pair columns in _key_pair_order(D).
+    """Key rows [N] -> (even, odd) [N, D/2], pair columns in _key_pair order.
 
     Any column order gives the same q.k if q is read in it too; this one hands each thread of a
     tensor-core A fragment (pairs 2c, 2c+1, 2c+8, 2c+9 of every 16, c = lane % 4) D/8 adjacent
@@ -159,9 +166,9 @@ def _key_tile(data_ptr, scales_ptr, rows, valid, D: tl.constexpr, BS: tl.constex
 
 
 @triton.jit
-def _key_pair_order(D: tl.constexpr):
-    """The physical pair behind each column of _key_tile: k = 16 s + 8 h + 2 c + e -> D/8 c + 4 s + 2 h + e."""
-    k = tl.arange(0, D // 2)
+def _key_pair(k, D: tl.constexpr):
+    """The physical pair behind column k of _key_tile (and of gluon_decode's key tiles):
+    k = 16 s + 8 h + 2 c + e -> D/8 c + 4 s + 2 h + e."""
     return (k // 2 % 4) * (D // 8) + (k // 16) * 4 + (k // 8 % 2) * 2 + k % 2
 
 
@@ -207,13 +214,13 @@ def _decode_split_kernel(
     end = tl.minimum(start + positions_per_split, seq_len)
 
     # Scores are K q^T [BLOCK_N, heads]: positions are the tensor-core tile's long side, and q is
-    # read in the keys' pair order (_key_pair_order). The output is kept transposed, V^T p
+    # read in the keys' pair order (_key_pair). The output is kept transposed, V^T p
     # [D, heads], for the same reason: with the 16 padded heads as the long side, the second
     # product ran on the older mma.sync path, whose reads of V from shared memory were 4-way
     # bank-conflicted (ncu: 65% of the shared-load wavefronts); as V^T p both are wgmma (README).
     heads = kv_head * GROUP + tl.arange(0, GROUP_PAD)
     head_ok = tl.arange(0, GROUP_PAD) < GROUP
-    key_pairs = _key_pair_order(D)
+    key_pairs = _key_pair(tl.arange(0, D // 2), D)
     q_cols = (b * HQ + heads).to(tl.int64)[None, :] * D
     q_even = tl.load(q_ptr + q_cols + 2 * key_pairs[:, None], mask=head_ok[None, :], other=0.0).to(dtype)
     q_odd = tl.load(q_ptr + q_cols + 2 * key_pairs[:, None] + 1, mask=head_ok[None, :], other=0.0).to(dtype)
@@ -316,6 +323,22 @@ def split_outputs(out: torch.Tensor, splits: int) -> tuple[torch.Tensor, torch.T
             torch.empty((batch, hq, splits), dtype=torch.float32, device=out.device))
 
 
+def split_kernel_arguments(q, k_data, k_scales, v_data, v_scales, block_table, seq_lens, partial_out, partial_lse,
+                           page_size, fmt: FP4Format, sm_scale, k_global_scale, v_global_scale, positions_per_split):
+    """What both split kernels (this one and gluon_decode's) take up to GROUP: the positional
+    arguments and the shared constexprs. A lone global scale gets 1.0 beside it (global_scale_pair)."""
+    batch, hq, d = q.shape
+    hkv = k_data.shape[1]
+    k_global_scale, v_global_scale = global_scale_pair(k_global_scale, v_global_scale, q.device)
+    has_g = k_global_scale is not None
+    args = (q, k_data, k_scales.view(torch.uint8), v_data, v_scales.view(torch.uint8),
+            k_global_scale if has_g else q, v_global_scale if has_g else q,
+            block_table, seq_lens, partial_out, partial_lse, sm_scale, block_table.shape[1], positions_per_split)
+    constants = dict(HQ=hq, HKV=hkv, D=d, BS=fmt.block_size, PAGE=page_size,
+                     E4M3_SCALES=fmt.scale_rule is ScaleRule.E4M3_AMAX_OVER_6G, HAS_G=has_g, GROUP=hq // hkv)
+    return args, constants
+
+
 def merge_splits(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: torch.Tensor, splits: int) -> None:
     """Combine the splits of split_outputs into `out` (one split wrote it already)."""
     if splits > 1:
@@ -364,17 +387,11 @@ def decode_with_triton_kernel(out, q, k_data, k_scales, v_data, v_scales, block_
     splits = num_splits(batch, hkv, max_len, q.device, waves)
     positions_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), splits), block_n) * block_n
     partial_out, partial_lse = split_outputs(out, splits)
-    group = hq // hkv
-    k_global_scale, v_global_scale = global_scale_pair(k_global_scale, v_global_scale, q.device)
-    has_g = k_global_scale is not None
+    args, constants = split_kernel_arguments(q, k_data, k_scales, v_data, v_scales, block_table, seq_lens,
+                                             partial_out, partial_lse, page_size, fmt, sm_scale, k_global_scale,
+                                             v_global_scale, positions_per_split)
     _decode_split_kernel[(batch, hkv, splits)](
-        q, k_data, k_scales.view(torch.uint8), v_data, v_scales.view(torch.uint8),
-        k_global_scale if has_g else q, v_global_scale if has_g else q,
-        block_table, seq_lens, partial_out, partial_lse,
-        sm_scale, max_pages, positions_per_split,
-        HQ=hq, HKV=hkv, D=d, BS=fmt.block_size, PAGE=page_size,
-        E4M3_SCALES=fmt.scale_rule is ScaleRule.E4M3_AMAX_OVER_6G, HAS_G=has_g,
-        GROUP=group, GROUP_PAD=max(_MIN_GROUP, triton.next_power_of_2(group)),
+        *args, **constants, GROUP_PAD=max(_MIN_GROUP, triton.next_power_of_2(hq // hkv)),
         BLOCK_N=block_n, NUM_SPLITS=splits, FP32_TILES=on_interpreter, HW_FP8=hardware_casts(q.device)[1],
         num_warps=num_warps, maxnreg=max_registers, num_stages=num_stages,
     )
