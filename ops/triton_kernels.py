@@ -95,13 +95,14 @@ def _bf16_bits(v):
 def _fp8_bits(v, HW_FP8: tl.constexpr):
     """float32 -> E4M3 byte, saturating at +-448; NaN -> 0x7F with its sign (as PyTorch does).
 
-    With HW_FP8 (SM89+) the hardware conversion (cvt.rn.satfinite) encodes the magnitude; sign
-    and NaN are set here, as the conversion saturates NaN."""
-    sign = (v.to(tl.uint32, bitcast=True) >> 31).to(tl.int32) << 7
+    With HW_FP8 (SM89+) the hardware conversion (cvt.rn.satfinite) encodes value and sign; NaN is
+    set here, as the conversion saturates NaN."""
+    bits = v.to(tl.uint32, bitcast=True)
     if HW_FP8:
-        magnitude = tl.abs(v).to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True).to(tl.int32)
-    else:
-        magnitude = _e4m3_byte(tl.minimum(tl.abs(v), _E4M3_MAX))
+        byte = v.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
+        return tl.where(v != v, (bits >> 24).to(tl.uint8) | 0x7F, byte)
+    sign = (bits >> 31).to(tl.int32) << 7
+    magnitude = _e4m3_byte(tl.minimum(tl.abs(v), _E4M3_MAX))
     return (tl.where(v != v, 0x7F, magnitude) | sign).to(tl.uint8)
 
 
@@ -329,21 +330,30 @@ def _dequantize_kernel(
         read = in_range
         src = rows.to(tl.int64)
 
-    pairs = tl.arange(0, D // 2)
-    packed = tl.load(data_ptr + src[:, None] * (D // 2) + pairs[None, :], mask=read[:, None], other=0).to(tl.int32)
-    scale_byte = tl.load(scales_ptr + src[:, None] * NB + (pairs // (BS // 2))[None, :], mask=read[:, None], other=0).to(tl.int32)
+    # [NB, ROWS, HALF] tiles, as in _quantize_rows: one block's bytes per thread, a warp's threads
+    # on neighbouring blocks, and each scale byte loaded once (it was loaded per byte, by threads
+    # laid out along the rows, whose values then crossed shared memory). With the two changes
+    # around the FP8 cast, dequantize to FP8 31.7 -> 26.3 us on the H100, to bf16 30.9 -> 30.8.
+    blocks = tl.arange(0, NB)[:, None]
+    pairs = blocks[:, :, None] * (BS // 2) + tl.arange(0, BS // 2)[None, None, :]  # [NB, 1, HALF]
+    packed = tl.load(data_ptr + src[None, :, None] * (D // 2) + pairs, mask=read[None, :, None], other=0).to(tl.int32)
+    scale_byte = tl.load(scales_ptr + src[None, :] * NB + blocks, mask=read[None, :], other=0).to(tl.int32)
     if E4M3_SCALES:
-        scale = _e4m3_value(scale_byte)
+        # An E4M3 scale times 2^14 is exact, so it multiplies the fp16 that holds value / 2^14
+        # (_e2m1_half) directly. Not so for E8M0: 2^(b - 127) * 2^14 overflows above b = 240.
+        scale = (_e4m3_value(scale_byte) * 16384.0)[:, :, None]
+        lo = _e2m1_half(packed & 0xF).to(tl.float32) * scale  # exact: 2 x 4 significant bits
+        hi = _e2m1_half(packed >> 4).to(tl.float32) * scale
     else:
-        scale = _e8m0_value(scale_byte)
-    lo = _e2m1_value(packed & 0xF) * scale  # exact: 2 x 4 significant bits
-    hi = _e2m1_value(packed >> 4) * scale
+        scale = _e8m0_value(scale_byte)[:, :, None]
+        lo = _e2m1_value(packed & 0xF) * scale
+        hi = _e2m1_value(packed >> 4) * scale
     if HAS_G:
         g = tl.load(g_ptr)
         lo = lo * g
         hi = hi * g
-    dest = rows.to(tl.int64)[:, None] * (D // 2) + pairs[None, :]
-    tl.store(out_ptr + dest, _output_word(lo, hi, OUT_KIND, HW_BF16, HW_FP8), mask=in_range[:, None])
+    dest = rows.to(tl.int64)[None, :, None] * (D // 2) + pairs
+    tl.store(out_ptr + dest, _output_word(lo, hi, OUT_KIND, HW_BF16, HW_FP8), mask=in_range[None, :, None])
 
 
 # ---- launchers ----------------------------------------------------------------------------------
