@@ -22,8 +22,8 @@ _E4M3_MAX = tl.constexpr(E4M3_MAX)
 _BLOCKFP4_MIN_SCALE = tl.constexpr(BLOCKFP4_MIN_SCALE)
 _ONE_SIXTH = tl.constexpr(0.1666666716337204)  # 1/6 rounded to float32
 # Launch shapes (elements per program and tensor, warps), from sweeps on the H100 at D=128
-# (README, performance): quantize over 1024..16384 x 1/2/4/8, where one warp of 1024 was the one
-# shape within 2% of each recipe's best; dequantize over 1024..16384 x 2/4/8.
+# (README, performance): for quantize one warp of 1024 was the one shape of ten (1024 x 1 to
+# 16384 x 8) within 3% of each recipe's best; dequantize: five shapes, 1024 x 1 to 8192 x 4.
 QUANTIZE_LAUNCH = (1024, 1)
 DEQUANTIZE_LAUNCH = (4096, 2)
 
@@ -230,7 +230,7 @@ def _quantize_rows(
     # Tiles are [NB, ROWS, HALF], blocks before rows: the compiler then gives each thread one whole
     # block and a warp's threads neighbouring blocks of a row, so loads and the packed stores are
     # coalesced. As [ROWS, NB, HALF] a warp's threads took one block of 32 rows each, and every
-    # 8-byte store hit a different sector: blockfp4 quantize-and-store 73.2 -> 61.8 us on the H100.
+    # 8-byte store hit a different sector: blockfp4 quantize-and-store 73.1 -> 66.1 us on the H100.
     pairs = tl.arange(0, NB)[:, None, None] * HALF + tl.arange(0, HALF)[None, None, :]  # [NB, 1, HALF]
     src = (t * x_stride_t + h * x_stride_h)[None, :, None] + pairs
     words = tl.load(x_ptr + src, mask=in_range[None, :, None], other=0)
@@ -297,7 +297,7 @@ def _quantize_kernel(
 ):
     """One program quantizes a tile of K's rows and, WITH_V, the same rows of V: the two tiles'
     independent work interleaves, and they share the slots. NVFP4 quantize-and-store took 70.4 us
-    on the H100 this way, 74.4 us with K and V tiles in separate programs."""
+    on the H100 this way, 74.6 us with K and V tiles in separate programs (2048 elements, 4 warps)."""
     pid = tl.program_id(0)
     _quantize_rows(k_ptr, k_stride_t, k_stride_h, k_data_ptr, k_scales_ptr, k_g_ptr, loc_ptr,
                    pid, n_rows, num_slots, H, D, BS, SCALE_RULE, TIES_AWAY, SCALE_NAN_BYTE, HAS_G,
