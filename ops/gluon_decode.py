@@ -12,7 +12,8 @@ ncu showed it waiting on. Here each layout is chosen by hand:
   while the tensor cores compute the tile's scores;
 - NVFP4 codes decode through FP8: a code's bits placed in an E4M3 byte give its value / 2^6
   exactly (the subnormal 0.5 too), SM89's cvt turns two of them into fp16, and one packed
-  multiply by scale * 2^6 applies the block scale. E8M0 recipes use triton_decode's bf16 decode.
+  multiply by scale * 2^6 applies the block scale. E8M0 recipes use the bf16 decode of the
+  Triton kernels (triton_codes).
 
 Tiles are 64 positions, so three to five programs share an SM. It serves head_dim 64 and 128 (not
 MXFP4 at 64) with up to 16 query heads per KV head (padded to 8 or 16, a wgmma tile's side);
@@ -33,8 +34,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_
                                                            warpgroup_mma_wait)
 
 from .formats import FP4Format
-from .triton_decode import (_E8M0_DECODE_PTX, _e8m0_bf16, _key_pair, _sm_count, merge_splits,
-                            split_kernel_arguments, split_outputs)
+from .triton_codes import _E8M0_DECODE_PTX, _e8m0_bf16
+from .triton_decode import _key_pair, _sm_count, merge_splits, split_kernel_arguments, split_outputs
 
 async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 barrier = getattr(gl, "barrier", None) or gl.thread_barrier
@@ -55,7 +56,7 @@ MAX_SPLITS = 32
 _NUM_WARPS = gl.constexpr(4)  # one warpgroup: the wgmma unit
 
 # Operands $4: four packed bytes (eight codes); $5, $6: the block scales * 2^6 of bytes 0-1 and 2-3
-# as fp16 pairs. Results as in triton_decode._decode_ptx: $0 $1 the even codes of bytes 0-1, 2-3,
+# as fp16 pairs. Results as in triton_codes._decode_ptx: $0 $1 the even codes of bytes 0-1, 2-3,
 # $2 $3 the odd ones. A code s,e1,e0,m goes to E4M3 bits s......e1e0m.. (sign to bit 7, the rest
 # to bits 4..2): E4M3's exponent bias 7 against E2M1's 1 makes it value / 2^6, and code 1 (0.5) a
 # subnormal E4M3 of the same ratio. Scaled values have at most 6 significant bits and lie in

@@ -7,8 +7,8 @@ depends only on shapes (batch, heads, the page table's width), never on sequence
 CUDA graph serves every step.
 
 Decoding turns four packed bytes into eight exact 16-bit tensor-core inputs with a few lines of
-inline PTX (byte-table lookups with prmt, see _decode_ptx): fp16 for NVFP4, bf16 for E8M0 scales,
-the block scale applied by one packed multiply. Positions are the long side of the score tile
+inline PTX (byte-table lookups with prmt, see triton_codes._decode_ptx): fp16 for NVFP4, bf16 for
+E8M0 scales, the block scale applied by one packed multiply. Positions are the long side of the score tile
 (keys feed the tensor cores from registers, their pair columns permuted so each thread reads
 adjacent bytes, see _key_tile); values are decoded row by row and reach the tensor cores through
 shared memory. The query is cast to the tiles' type once per program and the global scales are
@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 
 from .formats import FP4Format, ScaleRule
-from .triton_kernels import _e2m1_value, _e4m3_half, _e4m3_value, _e8m0_value, global_scale_pair, hardware_casts
+from .triton_codes import _block_scales, _decode
+from .triton_kernels import global_scale_pair, hardware_casts
 
 # head_dim -> (context positions per tile, warps, programs per SM to aim for, registers per thread
 # at most, software-pipeline stages): tuned on the H100 and H200 (README). The cap lets three
@@ -37,107 +38,6 @@ _MIN_GROUP = 16  # tensor-core tiles need a side of at least 16: query heads are
 _POSITIONS_PER_SPLIT_MIN = 256
 _POSITIONS_PER_SPLIT_SMALL_GRID = 128  # one tile, for grids that would leave SMs idle (num_splits)
 _MERGE_SPLITS_PER_STEP = 8  # splits the merge kernel reads at once: 8 x D fp32 per program
-
-
-def _table_lookup(name: str, table_bytes) -> list[str]:
-    """PTX that reads byte table[code] for the four 3-bit codes in `codes` (and in `codes_hi`):
-    prmt picks bytes of two words by 4-bit selectors, so eight entries fit in two registers."""
-    table = bytes(table_bytes)
-    return [f"mov.b32 ta, 0x{int.from_bytes(table[:4], 'little'):08X};",
-            f"mov.b32 tb, 0x{int.from_bytes(table[4:], 'little'):08X};",
-            f"prmt.b32 {name}_lo, ta, tb, codes;",
-            f"prmt.b32 {name}_hi, ta, tb, codes_hi;"]
-
-
-def _decode_ptx(high_bytes, low_bytes, multiply: str) -> str:
-    """Inline PTX: four packed bytes (eight E2M1 codes) and their scales -> eight 16-bit values.
-
-    Operands: $0 $1 the even elements (of bytes 0-1, 2-3), $2 $3 the odd ones, $4 the four bytes,
-    $5 $6 the four bytes' scales as 16-bit pairs. The magnitude codes index byte tables for each
-    value's high byte and (bf16 only) low byte; a shuffle puts two values in a word, the sign bits
-    of a byte pair get there with at most one shift, and one packed multiply applies the scales.
-    About 25 instructions for the eight values (ptxas folds the table words into the prmts)."""
-    lines = [
-        ".reg .b32 codes, codes_hi, high_lo, high_hi, low_lo, low_hi, signs_lo, signs_hi, shifted, t, ta, tb;",
-        *([".reg .b32 negative_zero;", "mov.b32 negative_zero, 0x80008000;"] if "negative_zero" in multiply else []),
-        "and.b32 codes, $4, 0x77777777;",  # magnitude codes: bits 2..0 of each nibble
-        "shr.u32 codes_hi, codes, 16;",
-        *_table_lookup("high", high_bytes),
-        *(["mov.b32 low_lo, 0;", "mov.b32 low_hi, 0;"] if low_bytes is None else _table_lookup("low", low_bytes)),
-        # Bytes 0, 1 (2, 3) moved to bits 15..8 and 31..24: the odd codes' sign bits land on bits 15
-        # and 31, where a 16-bit pair keeps them, and the even codes' 4 bits lower.
-        "prmt.b32 signs_lo, $4, 0, 0x1404;",
-        "prmt.b32 signs_hi, $4, 0, 0x3424;",
-    ]
-    for out, (half, selector, shift) in enumerate((
-        ("lo", "0x6240", 4),  # even codes of bytes 0, 1: table bytes 0 and 2 (low, high each)
-        ("hi", "0x6240", 4),  # even codes of bytes 2, 3
-        ("lo", "0x7351", 0),  # odd codes of bytes 0, 1: table bytes 1 and 3
-        ("hi", "0x7351", 0),  # odd codes of bytes 2, 3
-    )):
-        signs = f"signs_{half}"
-        if shift:
-            lines.append(f"shl.b32 shifted, {signs}, {shift};")
-            signs = "shifted"
-        lines += [f"prmt.b32 t, low_{half}, high_{half}, {selector};",
-                  f"lop3.b32 t, t, {signs}, 0x80008000, 0xF8;",  # t | (signs & 0x80008000)
-                  multiply.format(out=f"${out}", value="t", scale=f"${5 + out % 2}")]
-    return "{\n" + "\n".join(lines) + "\n}"
-
-
-# NVFP4: fp16 tiles. Every E2M1 value is an fp16 whose low byte is zero, and E4M3 scales are fp16
-# values: their product is exact (at most 6 significant bits, 2^-10 to 2688).
-_NVFP4_DECODE_PTX = tl.constexpr(_decode_ptx(
-    [0x00, 0x38, 0x3C, 0x3E, 0x40, 0x42, 0x44, 0x46], None, "mul.rn.f16x2 {out}, {value}, {scale};"))
-# E8M0 scales: bf16 tiles (their range), the scale 2^(byte - 127) a bf16 too; the product, a power
-# of two times an E2M1 value, is exact down to bf16's subnormals. fma with -0 is the bf16 multiply
-# SM80 has (mul.bf16x2 needs SM90) and keeps the product's sign of zero.
-_E8M0_DECODE_PTX = tl.constexpr(_decode_ptx(
-    [0x00, 0x3F, 0x3F, 0x3F, 0x40, 0x40, 0x40, 0x40], [0x00, 0x00, 0x80, 0xC0, 0x00, 0x40, 0x80, 0xC0],
-    "fma.rn.bf16x2 {out}, {value}, {scale}, negative_zero;"))
-
-
-@triton.jit
-def _block_scales(byte, E4M3_SCALES: tl.constexpr, FP32_TILES: tl.constexpr, HW_FP8: tl.constexpr):
-    """Scale bytes -> the scales as the tiles' type (float32 on the interpreter); NaN bytes give NaN.
-
-    E4M3 from SM89 by the conversion instruction (two per cvt, NaN kept), else from the bits."""
-    if FP32_TILES:
-        if E4M3_SCALES:
-            scale = _e4m3_value(byte.to(tl.int32))
-        else:
-            scale = _e8m0_value(byte.to(tl.int32))
-    elif E4M3_SCALES:
-        if HW_FP8:
-            scale = byte.to(tl.float8e4nv, bitcast=True).to(tl.float16)
-        else:
-            scale = tl.where((byte & 0x7F) == 0x7F, float("nan"), _e4m3_half(byte.to(tl.int32)) * 256.0).to(tl.float16)
-    else:
-        scale = _e8m0_bf16(byte)
-    return scale
-
-
-@triton.jit
-def _e8m0_bf16(byte):
-    """E8M0 scale bytes -> bf16 2^(byte - 127) from the bits (byte 0: the subnormal 2^-127; 255: NaN).
-    Also called by gluon_decode."""
-    byte = byte.to(tl.int32)
-    bits = tl.where(byte == 0, 0x40, tl.where(byte == 255, 0x7FC0, byte << 7))
-    return bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
-
-
-@triton.jit
-def _decode(packed, scale, E4M3_SCALES: tl.constexpr, FP32_TILES: tl.constexpr):
-    """Packed bytes and their scales (same shape) -> (even, odd) exact values, 16-bit on a GPU."""
-    if FP32_TILES:  # the interpreter runs no PTX: the same values from Triton arithmetic
-        codes = packed.to(tl.int32)
-        even = _e2m1_value(codes & 0xF) * scale
-        odd = _e2m1_value(codes >> 4) * scale
-    else:
-        even, odd = tl.inline_asm_elementwise(
-            _NVFP4_DECODE_PTX if E4M3_SCALES else _E8M0_DECODE_PTX, "=r,=r,=r,=r,r,r,r", [packed, scale],
-            dtype=(scale.dtype, scale.dtype), is_pure=True, pack=4)
-    return even, odd
 
 
 @triton.jit

@@ -3,9 +3,10 @@
 The byte contract must hold on the GPU and under the CPU interpreter that CI runs these kernels
 with (`TRITON_INTERPRET=1`), whose bf16 and float8 casts and default division round differently.
 So divisions are correctly rounded (`div_rn`) or give the same codes and scale bytes as correctly
-rounded ones (see _rounding_quotient and blockfp4's scale), format decoding is integer arithmetic
-on the bits, and the bf16/float8 output casts are the hardware's on a GPU (float8 from SM89, see
-hardware_casts) and written out in integer arithmetic on the interpreter.
+rounded ones (see _rounding_quotient and blockfp4's scale), format decoding is exact (integer
+arithmetic on the bits, or inline PTX on a GPU: triton_codes), and the bf16/float8 output casts
+are the hardware's on a GPU (float8 from SM89, see hardware_casts) and written out in integer
+arithmetic on the interpreter.
 """
 
 from __future__ import annotations
@@ -15,17 +16,17 @@ import triton
 import triton.language as tl
 
 from . import backends
-from .formats import BLOCKFP4_MIN_SCALE, E4M3_MAX, FP4Format, ScaleRule
+from .formats import BLOCKFP4_MIN_SCALE, FP4Format, ScaleRule
+from .triton_codes import _E4M3_MAX, _bf16_bits, _block_scales, _decode, _e4m3_byte, _e4m3_value, _fp8_pair
 
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
-_E4M3_MAX = tl.constexpr(E4M3_MAX)
 _BLOCKFP4_MIN_SCALE = tl.constexpr(BLOCKFP4_MIN_SCALE)
 _ONE_SIXTH = tl.constexpr(0.1666666716337204)  # 1/6 rounded to float32
 # Launch shapes (elements per program and tensor, warps), from sweeps on the H100 at D=128
 # (README, performance): for quantize one warp of 1024 was the one shape of ten (1024 x 1 to
 # 16384 x 8) within 3% of each recipe's best; dequantize: five shapes, 1024 x 1 to 8192 x 4.
 QUANTIZE_LAUNCH = (1024, 1)
-DEQUANTIZE_LAUNCH = (4096, 2)
+DEQUANTIZE_LAUNCH = (4096, 4)
 
 # Output dtype -> (kernel OUT_KIND, the dtype of a word holding two outputs): dequantize kernels
 # write each packed byte's two values as one word.
@@ -35,75 +36,6 @@ _OUT_KINDS = {
     torch.bfloat16: (2, torch.int32),
     torch.float8_e4m3fn: (3, torch.int16),
 }
-
-
-# ---- scalar encodings ---------------------------------------------------------------------------
-
-
-@triton.jit
-def _e4m3_byte(v):
-    """float32 in [0, 448] -> E4M3 byte, round to nearest even."""
-    bits = v.to(tl.int32, bitcast=True)
-    rounded = bits + 0x7FFFF + ((bits >> 20) & 1)  # keep 3 mantissa bits
-    normal = (((rounded >> 23) - 120) << 3) | ((rounded >> 20) & 7)
-    # Below 2^-6 the step is 2^-9: the float adder rounds v * 2^9 to an integer, ties to even.
-    subnormal = ((v * 512.0 + 8388608.0) - 8388608.0).to(tl.int32)
-    return tl.where(bits >= (121 << 23), normal, subnormal)
-
-
-@triton.jit
-def _e4m3_half(byte):
-    """E4M3 byte -> fp16 holding value / 2^8: the byte's bits shifted into an fp16 (NaN not handled)."""
-    return (((byte & 0x80) << 8) | ((byte & 0x7F) << 7)).to(tl.int16).to(tl.float16, bitcast=True)
-
-
-@triton.jit
-def _e4m3_value(byte):
-    """E4M3 byte -> float32."""
-    value = _e4m3_half(byte).to(tl.float32) * 256.0
-    return tl.where((byte & 0x7F) == 0x7F, float("nan"), value)
-
-
-@triton.jit
-def _e8m0_value(byte):
-    """E8M0 byte -> float32 2^(byte - 127); 255 is NaN."""
-    bits = tl.where(byte == 0, 0x400000, byte << 23)
-    return tl.where(byte == 255, float("nan"), bits.to(tl.float32, bitcast=True))
-
-
-@triton.jit
-def _e2m1_half(code):
-    """4-bit E2M1 code -> fp16 holding value / 2^14: sign and magnitude bits placed in an fp16."""
-    return (((code & 0x8) << 12) | ((code & 0x7) << 9)).to(tl.int16).to(tl.float16, bitcast=True)
-
-
-@triton.jit
-def _e2m1_value(code):
-    """4-bit E2M1 code -> float32."""
-    return _e2m1_half(code).to(tl.float32) * 16384.0
-
-
-@triton.jit
-def _bf16_bits(v):
-    """float32 -> bf16 bits, round to nearest even; NaN -> 0x7FC0 (as PyTorch does)."""
-    bits = v.to(tl.uint32, bitcast=True)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    return tl.where(v != v, 0x7FC0, rounded).to(tl.uint16).to(tl.int16, bitcast=True)
-
-
-@triton.jit
-def _fp8_bits(v, HW_FP8: tl.constexpr):
-    """float32 -> E4M3 byte, saturating at +-448; NaN -> 0x7F with its sign (as PyTorch does).
-
-    With HW_FP8 (SM89+) the hardware conversion (cvt.rn.satfinite) encodes value and sign; NaN is
-    set here, as the conversion saturates NaN."""
-    bits = v.to(tl.uint32, bitcast=True)
-    if HW_FP8:
-        byte = v.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
-        return tl.where(v != v, (bits >> 24).to(tl.uint8) | 0x7F, byte)
-    sign = (bits >> 31).to(tl.int32) << 7
-    magnitude = _e4m3_byte(tl.minimum(tl.abs(v), _E4M3_MAX))
-    return (tl.where(v != v, 0x7F, magnitude) | sign).to(tl.uint8)
 
 
 @triton.jit
@@ -121,7 +53,7 @@ def _output_word(lo, hi, OUT_KIND: tl.constexpr, HW_BF16: tl.constexpr, HW_FP8: 
             return lo_bits | (hi.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) << 16)
         return (_bf16_bits(lo).to(tl.int32) & 0xFFFF) | (_bf16_bits(hi).to(tl.int32) << 16)
     else:
-        return (_fp8_bits(lo, HW_FP8).to(tl.int16) | (_fp8_bits(hi, HW_FP8).to(tl.int16) << 8)).to(tl.int16)
+        return _fp8_pair(lo, hi, HW_FP8)
 
 
 # ---- quantize (optionally scattering rows to cache slots) ---------------------------------------
@@ -316,7 +248,8 @@ def _dequantize_kernel(
     data_ptr, scales_ptr, g_ptr, loc_ptr, out_ptr,
     n_rows, num_slots, H: tl.constexpr,
     D: tl.constexpr, BS: tl.constexpr, E4M3_SCALES: tl.constexpr, HAS_G: tl.constexpr,
-    GATHER: tl.constexpr, OUT_KIND: tl.constexpr, ROWS: tl.constexpr, HW_BF16: tl.constexpr, HW_FP8: tl.constexpr,
+    GATHER: tl.constexpr, OUT_KIND: tl.constexpr, ROWS: tl.constexpr, FP32_TILES: tl.constexpr,
+    HW_BF16: tl.constexpr, HW_FP8: tl.constexpr,
 ):
     NB: tl.constexpr = D // BS
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -332,22 +265,18 @@ def _dequantize_kernel(
 
     # [NB, ROWS, HALF] tiles, as in _quantize_rows: one block's bytes per thread, a warp's threads
     # on neighbouring blocks, and each scale byte loaded once (it was loaded per byte, by threads
-    # laid out along the rows, whose values then crossed shared memory). With the two changes
-    # around the FP8 cast, dequantize to FP8 31.7 -> 26.3 us on the H100, to bf16 30.9 -> 30.8.
+    # laid out along the rows, whose values then crossed shared memory).
     blocks = tl.arange(0, NB)[:, None]
     pairs = blocks[:, :, None] * (BS // 2) + tl.arange(0, BS // 2)[None, None, :]  # [NB, 1, HALF]
-    packed = tl.load(data_ptr + src[None, :, None] * (D // 2) + pairs, mask=read[None, :, None], other=0).to(tl.int32)
-    scale_byte = tl.load(scales_ptr + src[None, :] * NB + blocks, mask=read[None, :], other=0).to(tl.int32)
-    if E4M3_SCALES:
-        # An E4M3 scale times 2^14 is exact, so it multiplies the fp16 that holds value / 2^14
-        # (_e2m1_half) directly. Not so for E8M0: 2^(b - 127) * 2^14 overflows above b = 240.
-        scale = (_e4m3_value(scale_byte) * 16384.0)[:, :, None]
-        lo = _e2m1_half(packed & 0xF).to(tl.float32) * scale  # exact: 2 x 4 significant bits
-        hi = _e2m1_half(packed >> 4).to(tl.float32) * scale
-    else:
-        scale = _e8m0_value(scale_byte)[:, :, None]
-        lo = _e2m1_value(packed & 0xF) * scale
-        hi = _e2m1_value(packed >> 4) * scale
+    packed = tl.load(data_ptr + src[None, :, None] * (D // 2) + pairs, mask=read[None, :, None], other=0)
+    scale_byte = tl.load(scales_ptr + src[None, :] * NB + blocks, mask=read[None, :], other=0)
+    # e2m1 * scale is exact in 16 bits (fp16 for E4M3 scales, bf16 for E8M0), which the decode PTX
+    # computes for four bytes at once on a GPU (float32 arithmetic on the interpreter); the global
+    # scale then rounds in float32, as in eager. NVFP4 to FP8 26.4 -> 20.7 us on the H100.
+    scale = tl.broadcast_to(_block_scales(scale_byte, E4M3_SCALES, FP32_TILES, HW_FP8)[:, :, None], packed.shape)
+    lo, hi = _decode(packed, scale, E4M3_SCALES, FP32_TILES)
+    lo = lo.to(tl.float32)
+    hi = hi.to(tl.float32)
     if HAS_G:
         g = tl.load(g_ptr)
         lo = lo * g
@@ -444,7 +373,7 @@ def _launch_dequantize(data, scales, loc, fmt: FP4Format, global_scale, dtype, o
         data, scales.view(torch.uint8), global_scale if has_g else data, loc if loc is not None else data,
         out.view(view_dtype), out_rows * h, data.shape[0], H=h,
         D=d, BS=fmt.block_size, E4M3_SCALES=fmt.scale_rule is ScaleRule.E4M3_AMAX_OVER_6G,
-        HAS_G=has_g, GATHER=loc is not None, OUT_KIND=out_kind, ROWS=rows,
+        HAS_G=has_g, GATHER=loc is not None, OUT_KIND=out_kind, ROWS=rows, FP32_TILES=data.device.type != "cuda",
         HW_BF16=hw_bf16, HW_FP8=hw_fp8, num_warps=num_warps,
     )
     return out

@@ -1,8 +1,9 @@
-"""The decode kernels' inline PTX, run by a small model of the instructions it uses.
+"""The kernels' inline PTX, run by a small model of the instructions it uses.
 
 CI has no GPU, so this is where the PTX's bit logic is checked on every run: every byte value
 in every position of the word must come out as its two E2M1 values times its own byte's scale,
-with the sign of zero kept. (On the H100 the GPU tests compare the whole kernel with eager.)
+with the sign of zero kept, and the FP8 output pair must hold each input's E4M3 byte in its own
+half. (On the H100 the GPU tests compare the whole kernels with eager.)
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from torch_fp4kv.ops import triton_decode
+from torch_fp4kv.ops import triton_codes
 from torch_fp4kv.ops.formats import E2M1_VALUES
 
 MASK = 0xFFFFFFFF
@@ -53,13 +54,27 @@ def _e4m3x2_to_f16x2(pair: int) -> int:
     return _word(fp8.to(torch.float32).numpy(), np.float16)
 
 
-def run_ptx(ptx: str, operands: dict[str, int], float_type) -> dict[str, int]:
+def _f32x2_to_e4m3x2(a: int, b: int) -> int:
+    """cvt.rn.satfinite.e4m3x2.f32: float32 bits a to the high byte, b to the low one, rounded to
+    nearest even and saturated at +-448 by PyTorch's conversion. NaN saturates too (to 0x7E here:
+    the PTX under test must not depend on what the hardware gives)."""
+    values = np.array([b, a], dtype=np.uint32).view(np.float32)
+    fp8 = torch.from_numpy(np.clip(np.nan_to_num(values, nan=448.0), -448.0, 448.0)).to(torch.float8_e4m3fn)
+    low, high = fp8.view(torch.uint8).tolist()
+    return low | (high << 8)
+
+
+def run_ptx(ptx: str, operands: dict[str, int], float_type=np.float16) -> dict[str, int]:
     """Executes the PTX on 32-bit words; the packed multiplies run in numpy, per 16-bit half."""
     regs = dict(operands)
     for line in ptx.strip("{}\n").splitlines():
         line = line.strip().rstrip(";")
         if line.startswith(".reg"):
             continue
+        if line.startswith("@"):  # predicated: runs if the predicate register is set
+            predicate, line = line[1:].split(None, 1)
+            if not regs[predicate]:
+                continue
         op, rest = line.split(None, 1)
         if rest.startswith("{"):  # mov.b32 {lo, hi}, word: a word's 16-bit halves
             halves, source = rest[1:].split("}")
@@ -82,6 +97,9 @@ def run_ptx(ptx: str, operands: dict[str, int], float_type) -> dict[str, int]:
             "shr.b32": lambda x, y: x >> y,
             "shl.b32": lambda x, y: (x << y) & MASK,
             "cvt.rn.f16x2.e4m3x2": _e4m3x2_to_f16x2,
+            "cvt.rn.satfinite.e4m3x2.f32": _f32x2_to_e4m3x2,
+            "setp.nan.f32": lambda x, y: int(np.isnan(np.array([x, y], dtype=np.uint32).view(np.float32)).any()),
+            "or.b16": lambda x, y: (x | y) & 0xFFFF,
             "mov.b32": lambda x: x,
             "prmt.b32": _prmt,
             "lop3.b32": _lop3,
@@ -99,8 +117,8 @@ def _gluon_nvfp4_ptx() -> str:
 
 # name -> (PTX, 16-bit type, what the kernel multiplies the scale by before passing it)
 FORMATS = {
-    "fp16 (nvfp4)": (lambda: triton_decode._NVFP4_DECODE_PTX.value, np.float16, 1.0),
-    "bf16 (E8M0 scales)": (lambda: triton_decode._E8M0_DECODE_PTX.value, np.float32, 1.0),
+    "fp16 (nvfp4)": (lambda: triton_codes._NVFP4_DECODE_PTX.value, np.float16, 1.0),
+    "bf16 (E8M0 scales)": (lambda: triton_codes._E8M0_DECODE_PTX.value, np.float32, 1.0),
     "fp16 through E4M3 (nvfp4, Gluon)": (_gluon_nvfp4_ptx, np.float16, 64.0),  # the codes come out / 2^6
 }
 # A different power of two per byte: each value must be multiplied by its own byte's scale.
@@ -126,3 +144,20 @@ def test_every_byte_in_every_position_decodes_to_its_scaled_e2m1_pair(fmt):
                 want = [_e2m1(c) * SCALES[first + k] for k, c in enumerate(codes)]
                 assert [float(g) for g in got] == want
                 assert [bool(np.signbit(g)) for g in got] == [bool(c & 8) for c in codes]  # -0 kept
+
+
+def test_fp8_output_pair_holds_each_input_in_its_own_byte():
+    """_E4M3_PAIR_PTX, which writes dequantize's FP8 output: lo in the low byte, hi in the high
+    one, each as PyTorch's saturating conversion gives it (eager clamps to +-448 first); NaN stays
+    NaN (0x7F or 0xFF)."""
+    ptx = triton_codes._E4M3_PAIR_PTX.value
+    values = np.array([0.0, -0.0, 1.0, -1.5, 2.0**-10, -(2.0**-9), 3.0 * 2.0**-10, 0.0703125, 240.0, 248.0,
+                       447.9, 448.0, -464.0, 1e6, np.inf, -np.inf, np.nan, -np.nan], dtype=np.float32)
+    for lo, hi in [(a, b) for a in values for b in values[::-1]]:
+        word = run_ptx(ptx, {"$1": int(np.float32(lo).view(np.uint32)), "$2": int(np.float32(hi).view(np.uint32))})["$0"]
+        for value, byte in ((lo, word & 0xFF), (hi, word >> 8)):
+            if np.isnan(value):
+                assert byte & 0x7F == 0x7F
+            else:
+                want = torch.tensor([value]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(torch.uint8).item()
+                assert byte == want, (value, hex(byte), hex(want))
