@@ -69,8 +69,16 @@ def _bf16_bits(v):
     return tl.where(v != v, 0x7FC0, rounded).to(tl.uint16).to(tl.int16, bitcast=True)
 
 
-# Two float32 -> an E4M3 pair in one conversion (SM89+), saturating at +-448. It saturates NaN
-# too, so a NaN input's byte gets its low 7 bits set: 0x7F or 0xFF, both NaN.
+@triton.jit
+def _fp8_byte(v):
+    """float32 -> E4M3 byte from the bits, saturating at +-448; NaN -> 0x7F with its sign."""
+    magnitude = _e4m3_byte(tl.minimum(tl.abs(v), _E4M3_MAX))
+    sign = (v.to(tl.uint32, bitcast=True) >> 24).to(tl.int32) & 0x80
+    return tl.where(v != v, 0x7F, magnitude) | sign
+
+
+# Two float32 -> an E4M3 pair in one conversion (SM89+), saturating at +-448. NaN comes out
+# saturated too, so a NaN input's byte gets its low 7 bits set: 0x7F or 0xFF, both NaN.
 _E4M3_PAIR_PTX = tl.constexpr("""{
 .reg .pred nan_lo, nan_hi;
 cvt.rn.satfinite.e4m3x2.f32 $0, $2, $1;
@@ -84,14 +92,10 @@ setp.nan.f32 nan_hi, $2, $2;
 @triton.jit
 def _fp8_pair(lo, hi, HW_FP8: tl.constexpr):
     """Two float32 -> one int16 holding both as E4M3, `lo` in the low byte; saturating at +-448,
-    NaN stays NaN. Without HW_FP8, integer arithmetic on the bits (NaN -> 0x7F with its sign)."""
+    NaN stays NaN. Without HW_FP8 (the interpreter, GPUs before SM89), from the bits."""
     if HW_FP8:
         return tl.inline_asm_elementwise(_E4M3_PAIR_PTX, "=h,r,r", [lo, hi], dtype=tl.int16, is_pure=True, pack=1)
-    lo_byte = _e4m3_byte(tl.minimum(tl.abs(lo), _E4M3_MAX))
-    hi_byte = _e4m3_byte(tl.minimum(tl.abs(hi), _E4M3_MAX))
-    lo_byte = tl.where(lo != lo, 0x7F, lo_byte) | ((lo.to(tl.uint32, bitcast=True) >> 24).to(tl.int32) & 0x80)
-    hi_byte = tl.where(hi != hi, 0x7F, hi_byte) | ((hi.to(tl.uint32, bitcast=True) >> 24).to(tl.int32) & 0x80)
-    return (lo_byte | (hi_byte << 8)).to(tl.int16)
+    return (_fp8_byte(lo) | (_fp8_byte(hi) << 8)).to(tl.int16)
 
 
 # ---- packed bytes to exact 16-bit values ---------------------------------------------------------
