@@ -1,8 +1,9 @@
 """Format codes in Triton, shared by the quantize, dequantize and decode kernels.
 
-Scalar encodings and decodings (E4M3, E8M0, E2M1, bf16) as integer arithmetic on the bits, which
-the CPU interpreter runs exactly as the GPU does, and the decode of packed bytes into exact 16-bit
-values (e2m1 * scale) with a few lines of inline PTX on GPUs (see _decode_ptx).
+Scalar encodings and decodings (E4M3, E8M0, E2M1, bf16, FP8 output) as integer arithmetic on the
+bits, which the CPU interpreter runs exactly as the GPU does; on GPUs, inline PTX where it saves
+instructions: the decode of packed bytes into exact 16-bit values (e2m1 * scale, see _decode_ptx)
+and FP8 output pairs in one conversion.
 """
 
 from __future__ import annotations
@@ -77,22 +78,16 @@ def _fp8_byte(v):
     return tl.where(v != v, 0x7F, magnitude) | sign
 
 
-# Two float32 -> an E4M3 pair in one conversion (SM89+), saturating at +-448. NaN comes out
-# saturated too, so a NaN input's byte gets its low 7 bits set: 0x7F or 0xFF, both NaN.
-_E4M3_PAIR_PTX = tl.constexpr("""{
-.reg .pred nan_lo, nan_hi;
-cvt.rn.satfinite.e4m3x2.f32 $0, $2, $1;
-setp.nan.f32 nan_lo, $1, $1;
-setp.nan.f32 nan_hi, $2, $2;
-@nan_lo or.b16 $0, $0, 0x007F;
-@nan_hi or.b16 $0, $0, 0x7F00;
-}""")
+# Two float32 -> an E4M3 pair in one conversion (SM89+): saturating at +-448 (inf too), NaN to NaN
+# (0x7F on the H100; the PTX ISA: NaN in, NaN out).
+_E4M3_PAIR_PTX = tl.constexpr("cvt.rn.satfinite.e4m3x2.f32 $0, $2, $1;")
 
 
 @triton.jit
 def _fp8_pair(lo, hi, HW_FP8: tl.constexpr):
     """Two float32 -> one int16 holding both as E4M3, `lo` in the low byte; saturating at +-448,
-    NaN stays NaN. Without HW_FP8 (the interpreter, GPUs before SM89), from the bits."""
+    NaN stays NaN (0x7F from the conversion, 0x7F with the NaN's sign from the bits: NaN payloads
+    are not contract). Without HW_FP8 (the interpreter, GPUs before SM89), from the bits."""
     if HW_FP8:
         return tl.inline_asm_elementwise(_E4M3_PAIR_PTX, "=h,r,r", [lo, hi], dtype=tl.int16, is_pure=True, pack=1)
     return (_fp8_byte(lo) | (_fp8_byte(hi) << 8)).to(tl.int16)

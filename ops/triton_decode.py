@@ -8,12 +8,12 @@ CUDA graph serves every step.
 
 Decoding turns four packed bytes into eight exact 16-bit tensor-core inputs with a few lines of
 inline PTX (byte-table lookups with prmt, see triton_codes._decode_ptx): fp16 for NVFP4, bf16 for
-E8M0 scales, the block scale applied by one packed multiply. Positions are the long side of the score tile
-(keys feed the tensor cores from registers, their pair columns permuted so each thread reads
-adjacent bytes, see _key_tile); values are decoded row by row and reach the tensor cores through
-shared memory. The query is cast to the tiles' type once per program and the global scales are
-applied to the fp32 scores and outputs. The error against SDPA over the dequantized cache is the
-query's rounding to that type, the summation order, and the 16-bit rounding of the softmax
+E8M0 scales, the block scale applied by one packed multiply. Positions are the long side of the
+score tile (keys feed the tensor cores from registers, their pair columns permuted so each thread
+reads adjacent bytes, see _key_tile); values are decoded row by row and reach the tensor cores
+through shared memory. The query is cast to the tiles' type once per program and the global scales
+are applied to the fp32 scores and outputs. The error against SDPA over the dequantized cache is
+the query's rounding to that type, the summation order, and the 16-bit rounding of the softmax
 weights, as in any flash-attention kernel.
 """
 

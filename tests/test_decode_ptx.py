@@ -56,11 +56,10 @@ def _e4m3x2_to_f16x2(pair: int) -> int:
 
 def _f32x2_to_e4m3x2(a: int, b: int) -> int:
     """cvt.rn.satfinite.e4m3x2.f32: float32 bits a to the high byte, b to the low one, rounded to
-    nearest even and saturated at +-448 by PyTorch's conversion. NaN saturates too (to 0x7E here:
-    the PTX under test must not depend on what the hardware gives)."""
+    nearest even and saturated at +-448 by PyTorch's conversion; NaN to 0x7F (the H100's result)."""
     values = np.array([b, a], dtype=np.uint32).view(np.float32)
-    fp8 = torch.from_numpy(np.clip(np.nan_to_num(values, nan=448.0), -448.0, 448.0)).to(torch.float8_e4m3fn)
-    low, high = fp8.view(torch.uint8).tolist()
+    fp8 = torch.from_numpy(np.clip(values, -448.0, 448.0)).to(torch.float8_e4m3fn).view(torch.uint8)
+    low, high = torch.where(torch.from_numpy(np.isnan(values)), 0x7F, fp8).tolist()
     return low | (high << 8)
 
 
@@ -71,10 +70,6 @@ def run_ptx(ptx: str, operands: dict[str, int], float_type=np.float16) -> dict[s
         line = line.strip().rstrip(";")
         if line.startswith(".reg"):
             continue
-        if line.startswith("@"):  # predicated: runs if the predicate register is set
-            predicate, line = line[1:].split(None, 1)
-            if not regs[predicate]:
-                continue
         op, rest = line.split(None, 1)
         if rest.startswith("{"):  # mov.b32 {lo, hi}, word: a word's 16-bit halves
             halves, source = rest[1:].split("}")
@@ -98,8 +93,6 @@ def run_ptx(ptx: str, operands: dict[str, int], float_type=np.float16) -> dict[s
             "shl.b32": lambda x, y: (x << y) & MASK,
             "cvt.rn.f16x2.e4m3x2": _e4m3x2_to_f16x2,
             "cvt.rn.satfinite.e4m3x2.f32": _f32x2_to_e4m3x2,
-            "setp.nan.f32": lambda x, y: int(np.isnan(np.array([x, y], dtype=np.uint32).view(np.float32)).any()),
-            "or.b16": lambda x, y: (x | y) & 0xFFFF,
             "mov.b32": lambda x: x,
             "prmt.b32": _prmt,
             "lop3.b32": _lop3,
@@ -147,17 +140,14 @@ def test_every_byte_in_every_position_decodes_to_its_scaled_e2m1_pair(fmt):
 
 
 def test_fp8_output_pair_holds_each_input_in_its_own_byte():
-    """_E4M3_PAIR_PTX, which writes dequantize's FP8 output: lo in the low byte, hi in the high
-    one, each as PyTorch's saturating conversion gives it (eager clamps to +-448 first); NaN stays
-    NaN (0x7F or 0xFF)."""
+    """_E4M3_PAIR_PTX, which writes dequantize's FP8 output: lo must land in the low byte and hi in
+    the high one (the conversion itself is modelled by PyTorch's, so what this checks is the
+    operand order; the GPU tests compare the bytes with eager)."""
     ptx = triton_codes._E4M3_PAIR_PTX.value
-    values = np.array([0.0, -0.0, 1.0, -1.5, 2.0**-10, -(2.0**-9), 3.0 * 2.0**-10, 0.0703125, 240.0, 248.0,
-                       447.9, 448.0, -464.0, 1e6, np.inf, -np.inf, np.nan, -np.nan], dtype=np.float32)
-    for lo, hi in [(a, b) for a in values for b in values[::-1]]:
+    values = np.array([0.0, -0.0, 1.0, -1.5, 2.0**-10, -(2.0**-9), 0.0703125, 240.0, -448.0, 1e6, np.nan],
+                      dtype=np.float32)
+    for lo, hi in [(a, b) for a in values for b in values]:
         word = run_ptx(ptx, {"$1": int(np.float32(lo).view(np.uint32)), "$2": int(np.float32(hi).view(np.uint32))})["$0"]
         for value, byte in ((lo, word & 0xFF), (hi, word >> 8)):
-            if np.isnan(value):
-                assert byte & 0x7F == 0x7F
-            else:
-                want = torch.tensor([value]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(torch.uint8).item()
-                assert byte == want, (value, hex(byte), hex(want))
+            want = torch.tensor([value]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(torch.uint8).item()
+            assert byte == (0x7F if np.isnan(value) else want), (value, hex(byte), hex(want))
