@@ -57,6 +57,22 @@ def _output_word(lo, hi, OUT_KIND: tl.constexpr, HW_BF16: tl.constexpr, HW_FP8: 
         return _fp8_pair(lo, hi, HW_FP8)
 
 
+@triton.jit
+def _cache_rows(rows, n_rows, loc_ptr, num_slots, H: tl.constexpr, USE_LOC: tl.constexpr):
+    """Rows t * H + h of a [T, H, ...] batch -> (in range, has a cache row, that cache row): slot
+    loc[t] * H + h with USE_LOC (slots out of range have none: skipped on store, zeros on read),
+    else the row itself."""
+    in_range = rows < n_rows
+    if USE_LOC:
+        slot = tl.load(loc_ptr + (rows // H).to(tl.int64), mask=in_range, other=-1).to(tl.int64)
+        has_row = in_range & (slot >= 0) & (slot < num_slots)
+        cache_row = slot * H + rows % H
+    else:
+        has_row = in_range
+        cache_row = rows.to(tl.int64)
+    return in_range, has_row, cache_row
+
+
 # ---- quantize (optionally scattering rows to cache slots) ---------------------------------------
 
 
@@ -139,26 +155,16 @@ def _rounding_quotient(a, scale, d, inverse):
 
 @triton.jit
 def _quantize_rows(
-    x_ptr, x_stride_t, x_stride_h, data_ptr, scales_ptr, g_ptr, loc_ptr,
-    pid, n_rows, num_slots, H: tl.constexpr,
-    D: tl.constexpr, BS: tl.constexpr, SCALE_RULE: tl.constexpr, TIES_AWAY: tl.constexpr,
-    SCALE_NAN_BYTE: tl.constexpr, HAS_G: tl.constexpr, SCATTER: tl.constexpr, ROWS: tl.constexpr,
-    IN_KIND: tl.constexpr,
+    x_ptr, x_stride_t, x_stride_h, data_ptr, scales_ptr, g_ptr, rows, in_range, write, dest,
+    H: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, SCALE_RULE: tl.constexpr, TIES_AWAY: tl.constexpr,
+    SCALE_NAN_BYTE: tl.constexpr, HAS_G: tl.constexpr, IN_KIND: tl.constexpr,
 ):
-    """x is read as words of two elements (strides in words): pairs give the packed bytes directly."""
+    """Rows of x (see _cache_rows) into cache rows `dest`. x is read as words of two elements
+    (strides in words): pairs give the packed bytes directly."""
     NB: tl.constexpr = D // BS
     HALF: tl.constexpr = BS // 2
-    rows = pid * ROWS + tl.arange(0, ROWS)
-    in_range = rows < n_rows
     t = (rows // H).to(tl.int64)
     h = (rows % H).to(tl.int64)
-    if SCATTER:
-        slot = tl.load(loc_ptr + t, mask=in_range, other=-1).to(tl.int64)
-        write = in_range & (slot >= 0) & (slot < num_slots)
-        dest = slot * H + h
-    else:
-        write = in_range
-        dest = rows.to(tl.int64)
 
     # Tiles are [NB, ROWS, HALF], blocks before rows: the compiler then gives each thread one whole
     # block and a warp's threads neighbouring blocks of a row, so loads and the packed stores are
@@ -229,16 +235,16 @@ def _quantize_kernel(
     IN_KIND: tl.constexpr, WITH_V: tl.constexpr,
 ):
     """One program quantizes a tile of K's rows and, WITH_V, the same rows of V: the two tiles'
-    independent work interleaves in each thread. NVFP4 quantize-and-store took 70.4 us
-    on the H100 this way, 74.6 us with K and V tiles in separate programs (2048 elements, 4 warps)."""
-    pid = tl.program_id(0)
-    _quantize_rows(k_ptr, k_stride_t, k_stride_h, k_data_ptr, k_scales_ptr, k_g_ptr, loc_ptr,
-                   pid, n_rows, num_slots, H, D, BS, SCALE_RULE, TIES_AWAY, SCALE_NAN_BYTE, HAS_G,
-                   SCATTER, ROWS, IN_KIND)
+    independent work interleaves in each thread, and their slots are loaded once. NVFP4
+    quantize-and-store took 70.4 us on the H100 this way, 74.6 us with K and V tiles in separate
+    programs (2048 elements, 4 warps)."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    in_range, write, dest = _cache_rows(rows, n_rows, loc_ptr, num_slots, H, SCATTER)
+    _quantize_rows(k_ptr, k_stride_t, k_stride_h, k_data_ptr, k_scales_ptr, k_g_ptr, rows, in_range, write, dest,
+                   H, D, BS, SCALE_RULE, TIES_AWAY, SCALE_NAN_BYTE, HAS_G, IN_KIND)
     if WITH_V:
-        _quantize_rows(v_ptr, v_stride_t, v_stride_h, v_data_ptr, v_scales_ptr, v_g_ptr, loc_ptr,
-                       pid, n_rows, num_slots, H, D, BS, SCALE_RULE, TIES_AWAY, SCALE_NAN_BYTE, HAS_G,
-                       SCATTER, ROWS, IN_KIND)
+        _quantize_rows(v_ptr, v_stride_t, v_stride_h, v_data_ptr, v_scales_ptr, v_g_ptr, rows, in_range, write, dest,
+                       H, D, BS, SCALE_RULE, TIES_AWAY, SCALE_NAN_BYTE, HAS_G, IN_KIND)
 
 
 # ---- dequantize (optionally gathering rows from cache slots) ------------------------------------
@@ -254,15 +260,7 @@ def _dequantize_kernel(
 ):
     NB: tl.constexpr = D // BS
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    in_range = rows < n_rows
-    if GATHER:
-        t = (rows // H).to(tl.int64)
-        slot = tl.load(loc_ptr + t, mask=in_range, other=-1).to(tl.int64)
-        read = in_range & (slot >= 0) & (slot < num_slots)  # other slots read as zeros
-        src = slot * H + (rows % H)
-    else:
-        read = in_range
-        src = rows.to(tl.int64)
+    in_range, read, src = _cache_rows(rows, n_rows, loc_ptr, num_slots, H, GATHER)
 
     # [NB, ROWS, HALF] tiles, as in _quantize_rows: one block's bytes per thread, a warp's threads
     # on neighbouring blocks, and each scale byte loaded once (it was loaded per byte, by threads
