@@ -357,9 +357,9 @@ def decode_attention(out, q, k_data, k_scales, v_data, v_scales, block_table, se
     block_table = block_table.contiguous()
     max_pages = block_table.shape[1]
     max_len = max_pages * page_size
-    splits = splits_for(batch, hkv, max_len, q.device)
-    tiles_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), BLOCK_N), splits)
-    splits = triton.cdiv(triton.cdiv(max(max_len, 1), BLOCK_N), tiles_per_split)  # none left empty
+    tiles = triton.cdiv(max(max_len, 1), BLOCK_N)
+    tiles_per_split = triton.cdiv(tiles, splits_for(batch, hkv, max_len, q.device))
+    splits = triton.cdiv(tiles, tiles_per_split)  # none left empty
     partial_out, partial_lse = split_outputs(out, splits)
     args, constants = split_kernel_arguments(q, k_data, k_scales, v_data, v_scales, block_table, seq_lens,
                                              partial_out, partial_lse, page_size, fmt, sm_scale, k_global_scale,

@@ -167,8 +167,8 @@ def _block_scales(byte, E4M3_SCALES: tl.constexpr, FP32_TILES: tl.constexpr, HW_
     elif E4M3_SCALES:
         if HW_FP8:
             scale = byte.to(tl.float8e4nv, bitcast=True).to(tl.float16)
-        else:
-            scale = tl.where((byte & 0x7F) == 0x7F, float("nan"), _e4m3_half(byte.to(tl.int32)) * 256.0).to(tl.float16)
+        else:  # every E4M3 value is an fp16
+            scale = _e4m3_value(byte.to(tl.int32)).to(tl.float16)
     else:
         scale = _e8m0_bf16(byte)
     return scale
