@@ -7,6 +7,7 @@ the Triton backend also runs on CPU tensors: that is how CI tests the Triton ker
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import importlib
@@ -135,6 +136,23 @@ def select_backend(op: str, fmt: FP4Format, device: torch.device, dtype: torch.d
 
 
 select_backend.cache_clear = _select.cache_clear  # tests that patch the capability clear this
+
+
+@contextlib.contextmanager
+def forced_backend(name: str | None):
+    """Run the block with TORCH_FP4KV_BACKEND=name (None: the selection table), then restore it."""
+    before = os.environ.get(ENV_VAR)
+    if name is None:
+        os.environ.pop(ENV_VAR, None)
+    else:
+        os.environ[ENV_VAR] = name
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = before
 
 
 _MODULES = {Backend.EAGER: "eager", Backend.TRITON: "triton_kernels", Backend.FLASHINFER: "flashinfer_kernels"}

@@ -3,6 +3,14 @@
 Every op checks all of its arguments before anything is written, and each error names the
 argument. The checks read only metadata (dtype, shape, device), so they also run on fake tensors
 while torch.compile traces, and never synchronize with the device.
+
+What the checks cannot see, because it lives in tensor values on the device, every backend
+handles by one rule instead (README, "Input contract"): slots outside the cache are skipped on
+store and read as zeros; page ids outside the cache read as zero keys and values; duplicate slots
+in one store: the last token wins; a global scale that is not finite and > 0 gives NaN.
+Layouts: activations, `loc`, `seq_lens`, `block_table` and the packed inputs of dequantize and
+gather_dequantize may have any strides; cache buffers that are written (quantize_and_store) or read
+by decode_attention must be contiguous.
 """
 
 from __future__ import annotations
@@ -67,8 +75,8 @@ def global_scale(g, name: str, fmt: FP4Format, reference: torch.Tensor, referenc
     if not fmt.has_global_scale:
         raise ValueError(f"{name}: recipe {fmt.name!r} has no global scale; pass None")
     dtype_in(g, name, (torch.float32,))
-    if g.numel() != 1:
-        raise ValueError(f"{name} must hold exactly one element; got shape {tuple(g.shape)}")
+    if g.shape not in ((1,), ()):
+        raise ValueError(f"{name} must have shape [1] (or be 0-D); got shape {tuple(g.shape)}")
     same_device(g, name, reference, reference_name)
 
 
@@ -161,6 +169,8 @@ def quantize_and_store_args(k_data, v_data, k_scales, v_scales, loc_, k, v, reci
         same_device(x, name, k_data, "k_data")
     if v.shape != k.shape:
         raise ValueError(f"v has shape {tuple(v.shape)} but k has {tuple(k.shape)}")
+    if v.dtype != k.dtype:
+        raise TypeError(f"v has dtype {_names([v.dtype])} but k has {_names([k.dtype])}; pass both in one dtype")
     expected = (k.shape[1], k.shape[2] // 2)
     if tuple(k_data.shape[1:]) != expected:
         raise ValueError(f"k_data has [H, D/2] = {tuple(k_data.shape[1:])} but k needs {expected}")

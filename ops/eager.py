@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .formats import BLOCKFP4_MIN_SCALE, E2M1_THRESHOLDS, E4M3_MAX, FP4Format, ScaleRule
+from .slots import in_cache, last_writer_slots
 
 _F32_EXPONENT_SHIFT = 23
 _F32_MANTISSA_MASK = 0x7FFFFF
@@ -56,17 +57,22 @@ def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
 def _scale_bytes_and_divisor(amax, fmt: FP4Format, global_scale):
     """Per-block scale byte (uint8) and the float32 value elements are divided by."""
     if fmt.scale_rule is ScaleRule.E4M3_AMAX_OVER_6G:
-        g = _global_scale_or_one(global_scale, amax)
+        g = usable_global_scale(global_scale, amax)
         s = (amax / (6.0 * g)).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
         return s.view(torch.uint8), s.float() * g
     byte = _E8M0_BYTE_RULES[fmt.scale_rule](amax)
     return byte.to(torch.uint8), e8m0_decode(byte)
 
 
-def _global_scale_or_one(global_scale, like: torch.Tensor) -> torch.Tensor:
+def usable_global_scale(global_scale, like: torch.Tensor) -> torch.Tensor:
+    """The global scale as a float32 scalar (1 when None), NaN unless it is finite and > 0.
+
+    Its value lives on the device, so checking it would cost a host sync; instead an unusable
+    scale makes every block it touches NaN, which no caller can mistake for plausible numbers."""
     if global_scale is None:
-        return torch.ones(1, dtype=torch.float32, device=like.device)
-    return global_scale.float()
+        return torch.ones((), dtype=torch.float32, device=like.device)
+    g = global_scale.float().reshape(())
+    return torch.where((g > 0) & torch.isfinite(g), g, float("nan"))
 
 
 def _e2m1_magnitude(y: torch.Tensor, fmt: FP4Format) -> torch.Tensor:
@@ -82,11 +88,13 @@ def quantize(x: torch.Tensor, fmt: FP4Format, global_scale=None):
     finite = torch.isfinite(blocks).all(-1)
     amax = blocks.abs().amax(-1)
     scale_bytes, divisor = _scale_bytes_and_divisor(amax, fmt, global_scale)
+    # A block holding NaN or Inf, or quantized with an unusable global scale (a NaN divisor), is
+    # stored as zero codes under a NaN scale byte; a zero scale (nvfp4) codes the block as zeros.
+    stored = finite & torch.isfinite(divisor)
     magnitude = _e2m1_magnitude(blocks.abs() / divisor.unsqueeze(-1), fmt)
     codes = magnitude | (torch.signbit(blocks).to(torch.uint8) << 3)
-    # A zero scale (nvfp4) codes the block as zeros; a non-finite block as zeros with a NaN scale.
-    codes = torch.where((finite & (divisor != 0)).unsqueeze(-1), codes, 0)
-    scale_bytes = torch.where(finite, scale_bytes, fmt.scale_nan_byte).to(torch.uint8)
+    codes = torch.where((stored & (divisor != 0)).unsqueeze(-1), codes, 0)
+    scale_bytes = torch.where(stored, scale_bytes, fmt.scale_nan_byte).to(torch.uint8)
     codes = codes.flatten(-2)
     data = codes[..., 0::2] | (codes[..., 1::2] << 4)
     return data, scale_bytes
@@ -103,41 +111,43 @@ def dequantize(data, scales, fmt: FP4Format, global_scale=None, dtype=torch.bflo
         scale = e8m0_decode(scale_bytes)
     out = values * scale.unsqueeze(-1)  # exact: 2 x 4 significant bits
     if global_scale is not None:
-        out = out * global_scale.float()
+        out = out * usable_global_scale(global_scale, out)
     return cast_output(out.flatten(-2), dtype)
 
 
 def cast_output(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """float32 -> dtype; FP8 saturates to +-448 (NaN stays NaN), like the hardware's satfinite."""
-    if dtype == torch.float8_e4m3fn:
-        x = x.clamp(-E4M3_MAX, E4M3_MAX)
-    return x.to(dtype)
+    """float32 -> dtype, saturating at the dtype's largest finite value (NaN stays NaN).
+
+    The stored value can exceed the input's range (blockfp4 rounds 60000 up to 4 * 2^14 = 65536,
+    past fp16's 65504; 4 * 2^126 is past float32's), and no stored block means infinity: a block
+    that held NaN or Inf decodes to NaN. FP8 saturation is also the hardware's satfinite.
+    """
+    largest = torch.finfo(dtype).max
+    return x.clamp(-largest, largest).to(dtype)
 
 
-def _valid_slots(loc: torch.Tensor, num_slots: int) -> torch.Tensor:
-    return (loc >= 0) & (loc < num_slots)
+def _store_rows(cache: torch.Tensor, slot: torch.Tensor, rows: torch.Tensor) -> None:
+    """cache[slot[t]] = rows[t] where slot[t] >= 0; `slot` comes from slots.last_writer_slots, so
+    the slots written are distinct.
 
-
-def _store_rows(cache: torch.Tensor, loc: torch.Tensor, rows: torch.Tensor) -> None:
-    """cache[loc[t]] = rows[t] for slots in range; others (e.g. -1 padding) are skipped.
-
-    Sync-free and deterministic: index_add_ of (new - old) mod 256 writes `rows` at valid slots,
-    while skipped tokens add 0 to slot 0.
+    Sync-free and deterministic: index_add_ of (new - old) mod 256 writes `rows` at those slots,
+    while the other tokens add 0 to slot 0.
     """
     cache = cache.view(torch.uint8)
-    if cache.shape[0] == 0:
-        return
-    valid = _valid_slots(loc, cache.shape[0])
-    slot = torch.where(valid, loc, 0).long()
-    delta = torch.where(valid.view(-1, *([1] * (rows.dim() - 1))), rows - cache[slot], 0)
-    cache.index_add_(0, slot, delta.to(torch.uint8))
+    written = slot >= 0
+    target = torch.where(written, slot, 0)
+    delta = torch.where(written.view(-1, *([1] * (rows.dim() - 1))), rows - cache[target], 0)
+    cache.index_add_(0, target, delta.to(torch.uint8))
 
 
 def quantize_and_store(k_data, v_data, k_scales, v_scales, loc, k, v, fmt, k_global_scale=None, v_global_scale=None):
+    if k_data.shape[0] == 0:
+        return
+    slot = last_writer_slots(loc, k_data.shape[0])
     for data, scales, x, g in ((k_data, k_scales, k, k_global_scale), (v_data, v_scales, v, v_global_scale)):
         new_data, new_scales = quantize(x, fmt, g)
-        _store_rows(data, loc, new_data)
-        _store_rows(scales, loc, new_scales)
+        _store_rows(data, slot, new_data)
+        _store_rows(scales, slot, new_scales)
 
 
 def gather_dequantize(data, scales, loc, fmt, global_scale=None, dtype=torch.bfloat16):
@@ -145,7 +155,7 @@ def gather_dequantize(data, scales, loc, fmt, global_scale=None, dtype=torch.bfl
     num_slots = data.shape[0]
     if num_slots == 0:
         return torch.zeros((loc.shape[0], data.shape[1], data.shape[2] * 2), dtype=dtype, device=data.device)
-    valid = _valid_slots(loc, num_slots).view(-1, 1, 1)
+    valid = in_cache(loc, num_slots).view(-1, 1, 1)
     slot = torch.where(valid.view(-1), loc, 0).long()
     rows = torch.where(valid, data[slot], 0)
     row_scales = torch.where(valid, scales.view(torch.uint8)[slot], 0)

@@ -54,6 +54,7 @@ PROGRAMS_PER_SM = 4
 # At most this many splits: 1 x 32k took 35.2 us in 82 splits of 400 positions, 28.7 us in 32 (H100).
 MAX_SPLITS = 32
 _NUM_WARPS = gl.constexpr(4)  # one warpgroup: the wgmma unit
+_FLT_MAX = gl.constexpr(3.4028234663852886e38)
 
 # Operands $4: four packed bytes (eight codes); $5, $6: the block scales * 2^6 of bytes 0-1 and 2-3
 # as fp16 pairs. Results as in triton_codes._decode_ptx: $0 $1 the even codes of bytes 0-1, 2-3,
@@ -200,22 +201,24 @@ def _decode_tile(data_smem, scales_smem, layout: gl.constexpr, D: gl.constexpr, 
 
 
 @gluon.jit
-def _stage_tile(n0, end, b, kv_head, block_table_ptr, max_pages, k_data_ptr, k_scales_ptr, v_data_ptr,
+def _stage_tile(n0, end, b, kv_head, block_table_ptr, max_pages, num_pages, k_data_ptr, k_scales_ptr, v_data_ptr,
                 v_scales_ptr, stage, kd_smem, ks_smem, vd_smem, vs_smem,
                 HKV: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, PAGE: gl.constexpr, N: gl.constexpr):
     """Start copying the K and V bytes and scales of positions [n0, n0 + N) into buffer `stage`
-    (positions from `end` on read as zeros)."""
+    (positions from `end` on, and pages outside the cache, read as zeros: masked copies zero-fill)."""
     NB: gl.constexpr = D // BS
     CHUNKS: gl.constexpr = D // 32  # 16-byte copies per row
     bytes_layout: gl.constexpr = gl.BlockedLayout([1, 16], [32 // CHUNKS, CHUNKS], [_NUM_WARPS, 1], [1, 0])
     scales_layout: gl.constexpr = gl.BlockedLayout([1, NB], [32, 1], [_NUM_WARPS, 1], [1, 0])
-    rows = _cache_rows(n0, end, b, kv_head, block_table_ptr, max_pages, HKV, PAGE, gl.SliceLayout(1, bytes_layout), N)
+    rows = _cache_rows(n0, end, b, kv_head, block_table_ptr, max_pages, num_pages, HKV, PAGE,
+                       gl.SliceLayout(1, bytes_layout), N)
     cols = gl.arange(0, D // 2, layout=gl.SliceLayout(0, bytes_layout))
     offsets = gl.expand_dims(rows, 1) * (D // 2) + gl.expand_dims(cols, 0)
     mask = gl.expand_dims(rows >= 0, 1)
     async_load(kd_smem.index(stage), k_data_ptr + offsets, mask=mask)
     async_load(vd_smem.index(stage), v_data_ptr + offsets, mask=mask)
-    rows = _cache_rows(n0, end, b, kv_head, block_table_ptr, max_pages, HKV, PAGE, gl.SliceLayout(1, scales_layout), N)
+    rows = _cache_rows(n0, end, b, kv_head, block_table_ptr, max_pages, num_pages, HKV, PAGE,
+                       gl.SliceLayout(1, scales_layout), N)
     cols = gl.arange(0, NB, layout=gl.SliceLayout(0, scales_layout))
     offsets = gl.expand_dims(rows, 1) * NB + gl.expand_dims(cols, 0)
     mask = gl.expand_dims(rows >= 0, 1)
@@ -225,20 +228,22 @@ def _stage_tile(n0, end, b, kv_head, block_table_ptr, max_pages, k_data_ptr, k_s
 
 
 @gluon.jit
-def _cache_rows(n0, end, b, kv_head, block_table_ptr, max_pages, HKV: gl.constexpr, PAGE: gl.constexpr,
+def _cache_rows(n0, end, b, kv_head, block_table_ptr, max_pages, num_pages, HKV: gl.constexpr, PAGE: gl.constexpr,
                 layout: gl.constexpr, N: gl.constexpr):
-    """Cache row (slot * HKV + kv_head) of positions n0 .. n0 + N - 1 through the page table; -1 from `end` on."""
+    """Cache row (slot * HKV + kv_head) of positions n0 .. n0 + N - 1 through the page table; -1 from
+    `end` on and where the page id is outside the cache (read as zeros, eager's gather rule)."""
     pos = n0 + gl.arange(0, N, layout=layout)
     valid = pos < end
     page = gl.load(block_table_ptr + b.to(gl.int64) * max_pages + pos // PAGE, mask=valid, other=0)
-    return gl.where(valid, (page.to(gl.int64) * PAGE + pos % PAGE) * HKV + kv_head, -1)
+    in_cache = valid & (page >= 0) & (page < num_pages)
+    return gl.where(in_cache, (page.to(gl.int64) * PAGE + pos % PAGE) * HKV + kv_head, -1)
 
 
 @gluon.jit
 def _decode_split_kernel(
     q_ptr, k_data_ptr, k_scales_ptr, v_data_ptr, v_scales_ptr, k_g_ptr, v_g_ptr,
     block_table_ptr, seq_lens_ptr, partial_out_ptr, partial_lse_ptr,
-    sm_scale, max_pages, positions_per_split,
+    sm_scale, max_pages, num_pages, positions_per_split,
     HQ: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, PAGE: gl.constexpr,
     E4M3_SCALES: gl.constexpr, HAS_G: gl.constexpr, GROUP: gl.constexpr, GROUP_PAD: gl.constexpr,
     N: gl.constexpr, NUM_SPLITS: gl.constexpr, STAGES: gl.constexpr,
@@ -266,8 +271,8 @@ def _decode_split_kernel(
     ks_smem = gl.allocate_shared_memory(gl.uint8, [STAGES, N, D // BS], raw)
     vs_smem = gl.allocate_shared_memory(gl.uint8, [STAGES, N, D // BS], raw)
     for i in gl.static_range(STAGES - 1):
-        _stage_tile(start + i * N, end, b, kv_head, block_table_ptr, max_pages, k_data_ptr, k_scales_ptr, v_data_ptr,
-                    v_scales_ptr, i, kd_smem, ks_smem, vd_smem, vs_smem, HKV, D, BS, PAGE, N)
+        _stage_tile(start + i * N, end, b, kv_head, block_table_ptr, max_pages, num_pages, k_data_ptr, k_scales_ptr,
+                    v_data_ptr, v_scales_ptr, i, kd_smem, ks_smem, vd_smem, vs_smem, HKV, D, BS, PAGE, N)
 
     # q's even and odd elements in the keys' column order: the B operands of the two score
     # products, stored [heads, k] and read through transposed views (wgmma's plainest B layout; an
@@ -288,9 +293,11 @@ def _decode_split_kernel(
     v_smem = gl.allocate_shared_memory(dtype, [N, D], gl.NVMMASharedLayout.get_default_for([N, D], dtype))
     fence_async_shared()
 
-    if HAS_G:
+    if HAS_G:  # a global scale that is not finite and > 0 gives NaN (triton_kernels.usable_global_scale)
         k_g = gl.load(k_g_ptr)
+        k_g = gl.where((k_g > 0.0) & (k_g <= _FLT_MAX), k_g, float("nan"))
         v_g = gl.load(v_g_ptr)
+        v_g = gl.where((v_g > 0.0) & (v_g <= _FLT_MAX), v_g, float("nan"))
     else:
         k_g = 1.0
         v_g = 1.0
@@ -304,8 +311,8 @@ def _decode_split_kernel(
         stage = tile % STAGES
         async_copy.wait_group(STAGES - 2)
         barrier()  # every thread's copies of this tile have landed, and the buffer refilled next is free
-        _stage_tile(n0 + (STAGES - 1) * N, end, b, kv_head, block_table_ptr, max_pages, k_data_ptr, k_scales_ptr,
-                    v_data_ptr, v_scales_ptr, (tile + STAGES - 1) % STAGES, kd_smem, ks_smem, vd_smem, vs_smem,
+        _stage_tile(n0 + (STAGES - 1) * N, end, b, kv_head, block_table_ptr, max_pages, num_pages, k_data_ptr,
+                    k_scales_ptr, v_data_ptr, v_scales_ptr, (tile + STAGES - 1) % STAGES, kd_smem, ks_smem, vd_smem, vs_smem,
                     HKV, D, BS, PAGE, N)
 
         k_even, k_odd = _decode_tile(kd_smem.index(stage), ks_smem.index(stage), key_layout, D, BS, E4M3_SCALES)
@@ -353,8 +360,6 @@ def decode_attention(out, q, k_data, k_scales, v_data, v_scales, block_table, se
                      fmt: FP4Format, sm_scale, k_global_scale=None, v_global_scale=None):
     batch, hq, _ = q.shape
     hkv = k_data.shape[1]
-    q = q.contiguous()
-    block_table = block_table.contiguous()
     max_pages = block_table.shape[1]
     max_len = max_pages * page_size
     tiles = triton.cdiv(max(max_len, 1), BLOCK_N)

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .formats import FP4Format, ScaleRule
 from .triton_codes import _block_scales, _decode
-from .triton_kernels import global_scale_pair, hardware_casts
+from .triton_kernels import global_scale_pair, hardware_casts, usable_global_scale
 
 # head_dim -> (context positions per tile, warps, programs per SM to aim for, registers per thread
 # at most, software-pipeline stages): tuned on the H100 and H200 (README). The cap lets three
@@ -94,7 +94,7 @@ def _value_tile(data_ptr, scales_ptr, rows, valid, D: tl.constexpr, BS: tl.const
 def _decode_split_kernel(
     q_ptr, k_data_ptr, k_scales_ptr, v_data_ptr, v_scales_ptr, k_g_ptr, v_g_ptr,
     block_table_ptr, seq_lens_ptr, partial_out_ptr, partial_lse_ptr,
-    sm_scale, max_pages, positions_per_split,
+    sm_scale, max_pages, num_pages, positions_per_split,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr,
     E4M3_SCALES: tl.constexpr, HAS_G: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, FP32_TILES: tl.constexpr, HW_FP8: tl.constexpr,
@@ -125,8 +125,8 @@ def _decode_split_kernel(
     q_even = tl.load(q_ptr + q_cols + 2 * key_pairs[:, None], mask=head_ok[None, :], other=0.0).to(dtype)
     q_odd = tl.load(q_ptr + q_cols + 2 * key_pairs[:, None] + 1, mask=head_ok[None, :], other=0.0).to(dtype)
     if HAS_G:
-        k_g = tl.load(k_g_ptr)
-        v_g = tl.load(v_g_ptr)
+        k_g = usable_global_scale(tl.load(k_g_ptr))
+        v_g = usable_global_scale(tl.load(v_g_ptr))
     else:
         k_g = 1.0
         v_g = 1.0
@@ -139,15 +139,17 @@ def _decode_split_kernel(
         pos = n0 + tl.arange(0, BLOCK_N)
         valid = pos < end
         page = tl.load(block_table_ptr + b.to(tl.int64) * max_pages + pos // PAGE, mask=valid, other=0)
+        # A page id outside the cache reads as zero keys and values (eager's gather_dequantize rule).
+        in_cache = valid & (page >= 0) & (page < num_pages)
         rows = (page.to(tl.int64) * PAGE + pos % PAGE) * HKV + kv_head
-        k_even, k_odd = _key_tile(k_data_ptr, k_scales_ptr, rows, valid, D, BS, E4M3_SCALES, FP32_TILES, HW_FP8)
+        k_even, k_odd = _key_tile(k_data_ptr, k_scales_ptr, rows, in_cache, D, BS, E4M3_SCALES, FP32_TILES, HW_FP8)
         scores = tl.dot(k_even, q_even) + tl.dot(k_odd, q_odd)  # [BLOCK_N, GROUP_PAD]
         scores = tl.where(valid[:, None], scores * score_scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=0))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(scores - m_new[None, :])
         l_acc = l_acc * alpha[None, :] + p
-        v = _value_tile(v_data_ptr, v_scales_ptr, rows, valid, D, BS, E4M3_SCALES, FP32_TILES, HW_FP8)
+        v = _value_tile(v_data_ptr, v_scales_ptr, rows, in_cache, D, BS, E4M3_SCALES, FP32_TILES, HW_FP8)
         acc = tl.dot(tl.trans(v), p.to(dtype), acc * alpha[None, :])
         m = m_new
 
@@ -226,14 +228,16 @@ def split_outputs(out: torch.Tensor, splits: int) -> tuple[torch.Tensor, torch.T
 def split_kernel_arguments(q, k_data, k_scales, v_data, v_scales, block_table, seq_lens, partial_out, partial_lse,
                            page_size, fmt: FP4Format, sm_scale, k_global_scale, v_global_scale, positions_per_split):
     """What both split kernels (this one and gluon_decode's) take up to GROUP: the positional
-    arguments and the shared constexprs. A lone global scale gets 1.0 beside it (global_scale_pair)."""
+    arguments and the shared constexprs. A lone global scale gets 1.0 beside it (global_scale_pair);
+    the kernels index q, block_table and seq_lens as contiguous (engines pass slices)."""
     batch, hq, d = q.shape
     hkv = k_data.shape[1]
     k_global_scale, v_global_scale = global_scale_pair(k_global_scale, v_global_scale, q.device)
     has_g = k_global_scale is not None
-    args = (q, k_data, k_scales.view(torch.uint8), v_data, v_scales.view(torch.uint8),
+    args = (q.contiguous(), k_data, k_scales.view(torch.uint8), v_data, v_scales.view(torch.uint8),
             k_global_scale if has_g else q, v_global_scale if has_g else q,
-            block_table, seq_lens, partial_out, partial_lse, sm_scale, block_table.shape[1], positions_per_split)
+            block_table.contiguous(), seq_lens.contiguous(), partial_out, partial_lse, sm_scale,
+            block_table.shape[1], k_data.shape[0] // page_size, positions_per_split)
     constants = dict(HQ=hq, HKV=hkv, D=d, BS=fmt.block_size, PAGE=page_size,
                      E4M3_SCALES=fmt.scale_rule is ScaleRule.E4M3_AMAX_OVER_6G, HAS_G=has_g, GROUP=hq // hkv)
     return args, constants
@@ -277,10 +281,9 @@ def decode_with_triton_kernel(out, q, k_data, k_scales, v_data, v_scales, block_
     # On CPU tensors (the Triton interpreter, in CI) bf16 casts and arithmetic are not faithful:
     # there q, the E8M0 tiles and the output stay fp32 (same values), and out is cast at the end.
     on_interpreter = q.device.type == "cpu"
-    final_out, q = (out, q.float()) if on_interpreter else (None, q.contiguous())
+    final_out, q = (out, q.float()) if on_interpreter else (None, q)
     if on_interpreter:
         out = torch.empty_like(q)
-    block_table = block_table.contiguous()
     max_pages = block_table.shape[1]
     max_len = max_pages * page_size
     block_n, num_warps, waves, max_registers, num_stages = DECODE_LAUNCH[d]

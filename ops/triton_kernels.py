@@ -17,6 +17,7 @@ import triton.language as tl
 
 from . import backends
 from .formats import BLOCKFP4_MIN_SCALE, FP4Format, ScaleRule
+from .slots import last_writer_slots
 from .triton_codes import _E4M3_MAX, _bf16_bits, _block_scales, _decode, _e4m3_byte, _e4m3_value, _fp8_pair
 
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
@@ -28,6 +29,11 @@ _ONE_SIXTH = tl.constexpr(0.1666666716337204)  # 1/6 rounded to float32
 # 8192 x 4, 4096 x 4 was within 2.5% of the fastest for every recipe, op and output dtype.
 QUANTIZE_LAUNCH = (1024, 1)
 DEQUANTIZE_LAUNCH = (4096, 4)
+# Stores of at most this many tokens apply the duplicate-slot rule inside the quantize kernel (each
+# program compares its tokens' slots with every later token's, DEDUP_CHUNK at a time): no extra
+# launch in a decode step. Larger stores (prefill) take slots.last_writer_slots first, in O(T).
+MAX_TOKENS_DEDUPLICATED_IN_KERNEL = 1024
+_DEDUP_CHUNK = tl.constexpr(64)
 
 # Output dtype -> (kernel OUT_KIND, the dtype of a word holding two outputs): dequantize kernels
 # write each packed byte's two values as one word.
@@ -37,6 +43,33 @@ _OUT_KINDS = {
     torch.bfloat16: (2, torch.int32),
     torch.float8_e4m3fn: (3, torch.int16),
 }
+_FP16_MAX = tl.constexpr(torch.finfo(torch.float16).max)
+_BF16_MAX = tl.constexpr(torch.finfo(torch.bfloat16).max)
+
+
+@triton.jit
+def usable_global_scale(g):
+    """eager.usable_global_scale: a global scale that is not finite and > 0 becomes NaN."""
+    return tl.where((g > 0.0) & (g <= _FLT_MAX), g, float("nan"))
+
+
+@triton.jit
+def _clamp_keeping_nan(x, largest: tl.constexpr):
+    x = tl.maximum(x, -largest, propagate_nan=tl.PropagateNan.ALL)
+    return tl.minimum(x, largest, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _saturate(x, OUT_KIND: tl.constexpr):
+    """Clamp to the output dtype's largest finite value, NaN kept (eager.cast_output). FP8's
+    conversions saturate by themselves."""
+    if OUT_KIND == 0:
+        x = _clamp_keeping_nan(x, _FLT_MAX)
+    elif OUT_KIND == 1:
+        x = _clamp_keeping_nan(x, _FP16_MAX)
+    elif OUT_KIND == 2:
+        x = _clamp_keeping_nan(x, _BF16_MAX)
+    return x
 
 
 @triton.jit
@@ -58,19 +91,20 @@ def _output_word(lo, hi, OUT_KIND: tl.constexpr, HW_BF16: tl.constexpr, HW_FP8: 
 
 
 @triton.jit
-def _cache_rows(rows, n_rows, loc_ptr, num_slots, H: tl.constexpr, USE_LOC: tl.constexpr):
-    """Rows t * H + h of a [T, H, ...] batch -> (in range, has a cache row, that cache row): slot
-    loc[t] * H + h with USE_LOC (slots out of range have none: skipped on store, zeros on read),
-    else the row itself."""
+def _cache_rows(rows, n_rows, loc_ptr, loc_stride, num_slots, H: tl.constexpr, USE_LOC: tl.constexpr):
+    """Rows t * H + h of a [T, H, ...] batch -> (in range, has a cache row, its index, head h):
+    the index is slot loc[t] with USE_LOC (slots out of range have no row: skipped on store, zeros
+    on read), else t."""
     in_range = rows < n_rows
+    token = (rows // H).to(tl.int64)
     if USE_LOC:
-        slot = tl.load(loc_ptr + (rows // H).to(tl.int64), mask=in_range, other=-1).to(tl.int64)
+        slot = tl.load(loc_ptr + token * loc_stride, mask=in_range, other=-1).to(tl.int64)
         has_row = in_range & (slot >= 0) & (slot < num_slots)
-        cache_row = slot * H + rows % H
+        index = slot
     else:
         has_row = in_range
-        cache_row = rows.to(tl.int64)
-    return in_range, has_row, cache_row
+        index = token
+    return in_range, has_row, index, (rows % H).to(tl.int64)
 
 
 # ---- quantize (optionally scattering rows to cache slots) ---------------------------------------
@@ -180,7 +214,8 @@ def _quantize_rows(
 
     if SCALE_RULE == 0:  # E4M3 of amax / (6 g)
         if HAS_G:
-            g = tl.load(g_ptr)
+            g = usable_global_scale(tl.load(g_ptr))
+            finite = tl.where(g == g, finite, False)  # a NaN scale stores the block as NaN, as eager does
         else:
             g = 1.0
         byte = _e4m3_byte(tl.minimum(tl.math.div_rn(amax, 6.0 * g), _E4M3_MAX))
@@ -229,9 +264,9 @@ def _quantize_rows(
 def _quantize_kernel(
     k_ptr, k_stride_t, k_stride_h, k_data_ptr, k_scales_ptr, k_g_ptr,
     v_ptr, v_stride_t, v_stride_h, v_data_ptr, v_scales_ptr, v_g_ptr,
-    loc_ptr, n_rows, num_slots, H: tl.constexpr,
+    loc_ptr, loc_stride, n_rows, num_slots, H: tl.constexpr,
     D: tl.constexpr, BS: tl.constexpr, SCALE_RULE: tl.constexpr, TIES_AWAY: tl.constexpr,
-    SCALE_NAN_BYTE: tl.constexpr, HAS_G: tl.constexpr, SCATTER: tl.constexpr, ROWS: tl.constexpr,
+    SCALE_NAN_BYTE: tl.constexpr, HAS_G: tl.constexpr, SCATTER: tl.constexpr, DEDUP: tl.constexpr, ROWS: tl.constexpr,
     IN_KIND: tl.constexpr, WITH_V: tl.constexpr,
 ):
     """One program quantizes a tile of K's rows and, WITH_V, the same rows of V: the two tiles'
@@ -239,7 +274,18 @@ def _quantize_kernel(
     quantize-and-store took 70.4 us on the H100 this way, 74.6 us with K and V tiles in separate
     programs (2048 elements, 4 warps)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    in_range, write, dest = _cache_rows(rows, n_rows, loc_ptr, num_slots, H, SCATTER)
+    in_range, write, index, head = _cache_rows(rows, n_rows, loc_ptr, loc_stride, num_slots, H, SCATTER)
+    if DEDUP:  # a token whose slot a later token names again is not written: the last one wins
+        token = rows // H
+        n_tokens = n_rows // H
+        overwritten = tl.zeros([ROWS], tl.int1)
+        for first in range(tl.program_id(0) * ROWS // H + 1, n_tokens, _DEDUP_CHUNK):
+            later = first + tl.arange(0, _DEDUP_CHUNK)
+            later_slot = tl.load(loc_ptr + later.to(tl.int64) * loc_stride, mask=later < n_tokens, other=-1)
+            same = (later_slot.to(tl.int64)[None, :] == index[:, None]) & (later[None, :] > token[:, None])
+            overwritten = overwritten | (tl.max(same.to(tl.int32), axis=1) > 0)
+        write = write & ~overwritten
+    dest = index * H + head  # the cache is contiguous [slots, H, ...]
     _quantize_rows(k_ptr, k_stride_t, k_stride_h, k_data_ptr, k_scales_ptr, k_g_ptr, rows, in_range, write, dest,
                    H, D, BS, SCALE_RULE, TIES_AWAY, SCALE_NAN_BYTE, HAS_G, IN_KIND)
     if WITH_V:
@@ -252,23 +298,28 @@ def _quantize_kernel(
 
 @triton.jit
 def _dequantize_kernel(
-    data_ptr, scales_ptr, g_ptr, loc_ptr, out_ptr,
+    data_ptr, data_stride_row, data_stride_head, data_stride_byte,
+    scales_ptr, scales_stride_row, scales_stride_head, scales_stride_block,
+    g_ptr, loc_ptr, loc_stride, out_ptr,
     n_rows, num_slots, H: tl.constexpr,
     D: tl.constexpr, BS: tl.constexpr, E4M3_SCALES: tl.constexpr, HAS_G: tl.constexpr,
     GATHER: tl.constexpr, OUT_KIND: tl.constexpr, ROWS: tl.constexpr, FP32_TILES: tl.constexpr,
     HW_BF16: tl.constexpr, HW_FP8: tl.constexpr,
 ):
+    """Packed rows [index, head] (any strides: engines pass head slices of a cache) -> out rows."""
     NB: tl.constexpr = D // BS
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    in_range, read, src = _cache_rows(rows, n_rows, loc_ptr, num_slots, H, GATHER)
+    in_range, read, index, head = _cache_rows(rows, n_rows, loc_ptr, loc_stride, num_slots, H, GATHER)
 
     # [NB, ROWS, HALF] tiles, as in _quantize_rows: one block's bytes per thread, a warp's threads
     # on neighbouring blocks, and each scale byte loaded once (it was loaded per byte, by threads
     # laid out along the rows, whose values then crossed shared memory).
     blocks = tl.arange(0, NB)[:, None]
     pairs = blocks[:, :, None] * (BS // 2) + tl.arange(0, BS // 2)[None, None, :]  # [NB, 1, HALF]
-    packed = tl.load(data_ptr + src[None, :, None] * (D // 2) + pairs, mask=read[None, :, None], other=0)
-    scale_byte = tl.load(scales_ptr + src[None, :] * NB + blocks, mask=read[None, :], other=0)
+    data_row = index * data_stride_row + head * data_stride_head
+    packed = tl.load(data_ptr + data_row[None, :, None] + pairs * data_stride_byte, mask=read[None, :, None], other=0)
+    scales_row = index * scales_stride_row + head * scales_stride_head
+    scale_byte = tl.load(scales_ptr + scales_row[None, :] + blocks * scales_stride_block, mask=read[None, :], other=0)
     # e2m1 * scale is exact in 16 bits (fp16 for E4M3 scales, bf16 for E8M0), which the decode PTX
     # computes for four bytes at once on a GPU (float32 arithmetic on the interpreter); the global
     # scale then rounds in float32, as in eager. NVFP4 to FP8 26.4 -> 19.4 us on the H100.
@@ -277,9 +328,10 @@ def _dequantize_kernel(
     lo = lo.to(tl.float32)
     hi = hi.to(tl.float32)
     if HAS_G:
-        g = tl.load(g_ptr)
+        g = usable_global_scale(tl.load(g_ptr))
         lo = lo * g
         hi = hi * g
+    lo, hi = _saturate(lo, OUT_KIND), _saturate(hi, OUT_KIND)
     dest = rows.to(tl.int64)[None, :, None] * (D // 2) + pairs
     tl.store(out_ptr + dest, _output_word(lo, hi, OUT_KIND, HW_BF16, HW_FP8), mask=in_range[None, :, None])
 
@@ -305,8 +357,12 @@ def _as_words(x: torch.Tensor) -> torch.Tensor:
 
 
 def _launch_quantize(k, v, k_data, v_data, k_scales, v_scales, k_g, v_g, loc, fmt: FP4Format, num_slots: int):
-    """k, v: [T, H, D]; v may be None (then K alone)."""
+    """k, v: [T, H, D]; v may be None (then K alone). With loc (any stride), rows go to its slots,
+    the last token naming a slot winning."""
     t, h, d = k.shape
+    dedup = loc is not None and t <= MAX_TOKENS_DEDUPLICATED_IN_KERNEL
+    if loc is not None and not dedup:
+        loc = last_writer_slots(loc, num_slots)
     elements, num_warps = QUANTIZE_LAUNCH
     rows = _rows_per_program(elements, d)
     n_rows = t * h
@@ -319,9 +375,9 @@ def _launch_quantize(k, v, k_data, v_data, k_scales, v_scales, k_g, v_g, loc, fm
     _quantize_kernel[grid](
         k_words, k_words.stride(0), k_words.stride(1), k_data, k_scales.view(torch.uint8), k_g if has_g else k,
         v_words, v_words.stride(0), v_words.stride(1), v_data, v_scales.view(torch.uint8), v_g if has_g else v,
-        loc if loc is not None else k_data, n_rows, num_slots, H=h,
+        loc if loc is not None else k_data, loc.stride(0) if loc is not None else 0, n_rows, num_slots, H=h,
         D=d, BS=fmt.block_size, SCALE_RULE=int(fmt.scale_rule), TIES_AWAY=fmt.ties_away,
-        SCALE_NAN_BYTE=fmt.scale_nan_byte, HAS_G=has_g, SCATTER=loc is not None, ROWS=rows,
+        SCALE_NAN_BYTE=fmt.scale_nan_byte, HAS_G=has_g, SCATTER=loc is not None, DEDUP=dedup, ROWS=rows,
         IN_KIND=_IN_KINDS[k.dtype][0], WITH_V=with_v, num_warps=num_warps,
     )
 
@@ -360,16 +416,19 @@ def hardware_casts(device: torch.device) -> tuple[bool, bool]:
     return True, backends.device_capability(device) >= (8, 9)
 
 
-def _launch_dequantize(data, scales, loc, fmt: FP4Format, global_scale, dtype, out_rows: int, h: int):
-    d = data.shape[-1] * 2
+def _launch_dequantize(data, scales, loc, fmt: FP4Format, global_scale, dtype, out_rows: int):
+    """data [rows or slots, H, D/2] and scales [.., H, D/block], any strides -> [out_rows * H, D]."""
+    h, d = data.shape[1], data.shape[2] * 2
     elements, num_warps = DEQUANTIZE_LAUNCH
     rows = _rows_per_program(elements, d)
     out = torch.empty((out_rows * h, d), dtype=dtype, device=data.device)
     out_kind, view_dtype = _OUT_KINDS[dtype]
     hw_bf16, hw_fp8 = hardware_casts(data.device)
     has_g = global_scale is not None
+    scales = scales.view(torch.uint8)
     _dequantize_kernel[(triton.cdiv(out_rows * h, rows),)](
-        data, scales.view(torch.uint8), global_scale if has_g else data, loc if loc is not None else data,
+        data, *data.stride(), scales, *scales.stride(), global_scale if has_g else data,
+        loc if loc is not None else data, loc.stride(0) if loc is not None else 0,
         out.view(view_dtype), out_rows * h, data.shape[0], H=h,
         D=d, BS=fmt.block_size, E4M3_SCALES=fmt.scale_rule is ScaleRule.E4M3_AMAX_OVER_6G,
         HAS_G=has_g, GATHER=loc is not None, OUT_KIND=out_kind, ROWS=rows, FP32_TILES=data.device.type != "cuda",
@@ -380,12 +439,13 @@ def _launch_dequantize(data, scales, loc, fmt: FP4Format, global_scale, dtype, o
 
 def dequantize(data, scales, fmt: FP4Format, global_scale=None, dtype=torch.bfloat16):
     d = data.shape[-1] * 2
-    flat = data.reshape(-1, data.shape[-1])
-    out = _launch_dequantize(flat, scales.reshape(-1, scales.shape[-1]), None, fmt, global_scale, dtype, flat.shape[0], 1)
+    flat = data.reshape(-1, 1, data.shape[-1])  # a view where the strides allow one
+    out = _launch_dequantize(flat, scales.reshape(-1, 1, scales.shape[-1]), None, fmt, global_scale, dtype,
+                             flat.shape[0])
     return out.view(*data.shape[:-1], d)
 
 
 def gather_dequantize(data, scales, loc, fmt: FP4Format, global_scale=None, dtype=torch.bfloat16):
     slots, h, half_d = data.shape
-    out = _launch_dequantize(data, scales, loc, fmt, global_scale, dtype, loc.shape[0], h)
+    out = _launch_dequantize(data, scales, loc, fmt, global_scale, dtype, loc.shape[0])
     return out.view(loc.shape[0], h, half_d * 2)

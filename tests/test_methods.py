@@ -86,7 +86,7 @@ def test_cell_size_matches_the_design_table():
 
 
 def test_create_buffers_rejects_bad_sizes():
-    with pytest.raises(ValueError, match="head_dim 48 is not a multiple of the mxfp4 block size 32"):
+    with pytest.raises(ValueError, match=r"head_dim must be a positive multiple of 32 \(the mxfp4 block size\); got 48"):
         MXFP4KVMethod().create_buffers(SIZE, H, 48, 1, "cpu")
     with pytest.raises(ValueError, match="layer_num must be >= 1"):
         BlockFP4KVMethod().create_buffers(SIZE, H, D, 0, "cpu")

@@ -116,8 +116,9 @@ class TableFP4KVMethod(FP4KVCacheQuantMethod):
 
     def create_buffers(self, size: int, head_num: int, head_dim: int, layer_num: int, device) -> FP4KVBuffers:
         fmt = self.fmt
-        if head_dim % fmt.block_size:
-            raise ValueError(f"head_dim {head_dim} is not a multiple of the {fmt.name} block size {fmt.block_size}")
+        if head_dim < 1 or head_dim % fmt.block_size:
+            raise ValueError(f"head_dim must be a positive multiple of {fmt.block_size} (the {fmt.name} block size); "
+                             f"got {head_dim}")
         for name, value in (("size", size), ("head_num", head_num), ("layer_num", layer_num)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -154,6 +155,8 @@ class TableFP4KVMethod(FP4KVCacheQuantMethod):
     def layer(self, layer_id: int) -> FP4KVLayerCache:
         """Layer `layer_id`'s cache as a module over the method's own buffers (no copies)."""
         self._buffers()
+        if not 0 <= layer_id < len(self._layers):  # no negative indexing: -1 is an engine's bug, not "the last"
+            raise IndexError(f"layer_id {layer_id} is out of range for {len(self._layers)} layers")
         return self._layers[layer_id]
 
     def global_scales(self, layer_id: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -261,6 +264,8 @@ FP4_KV_CACHE_QUANT_REGISTRY: dict[str, type[FP4KVCacheQuantMethod]] = {
 
 def register_fp4_kv_cache_quant_method(name: str) -> Callable[[type], type]:
     """Class decorator that adds a third-party method to the registry under `name`."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty str, got {name!r}")
 
     def register(cls: type) -> type:
         if not (isinstance(cls, type) and issubclass(cls, FP4KVCacheQuantMethod)):

@@ -1,0 +1,221 @@
+"""Inputs as engines make them: sliced metadata, padding, out-of-range page ids, duplicate slots,
+head slices of a cache, unusable global scales, values at the edge of a dtype's range.
+
+The rules (README, "Input contract") are checked on the eager reference here, and every other
+backend is checked against eager byte for byte on the scenarios of `torch_fp4kv.check` (the Triton
+kernels compiled on a GPU, under the interpreter on CPU)."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import torch_fp4kv
+from conftest import RECIPES, TRITON_DEVICE, assert_same_bytes, random_kv
+from torch_fp4kv import check
+from torch_fp4kv.ops import FORMATS, eager
+from torch_fp4kv.ops.backends import ENV_VAR, Backend, forced_backend
+
+pytest.importorskip("triton")
+
+SCENARIOS = check.scenarios()
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
+def test_triton_matches_eager_on_engine_made_inputs(scenario):
+    expected = check.run_with(scenario, Backend.EAGER, "cpu")
+    problem = check.mismatch(scenario, check.run_with(scenario, Backend.TRITON, TRITON_DEVICE), expected)
+    assert problem is None, problem
+
+
+def test_check_cli_reports_every_scenario(capsys, monkeypatch):
+    """`python -m torch_fp4kv.check` exits 0 when every backend matches, and 1 when one does not."""
+    assert check.main(["--device", TRITON_DEVICE]) == 0
+    out = capsys.readouterr().out
+    assert out.count("triton: ok") == len(SCENARIOS) and "all backends match eager" in out
+
+    def off_by_one_on_triton(x):
+        return [x + (os.environ[ENV_VAR] == "triton")]
+
+    broken = check.Scenario("broken", "dequantize", "nvfp4", torch.float32, lambda: [torch.ones(2)], off_by_one_on_triton)
+    monkeypatch.setattr(check, "scenarios", lambda: [broken])
+    assert check.main(["--device", TRITON_DEVICE]) == 1
+    assert "triton: MISMATCH: output 0: 2 of 2 elements differ" in capsys.readouterr().out
+
+
+# ---- the rules, on the reference ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_duplicate_slots_last_token_wins_and_unnamed_slots_keep_their_bytes(recipe):
+    scenario = check.store_engine_slots(recipe)  # loc (3, -1, 5, 3, 12, 7, 5) over 12 slots
+    *starting, _, k, v, kg, vg = scenario.inputs()
+    with forced_backend("eager"):
+        after = scenario.run("cpu")
+    fmt = FORMATS[recipe]
+    (k_data, k_scales), (v_data, v_scales) = eager.quantize(k, fmt, kg), eager.quantize(v, fmt, vg)
+    winners = {3: 3, 5: 6, 7: 5}  # slot -> last token naming it
+    for buffer, start, new in zip(after, starting, (k_data, v_data, k_scales, v_scales)):
+        for slot in range(12):
+            expected = new[winners[slot]] if slot in winners else start[slot]
+            assert_same_bytes(buffer[slot], expected)
+
+
+@pytest.mark.parametrize("in_kernel", [True, False], ids=["in the kernel", "last_writer_slots first"])
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_both_paths_of_the_duplicate_slot_rule_match_eager(monkeypatch, in_kernel, recipe):
+    """Small stores apply the rule inside the Triton kernel, large ones through slots.last_writer_slots."""
+    from torch_fp4kv.ops import triton_kernels
+
+    monkeypatch.setattr(triton_kernels, "MAX_TOKENS_DEDUPLICATED_IN_KERNEL", 1024 if in_kernel else 0)
+    scenario = check.store_engine_slots(recipe, tokens=150, heads=3, slots=18,
+                                        loc=[(7 * i) % 21 - 1 for i in range(150)])
+    expected = check.run_with(scenario, Backend.EAGER, "cpu")
+    assert check.mismatch(scenario, check.run_with(scenario, Backend.TRITON, TRITON_DEVICE), expected) is None
+
+
+def test_last_writer_slots_rule():
+    from torch_fp4kv.ops.slots import last_writer_slots
+
+    loc = torch.tensor([[4, 0], [2, 1], [4, 2], [-1, 3], [9, 4], [2, 5], [4, 6]])[:, 0]
+    assert last_writer_slots(loc, 9).tolist() == [-1, -1, -1, -1, -1, 2, 4]
+    assert last_writer_slots(loc.int(), 10).tolist() == [-1, -1, -1, -1, 9, 2, 4]
+
+
+@pytest.mark.parametrize("value", [-1.0, 0.0, float("nan"), float("inf")])
+def test_unusable_global_scale_gives_nan(value):
+    x = random_kv((4, 2, 64))
+    g = torch.tensor([value])
+    data, scales = torch_fp4kv.quantize(x, "nvfp4", g)
+    assert (data == 0).all() and (scales == FORMATS["nvfp4"].scale_nan_byte).all()
+    good = torch_fp4kv.quantize(x, "nvfp4")
+    assert torch_fp4kv.dequantize(*good, "nvfp4", g, torch.float32).isnan().all()
+
+
+def test_zero_dim_global_scale_equals_shape_one():
+    x = random_kv((4, 2, 64))
+    for a, b in zip(torch_fp4kv.quantize(x, "nvfp4", torch.tensor(0.37)), torch_fp4kv.quantize(x, "nvfp4", torch.tensor([0.37]))):
+        assert_same_bytes(a, b)
+    data, scales = torch_fp4kv.quantize(x, "nvfp4")
+    out = torch_fp4kv.dequantize(data, scales, "nvfp4", torch.tensor(0.37))
+    assert out.shape == x.shape
+    assert_same_bytes(out, torch_fp4kv.dequantize(data, scales, "nvfp4", torch.tensor([0.37])))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_blockfp4_saturates_instead_of_overflowing(dtype):
+    """blockfp4 rounds 60000 up to 4 * 2^14 = 65536 (past fp16), the top of float32 up to 2^128."""
+    largest = torch.finfo(dtype).max
+    x = torch.tensor([largest, -largest, 60000.0] + [1.0] * 13).to(dtype)
+    out = torch_fp4kv.dequantize(*torch_fp4kv.quantize(x, "blockfp4"), "blockfp4", None, dtype)
+    assert out.isfinite().all()
+    assert out[0] == largest and out[1] == -largest
+
+
+def _decode_reference(q, k_data, k_scales, v_data, v_scales, table, lens, page, recipe, kg, vg):
+    """SDPA over gather_dequantize of each sequence's slots: pages outside the cache read as zeros."""
+    out = []
+    for b in range(q.shape[0]):
+        slots = eager.paged_slots(table[b : b + 1], page)[0, : int(lens[b])]
+        k = torch_fp4kv.gather_dequantize(k_data, k_scales, slots, recipe, kg, torch.float32)
+        v = torch_fp4kv.gather_dequantize(v_data, v_scales, slots, recipe, vg, torch.float32)
+        if slots.numel() == 0:
+            out.append(torch.zeros(q.shape[1:]))
+            continue
+        out.append(F.scaled_dot_product_attention(q[b : b + 1, :, None].float(), k.transpose(0, 1)[None],
+                                                  v.transpose(0, 1)[None], enable_gqa=True)[0, :, 0])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_pages_outside_the_cache_read_as_zeros_in_decode(recipe):
+    g = torch.Generator().manual_seed(1)
+    hkv, d, page, pages = 2, 64, 4, 6
+    cache = torch_fp4kv.FP4KVCache(recipe, pages * page, hkv, d, 1).layers[0]
+    cache.store(torch.arange(pages * page), torch.randn(pages * page, hkv, d, generator=g),
+                torch.randn(pages * page, hkv, d, generator=g))
+    table = torch.tensor([[0, -1, 2, 7], [2**31 - 1, 1, 3, -5], [4, 5, 6, 0]], dtype=torch.int32)
+    lens = torch.tensor([15, 16, 0], dtype=torch.int32)
+    q = torch.randn(3, 4, d, generator=g).bfloat16()
+    args = (q, cache.k_data, cache.k_scales, cache.v_data, cache.v_scales, table, lens, page, recipe,
+            cache.k_global_scale, cache.v_global_scale)
+    with forced_backend("eager"):
+        out = torch_fp4kv.decode_attention(*args)
+    torch.testing.assert_close(out.float(), _decode_reference(*args), atol=1e-2, rtol=1e-2)
+    assert not out.isnan().any()
+
+
+# ---- any layout, any padding: every backend writes and reads the same bytes ------------------------
+
+
+LAYOUTS = ("contiguous", "column", "reversed")
+
+
+def _laid_out(values: list[int], layout: str) -> torch.Tensor:
+    if layout == "column":
+        return check._column(values, width=3)
+    if layout == "reversed":
+        return torch.tensor(values[::-1]).flip(0)  # a negative stride
+    return torch.tensor(values)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    recipe=st.sampled_from(RECIPES),
+    heads=st.integers(1, 4),
+    head_dim=st.sampled_from([32, 64, 128]),
+    slots=st.integers(1, 12),
+    loc_values=st.lists(st.integers(-3, 14), min_size=1, max_size=10),
+    layout=st.sampled_from(LAYOUTS),
+    loc_dtype=st.sampled_from([torch.int32, torch.int64]),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
+)
+def test_property_store_and_gather_with_engine_metadata(recipe, heads, head_dim, slots, loc_values, layout, loc_dtype,
+                                                        dtype):
+    if head_dim % FORMATS[recipe].block_size:
+        head_dim = 64
+    g = torch.Generator().manual_seed(len(loc_values) * 131 + slots)
+    block = FORMATS[recipe].block_size
+    start = [check._random_bytes(g, (slots, heads, last)) for last in (head_dim // 2, head_dim // 2,
+                                                                       head_dim // block, head_dim // block)]
+    tokens = len(loc_values)
+    k = check._kv(g, (tokens, heads, head_dim), dtype)
+    v = check._kv(g, (tokens, heads, head_dim), dtype)
+    loc = _laid_out(loc_values, layout).to(loc_dtype)
+    gs = check._global_scale(recipe)
+    results = {}
+    for backend, device in (("eager", "cpu"), ("triton", TRITON_DEVICE)):
+        caches = [b.clone().to(device) for b in start]
+        with forced_backend(backend):
+            torch_fp4kv.quantize_and_store(*caches, loc.to(device), k.to(device), v.to(device), recipe,
+                                           *(check._on(device, gs, gs)))
+            read = torch_fp4kv.gather_dequantize(caches[0][:, heads - 1:], caches[2][:, heads - 1:], loc.to(device),
+                                                 recipe, *check._on(device, gs), torch.float32)
+        results[backend] = [c.cpu() for c in caches] + [read.cpu()]
+    for actual, expected in zip(results["triton"], results["eager"]):
+        assert_same_bytes(actual, expected)
+    last_token = {slot: t for t, slot in enumerate(loc_values) if 0 <= slot < slots}
+    k_new = eager.quantize(k, FORMATS[recipe], gs)
+    for slot in range(slots):
+        expected = k_new[0][last_token[slot]] if slot in last_token else start[0][slot]
+        assert_same_bytes(results["eager"][0][slot], expected)
+
+
+# ---- the registry and the cache module reject what cannot work ---------------------------------
+
+
+def test_registry_and_cache_reject_nonsense():
+    with pytest.raises(TypeError, match="name must be a non-empty str"):
+        torch_fp4kv.register_fp4_kv_cache_quant_method(None)
+    with pytest.raises(TypeError, match="name must be a non-empty str"):
+        torch_fp4kv.register_fp4_kv_cache_quant_method("")
+    for head_dim in (0, -16):
+        with pytest.raises(ValueError, match=rf"head_dim must be a positive multiple of 16 \(the nvfp4 block size\); got {head_dim}"):
+            torch_fp4kv.FP4KVCache("nvfp4", 8, 2, head_dim, 1)
+    method = torch_fp4kv.get_fp4_kv_cache_quant_method("nvfp4")
+    method.create_buffers(8, 2, 64, 3, "cpu")
+    for layer_id in (-1, 3):
+        with pytest.raises(IndexError, match=f"layer_id {layer_id} is out of range for 3 layers"):
+            method.layer(layer_id)
