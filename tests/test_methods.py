@@ -1,21 +1,18 @@
-"""Strategies, registry, factory, cache module and SGLang-compatible names."""
+"""Strategies, registry, factory and cache module (SGLang's own interface: test_sglang.py)."""
 
 import pytest
 import torch
 from torch import nn
 
 import torch_fp4kv
-from conftest import RECIPES, RMSE_BOUND, assert_same_bytes, random_kv
+from conftest import RECIPES, assert_same_bytes, random_kv
 from torch_fp4kv import (
     FP4_KV_CACHE_QUANT_REGISTRY,
     BlockFP4KVMethod,
-    BlockFP4KVQuantizeUtil,
     FP4KVCache,
     FP4KVCacheQuantMethod,
-    KVFP4QuantizeUtil,
     MXFP4KVMethod,
     NVFP4KVMethod,
-    NVFP4KVQuantizeUtil,
     get_fp4_kv_cache_quant_method,
     register_fp4_kv_cache_quant_method,
 )
@@ -239,26 +236,6 @@ def test_cache_module_keeps_global_scales_float32_under_dtype_casts():
     cache = FP4KVCache("nvfp4", SIZE, H, D, 1).to(torch.bfloat16)
     assert cache.layers[0].k_global_scale.dtype == torch.float32
     assert cache.layers[0].k_data.dtype == torch.uint8
-
-
-def test_nvfp4_compat_util_matches_ops():
-    x, g = random_kv((2, 3, 64)), torch.tensor([0.5])
-    data, scales = NVFP4KVQuantizeUtil.quantize(x, g)
-    assert data.shape == (2, 3, 32) and scales.shape == (2, 3, 4)
-    assert_same_bytes(NVFP4KVQuantizeUtil.dequantize(data, scales, g), torch_fp4kv.dequantize(data, scales, "nvfp4", g))
-
-
-def test_blockfp4_compat_util_batched_shapes():
-    assert KVFP4QuantizeUtil is BlockFP4KVQuantizeUtil
-    x = torch.randn(2, 50, 64)
-    data, scales = BlockFP4KVQuantizeUtil.batched_quantize(x)
-    assert data.shape == (2, 50, 32) and scales.shape == (2, 50, 4)
-    out = BlockFP4KVQuantizeUtil.batched_dequantize(data, scales, torch.float32)
-    assert out.shape == x.shape and ((out - x).norm() / x.norm()) < RMSE_BOUND["blockfp4"]
-    with pytest.raises(ValueError, match=r"tensor must be 3-D \[B, M, N\]"):
-        BlockFP4KVQuantizeUtil.batched_quantize(x[0])
-    with pytest.raises(ValueError, match=r"quant_tensor must be 3-D"):
-        BlockFP4KVQuantizeUtil.batched_dequantize(data[0], scales[0])
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
