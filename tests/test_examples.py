@@ -43,6 +43,7 @@ def test_compiled_attention():
 def test_cuda_graph_decode_runs_eagerly_without_a_gpu():
     out = _run("examples/cuda_graph_decode.py", "--steps", "4", "--device", "cpu")
     assert "no GPU, so the decode loop runs eagerly" in out
+    assert len(re.findall(r"^\[\d/3\] .*, then 4 decode steps \.\.\. [\d.]+ s$", out, re.M)) == 3, out  # progress
     assert "fused FP4 decode:" in out
     assert _number(r"FP4 cache is ([\d.]+)x the BF16 cache's bytes", out) == pytest.approx(0.281, abs=1e-3)
 
