@@ -193,6 +193,28 @@ def test_fp8_read_rounds_as_sglangs_bf16_then_fp8_when_the_bf16_step_is_exact(re
     assert_same_bytes(k_out, via_bf16.to(FP8))
 
 
+@pytest.mark.parametrize("recipe", SGLANG_RECIPES)
+def test_store_and_prefill_read_compile_fullgraph(recipe):
+    """Under torch.compile the method writes the pool's buffers in place (block-FP4's scales
+    through their per-head view) and reads back what eager does."""
+    m = _sglang_method(recipe, num_layers=1)
+    scales = (m.k_scales_gpu[0:1], m.v_scales_gpu[0:1]) if recipe == "nvfp4" else ()
+
+    def step(k_buffer, v_buffer, k_scale_buffer, v_scale_buffer, loc, k):
+        m.quantize_and_store(k_buffer, v_buffer, k_scale_buffer, v_scale_buffer, loc, k, k, *scales)
+        return m.dequantize_prev_kv(k_buffer[loc], k_scale_buffer[loc], v_buffer[loc], v_scale_buffer[loc], 0)
+
+    k, loc = random_kv((5, H, D)), torch.tensor([1, 3, 5, 7, 9])
+    compiled, eager = (m.create_buffers(16, H, D, 1, "cpu") for _ in range(2))
+    names = ("k_buffer", "v_buffer", "k_scale_buffer", "v_scale_buffer")
+    out = torch.compile(step, fullgraph=True)(*(compiled[n][0] for n in names), loc, k)
+    ref = step(*(eager[n][0] for n in names), loc, k)
+    for name in names:
+        assert_same_bytes(compiled[name][0], eager[name][0])
+    assert_same_bytes(out[0], ref[0])
+    assert compiled["k_scale_buffer"][0][loc].any()
+
+
 # ---- bad input: a clear error naming the argument, nothing written -----------------------------
 
 
