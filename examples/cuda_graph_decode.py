@@ -1,9 +1,9 @@
 """Greedy decoding of a small Llama-style model with an FP4 KV cache, the decode step captured in a
 CUDA graph (on a GPU), against the same model with a BF16 cache: tokens/s and KV-cache memory, for
 FP4 read two ways: dequantized before attention, and by the fused fp4kv.decode_attention.
-On a CPU it runs the same loop eagerly and says so.
+On a CPU it runs the same loop eagerly, for fewer steps by default, and says so.
 
-    python examples/cuda_graph_decode.py [--recipe nvfp4|blockfp4|mxfp4] [--steps 64]
+    python examples/cuda_graph_decode.py [--recipe nvfp4|blockfp4|mxfp4] [--steps N]
 """
 
 import argparse
@@ -72,24 +72,30 @@ def run(cfg: Config, kind: str, weights, prompt, steps: int, use_graph: bool, fu
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default="nvfp4", choices=sorted(torch_fp4kv.FORMATS))
-    parser.add_argument("--steps", type=int, default=64)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--recipe", default="nvfp4", choices=sorted(torch_fp4kv.FORMATS),
+                        help="FP4 format of the cache (default: nvfp4)")
+    parser.add_argument("--steps", type=int,
+                        help="decode steps per run (default: 64 on a GPU; 8 on CPU, where each step is slow)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where to run (default: cuda if there is a GPU, else cpu)")
     args = parser.parse_args()
     use_graph = args.device.startswith("cuda")
+    steps = args.steps if args.steps is not None else (64 if use_graph else 8)
     torch.manual_seed(0)
-    cfg = Config(max_seq_len=args.steps + 32)
+    cfg = Config(max_seq_len=steps + 32)
     weights = Transformer(cfg, make_caches(cfg, "bf16", "cpu")).to(torch.bfloat16).state_dict()
     prompt = torch.randint(0, cfg.vocab_size, (cfg.max_batch, 16), device=args.device)
 
     print(f"device {args.device}: " + ("decode step captured in a CUDA graph" if use_graph
                                        else "no GPU, so the decode loop runs eagerly (no CUDA graph)"))
     fused = f"{args.recipe} fused"
-    results = {
-        "bf16": run(cfg, "bf16", weights, prompt, args.steps, use_graph),
-        args.recipe: run(cfg, args.recipe, weights, prompt, args.steps, use_graph),
-        fused: run(cfg, args.recipe, weights, prompt, args.steps, use_graph, fused=True),
-    }
+    runs = {"bf16": ("bf16", False), args.recipe: (args.recipe, False), fused: (args.recipe, True)}
+    results = {}
+    for i, (label, (kind, fused_decode)) in enumerate(runs.items(), 1):
+        print(f"[{i}/{len(runs)}] {label} cache: prefill, then {steps} decode steps ...", end=" ", flush=True)
+        start = time.perf_counter()
+        results[label] = run(cfg, kind, weights, prompt, steps, use_graph, fused=fused_decode)
+        print(f"{time.perf_counter() - start:.1f} s", flush=True)
     for kind, (_, tokens_per_s, cache_bytes) in results.items():
         print(f"{kind:>14} cache: {tokens_per_s:9.1f} tokens/s   KV cache {cache_bytes / 2**20:7.2f} MiB")
     same = (results["bf16"][0] == results[args.recipe][0]).float().mean().item()

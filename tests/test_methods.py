@@ -1,21 +1,19 @@
-"""Strategies, registry, factory, cache module and SGLang-compatible names."""
+"""Strategies, registry, factory and cache module (SGLang's own interface: test_sglang.py)."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import torch_fp4kv
-from conftest import RECIPES, RMSE_BOUND, assert_same_bytes, random_kv
+from conftest import RECIPES, assert_same_bytes, random_kv
 from torch_fp4kv import (
     FP4_KV_CACHE_QUANT_REGISTRY,
     BlockFP4KVMethod,
-    BlockFP4KVQuantizeUtil,
     FP4KVCache,
     FP4KVCacheQuantMethod,
-    KVFP4QuantizeUtil,
     MXFP4KVMethod,
     NVFP4KVMethod,
-    NVFP4KVQuantizeUtil,
     get_fp4_kv_cache_quant_method,
     register_fp4_kv_cache_quant_method,
 )
@@ -203,20 +201,26 @@ def test_load_scales_errors():
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_cache_module_holds_buffers_and_round_trips(recipe):
+def test_cache_module_and_its_method_share_one_cache(recipe):
+    """What the method stores, the module's buffers hold and its layer reads, and the other way
+    round; the module's state dict carries the cache."""
     cache = FP4KVCache(recipe, SIZE, H, D, LAYERS)
     layer = cache.layers[1]
-    names = {name for name, _ in layer.named_buffers()}
-    assert {"k_data", "v_data", "k_scales", "v_scales"} <= names
-    assert cache.method.buffers.k_data[1].data_ptr() == layer.k_data.data_ptr()
-    assert layer is cache.method.layer(1)  # the method stores and reads through the same module
-    assert cache.bytes_per_token() == cache.method.compute_cell_size(H, D, LAYERS)
     k, v = random_kv((4, H, D)), random_kv((4, H, D))
     loc = torch.tensor([1, 5, 2, 11])
-    layer.store(loc, k, v)
-    k_out, _ = layer.read(loc, torch.float32)
-    g = layer.k_global_scale
-    assert_same_bytes(k_out, torch_fp4kv.dequantize(*torch_fp4kv.quantize(k, recipe, g), recipe, g, torch.float32))
+    g = torch.tensor([0.37]) if recipe == "nvfp4" else None
+    if g is not None:
+        cache.method.set_global_scales(1, g, g)
+    cache.method.quantize_and_store(1, loc, k, v)
+    k_data, k_scales = torch_fp4kv.quantize(k, recipe, g)
+    assert_same_bytes(layer.k_data[loc], k_data)
+    assert_same_bytes(cache.state_dict()["layers.1.k_scales"][loc], k_scales)
+    assert_same_bytes(layer.read(loc, torch.float32)[0], torch_fp4kv.dequantize(k_data, k_scales, recipe, g, torch.float32))
+    assert not cache.layers[0].k_data.any() and not cache.layers[2].k_data.any()
+    layer.store(loc, v, k)  # and the module's stores are what the method reads
+    assert_same_bytes(cache.method.dequantize_prev_kv(1, loc, torch.float32)[1],
+                      torch_fp4kv.dequantize(*torch_fp4kv.quantize(k, recipe, g), recipe, g, torch.float32))
+    assert cache.bytes_per_token() == cache.method.compute_cell_size(H, D, LAYERS)
 
 
 def test_cache_module_needs_a_table_method():
@@ -228,37 +232,24 @@ def test_cache_module_needs_a_table_method():
 
 
 def test_method_scales_follow_the_cache_module_when_it_moves():
-    """Calibration and scale loading write the tensors the stores use, also after a device move."""
+    """Calibration and scale loading write the tensors the stores use, also after a device move:
+    on the tensors left behind they would fail (a meta value cannot be copied to the CPU), or on
+    a GPU, silently change nothing the stores read."""
     cache = FP4KVCache("nvfp4", SIZE, H, D, 1).to("meta")
-    k_g, v_g = cache.method.global_scales(0)
-    assert k_g is cache.layers[0].k_global_scale and v_g is cache.layers[0].v_global_scale
-    assert k_g.device.type == "meta" and k_g.dtype == torch.float32
+    method = cache.method
+    k = torch.randn(4, H, D, device="meta")
+    method.calibrate(0, k, k)
+    method.set_global_scales(0, 2.0, 3.0)
+    method.load_scales_from_model({"layers.0.k_scale": torch.tensor(0.5), "layers.0.v_scale": torch.tensor(0.5)})
+    method.quantize_and_store(0, torch.arange(4, device="meta"), k, k)
+    for scale in method.global_scales(0):
+        assert scale.device.type == "meta" and scale.dtype == torch.float32
 
 
 def test_cache_module_keeps_global_scales_float32_under_dtype_casts():
     cache = FP4KVCache("nvfp4", SIZE, H, D, 1).to(torch.bfloat16)
     assert cache.layers[0].k_global_scale.dtype == torch.float32
     assert cache.layers[0].k_data.dtype == torch.uint8
-
-
-def test_nvfp4_compat_util_matches_ops():
-    x, g = random_kv((2, 3, 64)), torch.tensor([0.5])
-    data, scales = NVFP4KVQuantizeUtil.quantize(x, g)
-    assert data.shape == (2, 3, 32) and scales.shape == (2, 3, 4)
-    assert_same_bytes(NVFP4KVQuantizeUtil.dequantize(data, scales, g), torch_fp4kv.dequantize(data, scales, "nvfp4", g))
-
-
-def test_blockfp4_compat_util_batched_shapes():
-    assert KVFP4QuantizeUtil is BlockFP4KVQuantizeUtil
-    x = torch.randn(2, 50, 64)
-    data, scales = BlockFP4KVQuantizeUtil.batched_quantize(x)
-    assert data.shape == (2, 50, 32) and scales.shape == (2, 50, 4)
-    out = BlockFP4KVQuantizeUtil.batched_dequantize(data, scales, torch.float32)
-    assert out.shape == x.shape and ((out - x).norm() / x.norm()) < RMSE_BOUND["blockfp4"]
-    with pytest.raises(ValueError, match=r"tensor must be 3-D \[B, M, N\]"):
-        BlockFP4KVQuantizeUtil.batched_quantize(x[0])
-    with pytest.raises(ValueError, match=r"quant_tensor must be 3-D"):
-        BlockFP4KVQuantizeUtil.batched_dequantize(data[0], scales[0])
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -271,16 +262,19 @@ def test_methods_say_how_attention_reads_them(recipe):
 
 
 def test_method_decode_attention_reads_its_layer():
+    """Attention over layer 1's cache, as its own dequantized K/V give it; layer 0 differs."""
     method = NVFP4KVMethod()
     method.create_buffers(32, H, D, 2, "cpu")
+    method.set_global_scales(1, 0.01, 0.02)
     k, v = torch.randn(32, H, D), torch.randn(32, H, D)
     method.quantize_and_store(1, torch.arange(32), k, v)
     q = torch.randn(2, 2 * H, D, dtype=torch.bfloat16)
     table = torch.arange(32, dtype=torch.int32).view(2, 16)
     lens = torch.tensor([16, 9], dtype=torch.int32)
     out = method.decode_attention(1, q, table, lens, page_size=1)
-    b = method.buffers
-    expected = torch_fp4kv.decode_attention(q, b.k_data[1], b.k_scales[1], b.v_data[1], b.v_scales[1], table, lens, 1,
-                                            "nvfp4", *method.global_scales(1))
-    assert torch.equal(out, expected)
+    for b, n in enumerate(lens.tolist()):
+        k_seq, v_seq = method.dequantize_prev_kv(1, table[b, :n], torch.float32)
+        expected = F.scaled_dot_product_attention(q[b, :, None].float(), k_seq.transpose(0, 1), v_seq.transpose(0, 1),
+                                                  enable_gqa=True)[:, 0]
+        torch.testing.assert_close(out[b].float(), expected, atol=1e-2, rtol=1e-2)
     assert not torch.equal(out, method.decode_attention(0, q, table, lens, page_size=1))

@@ -3,12 +3,12 @@
 - `torch_fp4kv.ops`: the `torch.ops.fp4kv.*` operators and the format table.
 - Strategies: `get_fp4_kv_cache_quant_method("nvfp4" | "blockfp4" | "mxfp4")`.
 - `FP4KVCache`: an `nn.Module` holding every layer's cache as buffers.
+- `torch_fp4kv.sglang`: SGLang's FP4 KV cache interface under SGLang's names, for porting.
 """
 
 from . import ops
 from .cache import FP4KVCache
 from .layer_cache import FP4KVLayerCache
-from .compat import BlockFP4KVQuantizeUtil, KVFP4QuantizeUtil, NVFP4KVQuantizeUtil
 from .methods import (
     FP4_KV_CACHE_QUANT_REGISTRY,
     AttentionRead,
@@ -36,16 +36,13 @@ __all__ = [
     "FORMATS",
     "FP4_KV_CACHE_QUANT_REGISTRY",
     "BlockFP4KVMethod",
-    "BlockFP4KVQuantizeUtil",
     "FP4KVBuffers",
     "FP4KVCache",
     "FP4KVCacheQuantMethod",
     "FP4KVCacheRecipe",
     "FP4KVLayerCache",
-    "KVFP4QuantizeUtil",
     "MXFP4KVMethod",
     "NVFP4KVMethod",
-    "NVFP4KVQuantizeUtil",
     "TableFP4KVMethod",
     "decode_attention",
     "dequantize",

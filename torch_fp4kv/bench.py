@@ -3,6 +3,8 @@
 Each row gives the median time, the effective bandwidth (bytes the op must read plus write), its
 ratio to a device-to-device copy measured in the same run, and the speedup over FlashInfer's
 equivalent kernel where one exists. Table on stdout; `--json PATH`; `--plot PATH` (matplotlib).
+Only GPU figures mean anything: on CPU the ops run their reference kernels, so the bench says so
+and gives no ratios.
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ from .ops.checks import OUTPUT_DTYPES
 _OUT_DTYPES = {str(d).removeprefix("torch."): d for d in OUTPUT_DTYPES}  # --out-dtype names
 
 
+CPU_NOTE = ("On CPU the ops run their reference kernels (eager PyTorch, or Triton's interpreter), so these "
+            "times only show that everything runs: they are not performance figures, and no ratios to copy "
+            "bandwidth or FlashInfer are given. Run the bench on a GPU.")
+
+
 @dataclass
 class Row:
     op: str
@@ -33,8 +40,17 @@ class Row:
     shape: str
     time_us: float
     gb_per_s: float
-    x_copy: float
+    x_copy: float | None  # None where no copy bandwidth was measured (CPU)
     x_flashinfer: float | None = None
+
+
+def make_row(op: str, recipe: str, backend: str, shape: str, seconds: float, nbytes: int,
+             copy_gbs: float | None, flashinfer_seconds: float | None) -> Row:
+    """A timed op as a row: bandwidth from the bytes it must move, its ratio to the copy's, and
+    FlashInfer's time over ours (above 1: we are faster)."""
+    gbs = nbytes / seconds / 1e9
+    return Row(op, recipe, backend, shape, seconds * 1e6, gbs, gbs / copy_gbs if copy_gbs else None,
+               flashinfer_seconds / seconds if flashinfer_seconds else None)
 
 
 def _timer(device: torch.device):
@@ -107,9 +123,10 @@ def _flashinfer_time(op: str, recipe: str, dtype, packed, device: torch.device, 
 
 
 def run(tokens: int, heads: int, head_dim: int, recipes, backends, device: torch.device,
-        out_dtype: torch.dtype = torch.bfloat16) -> tuple[float, list[Row]]:
+        out_dtype: torch.dtype = torch.bfloat16) -> tuple[float | None, list[Row]]:
+    """(copy GB/s, or None on CPU where it would be no yardstick, rows)."""
     timed = _timer(device)
-    copy_gbs = copy_bandwidth(tokens * heads * head_dim * 2, device, timed)
+    copy_gbs = copy_bandwidth(tokens * heads * head_dim * 2, device, timed) if device.type == "cuda" else None
     rows = []
     previous = os.environ.get(ENV_VAR)
     try:
@@ -121,10 +138,8 @@ def run(tokens: int, heads: int, head_dim: int, recipes, backends, device: torch
                     if unavailable_reason(Backend(backend), op, recipe, device, dtype):
                         continue
                     os.environ[ENV_VAR] = backend
-                    seconds = timed(fn)
-                    gbs = nbytes / seconds / 1e9
-                    rows.append(Row(op, recipe, backend, f"{tokens}x{heads}x{head_dim}", seconds * 1e6, gbs,
-                                    gbs / copy_gbs, flashinfer_s / seconds if flashinfer_s else None))
+                    rows.append(make_row(op, recipe, backend, f"{tokens}x{heads}x{head_dim}", timed(fn), nbytes,
+                                         copy_gbs, flashinfer_s))
     finally:
         if previous is None:
             os.environ.pop(ENV_VAR, None)
@@ -230,16 +245,23 @@ def print_decode_table(rows: list[DecodeRow]) -> None:
               f"{fmt(r.x_bf16, '.3f'):>10}{fmt(r.x_fp8, '.3f'):>9}{fmt(r.triton_kernel_us, '11.1f'):>11}")
 
 
-def print_table(device_name: str, copy_gbs: float, rows: list[Row], out_dtype: str) -> None:
-    print(f"device: {device_name}; device-to-device copy: {copy_gbs:.0f} GB/s (read + write)")
+def print_table(device_name: str, copy_gbs: float | None, rows: list[Row], out_dtype: str) -> None:
+    if copy_gbs is None:
+        print(f"device: {device_name}. {CPU_NOTE}")
+    else:
+        print(f"device: {device_name}; device-to-device copy: {copy_gbs:.0f} GB/s (read + write)")
     print(f"inputs bfloat16; dequantize and gather_dequantize write {out_dtype}")
     print(f"{'op':<19}{'recipe':<10}{'backend':<11}{'shape':<16}{'time us':>10}{'GB/s':>9}{'x copy':>8}{'x FlashInfer':>14}")
     for r in rows:
+        x_copy = f"{r.x_copy:.3f}" if r.x_copy is not None else "-"
         fi = f"{r.x_flashinfer:.2f}" if r.x_flashinfer else "-"
-        print(f"{r.op:<19}{r.recipe:<10}{r.backend:<11}{r.shape:<16}{r.time_us:>10.1f}{r.gb_per_s:>9.1f}{r.x_copy:>8.3f}{fi:>14}")
+        print(f"{r.op:<19}{r.recipe:<10}{r.backend:<11}{r.shape:<16}{r.time_us:>10.1f}{r.gb_per_s:>9.1f}{x_copy:>8}{fi:>14}")
 
 
 def plot(rows: list[Row], path: str) -> None:
+    if any(r.x_copy is None for r in rows):
+        print(f"no copy bandwidth measured on this device (only on a GPU); no plot written to {path}")
+        return
     if importlib.util.find_spec("matplotlib") is None:
         print(f"matplotlib is not installed; no plot written to {path}")
         return
@@ -260,20 +282,25 @@ def plot(rows: list[Row], path: str) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     on_gpu = torch.cuda.is_available()
-    parser.add_argument("--device", default="cuda" if on_gpu else "cpu")
-    parser.add_argument("--tokens", type=int, default=32768 if on_gpu else 256)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--recipes", nargs="+", default=sorted(FORMATS), choices=sorted(FORMATS))
+    parser.add_argument("--device", default="cuda" if on_gpu else "cpu", help="where to run (cuda when there is a GPU)")
+    parser.add_argument("--tokens", type=int, default=32768 if on_gpu else 256,
+                        help="K/V tokens per op (32768 with a GPU, 256 without)")
+    parser.add_argument("--heads", type=int, default=8, help="KV heads per token")
+    parser.add_argument("--head-dim", type=int, default=128, help="elements per head")
+    parser.add_argument("--recipes", nargs="+", default=sorted(FORMATS), choices=sorted(FORMATS), help="formats to time")
     parser.add_argument("--out-dtype", default="bfloat16", choices=sorted(_OUT_DTYPES),
                         help="what dequantize and gather_dequantize write")
-    parser.add_argument("--backends", nargs="+", default=[b.value for b in Backend], choices=[b.value for b in Backend])
-    parser.add_argument("--decode-batches", type=int, nargs="*", default=[1, 8, 32, 128] if on_gpu else [1, 2])
-    parser.add_argument("--decode-contexts", type=int, nargs="*", default=[1024, 8192, 32768] if on_gpu else [256])
+    parser.add_argument("--backends", nargs="+", default=[b.value for b in Backend], choices=[b.value for b in Backend],
+                        help="backends to time, each where it can run")
+    parser.add_argument("--decode-batches", type=int, nargs="*", default=[1, 8, 32, 128] if on_gpu else [1, 2],
+                        help="sequences per decode step ([1, 8, 32, 128] with a GPU, [1, 2] without)")
+    parser.add_argument("--decode-contexts", type=int, nargs="*", default=[1024, 8192, 32768] if on_gpu else [256],
+                        help="context lengths of the decode rows ([1024, 8192, 32768] with a GPU, [256] without)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--plot", metavar="PATH", help="also write a PNG bar chart (needs matplotlib)")
+    parser.add_argument("--plot", metavar="PATH", help="also write a PNG bar chart of x copy (needs matplotlib and a GPU)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)

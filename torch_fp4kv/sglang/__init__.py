@@ -1,0 +1,30 @@
+"""SGLang's FP4 KV cache interface (SGLang PR #21954), over the same fp4kv ops as the rest.
+
+Code written against SGLang runs unchanged once its imports point here:
+`sglang.srt.layers.quantization.fp4_kv_cache_quant_method` -> `torch_fp4kv.sglang.fp4_kv_cache_quant_method`,
+`sglang.srt.layers.quantization.kvfp4_tensor` -> `torch_fp4kv.sglang.kvfp4_tensor` (or this package).
+Names, signatures, buffer dicts and shapes follow SGLang; new code should use the primary API
+(`torch_fp4kv.get_fp4_kv_cache_quant_method`, `FP4KVCache`), whose methods own their buffers.
+"""
+
+from .fp4_kv_cache_quant_method import (
+    FP4_KV_CACHE_QUANT_REGISTRY,
+    BlockFP4KVMethod,
+    FP4KVCacheQuantMethod,
+    NVFP4KVMethod,
+    get_fp4_kv_cache_quant_method,
+)
+from .kvfp4_tensor import E2M1_MAX, BlockFP4KVQuantizeUtil, FP4KVCacheRecipe, KVFP4QuantizeUtil, NVFP4KVQuantizeUtil
+
+__all__ = [
+    "E2M1_MAX",
+    "FP4_KV_CACHE_QUANT_REGISTRY",
+    "BlockFP4KVMethod",
+    "BlockFP4KVQuantizeUtil",
+    "FP4KVCacheQuantMethod",
+    "FP4KVCacheRecipe",
+    "KVFP4QuantizeUtil",
+    "NVFP4KVMethod",
+    "NVFP4KVQuantizeUtil",
+    "get_fp4_kv_cache_quant_method",
+]

@@ -1,0 +1,236 @@
+"""SGLang's FP4 KV cache strategies (`sglang.srt.layers.quantization.fp4_kv_cache_quant_method`,
+as introduced by SGLang PR #21954), over fp4kv ops.
+
+SGLang's split of work: the pool owns the buffers and hands a method one layer's tensors; the
+method quantizes into them and dequantizes gathered slots for prefill. The buffers, their shapes
+and `compute_cell_size` are SGLang's; the bytes are this library's formats.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import ClassVar, Optional
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..ops.checks import head_dim as check_head_dim, rank, tensor as check_tensor
+from ..ops.formats import E2M1_MAX
+from .kvfp4_tensor import as_global_scale, unflatten_scales
+
+__all__ = [
+    "FP4_KV_CACHE_QUANT_REGISTRY",
+    "BlockFP4KVMethod",
+    "FP4KVCacheQuantMethod",
+    "NVFP4KVMethod",
+    "get_fp4_kv_cache_quant_method",
+]
+
+# Prefill reads earlier tokens as FP8 E4M3, the input of FlashInfer's FP8 prefill kernels.
+PREFILL_DTYPE = torch.float8_e4m3fn
+
+
+class FP4KVCacheQuantMethod(abc.ABC):
+    """SGLang's abstract FP4 KV cache strategy."""
+
+    name: str
+    SCALE_BLOCK_SIZE: int = 1
+
+    def needs_dequant_workspace(self) -> bool:
+        """Whether the pool allocates the FP8 workspaces dq_k_buffer / dq_v_buffer for prefill."""
+        return False
+
+    def needs_global_scale(self) -> bool:
+        """Whether the method keeps a per-layer FP32 global scale."""
+        return False
+
+    @abc.abstractmethod
+    def create_buffers(self, size: int, head_num: int, head_dim: int, layer_num: int, device) -> dict:
+        """The pool's tensors: per-layer lists k_buffer, v_buffer, k_scale_buffer, v_scale_buffer;
+        shared dq_k_buffer, dq_v_buffer; and store_dtype."""
+
+    @abc.abstractmethod
+    def quantize_and_store(self, k_buffer: Tensor, v_buffer: Tensor, k_scale_buffer: Optional[Tensor],
+                           v_scale_buffer: Optional[Tensor], loc: Tensor, cache_k: Tensor, cache_v: Tensor,
+                           k_scale=None, v_scale=None) -> None:
+        """Quantize cache_k, cache_v [T, H, D] into one layer's buffers at slots loc [T]."""
+
+    @abc.abstractmethod
+    def dequantize_prev_kv(self, k_fp4: Tensor, k_scales: Tensor, v_fp4: Tensor, v_scales: Tensor,
+                           layer_id: int) -> tuple[Tensor, Tensor]:
+        """Already-gathered packed K/V and their scales -> (k, v) [T, H, D] for prefill."""
+
+    @abc.abstractmethod
+    def compute_cell_size(self, head_num: int, head_dim: int, num_layers: int, kv_size: int) -> int:
+        """Bytes per token slot of the pool, times kv_size (the storage element size, 1 for FP4)."""
+
+    def load_scales_from_model(self, model_runner, sm_version: Optional[int] = None) -> None:
+        """Load per-layer global scales from the model (nothing to load by default)."""
+
+
+class _TableMethod(FP4KVCacheQuantMethod):
+    """What both recipes share, read off the format table row named `name`: buffer shapes, sizes,
+    the op calls. Both keep an FP8 prefill workspace, as SGLang's do."""
+
+    SCALE_BLOCK_SIZE = 16
+    # SGLang keeps NVFP4 scales per head, [size, H, D/16], block-FP4 ones per token, [size, H*D/16].
+    scales_per_token: ClassVar[bool]
+
+    def needs_dequant_workspace(self) -> bool:
+        return True
+
+    def create_buffers(self, size: int, head_num: int, head_dim: int, layer_num: int, device) -> dict:
+        for name, value in (("size", size), ("head_num", head_num), ("layer_num", layer_num)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_head_dim(head_dim, ops.get_format(self.name), "head_dim")
+        blocks = head_dim // self.SCALE_BLOCK_SIZE
+        scale_shape = (size, head_num * blocks) if self.scales_per_token else (size, head_num, blocks)
+
+        def per_layer(*shape) -> list[Tensor]:
+            return [torch.zeros(shape, dtype=torch.uint8, device=device) for _ in range(layer_num)]
+
+        return {
+            "k_buffer": per_layer(size, head_num, head_dim // 2),
+            "v_buffer": per_layer(size, head_num, head_dim // 2),
+            "k_scale_buffer": per_layer(*scale_shape),
+            "v_scale_buffer": per_layer(*scale_shape),
+            "dq_k_buffer": torch.zeros(size, head_num, head_dim, dtype=PREFILL_DTYPE, device=device),
+            "dq_v_buffer": torch.zeros(size, head_num, head_dim, dtype=PREFILL_DTYPE, device=device),
+            "store_dtype": torch.uint8,
+        }
+
+    def compute_cell_size(self, head_num: int, head_dim: int, num_layers: int, kv_size: int) -> int:
+        """Every layer's packed K+V and scales, plus one FP8 K+V workspace row shared by all layers."""
+        fp4_bytes = num_layers * ops.get_format(self.name).bytes_per_token(head_num, head_dim)
+        workspace_bytes = 2 * head_num * head_dim * PREFILL_DTYPE.itemsize
+        return (fp4_bytes + workspace_bytes) * kv_size
+
+    def _op_scales(self, scales, name: str, data) -> Tensor:
+        """A scale tensor as the ops take it, [..., H, D/16]; writes through it reach `scales`."""
+        return unflatten_scales(scales, name, data) if self.scales_per_token else scales
+
+    def _store_global_scales(self, k_scale, v_scale, device) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        return None, None  # block-FP4 has no global scale; SGLang ignores k_scale / v_scale here
+
+    def _layer_global_scales(self, layer_id: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        return None, None
+
+    def quantize_and_store(self, k_buffer, v_buffer, k_scale_buffer, v_scale_buffer, loc, cache_k, cache_v,
+                           k_scale=None, v_scale=None) -> None:
+        """Slots outside the buffers (e.g. -1 padding) are skipped; every argument is checked first."""
+        for x, name in ((k_buffer, "k_buffer"), (v_buffer, "v_buffer")):
+            rank(check_tensor(x, name), name, 3, "[size, H, D/2]")
+        k_scales = self._op_scales(k_scale_buffer, "k_scale_buffer", k_buffer)
+        v_scales = self._op_scales(v_scale_buffer, "v_scale_buffer", v_buffer)
+        k_g, v_g = self._store_global_scales(k_scale, v_scale, k_buffer.device)
+        ops.quantize_and_store(k_buffer, v_buffer, k_scales, v_scales, loc, cache_k, cache_v, self.name, k_g, v_g)
+
+    def dequantize_prev_kv(self, k_fp4, k_scales, v_fp4, v_scales, layer_id: int) -> tuple[Tensor, Tensor]:
+        """(k, v) [T, H, D] in FP8 E4M3, rounded once from float32."""
+        k_g, v_g = self._layer_global_scales(layer_id)
+        read = []
+        for data, scales, g, prefix in ((k_fp4, k_scales, k_g, "k"), (v_fp4, v_scales, v_g, "v")):
+            rank(check_tensor(data, f"{prefix}_fp4"), f"{prefix}_fp4", 3, "[T, H, D/2]")
+            scales = self._op_scales(scales, f"{prefix}_scales", data)
+            read.append(ops.dequantize(data, scales, self.name, g, PREFILL_DTYPE))
+        return read[0], read[1]
+
+
+class NVFP4KVMethod(_TableMethod):
+    """NVFP4: FP8 E4M3 block scales plus per-layer FP32 global scales for K and V
+    (`k_scales_gpu`, `v_scales_gpu`, indexed by global layer id, default 1.0)."""
+
+    name = "nvfp4"
+    scales_per_token = False
+
+    def __init__(self, num_layers: int, device, sm_version: int = 120):
+        self.num_layers = num_layers
+        self.device = device
+        self.sm_version = sm_version
+        self.k_scales_gpu = torch.ones(num_layers, dtype=torch.float32, device=device)
+        self.v_scales_gpu = torch.ones(num_layers, dtype=torch.float32, device=device)
+
+    def needs_global_scale(self) -> bool:
+        return True
+
+    def _store_global_scales(self, k_scale, v_scale, device):
+        return as_global_scale(k_scale, "k_scale", device), as_global_scale(v_scale, "v_scale", device)
+
+    def _layer_global_scales(self, layer_id: int):
+        if not 0 <= layer_id < len(self.k_scales_gpu):
+            raise ValueError(f"layer_id {layer_id} is outside k_scales_gpu's {len(self.k_scales_gpu)} layers")
+        return self.k_scales_gpu[layer_id: layer_id + 1], self.v_scales_gpu[layer_id: layer_id + 1]
+
+    def load_scales_from_model(self, model_runner, sm_version: Optional[int] = None) -> None:
+        """Read each attention layer's `k_scale` / `v_scale` (1.0 where absent or None) into
+        `k_scales_gpu[layer.layer_id]`, as SGLang does: the layers are those of
+        `model_runner.model.model` (`.thinker.model` for Qwen3-Omni-MoE), the attention module
+        at `self_attn.attn`, `self_attn.attn_mqa`, `attn` or `attention.attn`. With sm_version 100
+        the scales are multiplied by 6: TRT-LLM's kernels there expect amax / 448, checkpoints
+        store amax / (6 * 448). The scale tensors are reallocated only if a layer id exceeds them."""
+        if sm_version is not None:
+            self.sm_version = sm_version
+        attention = _attention_layers(_language_model(model_runner.model))
+        if not attention:
+            return
+        needed = max(layer.layer_id for layer in attention) + 1
+        if needed > len(self.k_scales_gpu):
+            self.k_scales_gpu = torch.ones(needed, dtype=torch.float32, device=self.device)
+            self.v_scales_gpu = torch.ones(needed, dtype=torch.float32, device=self.device)
+        k_values, v_values = self.k_scales_gpu.tolist(), self.v_scales_gpu.tolist()
+        factor = E2M1_MAX if self.sm_version == 100 else 1.0
+        for layer in attention:
+            k_values[layer.layer_id] = _scale_of(layer, "k_scale") * factor
+            v_values[layer.layer_id] = _scale_of(layer, "v_scale") * factor
+        self.k_scales_gpu.copy_(torch.tensor(k_values, dtype=torch.float32))
+        self.v_scales_gpu.copy_(torch.tensor(v_values, dtype=torch.float32))
+
+
+def _language_model(model):
+    """SGLang's `resolve_language_model`: the module that holds `.layers`."""
+    if type(model).__name__ == "Qwen3OmniMoeForConditionalGeneration":
+        return model.thinker.model
+    return model.model
+
+
+def _attention_layers(language_model) -> list:
+    """Each decoder layer's attention module, where SGLang's model classes keep it."""
+    found = []
+    for layer in language_model.layers:
+        if hasattr(layer, "self_attn"):
+            if hasattr(layer.self_attn, "attn"):
+                found.append(layer.self_attn.attn)
+            elif hasattr(layer.self_attn, "attn_mqa"):
+                found.append(layer.self_attn.attn_mqa)
+        elif hasattr(layer, "attn"):
+            found.append(layer.attn)
+        elif hasattr(layer, "attention") and hasattr(layer.attention, "attn"):
+            found.append(layer.attention.attn)
+    return found
+
+
+def _scale_of(attention, name: str) -> float:
+    value = getattr(attention, name, None)
+    return 1.0 if value is None else float(value)
+
+
+class BlockFP4KVMethod(_TableMethod):
+    """SGLang's block-16 FP4 with E8M0 scales, no global scale; scales kept per token."""
+
+    name = "blockfp4"
+    scales_per_token = True
+
+
+FP4_KV_CACHE_QUANT_REGISTRY: dict[str, type[FP4KVCacheQuantMethod]] = {
+    "nvfp4": NVFP4KVMethod,
+    "blockfp4": BlockFP4KVMethod,
+}
+
+
+def get_fp4_kv_cache_quant_method(name: str, **kwargs) -> FP4KVCacheQuantMethod:
+    """Instantiate the method registered as `name` (kwargs go to its constructor)."""
+    if name not in FP4_KV_CACHE_QUANT_REGISTRY:
+        raise ValueError(f"Unknown fp4_kv_cache_recipe: '{name}'. Available: {list(FP4_KV_CACHE_QUANT_REGISTRY)}")
+    return FP4_KV_CACHE_QUANT_REGISTRY[name](**kwargs)

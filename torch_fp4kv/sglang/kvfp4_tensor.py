@@ -1,0 +1,104 @@
+"""SGLang's FP4 tensor utilities (`sglang.srt.layers.quantization.kvfp4_tensor`), over fp4kv ops.
+
+Same names, signatures, shapes and dtypes as SGLang's; the bytes are this library's formats
+(`nvfp4` is FlashInfer's `nvfp4_kv_quantize` layout, `blockfp4` SGLang's block-16 recipe).
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from .. import ops
+from ..ops.checks import rank, tensor as check_tensor
+from ..ops.formats import E2M1_MAX
+
+__all__ = ["E2M1_MAX", "BlockFP4KVQuantizeUtil", "FP4KVCacheRecipe", "KVFP4QuantizeUtil", "NVFP4KVQuantizeUtil"]
+
+
+class FP4KVCacheRecipe(enum.Enum):
+    """SGLang's recipe enum, values as SGLang numbers them.
+
+    SGLang's MXFP4 member is its block-16 recipe (this library's `blockfp4`), not OCP MXFP4,
+    which has 32-element blocks (this library's `mxfp4`).
+    """
+
+    MXFP4 = 1
+    NVFP4 = 2
+
+
+def as_global_scale(value, name: str, device: torch.device) -> torch.Tensor:
+    """A global scale as the ops take it: a Python number becomes a float32 [1] tensor on
+    `device` (as SGLang converts it), a 0-d tensor gains its one dimension. None is refused:
+    NVFP4 has no meaningful default once a layer has been calibrated."""
+    if value is None:
+        raise ValueError(f"{name}: NVFP4 needs the layer's global scale (a float32 tensor of one element)")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor([float(value)], dtype=torch.float32, device=device)
+    check_tensor(value, name)
+    return value.unsqueeze(0) if value.dim() == 0 else value
+
+
+def _batched(x, name: str, layout: str) -> None:
+    check_tensor(x, name)
+    rank(x, name, 3, layout)
+
+
+class NVFP4KVQuantizeUtil:
+    """NVFP4: E2M1 codes, FP8 E4M3 scale per 16 elements, FP32 global scale (dequantized value =
+    code * block scale * global scale)."""
+
+    @staticmethod
+    def quantize(tensor: torch.Tensor, global_scale) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B, M, N] -> (fp4 data uint8 [B, M, N/2], block scales float8_e4m3fn [B, M, N/16],
+        global scale as a float32 tensor)."""
+        _batched(tensor, "tensor", "[B, M, N]")
+        global_scale = as_global_scale(global_scale, "global_scale", tensor.device)
+        data, scales = ops.quantize(tensor, "nvfp4", global_scale)
+        return data, scales.view(torch.float8_e4m3fn), global_scale
+
+    @staticmethod
+    def dequantize(quant_tensor: torch.Tensor, block_scales: torch.Tensor, global_scale,
+                   dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """(data [B, M, N/2], block scales [B, M, N/16] uint8 or float8_e4m3fn) -> [B, M, N]."""
+        _batched(quant_tensor, "quant_tensor", "[B, M, N/2]")
+        global_scale = as_global_scale(global_scale, "global_scale", quant_tensor.device)
+        return ops.dequantize(quant_tensor, block_scales, "nvfp4", global_scale, dtype)
+
+
+class BlockFP4KVQuantizeUtil:
+    """SGLang's block-16 FP4 (`blockfp4`): one E8M0 scale byte per 16 elements, no global scale.
+    Scales come flattened per row, [B, M*N/16], as SGLang stores them."""
+
+    @staticmethod
+    def batched_quantize(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, M, N] -> (data uint8 [B, M, N/2], scale factors uint8 [B, M*N/16])."""
+        _batched(tensor, "tensor", "[B, M, N]")
+        data, scales = ops.quantize(tensor, "blockfp4")
+        return data, scales.flatten(1)
+
+    @staticmethod
+    def batched_dequantize(quant_tensor: torch.Tensor, scale_factors: torch.Tensor,
+                           dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """(data [B, M, N/2], scale factors [B, M*N/16]) -> [B, M, N] in dtype."""
+        _batched(quant_tensor, "quant_tensor", "[B, M, N/2]")
+        scales = unflatten_scales(scale_factors, "scale_factors", quant_tensor)
+        return ops.dequantize(quant_tensor, scales, "blockfp4", None, dtype)
+
+
+# SGLang's name for the block-16 utility before its NVFP4 support was added.
+KVFP4QuantizeUtil = BlockFP4KVQuantizeUtil
+
+
+def unflatten_scales(scales, name: str, data: torch.Tensor) -> torch.Tensor:
+    """SGLang's per-row scales [rows, M*N/16] as the ops take them, [rows, M, N/16] (a view,
+    so writes through it land in `scales`). `data` is the matching packed data [rows, M, N/2]."""
+    check_tensor(scales, name)
+    rows, heads = data.shape[0], data.shape[1]
+    if scales.dim() != 2 or scales.shape[0] != rows or scales.shape[1] % heads:
+        raise ValueError(f"{name} must be 2-D [{rows}, {heads} * N/16] to match {tuple(data.shape)}; "
+                         f"got shape {tuple(scales.shape)}")
+    if not scales.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (it is read and written through a view)")
+    return scales.view(rows, heads, scales.shape[1] // heads)
