@@ -49,7 +49,8 @@ def test_cuda_graph_decode_runs_eagerly_without_a_gpu():
 
 def test_tensor_parallel_decode_with_two_gloo_processes():
     out = _run("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "examples/tensor_parallel_decode.py", "--batch", "2", "--prompt-len", "16", "--steps", "2", "--check")
+               "examples/tensor_parallel_decode.py", "--device", "cpu", "--batch", "2", "--prompt-len", "16", "--steps", "2",
+               "--check")
     assert "2 ranks (gloo), each holding 2 of 4 query heads, 1 of 2 KV heads" in out
     assert "the decode loop runs eagerly" in out and "nvfp4 cache:" in out
     bf16, fp8, fp4 = (_number(rf"{kind}:\s+(\d+) bytes per layer", out) for kind in ("bf16", "fp8-sized", "nvfp4"))
