@@ -11,7 +11,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import torch_fp4kv
-from tiny_llama import Config, Transformer, make_caches
+from torch_fp4kv.testing.llama import Config, Transformer, make_caches
 
 
 def main() -> None:
@@ -21,7 +21,8 @@ def main() -> None:
     parser.add_argument("--decode-steps", type=int, default=4)
     args = parser.parse_args()
     torch.manual_seed(0)
-    cfg = Config(vocab_size=256, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, max_seq_len=64, max_batch=2)
+    cfg = Config(vocab_size=256, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32,
+                 intermediate_size=512, max_seq_len=64, max_batch=2)
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
 
     fp4_model = Transformer(cfg, make_caches(cfg, args.recipe, args.device)).to(args.device, dtype)

@@ -12,47 +12,12 @@ import time
 import torch
 
 import torch_fp4kv
-from tiny_llama import Config, Transformer, kv_cache_bytes, make_caches, use_fused_decode
-
-
-class Decoder:
-    """Owns the static input buffers of one decode step, and its CUDA graph when on a GPU."""
-
-    def __init__(self, model: Transformer, prompt: torch.Tensor, use_graph: bool):
-        self.model = model
-        self.tokens = prompt[:, -1:].clone()
-        self.pos = torch.full((1,), prompt.shape[1], dtype=torch.long, device=prompt.device)
-        self.graph = None
-        with torch.no_grad():
-            model(prompt, torch.zeros(1, dtype=torch.long, device=prompt.device))  # prefill
-            if use_graph:
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):  # warm up (Triton compiles) outside the capture
-                    self._step()
-                torch.cuda.current_stream().wait_stream(stream)
-                self.pos.fill_(prompt.shape[1])
-                self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph):
-                    self._step()
-                self.pos.fill_(prompt.shape[1])
-
-    def _step(self) -> None:
-        logits = self.model(self.tokens, self.pos)
-        self.tokens.copy_(logits[:, -1:].argmax(-1))
-        self.pos.add_(1)
-
-    def step(self) -> None:
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            with torch.no_grad():
-                self._step()
+from torch_fp4kv.testing.decoder import Decoder
+from torch_fp4kv.testing.llama import Config, build_model, kv_cache_bytes, random_weights, use_fused_decode
 
 
 def run(cfg: Config, kind: str, weights, prompt, steps: int, use_graph: bool, fused: bool = False):
-    model = Transformer(cfg, make_caches(cfg, kind, prompt.device)).to(prompt.device, torch.bfloat16)
-    model.load_state_dict(weights, strict=False)
+    model = build_model(cfg, kind, weights, prompt.device, torch.bfloat16)
     if fused:
         use_fused_decode(model)
     decoder = Decoder(model, prompt, use_graph)
@@ -81,10 +46,9 @@ def main() -> None:
     args = parser.parse_args()
     use_graph = args.device.startswith("cuda")
     steps = args.steps if args.steps is not None else (64 if use_graph else 8)
-    torch.manual_seed(0)
     cfg = Config(max_seq_len=steps + 32)
-    weights = Transformer(cfg, make_caches(cfg, "bf16", "cpu")).to(torch.bfloat16).state_dict()
-    prompt = torch.randint(0, cfg.vocab_size, (cfg.max_batch, 16), device=args.device)
+    weights = random_weights(cfg, seed=0, dtype=torch.bfloat16)
+    prompt = torch.randint(0, cfg.vocab_size, (cfg.max_batch, 16), generator=torch.Generator().manual_seed(0)).to(args.device)
 
     print(f"device {args.device}: " + ("decode step captured in a CUDA graph" if use_graph
                                        else "no GPU, so the decode loop runs eagerly (no CUDA graph)"))

@@ -48,6 +48,18 @@ def test_cuda_graph_decode_runs_eagerly_without_a_gpu():
     assert _number(r"FP4 cache is ([\d.]+)x the BF16 cache's bytes", out) == pytest.approx(0.281, abs=1e-3)
 
 
+def test_tensor_parallel_decode_with_two_gloo_processes():
+    out = _run("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "examples/tensor_parallel_decode.py", "--device", "cpu", "--batch", "2", "--prompt-len", "16", "--steps", "2",
+               "--check")
+    assert "2 ranks (gloo), each holding 2 of 4 query heads, 1 of 2 KV heads" in out
+    assert "the decode loop runs eagerly" in out and "nvfp4 cache:" in out
+    bf16, fp8, fp4 = (_number(rf"{kind}:\s+(\d+) bytes per layer", out) for kind in ("bf16", "fp8-sized", "nvfp4"))
+    assert (bf16, fp8, fp4) == (256, 128, 72)  # one KV head of 64 per rank
+    assert re.search(r"cache bytes of each rank's heads vs the whole model's cache: 0 of \d+ differ", out)
+    assert "check passed" in out
+
+
 def test_bench_table_and_json(tmp_path):
     path = tmp_path / "bench.json"
     out = _run("-m", "torch_fp4kv.bench", "--device", "cpu", "--tokens", "64", "--backends", "eager",
