@@ -3,9 +3,9 @@
 Engines hand `quantize_and_store` slot indices they made themselves: `-1` padding from CUDA-graph
 batch sizes, and now and then the same slot twice in one call (a retried token, a recycled slot).
 The rule: a slot outside `[0, num_slots)` is skipped, and when several tokens name one slot the
-**last** of them wins, whole (its data and scale bytes together). Applying it here, in PyTorch,
-before any kernel runs makes every backend write the same bytes and leaves the kernels a set of
-distinct slots, so no two programs race on one cache row.
+**last** of them wins, whole (its data and scale bytes together), so no two writes race on one
+cache row. This module is the rule in PyTorch (the eager backend's); the Triton kernels apply the
+same rule in the quantize kernel (triton_kernels, `DUPLICATES`).
 
 Sync-free and O(T): a scratch row per cache slot is allocated but never cleared; only the slots
 named in `loc` are touched (set to -1, then raised to the largest token index naming them).

@@ -17,7 +17,6 @@ import triton.language as tl
 
 from . import backends
 from .formats import BLOCKFP4_MIN_SCALE, FP4Format, ScaleRule
-from .slots import last_writer_slots
 from .triton_codes import _E4M3_MAX, _bf16_bits, _block_scales, _decode, _e4m3_byte, _e4m3_value, _fp8_pair
 
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
@@ -29,11 +28,16 @@ _ONE_SIXTH = tl.constexpr(0.1666666716337204)  # 1/6 rounded to float32
 # 8192 x 4, 4096 x 4 was within 2.5% of the fastest for every recipe, op and output dtype.
 QUANTIZE_LAUNCH = (1024, 1)
 DEQUANTIZE_LAUNCH = (4096, 4)
-# Stores of at most this many tokens apply the duplicate-slot rule inside the quantize kernel (each
-# program compares its tokens' slots with every later token's, DEDUP_CHUNK at a time): no extra
-# launch in a decode step. Larger stores (prefill) take slots.last_writer_slots first, in O(T).
+# The duplicate-slot rule (slots.py: the last token naming a slot wins) inside the quantize kernel:
+# stores of at most MAX_TOKENS_DEDUPLICATED_IN_KERNEL tokens compare each token's slot with every
+# later token's (no extra launch in a decode step); larger ones (prefill) first record the last
+# token of every named slot in a scratch row per slot (_claim_slots_kernel, two O(T) launches).
+NO_DUPLICATES = tl.constexpr(0)  # quantize without loc
+COMPARE_LATER_TOKENS = tl.constexpr(1)
+CLAIMED_SLOTS = tl.constexpr(2)
 MAX_TOKENS_DEDUPLICATED_IN_KERNEL = 1024
-_DEDUP_CHUNK = tl.constexpr(64)
+_LATER_TOKENS_PER_STEP = tl.constexpr(64)
+_CLAIM_BLOCK = 1024
 
 # Output dtype -> (kernel OUT_KIND, the dtype of a word holding two outputs): dequantize kernels
 # write each packed byte's two values as one word.
@@ -264,9 +268,10 @@ def _quantize_rows(
 def _quantize_kernel(
     k_ptr, k_stride_t, k_stride_h, k_data_ptr, k_scales_ptr, k_g_ptr,
     v_ptr, v_stride_t, v_stride_h, v_data_ptr, v_scales_ptr, v_g_ptr,
-    loc_ptr, loc_stride, n_rows, num_slots, H: tl.constexpr,
+    loc_ptr, loc_stride, last_token_ptr, n_rows, num_slots, H: tl.constexpr,
     D: tl.constexpr, BS: tl.constexpr, SCALE_RULE: tl.constexpr, TIES_AWAY: tl.constexpr,
-    SCALE_NAN_BYTE: tl.constexpr, HAS_G: tl.constexpr, SCATTER: tl.constexpr, DEDUP: tl.constexpr, ROWS: tl.constexpr,
+    SCALE_NAN_BYTE: tl.constexpr, HAS_G: tl.constexpr, SCATTER: tl.constexpr, DUPLICATES: tl.constexpr,
+    ROWS: tl.constexpr,
     IN_KIND: tl.constexpr, WITH_V: tl.constexpr,
 ):
     """One program quantizes a tile of K's rows and, WITH_V, the same rows of V: the two tiles'
@@ -275,22 +280,47 @@ def _quantize_kernel(
     programs (2048 elements, 4 warps)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     in_range, write, index, head = _cache_rows(rows, n_rows, loc_ptr, loc_stride, num_slots, H, SCATTER)
-    if DEDUP:  # a token whose slot a later token names again is not written: the last one wins
-        token = rows // H
+    token = rows // H
+    if DUPLICATES == COMPARE_LATER_TOKENS:  # a token whose slot a later token names again is not written
         n_tokens = n_rows // H
         overwritten = tl.zeros([ROWS], tl.int1)
-        for first in range(tl.program_id(0) * ROWS // H + 1, n_tokens, _DEDUP_CHUNK):
-            later = first + tl.arange(0, _DEDUP_CHUNK)
+        for first in range(tl.program_id(0) * ROWS // H + 1, n_tokens, _LATER_TOKENS_PER_STEP):
+            later = first + tl.arange(0, _LATER_TOKENS_PER_STEP)
             later_slot = tl.load(loc_ptr + later.to(tl.int64) * loc_stride, mask=later < n_tokens, other=-1)
             same = (later_slot.to(tl.int64)[None, :] == index[:, None]) & (later[None, :] > token[:, None])
             overwritten = overwritten | (tl.max(same.to(tl.int32), axis=1) > 0)
         write = write & ~overwritten
+    elif DUPLICATES == CLAIMED_SLOTS:
+        write = write & (tl.load(last_token_ptr + index, mask=write, other=-1) == token)
     dest = index * H + head  # the cache is contiguous [slots, H, ...]
     _quantize_rows(k_ptr, k_stride_t, k_stride_h, k_data_ptr, k_scales_ptr, k_g_ptr, rows, in_range, write, dest,
                    H, D, BS, SCALE_RULE, TIES_AWAY, SCALE_NAN_BYTE, HAS_G, IN_KIND)
     if WITH_V:
         _quantize_rows(v_ptr, v_stride_t, v_stride_h, v_data_ptr, v_scales_ptr, v_g_ptr, rows, in_range, write, dest,
                        H, D, BS, SCALE_RULE, TIES_AWAY, SCALE_NAN_BYTE, HAS_G, IN_KIND)
+
+
+@triton.jit
+def _claim_slots_kernel(loc_ptr, loc_stride, n_tokens, num_slots, last_token_ptr, CLAIM: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """Run twice: first (CLAIM false) every slot named in loc gets -1, then the largest token naming it."""
+    token = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    slot = tl.load(loc_ptr + token.to(tl.int64) * loc_stride, mask=token < n_tokens, other=-1).to(tl.int64)
+    named = (token < n_tokens) & (slot >= 0) & (slot < num_slots)
+    if CLAIM:
+        tl.atomic_max(last_token_ptr + slot, token, mask=named)
+    else:
+        tl.store(last_token_ptr + slot, tl.full([BLOCK], -1, tl.int32), mask=named)
+
+
+def _claim_slots(loc: torch.Tensor, tokens: int, num_slots: int) -> torch.Tensor:
+    """int32 [num_slots] holding, for each slot named in loc, the last token naming it (other
+    entries are never written nor read: the allocation is not cleared)."""
+    last_token = torch.empty(num_slots, dtype=torch.int32, device=loc.device)
+    for claim in (False, True):
+        _claim_slots_kernel[(triton.cdiv(tokens, _CLAIM_BLOCK),)](
+            loc, loc.stride(0), tokens, num_slots, last_token, CLAIM=claim, BLOCK=_CLAIM_BLOCK)
+    return last_token
 
 
 # ---- dequantize (optionally gathering rows from cache slots) ------------------------------------
@@ -360,9 +390,11 @@ def _launch_quantize(k, v, k_data, v_data, k_scales, v_scales, k_g, v_g, loc, fm
     """k, v: [T, H, D]; v may be None (then K alone). With loc (any stride), rows go to its slots,
     the last token naming a slot winning."""
     t, h, d = k.shape
-    dedup = loc is not None and t <= MAX_TOKENS_DEDUPLICATED_IN_KERNEL
-    if loc is not None and not dedup:
-        loc = last_writer_slots(loc, num_slots)
+    duplicates, last_token = NO_DUPLICATES, k_data
+    if loc is not None and t <= MAX_TOKENS_DEDUPLICATED_IN_KERNEL:
+        duplicates = COMPARE_LATER_TOKENS
+    elif loc is not None:
+        duplicates, last_token = CLAIMED_SLOTS, _claim_slots(loc, t, num_slots)
     elements, num_warps = QUANTIZE_LAUNCH
     rows = _rows_per_program(elements, d)
     n_rows = t * h
@@ -375,9 +407,9 @@ def _launch_quantize(k, v, k_data, v_data, k_scales, v_scales, k_g, v_g, loc, fm
     _quantize_kernel[grid](
         k_words, k_words.stride(0), k_words.stride(1), k_data, k_scales.view(torch.uint8), k_g if has_g else k,
         v_words, v_words.stride(0), v_words.stride(1), v_data, v_scales.view(torch.uint8), v_g if has_g else v,
-        loc if loc is not None else k_data, loc.stride(0) if loc is not None else 0, n_rows, num_slots, H=h,
+        loc if loc is not None else k_data, loc.stride(0) if loc is not None else 0, last_token, n_rows, num_slots, H=h,
         D=d, BS=fmt.block_size, SCALE_RULE=int(fmt.scale_rule), TIES_AWAY=fmt.ties_away,
-        SCALE_NAN_BYTE=fmt.scale_nan_byte, HAS_G=has_g, SCATTER=loc is not None, DEDUP=dedup, ROWS=rows,
+        SCALE_NAN_BYTE=fmt.scale_nan_byte, HAS_G=has_g, SCATTER=loc is not None, DUPLICATES=duplicates, ROWS=rows,
         IN_KIND=_IN_KINDS[k.dtype][0], WITH_V=with_v, num_warps=num_warps,
     )
 

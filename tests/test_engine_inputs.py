@@ -63,10 +63,10 @@ def test_duplicate_slots_last_token_wins_and_unnamed_slots_keep_their_bytes(reci
             assert_same_bytes(buffer[slot], expected)
 
 
-@pytest.mark.parametrize("in_kernel", [True, False], ids=["in the kernel", "last_writer_slots first"])
+@pytest.mark.parametrize("in_kernel", [True, False], ids=["later tokens compared", "slots claimed first"])
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_both_paths_of_the_duplicate_slot_rule_match_eager(monkeypatch, in_kernel, recipe):
-    """Small stores apply the rule inside the Triton kernel, large ones through slots.last_writer_slots."""
+    """Small stores compare each token with the later ones in the Triton kernel; large ones claim slots first."""
     from torch_fp4kv.ops import triton_kernels
 
     monkeypatch.setattr(triton_kernels, "MAX_TOKENS_DEDUPLICATED_IN_KERNEL", 1024 if in_kernel else 0)
