@@ -156,7 +156,7 @@ def forced_backend(name: str | None):
 
 
 _MODULES = {Backend.EAGER: "eager", Backend.TRITON: "triton_kernels", Backend.FLASHINFER: "flashinfer_kernels"}
-_OP_MODULES = {(Backend.TRITON, "decode_attention"): "triton_decode"}  # exceptions to _MODULES
+_OP_MODULES = {(Backend.TRITON, "decode_attention"): "decode"}  # exceptions to _MODULES (Gluon or Triton)
 
 
 def kernels_for(op: str, fmt: FP4Format, device: torch.device, dtype: torch.dtype):

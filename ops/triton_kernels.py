@@ -18,7 +18,7 @@ import triton.language as tl
 from . import backends
 from .formats import BLOCKFP4_MIN_SCALE, FP4Format, ScaleRule
 from .slots import last_writer_slots
-from .triton_codes import _E4M3_MAX, _bf16_bits, _block_scales, _decode, _e4m3_byte, _e4m3_value, _fp8_pair
+from .triton_codes import E4M3_MAX_TL, bf16_bits, block_scales, decode_packed, e4m3_byte, e4m3_value, fp8_pair
 
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 _BLOCKFP4_MIN_SCALE = tl.constexpr(BLOCKFP4_MIN_SCALE)
@@ -85,9 +85,9 @@ def _output_word(lo, hi, OUT_KIND: tl.constexpr, HW_BF16: tl.constexpr, HW_FP8: 
         if HW_BF16:
             lo_bits = lo.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
             return lo_bits | (hi.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) << 16)
-        return (_bf16_bits(lo).to(tl.int32) & 0xFFFF) | (_bf16_bits(hi).to(tl.int32) << 16)
+        return (bf16_bits(lo).to(tl.int32) & 0xFFFF) | (bf16_bits(hi).to(tl.int32) << 16)
     else:
-        return _fp8_pair(lo, hi, HW_FP8)
+        return fp8_pair(lo, hi, HW_FP8)
 
 
 @triton.jit
@@ -218,8 +218,8 @@ def _quantize_rows(
             finite = tl.where(g == g, finite, False)  # a NaN scale stores the block as NaN, as eager does
         else:
             g = 1.0
-        byte = _e4m3_byte(tl.minimum(tl.math.div_rn(amax, 6.0 * g), _E4M3_MAX))
-        divisor = _e4m3_value(byte) * g
+        byte = e4m3_byte(tl.minimum(tl.math.div_rn(amax, 6.0 * g), E4M3_MAX_TL))
+        divisor = e4m3_value(byte) * g
         scale, d, inverse = _unit_divisor(divisor[:, :, None])
         y_lo, y_hi = _rounding_quotient(a_lo, scale, d, inverse), _rounding_quotient(a_hi, scale, d, inverse)
         keep = finite & (divisor != 0.0)
@@ -323,8 +323,8 @@ def _dequantize_kernel(
     # e2m1 * scale is exact in 16 bits (fp16 for E4M3 scales, bf16 for E8M0), which the decode PTX
     # computes for four bytes at once on a GPU (float32 arithmetic on the interpreter); the global
     # scale then rounds in float32, as in eager. NVFP4 to FP8 26.4 -> 19.4 us on the H100.
-    scale = tl.broadcast_to(_block_scales(scale_byte, E4M3_SCALES, FP32_TILES, HW_FP8)[:, :, None], packed.shape)
-    lo, hi = _decode(packed, scale, E4M3_SCALES, FP32_TILES)
+    scale = tl.broadcast_to(block_scales(scale_byte, E4M3_SCALES, FP32_TILES, HW_FP8)[:, :, None], packed.shape)
+    lo, hi = decode_packed(packed, scale, E4M3_SCALES, FP32_TILES)
     lo = lo.to(tl.float32)
     hi = hi.to(tl.float32)
     if HAS_G:
