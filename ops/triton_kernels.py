@@ -11,6 +11,8 @@ arithmetic on the interpreter.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -27,21 +29,35 @@ _ONE_SIXTH = tl.constexpr(0.1666666716337204)  # 1/6 rounded to float32
 # (README, performance): for quantize one warp of 1024 was the one shape of ten (1024 x 1 to
 # 16384 x 8) within 3% of each recipe's best; for dequantize, of 2048 x 2, 4096 x 2 and 4 and
 # 8192 x 4, 4096 x 4 was within 2.5% of the fastest for every recipe, op and output dtype.
-QUANTIZE_LAUNCH = (1024, 1)
-DEQUANTIZE_LAUNCH = (4096, 4)
+
+
+class Launch(NamedTuple):
+    elements: int  # per program and tensor
+    num_warps: int
+
+
+QUANTIZE_LAUNCH = Launch(elements=1024, num_warps=1)
+DEQUANTIZE_LAUNCH = Launch(elements=4096, num_warps=4)
 # Stores of at most this many tokens apply the duplicate-slot rule inside the quantize kernel (each
 # program compares its tokens' slots with every later token's, DEDUP_CHUNK at a time): no extra
 # launch in a decode step. Larger stores (prefill) take slots.last_writer_slots first, in O(T).
 MAX_TOKENS_DEDUPLICATED_IN_KERNEL = 1024
 _DEDUP_CHUNK = tl.constexpr(64)
 
+# The kernels' SCALE_RULE constexpr: formats.ScaleRule's values.
+_RULE_E4M3 = tl.constexpr(int(ScaleRule.E4M3_AMAX_OVER_6G))
+_RULE_E8M0_CEIL = tl.constexpr(int(ScaleRule.E8M0_CEIL_LOG2_AMAX_OVER_6))
+_RULE_E8M0_FLOOR = tl.constexpr(int(ScaleRule.E8M0_FLOOR_LOG2_AMAX_MINUS_2))
+# The kernels' IN_KIND (quantize input dtype) and OUT_KIND (dequantize output dtype) constexprs.
+_IN_FP32, _IN_FP16, _IN_BF16 = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+_OUT_FP32, _OUT_FP16, _OUT_BF16, _OUT_FP8 = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
 # Output dtype -> (kernel OUT_KIND, the dtype of a word holding two outputs): dequantize kernels
 # write each packed byte's two values as one word.
 _OUT_KINDS = {
-    torch.float32: (0, torch.int64),
-    torch.float16: (1, torch.int32),
-    torch.bfloat16: (2, torch.int32),
-    torch.float8_e4m3fn: (3, torch.int16),
+    torch.float32: (_OUT_FP32.value, torch.int64),
+    torch.float16: (_OUT_FP16.value, torch.int32),
+    torch.bfloat16: (_OUT_BF16.value, torch.int32),
+    torch.float8_e4m3fn: (_OUT_FP8.value, torch.int16),
 }
 _FP16_MAX = tl.constexpr(torch.finfo(torch.float16).max)
 _BF16_MAX = tl.constexpr(torch.finfo(torch.bfloat16).max)
@@ -63,11 +79,11 @@ def _clamp_keeping_nan(x, largest: tl.constexpr):
 def _saturate(x, OUT_KIND: tl.constexpr):
     """Clamp to the output dtype's largest finite value, NaN kept (eager.cast_output). FP8's
     conversions saturate by themselves."""
-    if OUT_KIND == 0:
+    if OUT_KIND == _OUT_FP32:
         x = _clamp_keeping_nan(x, _FLT_MAX)
-    elif OUT_KIND == 1:
+    elif OUT_KIND == _OUT_FP16:
         x = _clamp_keeping_nan(x, _FP16_MAX)
-    elif OUT_KIND == 2:
+    elif OUT_KIND == _OUT_BF16:
         x = _clamp_keeping_nan(x, _BF16_MAX)
     return x
 
@@ -75,18 +91,18 @@ def _saturate(x, OUT_KIND: tl.constexpr):
 @triton.jit
 def _output_word(lo, hi, OUT_KIND: tl.constexpr, HW_BF16: tl.constexpr, HW_FP8: tl.constexpr):
     """Two float32 values -> one word holding both in the output dtype, `lo` in the low half."""
-    if OUT_KIND == 0:
+    if OUT_KIND == _OUT_FP32:
         lo_bits = lo.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
         return lo_bits | (hi.to(tl.int32, bitcast=True).to(tl.int64) << 32)
-    elif OUT_KIND == 1:
+    elif OUT_KIND == _OUT_FP16:
         lo_bits = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         return lo_bits | (hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16)
-    elif OUT_KIND == 2:
+    elif OUT_KIND == _OUT_BF16:
         if HW_BF16:
             lo_bits = lo.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
             return lo_bits | (hi.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) << 16)
         return (bf16_bits(lo).to(tl.int32) & 0xFFFF) | (bf16_bits(hi).to(tl.int32) << 16)
-    else:
+    else:  # _OUT_FP8
         return fp8_pair(lo, hi, HW_FP8)
 
 
@@ -113,13 +129,13 @@ def _cache_rows(rows, n_rows, loc_ptr, loc_stride, num_slots, H: tl.constexpr, U
 @triton.jit
 def _split_pair(word, IN_KIND: tl.constexpr):
     """One load word holding elements 2i (low half) and 2i+1 (high half) -> two float32."""
-    if IN_KIND == 0:  # fp32 pair in an int64
+    if IN_KIND == _IN_FP32:  # fp32 pair in an int64
         lo = word.to(tl.int32).to(tl.float32, bitcast=True)
         hi = (word >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-    elif IN_KIND == 1:  # fp16 pair in an int32
+    elif IN_KIND == _IN_FP16:  # fp16 pair in an int32
         lo = word.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         hi = (word >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    else:  # bf16 pair in an int32: a bf16 is the top half of a float32
+    else:  # _IN_BF16: a bf16 pair in an int32, each the top half of a float32
         lo = (word << 16).to(tl.float32, bitcast=True)
         hi = (word & -65536).to(tl.float32, bitcast=True)
     return lo, hi
@@ -212,7 +228,7 @@ def _quantize_rows(
     amax = tl.reduce(_max_keeping_nan(a_lo, a_hi), 2, _max_keeping_nan)  # [NB, ROWS]; NaN if any is
     finite = amax <= _FLT_MAX
 
-    if SCALE_RULE == 0:  # E4M3 of amax / (6 g)
+    if SCALE_RULE == _RULE_E4M3:  # E4M3 of amax / (6 g)
         if HAS_G:
             g = usable_global_scale(tl.load(g_ptr))
             finite = tl.where(g == g, finite, False)  # a NaN scale stores the block as NaN, as eager does
@@ -224,14 +240,14 @@ def _quantize_rows(
         y_lo, y_hi = _rounding_quotient(a_lo, scale, d, inverse), _rounding_quotient(a_hi, scale, d, inverse)
         keep = finite & (divisor != 0.0)
     else:
-        if SCALE_RULE == 1:  # E8M0 ceil(log2(max(amax / 6, 1e-10)))
+        if SCALE_RULE == _RULE_E8M0_CEIL:  # E8M0 ceil(log2(max(amax / 6, 1e-10)))
             # amax * RN(1/6) for eager's amax / 6: the byte only asks whether the quotient is a
             # power of two and which binade it is in, and both roundings agree on that for every
             # float32 amax (tests/test_quantize_rounding.py).
             v = tl.maximum(amax * _ONE_SIXTH, _BLOCKFP4_MIN_SCALE)
             bits = v.to(tl.int32, bitcast=True)
             byte = (bits >> 23) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
-        else:  # E8M0 floor(log2(amax)) - 2, clamped at byte 0
+        else:  # _RULE_E8M0_FLOOR: E8M0 floor(log2(amax)) - 2, clamped at byte 0
             byte = tl.maximum((amax.to(tl.int32, bitcast=True) >> 23) - 2, 0)
         # Dividing by a power of two is multiplying by its exact inverse 2^-(byte - 127).
         inverse = ((254 - byte) << 23).to(tl.float32, bitcast=True)[:, :, None]
@@ -240,10 +256,10 @@ def _quantize_rows(
 
     # The ceil rule's scale is at least amax / 6 rounded, so no quotient passes 6 by more than a
     # rounding error: the clamp, which matters from 7 on, is skipped.
-    at_most_6: tl.constexpr = SCALE_RULE == 1
+    at_most_6: tl.constexpr = SCALE_RULE == _RULE_E8M0_CEIL
     code_lo = _e2m1_magnitude(y_lo, TIES_AWAY, at_most_6)
     code_hi = _e2m1_magnitude(y_hi, TIES_AWAY, at_most_6)
-    if SCALE_RULE == 0 and IN_KIND != 0:
+    if SCALE_RULE == _RULE_E4M3 and IN_KIND != _IN_FP32:
         # Both sign bits from the 16-bit pair's word at once (bits 15, 31 to 3, 7): NVFP4
         # quantize-and-store 77.0 -> 74.3 us on the H100. With E8M0 scales it was slower (blockfp4
         # 73.2 -> 76.1 us), so those take each element's sign below.
@@ -344,7 +360,11 @@ def _rows_per_program(elements: int, head_dim: int) -> int:
 
 
 # Input dtype -> (kernel IN_KIND, the dtype of a word holding two elements).
-_IN_KINDS = {torch.float32: (0, torch.int64), torch.float16: (1, torch.int32), torch.bfloat16: (2, torch.int32)}
+_IN_KINDS = {
+    torch.float32: (_IN_FP32.value, torch.int64),
+    torch.float16: (_IN_FP16.value, torch.int32),
+    torch.bfloat16: (_IN_BF16.value, torch.int32),
+}
 
 
 def _as_words(x: torch.Tensor) -> torch.Tensor:
@@ -363,8 +383,7 @@ def _launch_quantize(k, v, k_data, v_data, k_scales, v_scales, k_g, v_g, loc, fm
     dedup = loc is not None and t <= MAX_TOKENS_DEDUPLICATED_IN_KERNEL
     if loc is not None and not dedup:
         loc = last_writer_slots(loc, num_slots)
-    elements, num_warps = QUANTIZE_LAUNCH
-    rows = _rows_per_program(elements, d)
+    rows = _rows_per_program(QUANTIZE_LAUNCH.elements, d)
     n_rows = t * h
     with_v = v is not None
     if not with_v:
@@ -378,7 +397,7 @@ def _launch_quantize(k, v, k_data, v_data, k_scales, v_scales, k_g, v_g, loc, fm
         loc if loc is not None else k_data, loc.stride(0) if loc is not None else 0, n_rows, num_slots, H=h,
         D=d, BS=fmt.block_size, SCALE_RULE=int(fmt.scale_rule), TIES_AWAY=fmt.ties_away,
         SCALE_NAN_BYTE=fmt.scale_nan_byte, HAS_G=has_g, SCATTER=loc is not None, DEDUP=dedup, ROWS=rows,
-        IN_KIND=_IN_KINDS[k.dtype][0], WITH_V=with_v, num_warps=num_warps,
+        IN_KIND=_IN_KINDS[k.dtype][0], WITH_V=with_v, num_warps=QUANTIZE_LAUNCH.num_warps,
     )
 
 
@@ -419,8 +438,7 @@ def hardware_casts(device: torch.device) -> tuple[bool, bool]:
 def _launch_dequantize(data, scales, loc, fmt: FP4Format, global_scale, dtype, out_rows: int):
     """data [rows or slots, H, D/2] and scales [.., H, D/block], any strides -> [out_rows * H, D]."""
     h, d = data.shape[1], data.shape[2] * 2
-    elements, num_warps = DEQUANTIZE_LAUNCH
-    rows = _rows_per_program(elements, d)
+    rows = _rows_per_program(DEQUANTIZE_LAUNCH.elements, d)
     out = torch.empty((out_rows * h, d), dtype=dtype, device=data.device)
     out_kind, view_dtype = _OUT_KINDS[dtype]
     hw_bf16, hw_fp8 = hardware_casts(data.device)
@@ -432,7 +450,7 @@ def _launch_dequantize(data, scales, loc, fmt: FP4Format, global_scale, dtype, o
         out.view(view_dtype), out_rows * h, data.shape[0], H=h,
         D=d, BS=fmt.block_size, E4M3_SCALES=fmt.scale_rule is ScaleRule.E4M3_AMAX_OVER_6G,
         HAS_G=has_g, GATHER=loc is not None, OUT_KIND=out_kind, ROWS=rows, FP32_TILES=data.device.type != "cuda",
-        HW_BF16=hw_bf16, HW_FP8=hw_fp8, num_warps=num_warps,
+        HW_BF16=hw_bf16, HW_FP8=hw_fp8, num_warps=DEQUANTIZE_LAUNCH.num_warps,
     )
     return out
 
