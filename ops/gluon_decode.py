@@ -1,8 +1,8 @@
 """Paged FP4 decode attention for Hopper (SM90), written in Gluon: Triton's language with explicit layouts.
 
 The Triton kernel (triton_decode.py) cannot choose where values live, and its values reach the
-tensor cores through a decoded round trip in shared memory (64 KB per 128-position tile) that
-ncu showed it waiting on. Here each layout is chosen by hand:
+tensor cores through a decoded round trip in shared memory (64 KB per 128-position tile) that it
+stalls on. Here each layout is chosen by hand:
 
 - packed K/V tiles and their scale bytes are copied into shared memory with cp.async, one tile
   ahead of the one being computed (double buffering), so the loads overlap the math;
@@ -17,9 +17,9 @@ ncu showed it waiting on. Here each layout is chosen by hand:
 
 Tiles are 64 positions, so three to five programs share an SM. It serves head_dim 64 and 128 (not
 MXFP4 at 64) with up to 16 query heads per KV head (padded to 8 or 16, a wgmma tile's side);
-other shapes and GPUs run the Triton kernel, whose merge kernel and partial-output layout this one
-shares. It runs with Triton 3.6 (PyTorch 2.11's; measured there) and compiles with 3.9, whose
-Gluon renamed two builtins (the aliases below).
+other shapes and GPUs run the Triton kernel (decode.py chooses); both share split_decode.py's merge
+kernel and partial-output layout. It runs with Triton 3.6 (PyTorch 2.11's, where it was timed) and
+compiles with 3.9, whose Gluon renamed two builtins (the aliases below).
 """
 
 from __future__ import annotations
@@ -44,15 +44,18 @@ barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 HEAD_DIMS = (64, 128)
 MAX_GROUP = 16  # query heads per KV head
 # Context positions per tile. 64 (heads padded to 8) rather than 128 (to 16): an NVFP4 program needs
-# 92 registers per thread and 38 KB of shared memory instead of about 190 and 78 KB, five share an SM
-# instead of two, and the H100 measured 32 x 8k NVFP4 in 153 us instead of 176 (README).
+# 92 registers per thread and 38 KB of shared memory instead of about 190 and 78 KB, so five programs
+# share an SM instead of two and hide each other's memory waits (docs/performance.md).
 BLOCK_N = 64
-STAGES = 2  # shared-memory buffers of packed tiles: 2 measured faster than 3 and 4 (H100, README)
+# Shared-memory buffers of packed tiles: the copies run one tile ahead of the one computed. More
+# buffers cost shared memory (fewer programs per SM) and were slower (docs/performance.md).
+STAGES = 2
 # Programs an SM holds, for sizing the splits to whole rounds of the GPU: at head_dim 128, 5 for NVFP4
 # with heads padded to 8 (92 registers), 3 to 4 for E8M0 scales or 16 heads (127 to 142).
 # Four is the middle: the split rule is coarse, and a round more or less shows only at the tails.
 PROGRAMS_PER_SM = 4
-# At most this many splits: 1 x 32k took 35.2 us in 82 splits of 400 positions, 28.7 us in 32 (H100).
+# At most this many splits: past it, more and shorter splits were slower on a long single sequence
+# (more start-up and merging per position; docs/performance.md).
 MAX_SPLITS = 32
 _NUM_WARPS = gl.constexpr(4)  # one warpgroup: the wgmma unit
 _FLT_MAX = gl.constexpr(3.4028234663852886e38)
@@ -103,9 +106,9 @@ def gluon_num_splits(batch: int, kv_heads: int, max_len: int, programs: int) -> 
 
     Each program takes whole tiles plus about one tile's worth of start-up (its first copies, the
     query, the output); programs run in rounds of `programs`, so the time is rounds x (tiles per
-    split + 1). Ties go to fewer splits (less to merge). On the H100 with 8 KV heads (528 programs
-    at once): 32 x 8k gets 2 splits, 8 x 8k 8, 1 x 1k 16. From static sizes only: one CUDA graph
-    serves every sequence length."""
+    split + 1). Ties go to fewer splits (less to merge). With 528 programs at once (132 SMs x 4) and
+    8 KV heads: 32 x 8k gets 2 splits, 8 x 8k 8, 1 x 1k 16 (a CPU test pins these). From static
+    sizes only: one CUDA graph serves every sequence length."""
     pairs, tiles = max(1, batch * kv_heads), triton.cdiv(max(max_len, 1), BLOCK_N)
 
     def cost(splits: int) -> tuple[int, int]:

@@ -31,10 +31,9 @@ from .split_decode import key_pair, merge_splits, sm_count, split_kernel_argumen
 from .triton_codes import block_scales, decode_packed
 from .triton_kernels import hardware_casts, usable_global_scale
 
-# head_dim -> (context positions per tile, warps, programs per SM to aim for, registers per thread
-# at most, software-pipeline stages): tuned on the H100 and H200 (README). The cap lets three
-# programs share an SM instead of two; head_dim 256 keeps the compiler's count (capped, it would
-# spill 384 bytes per thread).
+# head_dim -> launch shape, chosen by timing the candidates (docs/performance.md). The register cap
+# lets three programs share an SM instead of two; head_dim 256 keeps the compiler's count (capped,
+# it would spill 384 bytes per thread).
 
 
 class DecodeLaunch(NamedTuple):
@@ -125,7 +124,7 @@ def _decode_split_kernel(
     # read in the keys' pair order (key_pair). The output is kept transposed, V^T p
     # [D, heads], for the same reason: with the 16 padded heads as the long side, the second
     # product ran on the older mma.sync path, whose reads of V from shared memory were 4-way
-    # bank-conflicted (ncu: 65% of the shared-load wavefronts); as V^T p both are wgmma (README).
+    # bank-conflicted; as V^T p both are wgmma.
     heads = kv_head * GROUP + tl.arange(0, GROUP_PAD)
     head_ok = tl.arange(0, GROUP_PAD) < GROUP
     key_pairs = key_pair(tl.arange(0, D // 2), D)
@@ -177,8 +176,8 @@ def triton_num_splits(batch: int, kv_heads: int, max_len: int, device: torch.dev
     """Enough (sequence, KV head, split) programs to fill the GPU `waves` times, from static sizes only.
 
     A split takes at least 256 positions, or one 128-position tile where 256 would give fewer
-    programs than the GPU has SMs (1 x 1k with 8 KV heads: 32 programs). Measured on the H100:
-    1 x 1k 9.9 -> 7.2 us; 8 x 1k and 1 x 8k, which already fill the SMs, slowed down with it."""
+    programs than the GPU has SMs (1 x 1k with 8 KV heads: 32 programs): shorter splits pay for
+    themselves only where SMs would otherwise idle (docs/performance.md)."""
     pairs, sms = max(1, batch * kv_heads), sm_count(device)
     wanted = triton.cdiv(waves * sms, pairs)
     min_positions = _POSITIONS_PER_SPLIT_MIN

@@ -25,10 +25,8 @@ from .triton_codes import E4M3_MAX_TL, bf16_bits, block_scales, decode_packed, e
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 _BLOCKFP4_MIN_SCALE = tl.constexpr(BLOCKFP4_MIN_SCALE)
 _ONE_SIXTH = tl.constexpr(0.1666666716337204)  # 1/6 rounded to float32
-# Launch shapes (elements per program and tensor, warps), from sweeps on the H100 at D=128
-# (README, performance): for quantize one warp of 1024 was the one shape of ten (1024 x 1 to
-# 16384 x 8) within 3% of each recipe's best; for dequantize, of 2048 x 2, 4096 x 2 and 4 and
-# 8192 x 4, 4096 x 4 was within 2.5% of the fastest for every recipe, op and output dtype.
+# Launch shapes: of the shapes swept at D=128, the one close to the fastest for every recipe, op
+# and output dtype at once (docs/performance.md).
 
 
 class Launch(NamedTuple):
@@ -218,8 +216,8 @@ def _quantize_rows(
 
     # Tiles are [NB, ROWS, HALF], blocks before rows: the compiler then gives each thread one whole
     # block and a warp's threads neighbouring blocks of a row, so loads and the packed stores are
-    # coalesced. As [ROWS, NB, HALF] a warp's threads took one block of 32 rows each, and every
-    # 8-byte store hit a different sector: blockfp4 quantize-and-store 73.1 -> 66.1 us on the H100.
+    # coalesced. As [ROWS, NB, HALF] a warp's threads would take one block of 32 rows each, and
+    # every 8-byte store would hit a different sector.
     pairs = tl.arange(0, NB)[:, None, None] * HALF + tl.arange(0, HALF)[None, None, :]  # [NB, 1, HALF]
     src = (t * x_stride_t + h * x_stride_h)[None, :, None] + pairs
     words = tl.load(x_ptr + src, mask=in_range[None, :, None], other=0)
@@ -260,9 +258,9 @@ def _quantize_rows(
     code_lo = _e2m1_magnitude(y_lo, TIES_AWAY, at_most_6)
     code_hi = _e2m1_magnitude(y_hi, TIES_AWAY, at_most_6)
     if SCALE_RULE == _RULE_E4M3 and IN_KIND != _IN_FP32:
-        # Both sign bits from the 16-bit pair's word at once (bits 15, 31 to 3, 7): NVFP4
-        # quantize-and-store 77.0 -> 74.3 us on the H100. With E8M0 scales it was slower (blockfp4
-        # 73.2 -> 76.1 us), so those take each element's sign below.
+        # Both sign bits from the 16-bit pair's word at once (bits 15, 31 to 3, 7): fewer
+        # instructions for NVFP4, which is bound by instruction issue. With E8M0 scales it is
+        # slower (docs/performance.md), so those take each element's sign below.
         shifted = (words >> 12) & 0x80008
         signs = shifted | (shifted >> 12)
         codes = code_lo | (code_hi << 4) | signs
@@ -286,9 +284,8 @@ def _quantize_kernel(
     IN_KIND: tl.constexpr, WITH_V: tl.constexpr,
 ):
     """One program quantizes a tile of K's rows and, WITH_V, the same rows of V: the two tiles'
-    independent work interleaves in each thread, and their slots are loaded once. NVFP4
-    quantize-and-store took 70.4 us on the H100 this way, 74.6 us with K and V tiles in separate
-    programs (2048 elements, 4 warps)."""
+    independent work interleaves in each thread, and their slots are loaded once (faster than K
+    and V tiles in separate programs: docs/performance.md)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     in_range, write, index, head = _cache_rows(rows, n_rows, loc_ptr, loc_stride, num_slots, H, SCATTER)
     if DEDUP:  # a token whose slot a later token names again is not written: the last one wins
@@ -338,7 +335,7 @@ def _dequantize_kernel(
     scale_byte = tl.load(scales_ptr + scales_row[None, :] + blocks * scales_stride_block, mask=read[None, :], other=0)
     # e2m1 * scale is exact in 16 bits (fp16 for E4M3 scales, bf16 for E8M0), which the decode PTX
     # computes for four bytes at once on a GPU (float32 arithmetic on the interpreter); the global
-    # scale then rounds in float32, as in eager. NVFP4 to FP8 26.4 -> 19.4 us on the H100.
+    # scale then rounds in float32, as in eager.
     scale = tl.broadcast_to(block_scales(scale_byte, E4M3_SCALES, FP32_TILES, HW_FP8)[:, :, None], packed.shape)
     lo, hi = decode_packed(packed, scale, E4M3_SCALES, FP32_TILES)
     lo = lo.to(tl.float32)
