@@ -2,7 +2,7 @@
 
 Each program takes one sequence, one KV head (with all the query heads that share it) and one
 slice of the context: it loads packed K/V tiles, decodes them in registers, and keeps an online
-softmax. A second kernel merges the slices (a lone slice writes the output itself). The grid
+softmax. split_decode's merge kernel combines the slices (a lone slice writes the output itself). The grid
 depends only on shapes (batch, heads, the page table's width), never on sequence lengths, so one
 CUDA graph serves every step.
 
@@ -31,10 +31,6 @@ from .split_decode import key_pair, merge_splits, sm_count, split_kernel_argumen
 from .triton_codes import block_scales, decode_packed
 from .triton_kernels import hardware_casts, usable_global_scale
 
-# head_dim -> launch shape, chosen by timing the candidates (docs/performance.md). The register cap
-# lets three programs share an SM instead of two; head_dim 256 keeps the compiler's count (capped,
-# it would spill 384 bytes per thread).
-
 
 class DecodeLaunch(NamedTuple):
     block_n: int  # context positions per tile
@@ -44,6 +40,9 @@ class DecodeLaunch(NamedTuple):
     num_stages: int  # software-pipeline stages
 
 
+# head_dim -> launch shape, chosen by timing the candidates (docs/performance.md). The register cap
+# lets three programs share an SM instead of two; head_dim 256 keeps the compiler's count (capped,
+# it would spill 384 bytes per thread).
 DECODE_LAUNCH = {
     64: DecodeLaunch(block_n=128, num_warps=4, waves=4, max_registers=168, num_stages=3),
     128: DecodeLaunch(block_n=128, num_warps=4, waves=4, max_registers=168, num_stages=3),
