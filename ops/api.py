@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import checks
+from .paged_kv import PagedKV
 
 
 def quantize(x: Tensor, recipe: str, global_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
@@ -96,8 +97,8 @@ def decode_attention(
         sm_scale = q.shape[-1] ** -0.5
     if out is None and isinstance(q, Tensor):
         out = torch.empty_like(q)
-    fmt = checks.decode_attention_args(out, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens,
-                                       page_size, recipe, sm_scale, k_global_scale, v_global_scale)
+    kv = PagedKV(k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, k_global_scale, v_global_scale)
+    fmt = checks.decode_attention_args(out, q, kv, recipe, sm_scale)
     torch.ops.fp4kv.decode_attention(out, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens,
                                      page_size, fmt.name, sm_scale, k_global_scale, v_global_scale)
     return out

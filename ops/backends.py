@@ -65,7 +65,7 @@ SELECTION_TABLE: tuple[Rule, ...] = (
         recipes=frozenset({"nvfp4"}),
         dtypes=_HALF_DTYPES,
     ),
-    # FlashInfer's nvfp4_kv_dequantize is not listed: ours measured faster on the H100 (README).
+    # FlashInfer's nvfp4_kv_dequantize is not listed: ours is faster (docs/performance.md).
     Rule(Backend.TRITON, "fused Triton kernels, bit-exact with eager", device_type="cuda", min_capability=(8, 0)),
     Rule(Backend.EAGER, "pure-PyTorch reference; any device"),
 )
@@ -156,7 +156,7 @@ def forced_backend(name: str | None):
 
 
 _MODULES = {Backend.EAGER: "eager", Backend.TRITON: "triton_kernels", Backend.FLASHINFER: "flashinfer_kernels"}
-_OP_MODULES = {(Backend.TRITON, "decode_attention"): "triton_decode"}  # exceptions to _MODULES
+_OP_MODULES = {(Backend.TRITON, "decode_attention"): "decode"}  # exceptions to _MODULES (Gluon or Triton)
 
 
 def kernels_for(op: str, fmt: FP4Format, device: torch.device, dtype: torch.dtype):

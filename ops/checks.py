@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .formats import FP4Format, ScaleRule, get_format
+from .paged_kv import PagedKV
 
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 OUTPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)
@@ -195,8 +196,8 @@ DECODE_HEAD_DIMS = (64, 128, 256)
 MAX_PAGE_SIZE = 128
 
 
-def decode_attention_args(out, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size,
-                          recipe_, sm_scale, kg, vg) -> FP4Format:
+def decode_attention_args(out, q, kv: PagedKV, recipe_, sm_scale) -> FP4Format:
+    k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, kg, vg = kv
     fmt = recipe(recipe_)
     tensor(q, "q")
     dtype_in(q, "q", (torch.bfloat16, torch.float16))

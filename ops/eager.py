@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .formats import BLOCKFP4_MIN_SCALE, E2M1_THRESHOLDS, E4M3_MAX, FP4Format, ScaleRule
+from .paged_kv import PagedKV
 from .slots import in_cache, last_writer_slots
 
 _F32_EXPONENT_SHIFT = 23
@@ -168,20 +169,19 @@ def paged_slots(block_table: torch.Tensor, page_size: int) -> torch.Tensor:
     return (block_table.long()[:, :, None] * page_size + offsets).flatten(1)
 
 
-def decode_attention(out, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, fmt,
-                     sm_scale, k_global_scale=None, v_global_scale=None):
+def decode_attention(out, q, kv: PagedKV, fmt: FP4Format, sm_scale: float) -> None:
     """One query token per sequence against its paged FP4 context: gather, dequantize, SDPA.
 
     Positions at or past seq_lens[b] are masked; a sequence of length 0 attends to nothing and
     gets zeros."""
     b, hq, d = q.shape
-    hkv = k_data.shape[1]
-    slots = paged_slots(block_table, page_size)  # [B, L]
+    hkv = kv.kv_heads
+    slots = paged_slots(kv.block_table, kv.page_size)  # [B, L]
     length = slots.shape[1]
     flat = slots.reshape(-1)
-    k = gather_dequantize(k_data, k_scales, flat, fmt, k_global_scale, torch.float32).view(b, length, hkv, d)
-    v = gather_dequantize(v_data, v_scales, flat, fmt, v_global_scale, torch.float32).view(b, length, hkv, d)
-    visible = torch.arange(length, device=q.device)[None, :] < seq_lens[:, None].long()  # [B, L]
+    k = gather_dequantize(kv.k_data, kv.k_scales, flat, fmt, kv.k_global_scale, torch.float32).view(b, length, hkv, d)
+    v = gather_dequantize(kv.v_data, kv.v_scales, flat, fmt, kv.v_global_scale, torch.float32).view(b, length, hkv, d)
+    visible = torch.arange(length, device=q.device)[None, :] < kv.seq_lens[:, None].long()  # [B, L]
     scores = torch.einsum("bgrd,blgd->bgrl", q.float().view(b, hkv, hq // hkv, d), k) * sm_scale
     scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
     has_context = visible.any(-1)[:, None, None, None]

@@ -1,8 +1,8 @@
 """Paged FP4 decode attention for Hopper (SM90), written in Gluon: Triton's language with explicit layouts.
 
 The Triton kernel (triton_decode.py) cannot choose where values live, and its values reach the
-tensor cores through a decoded round trip in shared memory (64 KB per 128-position tile) that
-ncu showed it waiting on. Here each layout is chosen by hand:
+tensor cores through a decoded round trip in shared memory (64 KB per 128-position tile) that it
+stalls on. Here each layout is chosen by hand:
 
 - packed K/V tiles and their scale bytes are copied into shared memory with cp.async, one tile
   ahead of the one being computed (double buffering), so the loads overlap the math;
@@ -17,9 +17,9 @@ ncu showed it waiting on. Here each layout is chosen by hand:
 
 Tiles are 64 positions, so three to five programs share an SM. It serves head_dim 64 and 128 (not
 MXFP4 at 64) with up to 16 query heads per KV head (padded to 8 or 16, a wgmma tile's side);
-other shapes and GPUs run the Triton kernel, whose merge kernel and partial-output layout this one
-shares. It runs with Triton 3.6 (PyTorch 2.11's; measured there) and compiles with 3.9, whose
-Gluon renamed two builtins (the aliases below).
+other shapes and GPUs run the Triton kernel (decode.py chooses); both share split_decode.py's merge
+kernel and partial-output layout. It runs with Triton 3.6 (PyTorch 2.11's, where it was timed) and
+compiles with 3.9, whose Gluon renamed two builtins (the aliases below).
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_
                                                            warpgroup_mma_wait)
 
 from .formats import FP4Format
-from .triton_codes import _E8M0_DECODE_PTX, _e8m0_bf16
-from .triton_decode import _key_pair, _sm_count, merge_splits, split_kernel_arguments, split_outputs
+from .paged_kv import PagedKV
+from .split_decode import key_pair, merge_splits, sm_count, split_kernel_arguments, split_outputs
+from .triton_codes import E8M0_DECODE_PTX, e8m0_bf16
 
 async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 barrier = getattr(gl, "barrier", None) or gl.thread_barrier
@@ -43,15 +44,18 @@ barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 HEAD_DIMS = (64, 128)
 MAX_GROUP = 16  # query heads per KV head
 # Context positions per tile. 64 (heads padded to 8) rather than 128 (to 16): an NVFP4 program needs
-# 92 registers per thread and 38 KB of shared memory instead of about 190 and 78 KB, five share an SM
-# instead of two, and the H100 measured 32 x 8k NVFP4 in 153 us instead of 176 (README).
+# 92 registers per thread and 38 KB of shared memory instead of about 190 and 78 KB, so five programs
+# share an SM instead of two and hide each other's memory waits (docs/performance.md).
 BLOCK_N = 64
-STAGES = 2  # shared-memory buffers of packed tiles: 2 measured faster than 3 and 4 (H100, README)
+# Shared-memory buffers of packed tiles: the copies run one tile ahead of the one computed. More
+# buffers cost shared memory (fewer programs per SM) and were slower (docs/performance.md).
+STAGES = 2
 # Programs an SM holds, for sizing the splits to whole rounds of the GPU: at head_dim 128, 5 for NVFP4
 # with heads padded to 8 (92 registers), 3 to 4 for E8M0 scales or 16 heads (127 to 142).
 # Four is the middle: the split rule is coarse, and a round more or less shows only at the tails.
 PROGRAMS_PER_SM = 4
-# At most this many splits: 1 x 32k took 35.2 us in 82 splits of 400 positions, 28.7 us in 32 (H100).
+# At most this many splits: past it, more and shorter splits were slower on a long single sequence
+# (more start-up and merging per position; docs/performance.md).
 MAX_SPLITS = 32
 _NUM_WARPS = gl.constexpr(4)  # one warpgroup: the wgmma unit
 _FLT_MAX = gl.constexpr(3.4028234663852886e38)
@@ -62,7 +66,7 @@ _FLT_MAX = gl.constexpr(3.4028234663852886e38)
 # to bits 4..2): E4M3's exponent bias 7 against E2M1's 1 makes it value / 2^6, and code 1 (0.5) a
 # subnormal E4M3 of the same ratio. Scaled values have at most 6 significant bits and lie in
 # [2^-10, 2688]: every step is exact in fp16.
-_NVFP4_DECODE_PTX = gl.constexpr("""{
+_NVFP4_E4M3_DECODE_PTX = gl.constexpr("""{
 .reg .b32 a, b, even, odd;
 .reg .b16 even01, even23, odd01, odd23;
 shl.b32 a, $4, 2;
@@ -85,7 +89,7 @@ mul.rn.f16x2 $1, $1, $6;
 mul.rn.f16x2 $2, $2, $5;
 mul.rn.f16x2 $3, $3, $6;
 }""")
-_E8M0_PTX = gl.constexpr(_E8M0_DECODE_PTX.value)
+_E8M0_DECODE_PTX_GL = gl.constexpr(E8M0_DECODE_PTX.value)  # the Triton kernels' E8M0 decode
 
 
 def supported(q: torch.Tensor, kv_heads: int, fmt: FP4Format) -> bool:
@@ -97,14 +101,14 @@ def supported(q: torch.Tensor, kv_heads: int, fmt: FP4Format) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def num_splits(batch: int, kv_heads: int, max_len: int, programs: int) -> int:
+def gluon_num_splits(batch: int, kv_heads: int, max_len: int, programs: int) -> int:
     """Splits of the context (at most MAX_SPLITS) that finish soonest on a GPU running `programs` at once.
 
     Each program takes whole tiles plus about one tile's worth of start-up (its first copies, the
     query, the output); programs run in rounds of `programs`, so the time is rounds x (tiles per
-    split + 1). Ties go to fewer splits (less to merge). On the H100 with 8 KV heads (528 programs
-    at once): 32 x 8k gets 2 splits, 8 x 8k 8, 1 x 1k 16. From static sizes only: one CUDA graph
-    serves every sequence length."""
+    split + 1). Ties go to fewer splits (less to merge). With 528 programs at once (132 SMs x 4) and
+    8 KV heads: 32 x 8k gets 2 splits, 8 x 8k 8, 1 x 1k 16 (a CPU test pins these). From static
+    sizes only: one CUDA graph serves every sequence length."""
     pairs, tiles = max(1, batch * kv_heads), triton.cdiv(max(max_len, 1), BLOCK_N)
 
     def cost(splits: int) -> tuple[int, int]:
@@ -119,8 +123,8 @@ def group_pad(group: int) -> int:
 
 
 def splits_for(batch: int, kv_heads: int, max_len: int, device: torch.device) -> int:
-    """num_splits for this kernel on `device`."""
-    return num_splits(batch, kv_heads, max_len, _sm_count(device) * PROGRAMS_PER_SM)
+    """gluon_num_splits for this kernel on `device`."""
+    return gluon_num_splits(batch, kv_heads, max_len, sm_count(device) * PROGRAMS_PER_SM)
 
 
 @gluon.constexpr_function
@@ -166,19 +170,19 @@ def _value_bytes_layout(N, D, HB):
 @gluon.jit
 def _key_columns(x, N: gl.constexpr, D: gl.constexpr):
     """[N, D/(2 HB), HB] pair columns in byte order -> [N, D/2] in the A fragment's k order: column
-    16 s + 8 h + 2 c + e holds byte D/8 c + 4 s + 2 h + e (triton_decode._key_pair), so the
+    16 s + 8 h + 2 c + e holds byte D/8 c + 4 s + 2 h + e (split_decode.key_pair), so the
     layout becomes wgmma's A operand layout without moving data."""
     x = gl.reshape(x, [N, 4, D // 32, 2, 2])
     return gl.reshape(gl.permute(x, [0, 2, 3, 1, 4]), [N, D // 2])
 
 
 @gluon.jit
-def _block_scales(byte, E4M3_SCALES: gl.constexpr):
+def _gluon_block_scales(byte, E4M3_SCALES: gl.constexpr):
     """Scale bytes -> the operand the decode multiplies by: E4M3 * 2^6 as fp16, E8M0 as bf16."""
     if E4M3_SCALES:
         scale = byte.to(gl.float8e4nv, bitcast=True).to(gl.float16) * 64.0
     else:
-        scale = _e8m0_bf16(byte)
+        scale = e8m0_bf16(byte)
     return scale
 
 
@@ -189,13 +193,13 @@ def _decode_tile(data_smem, scales_smem, layout: gl.constexpr, D: gl.constexpr, 
     odd elements, [N, D/BS, BS/2] each in `layout`, exact in 16 bits."""
     N: gl.constexpr = data_smem.shape[0]
     packed = data_smem.reshape([N, D // BS, BS // 2]).load(layout)
-    scale = _block_scales(scales_smem.load(gl.SliceLayout(2, layout)), E4M3_SCALES)
+    scale = _gluon_block_scales(scales_smem.load(gl.SliceLayout(2, layout)), E4M3_SCALES)
     scale = gl.broadcast(gl.expand_dims(scale, 2), packed)[0]
     if E4M3_SCALES:
-        even, odd = gl.inline_asm_elementwise(_NVFP4_DECODE_PTX, "=r,=r,=r,=r,r,r,r", [packed, scale],
+        even, odd = gl.inline_asm_elementwise(_NVFP4_E4M3_DECODE_PTX, "=r,=r,=r,=r,r,r,r", [packed, scale],
                                               dtype=(gl.float16, gl.float16), is_pure=True, pack=4)
     else:
-        even, odd = gl.inline_asm_elementwise(_E8M0_PTX, "=r,=r,=r,=r,r,r,r", [packed, scale],
+        even, odd = gl.inline_asm_elementwise(_E8M0_DECODE_PTX_GL, "=r,=r,=r,=r,r,r,r", [packed, scale],
                                               dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=4)
     return even, odd
 
@@ -210,14 +214,14 @@ def _stage_tile(n0, end, b, kv_head, block_table_ptr, max_pages, num_pages, k_da
     CHUNKS: gl.constexpr = D // 32  # 16-byte copies per row
     bytes_layout: gl.constexpr = gl.BlockedLayout([1, 16], [32 // CHUNKS, CHUNKS], [_NUM_WARPS, 1], [1, 0])
     scales_layout: gl.constexpr = gl.BlockedLayout([1, NB], [32, 1], [_NUM_WARPS, 1], [1, 0])
-    rows = _cache_rows(n0, end, b, kv_head, block_table_ptr, max_pages, num_pages, HKV, PAGE,
+    rows = _paged_cache_rows(n0, end, b, kv_head, block_table_ptr, max_pages, num_pages, HKV, PAGE,
                        gl.SliceLayout(1, bytes_layout), N)
     cols = gl.arange(0, D // 2, layout=gl.SliceLayout(0, bytes_layout))
     offsets = gl.expand_dims(rows, 1) * (D // 2) + gl.expand_dims(cols, 0)
     mask = gl.expand_dims(rows >= 0, 1)
     async_load(kd_smem.index(stage), k_data_ptr + offsets, mask=mask)
     async_load(vd_smem.index(stage), v_data_ptr + offsets, mask=mask)
-    rows = _cache_rows(n0, end, b, kv_head, block_table_ptr, max_pages, num_pages, HKV, PAGE,
+    rows = _paged_cache_rows(n0, end, b, kv_head, block_table_ptr, max_pages, num_pages, HKV, PAGE,
                        gl.SliceLayout(1, scales_layout), N)
     cols = gl.arange(0, NB, layout=gl.SliceLayout(0, scales_layout))
     offsets = gl.expand_dims(rows, 1) * NB + gl.expand_dims(cols, 0)
@@ -228,7 +232,7 @@ def _stage_tile(n0, end, b, kv_head, block_table_ptr, max_pages, num_pages, k_da
 
 
 @gluon.jit
-def _cache_rows(n0, end, b, kv_head, block_table_ptr, max_pages, num_pages, HKV: gl.constexpr, PAGE: gl.constexpr,
+def _paged_cache_rows(n0, end, b, kv_head, block_table_ptr, max_pages, num_pages, HKV: gl.constexpr, PAGE: gl.constexpr,
                 layout: gl.constexpr, N: gl.constexpr):
     """Cache row (slot * HKV + kv_head) of positions n0 .. n0 + N - 1 through the page table; -1 from
     `end` on and where the page id is outside the cache (read as zeros, eager's gather rule)."""
@@ -280,7 +284,7 @@ def _decode_split_kernel(
     q_layout: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [_NUM_WARPS, 1], [1, 0])
     head = gl.arange(0, GROUP_PAD, layout=gl.SliceLayout(1, q_layout))
     k = gl.arange(0, D // 2, layout=gl.SliceLayout(0, q_layout))
-    pair = _key_pair(k, D)
+    pair = key_pair(k, D)
     q_offsets = gl.expand_dims((b * HQ + kv_head * GROUP + head).to(gl.int64) * D, 1) + gl.expand_dims(2 * pair, 0)
     q_mask = gl.expand_dims(head < GROUP, 1)
     q_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([GROUP_PAD, D // 2], dtype)
@@ -356,19 +360,16 @@ def _decode_split_kernel(
         gl.store(partial_lse_ptr + base, gl.where(l > 0, m + gl.log2(l), float("-inf")), mask=head < GROUP)
 
 
-def decode_attention(out, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size,
-                     fmt: FP4Format, sm_scale, k_global_scale=None, v_global_scale=None):
+def decode_attention(out, q, kv: PagedKV, fmt: FP4Format, sm_scale: float) -> None:
+    """The Gluon kernel; call it only where supported(q, kv.kv_heads, fmt) (decode.py does)."""
     batch, hq, _ = q.shape
-    hkv = k_data.shape[1]
-    max_pages = block_table.shape[1]
-    max_len = max_pages * page_size
-    tiles = triton.cdiv(max(max_len, 1), BLOCK_N)
-    tiles_per_split = triton.cdiv(tiles, splits_for(batch, hkv, max_len, q.device))
+    hkv = kv.kv_heads
+    tiles = triton.cdiv(max(kv.max_len, 1), BLOCK_N)
+    tiles_per_split = triton.cdiv(tiles, splits_for(batch, hkv, kv.max_len, q.device))
     splits = triton.cdiv(tiles, tiles_per_split)  # none left empty
     partial_out, partial_lse = split_outputs(out, splits)
-    args, constants = split_kernel_arguments(q, k_data, k_scales, v_data, v_scales, block_table, seq_lens,
-                                             partial_out, partial_lse, page_size, fmt, sm_scale, k_global_scale,
-                                             v_global_scale, tiles_per_split * BLOCK_N)
+    args, constants = split_kernel_arguments(q, kv, partial_out, partial_lse, fmt, sm_scale,
+                                             tiles_per_split * BLOCK_N)
     _decode_split_kernel[(batch, hkv, splits)](
         *args, **constants, GROUP_PAD=group_pad(hq // hkv), N=BLOCK_N, NUM_SPLITS=splits, STAGES=STAGES,
         num_warps=_NUM_WARPS.value,

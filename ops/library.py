@@ -15,6 +15,7 @@ from torch import Tensor
 from . import checks
 from .backends import kernels_for
 from .formats import FP4Format
+from .paged_kv import PagedKV
 
 
 def _packed_like(x: Tensor, fmt: FP4Format) -> tuple[Tensor, Tensor]:
@@ -139,18 +140,15 @@ def decode_attention(
     v_global_scale: Optional[Tensor] = None,
 ) -> None:
     """out [B, Hq, D] = attention of q [B, Hq, D] over each sequence's paged FP4 K/V, read directly."""
-    fmt = checks.decode_attention_args(out, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens,
-                                       page_size, recipe, sm_scale, k_global_scale, v_global_scale)
+    kv = PagedKV(k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, k_global_scale, v_global_scale)
+    fmt = checks.decode_attention_args(out, q, kv, recipe, sm_scale)
     if q.numel() == 0:
         return
-    kernels_for("decode_attention", fmt, q.device, q.dtype).decode_attention(
-        out, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, fmt, sm_scale,
-        k_global_scale, v_global_scale,
-    )
+    kernels_for("decode_attention", fmt, q.device, q.dtype).decode_attention(out, q, kv, fmt, sm_scale)
 
 
 @decode_attention.register_fake
 def _(out, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, recipe, sm_scale,
       k_global_scale=None, v_global_scale=None):
-    checks.decode_attention_args(out, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size,
-                                 recipe, sm_scale, k_global_scale, v_global_scale)
+    kv = PagedKV(k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, k_global_scale, v_global_scale)
+    checks.decode_attention_args(out, q, kv, recipe, sm_scale)

@@ -13,14 +13,14 @@ import triton.language as tl
 
 from .formats import E4M3_MAX
 
-_E4M3_MAX = tl.constexpr(E4M3_MAX)
+E4M3_MAX_TL = tl.constexpr(E4M3_MAX)
 
 
 # ---- scalar encodings ---------------------------------------------------------------------------
 
 
 @triton.jit
-def _e4m3_byte(v):
+def e4m3_byte(v):
     """float32 in [0, 448] -> E4M3 byte, round to nearest even."""
     bits = v.to(tl.int32, bitcast=True)
     rounded = bits + 0x7FFFF + ((bits >> 20) & 1)  # keep 3 mantissa bits
@@ -37,7 +37,7 @@ def _e4m3_half(byte):
 
 
 @triton.jit
-def _e4m3_value(byte):
+def e4m3_value(byte):
     """E4M3 byte -> float32."""
     value = _e4m3_half(byte).to(tl.float32) * 256.0
     return tl.where((byte & 0x7F) == 0x7F, float("nan"), value)
@@ -63,7 +63,7 @@ def _e2m1_value(code):
 
 
 @triton.jit
-def _bf16_bits(v):
+def bf16_bits(v):
     """float32 -> bf16 bits, round to nearest even; NaN -> 0x7FC0 (as PyTorch does)."""
     bits = v.to(tl.uint32, bitcast=True)
     rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
@@ -73,7 +73,7 @@ def _bf16_bits(v):
 @triton.jit
 def _fp8_byte(v):
     """float32 -> E4M3 byte from the bits, saturating at +-448; NaN -> 0x7F with its sign."""
-    magnitude = _e4m3_byte(tl.minimum(tl.abs(v), _E4M3_MAX))
+    magnitude = e4m3_byte(tl.minimum(tl.abs(v), E4M3_MAX_TL))
     sign = (v.to(tl.uint32, bitcast=True) >> 24).to(tl.int32) & 0x80
     return tl.where(v != v, 0x7F, magnitude) | sign
 
@@ -84,7 +84,7 @@ _E4M3_PAIR_PTX = tl.constexpr("cvt.rn.satfinite.e4m3x2.f32 $0, $2, $1;")
 
 
 @triton.jit
-def _fp8_pair(lo, hi, HW_FP8: tl.constexpr):
+def fp8_pair(lo, hi, HW_FP8: tl.constexpr):
     """Two float32 -> one int16 holding both as E4M3, `lo` in the low byte; saturating at +-448,
     NaN stays NaN (0x7F from the conversion, 0x7F with the NaN's sign from the bits: NaN payloads
     are not contract). Without HW_FP8 (the interpreter, GPUs before SM89), from the bits."""
@@ -144,38 +144,38 @@ def _decode_ptx(high_bytes, low_bytes, multiply: str) -> str:
 
 # NVFP4: fp16 tiles. Every E2M1 value is an fp16 whose low byte is zero, and E4M3 scales are fp16
 # values: their product is exact (at most 6 significant bits, 2^-10 to 2688).
-_NVFP4_DECODE_PTX = tl.constexpr(_decode_ptx(
+_NVFP4_TABLE_DECODE_PTX = tl.constexpr(_decode_ptx(
     [0x00, 0x38, 0x3C, 0x3E, 0x40, 0x42, 0x44, 0x46], None, "mul.rn.f16x2 {out}, {value}, {scale};"))
 # E8M0 scales: bf16 tiles (their range), the scale 2^(byte - 127) a bf16 too; the product, a power
 # of two times an E2M1 value, is exact down to bf16's subnormals. fma with -0 is the bf16 multiply
 # SM80 has (mul.bf16x2 needs SM90) and keeps the product's sign of zero.
-_E8M0_DECODE_PTX = tl.constexpr(_decode_ptx(
+E8M0_DECODE_PTX = tl.constexpr(_decode_ptx(
     [0x00, 0x3F, 0x3F, 0x3F, 0x40, 0x40, 0x40, 0x40], [0x00, 0x00, 0x80, 0xC0, 0x00, 0x40, 0x80, 0xC0],
     "fma.rn.bf16x2 {out}, {value}, {scale}, negative_zero;"))
 
 
 @triton.jit
-def _block_scales(byte, E4M3_SCALES: tl.constexpr, FP32_TILES: tl.constexpr, HW_FP8: tl.constexpr):
+def block_scales(byte, E4M3_SCALES: tl.constexpr, FP32_TILES: tl.constexpr, HW_FP8: tl.constexpr):
     """Scale bytes -> the scales as the tiles' type (float32 on the interpreter); NaN bytes give NaN.
 
     E4M3 from SM89 by the conversion instruction (two per cvt, NaN kept), else from the bits."""
     if FP32_TILES:
         if E4M3_SCALES:
-            scale = _e4m3_value(byte.to(tl.int32))
+            scale = e4m3_value(byte.to(tl.int32))
         else:
             scale = _e8m0_value(byte.to(tl.int32))
     elif E4M3_SCALES:
         if HW_FP8:
             scale = byte.to(tl.float8e4nv, bitcast=True).to(tl.float16)
         else:  # every E4M3 value is an fp16
-            scale = _e4m3_value(byte.to(tl.int32)).to(tl.float16)
+            scale = e4m3_value(byte.to(tl.int32)).to(tl.float16)
     else:
-        scale = _e8m0_bf16(byte)
+        scale = e8m0_bf16(byte)
     return scale
 
 
 @triton.jit
-def _e8m0_bf16(byte):
+def e8m0_bf16(byte):
     """E8M0 scale bytes -> bf16 2^(byte - 127) from the bits (byte 0: the subnormal 2^-127; 255: NaN).
     Also called by gluon_decode."""
     byte = byte.to(tl.int32)
@@ -184,7 +184,7 @@ def _e8m0_bf16(byte):
 
 
 @triton.jit
-def _decode(packed, scale, E4M3_SCALES: tl.constexpr, FP32_TILES: tl.constexpr):
+def decode_packed(packed, scale, E4M3_SCALES: tl.constexpr, FP32_TILES: tl.constexpr):
     """Packed bytes and their scales (same shape) -> (even, odd) exact values, 16-bit on a GPU."""
     if FP32_TILES:  # the interpreter runs no PTX: the same values from Triton arithmetic
         codes = packed.to(tl.int32)
@@ -192,6 +192,6 @@ def _decode(packed, scale, E4M3_SCALES: tl.constexpr, FP32_TILES: tl.constexpr):
         odd = _e2m1_value(codes >> 4) * scale
     else:
         even, odd = tl.inline_asm_elementwise(
-            _NVFP4_DECODE_PTX if E4M3_SCALES else _E8M0_DECODE_PTX, "=r,=r,=r,=r,r,r,r", [packed, scale],
+            _NVFP4_TABLE_DECODE_PTX if E4M3_SCALES else E8M0_DECODE_PTX, "=r,=r,=r,=r,r,r,r", [packed, scale],
             dtype=(scale.dtype, scale.dtype), is_pure=True, pack=4)
     return even, odd

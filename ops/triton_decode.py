@@ -2,7 +2,7 @@
 
 Each program takes one sequence, one KV head (with all the query heads that share it) and one
 slice of the context: it loads packed K/V tiles, decodes them in registers, and keeps an online
-softmax. A second kernel merges the slices (a lone slice writes the output itself). The grid
+softmax. split_decode's merge kernel combines the slices (a lone slice writes the output itself). The grid
 depends only on shapes (batch, heads, the page table's width), never on sequence lengths, so one
 CUDA graph serves every step.
 
@@ -19,31 +19,44 @@ weights, as in any flash-attention kernel.
 
 from __future__ import annotations
 
-import functools
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .formats import FP4Format, ScaleRule
-from .triton_codes import _block_scales, _decode
-from .triton_kernels import global_scale_pair, hardware_casts, usable_global_scale
+from .formats import FP4Format
+from .paged_kv import PagedKV
+from .split_decode import key_pair, merge_splits, sm_count, split_kernel_arguments, split_outputs
+from .triton_codes import block_scales, decode_packed
+from .triton_kernels import hardware_casts, usable_global_scale
 
-# head_dim -> (context positions per tile, warps, programs per SM to aim for, registers per thread
-# at most, software-pipeline stages): tuned on the H100 and H200 (README). The cap lets three
-# programs share an SM instead of two; head_dim 256 keeps the compiler's count (capped, it would
-# spill 384 bytes per thread).
-DECODE_LAUNCH = {64: (128, 4, 4, 168, 3), 128: (128, 4, 4, 168, 3), 256: (128, 4, 4, None, 3)}
+
+class DecodeLaunch(NamedTuple):
+    block_n: int  # context positions per tile
+    num_warps: int
+    waves: int  # programs per SM to aim for (triton_num_splits)
+    max_registers: Optional[int]  # per thread; None: the compiler's count
+    num_stages: int  # software-pipeline stages
+
+
+# head_dim -> launch shape, chosen by timing the candidates (docs/performance.md). The register cap
+# lets three programs share an SM instead of two; head_dim 256 keeps the compiler's count (capped,
+# it would spill 384 bytes per thread).
+DECODE_LAUNCH = {
+    64: DecodeLaunch(block_n=128, num_warps=4, waves=4, max_registers=168, num_stages=3),
+    128: DecodeLaunch(block_n=128, num_warps=4, waves=4, max_registers=168, num_stages=3),
+    256: DecodeLaunch(block_n=128, num_warps=4, waves=4, max_registers=None, num_stages=3),
+}
 _MIN_GROUP = 16  # tensor-core tiles need a side of at least 16: query heads are padded to this
 _POSITIONS_PER_SPLIT_MIN = 256
-_POSITIONS_PER_SPLIT_SMALL_GRID = 128  # one tile, for grids that would leave SMs idle (num_splits)
-_MERGE_SPLITS_PER_STEP = 8  # splits the merge kernel reads at once: 8 x D fp32 per program
+_POSITIONS_PER_SPLIT_SMALL_GRID = 128  # one tile, for grids that would leave SMs idle (triton_num_splits)
 
 
 @triton.jit
 def _key_tile(data_ptr, scales_ptr, rows, valid, D: tl.constexpr, BS: tl.constexpr,
               E4M3_SCALES: tl.constexpr, FP32_TILES: tl.constexpr, HW_FP8: tl.constexpr):
-    """Key rows [N] -> (even, odd) [N, D/2], pair columns in _key_pair order.
+    """Key rows [N] -> (even, odd) [N, D/2], pair columns in key_pair order.
 
     Any column order gives the same q.k if q is read in it too; this one hands each thread of a
     tensor-core A fragment (pairs 2c, 2c+1, 2c+8, 2c+9 of every 16, c = lane % 4) D/8 adjacent
@@ -58,18 +71,11 @@ def _key_tile(data_ptr, scales_ptr, rows, valid, D: tl.constexpr, BS: tl.constex
     packed = tl.reshape(packed, (N, 4, NBC, PPC))
     scale_byte = tl.load(scales_ptr + rows[:, None, None] * (D // BS) + (chunk // (BS // 2))[None, :, :],
                          mask=valid[:, None, None], other=0)
-    scale = tl.broadcast_to(tl.expand_dims(_block_scales(scale_byte, E4M3_SCALES, FP32_TILES, HW_FP8), 3), packed.shape)
-    even, odd = _decode(packed, scale, E4M3_SCALES, FP32_TILES)
+    scale = tl.broadcast_to(tl.expand_dims(block_scales(scale_byte, E4M3_SCALES, FP32_TILES, HW_FP8), 3), packed.shape)
+    even, odd = decode_packed(packed, scale, E4M3_SCALES, FP32_TILES)
     even = tl.reshape(tl.permute(tl.reshape(even, (N, 4, PC // 4, 2, 2)), (0, 2, 3, 1, 4)), (N, D // 2))
     odd = tl.reshape(tl.permute(tl.reshape(odd, (N, 4, PC // 4, 2, 2)), (0, 2, 3, 1, 4)), (N, D // 2))
     return even, odd
-
-
-@triton.jit
-def _key_pair(k, D: tl.constexpr):
-    """The physical pair behind column k of _key_tile (and of gluon_decode's key tiles):
-    k = 16 s + 8 h + 2 c + e -> D/8 c + 4 s + 2 h + e."""
-    return (k // 2 % 4) * (D // 8) + (k // 16) * 4 + (k // 8 % 2) * 2 + k % 2
 
 
 @triton.jit
@@ -85,8 +91,8 @@ def _value_tile(data_ptr, scales_ptr, rows, valid, D: tl.constexpr, BS: tl.const
     packed = tl.load(data_ptr + rows[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :], mask=valid[:, None], other=0)
     packed = tl.reshape(packed, (N, NB, HB))
     scale_byte = tl.load(scales_ptr + rows[:, None] * NB + tl.arange(0, NB)[None, :], mask=valid[:, None], other=0)
-    scale = tl.broadcast_to(tl.expand_dims(_block_scales(scale_byte, E4M3_SCALES, FP32_TILES, HW_FP8), 2), packed.shape)
-    even, odd = _decode(packed, scale, E4M3_SCALES, FP32_TILES)
+    scale = tl.broadcast_to(tl.expand_dims(block_scales(scale_byte, E4M3_SCALES, FP32_TILES, HW_FP8), 2), packed.shape)
+    even, odd = decode_packed(packed, scale, E4M3_SCALES, FP32_TILES)
     return tl.reshape(tl.join(even, odd), (N, D))
 
 
@@ -102,7 +108,7 @@ def _decode_split_kernel(
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    if FP32_TILES:  # the type _decode builds
+    if FP32_TILES:  # the type decode_packed builds
         dtype = tl.float32
     elif E4M3_SCALES:
         dtype = tl.float16
@@ -114,13 +120,13 @@ def _decode_split_kernel(
     end = tl.minimum(start + positions_per_split, seq_len)
 
     # Scores are K q^T [BLOCK_N, heads]: positions are the tensor-core tile's long side, and q is
-    # read in the keys' pair order (_key_pair). The output is kept transposed, V^T p
+    # read in the keys' pair order (key_pair). The output is kept transposed, V^T p
     # [D, heads], for the same reason: with the 16 padded heads as the long side, the second
     # product ran on the older mma.sync path, whose reads of V from shared memory were 4-way
-    # bank-conflicted (ncu: 65% of the shared-load wavefronts); as V^T p both are wgmma (README).
+    # bank-conflicted; as V^T p both are wgmma.
     heads = kv_head * GROUP + tl.arange(0, GROUP_PAD)
     head_ok = tl.arange(0, GROUP_PAD) < GROUP
-    key_pairs = _key_pair(tl.arange(0, D // 2), D)
+    key_pairs = key_pair(tl.arange(0, D // 2), D)
     q_cols = (b * HQ + heads).to(tl.int64)[None, :] * D
     q_even = tl.load(q_ptr + q_cols + 2 * key_pairs[:, None], mask=head_ok[None, :], other=0.0).to(dtype)
     q_odd = tl.load(q_ptr + q_cols + 2 * key_pairs[:, None] + 1, mask=head_ok[None, :], other=0.0).to(dtype)
@@ -165,49 +171,13 @@ def _decode_split_kernel(
         tl.store(partial_lse_ptr + base, lse, mask=head_ok)
 
 
-@triton.jit
-def _merge_splits_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                         SPLITS_PER_STEP: tl.constexpr):
-    """One (sequence, query head): combine the splits' partial outputs by their log-sum-exps.
-
-    Splits are read SPLITS_PER_STEP at a time with a running maximum, so the registers a program
-    needs stay the same however many splits a short batch gets."""
-    row = tl.program_id(0).to(tl.int64)
-    dims = tl.arange(0, D)
-    top = tl.full([1], float("-inf"), tl.float32)
-    total = tl.zeros([1], tl.float32)
-    acc = tl.zeros([D], tl.float32)
-    for first in range(0, NUM_SPLITS, SPLITS_PER_STEP):
-        splits = first + tl.arange(0, SPLITS_PER_STEP)
-        present = splits < NUM_SPLITS
-        lse = tl.load(partial_lse_ptr + row * NUM_SPLITS + splits, mask=present, other=float("-inf"))
-        new_top = tl.maximum(top, tl.max(lse, axis=0))
-        # Rescale what is summed so far; splits that saw no position (lse = -inf) weigh 0.
-        rescale = tl.where(new_top > float("-inf"), tl.exp2(top - new_top), 0.0)
-        weights = tl.where(lse > float("-inf"), tl.exp2(lse - new_top), 0.0)
-        partial = tl.load(partial_out_ptr + (row * NUM_SPLITS + splits)[:, None] * D + dims[None, :],
-                          mask=present[:, None], other=0.0)
-        acc = acc * rescale + tl.sum(partial * weights[:, None], axis=0)
-        total = total * rescale + tl.sum(weights, axis=0)
-        top = new_top
-    out = acc / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + row * D + dims, out.to(out_ptr.dtype.element_ty))
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter: a few splits, so the merge is exercised
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def num_splits(batch: int, kv_heads: int, max_len: int, device: torch.device, waves: int) -> int:
+def triton_num_splits(batch: int, kv_heads: int, max_len: int, device: torch.device, waves: int) -> int:
     """Enough (sequence, KV head, split) programs to fill the GPU `waves` times, from static sizes only.
 
     A split takes at least 256 positions, or one 128-position tile where 256 would give fewer
-    programs than the GPU has SMs (1 x 1k with 8 KV heads: 32 programs). Measured on the H100:
-    1 x 1k 9.9 -> 7.2 us; 8 x 1k and 1 x 8k, which already fill the SMs, slowed down with it."""
-    pairs, sms = max(1, batch * kv_heads), _sm_count(device)
+    programs than the GPU has SMs (1 x 1k with 8 KV heads: 32 programs): shorter splits pay for
+    themselves only where SMs would otherwise idle (docs/performance.md)."""
+    pairs, sms = max(1, batch * kv_heads), sm_count(device)
     wanted = triton.cdiv(waves * sms, pairs)
     min_positions = _POSITIONS_PER_SPLIT_MIN
     if pairs * triton.cdiv(max_len, min_positions) < sms:
@@ -215,88 +185,26 @@ def num_splits(batch: int, kv_heads: int, max_len: int, device: torch.device, wa
     return max(1, min(wanted, triton.cdiv(max_len, min_positions)))
 
 
-def split_outputs(out: torch.Tensor, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where a split kernel writes: `out` itself for one split (no log-sum-exp is stored), else
-    fp32 partial outputs [B, Hq, splits, D] and their log-sum-exps [B, Hq, splits]."""
-    if splits == 1:
-        return out, out
-    batch, hq, d = out.shape
-    return (torch.empty((batch, hq, splits, d), dtype=torch.float32, device=out.device),
-            torch.empty((batch, hq, splits), dtype=torch.float32, device=out.device))
-
-
-def split_kernel_arguments(q, k_data, k_scales, v_data, v_scales, block_table, seq_lens, partial_out, partial_lse,
-                           page_size, fmt: FP4Format, sm_scale, k_global_scale, v_global_scale, positions_per_split):
-    """What both split kernels (this one and gluon_decode's) take up to GROUP: the positional
-    arguments and the shared constexprs. A lone global scale gets 1.0 beside it (global_scale_pair);
-    the kernels index q, block_table and seq_lens as contiguous (engines pass slices)."""
+def decode_attention(out, q, kv: PagedKV, fmt: FP4Format, sm_scale: float) -> None:
+    """The Triton kernel: every CUDA GPU from SM80, every accepted head_dim and group size
+    (decode.decode_attention runs gluon_decode's instead where that one serves the call)."""
     batch, hq, d = q.shape
-    hkv = k_data.shape[1]
-    k_global_scale, v_global_scale = global_scale_pair(k_global_scale, v_global_scale, q.device)
-    has_g = k_global_scale is not None
-    args = (q.contiguous(), k_data, k_scales.view(torch.uint8), v_data, v_scales.view(torch.uint8),
-            k_global_scale if has_g else q, v_global_scale if has_g else q,
-            block_table.contiguous(), seq_lens.contiguous(), partial_out, partial_lse, sm_scale,
-            block_table.shape[1], k_data.shape[0] // page_size, positions_per_split)
-    constants = dict(HQ=hq, HKV=hkv, D=d, BS=fmt.block_size, PAGE=page_size,
-                     E4M3_SCALES=fmt.scale_rule is ScaleRule.E4M3_AMAX_OVER_6G, HAS_G=has_g, GROUP=hq // hkv)
-    return args, constants
-
-
-def merge_splits(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: torch.Tensor, splits: int) -> None:
-    """Combine the splits of split_outputs into `out` (one split wrote it already)."""
-    if splits > 1:
-        batch, hq, d = out.shape
-        _merge_splits_kernel[(batch * hq,)](
-            partial_out, partial_lse, out, D=d, NUM_SPLITS=splits,
-            SPLITS_PER_STEP=min(_MERGE_SPLITS_PER_STEP, triton.next_power_of_2(splits)),
-        )
-
-
-def hopper_kernel(q: torch.Tensor, kv_heads: int, fmt: FP4Format):
-    """gluon_decode if it serves this call (an SM90 GPU, head_dim 64/128, <= 16 query heads per KV
-    head: gluon_decode.supported), else None, as with a Triton too old to have Gluon's Hopper API."""
-    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
-        return None
-    try:
-        from . import gluon_decode
-    except ImportError:
-        return None
-    return gluon_decode if gluon_decode.supported(q, kv_heads, fmt) else None
-
-
-def decode_attention(out, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size,
-                     fmt: FP4Format, sm_scale, k_global_scale=None, v_global_scale=None):
-    """The Gluon kernel on Hopper where it serves the shapes (faster, README), else the Triton kernel."""
-    kernel = hopper_kernel(q, k_data.shape[1], fmt)
-    run = kernel.decode_attention if kernel else decode_with_triton_kernel
-    run(out, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, fmt, sm_scale,
-        k_global_scale, v_global_scale)
-
-
-def decode_with_triton_kernel(out, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens,
-                              page_size, fmt: FP4Format, sm_scale, k_global_scale=None, v_global_scale=None):
-    batch, hq, d = q.shape
-    hkv = k_data.shape[1]
+    hkv = kv.kv_heads
     # On CPU tensors (the Triton interpreter, in CI) bf16 casts and arithmetic are not faithful:
     # there q, the E8M0 tiles and the output stay fp32 (same values), and out is cast at the end.
     on_interpreter = q.device.type == "cpu"
     final_out, q = (out, q.float()) if on_interpreter else (None, q)
     if on_interpreter:
         out = torch.empty_like(q)
-    max_pages = block_table.shape[1]
-    max_len = max_pages * page_size
-    block_n, num_warps, waves, max_registers, num_stages = DECODE_LAUNCH[d]
-    splits = num_splits(batch, hkv, max_len, q.device, waves)
-    positions_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), splits), block_n) * block_n
+    launch = DECODE_LAUNCH[d]
+    splits = triton_num_splits(batch, hkv, kv.max_len, q.device, launch.waves)
+    positions_per_split = triton.cdiv(triton.cdiv(max(kv.max_len, 1), splits), launch.block_n) * launch.block_n
     partial_out, partial_lse = split_outputs(out, splits)
-    args, constants = split_kernel_arguments(q, k_data, k_scales, v_data, v_scales, block_table, seq_lens,
-                                             partial_out, partial_lse, page_size, fmt, sm_scale, k_global_scale,
-                                             v_global_scale, positions_per_split)
+    args, constants = split_kernel_arguments(q, kv, partial_out, partial_lse, fmt, sm_scale, positions_per_split)
     _decode_split_kernel[(batch, hkv, splits)](
         *args, **constants, GROUP_PAD=max(_MIN_GROUP, triton.next_power_of_2(hq // hkv)),
-        BLOCK_N=block_n, NUM_SPLITS=splits, FP32_TILES=on_interpreter, HW_FP8=hardware_casts(q.device)[1],
-        num_warps=num_warps, maxnreg=max_registers, num_stages=num_stages,
+        BLOCK_N=launch.block_n, NUM_SPLITS=splits, FP32_TILES=on_interpreter, HW_FP8=hardware_casts(q.device)[1],
+        num_warps=launch.num_warps, maxnreg=launch.max_registers, num_stages=launch.num_stages,
     )
     merge_splits(partial_out, partial_lse, out, splits)
     if on_interpreter:

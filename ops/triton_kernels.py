@@ -11,23 +11,30 @@ arithmetic on the interpreter.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from . import backends
 from .formats import BLOCKFP4_MIN_SCALE, FP4Format, ScaleRule
-from .triton_codes import _E4M3_MAX, _bf16_bits, _block_scales, _decode, _e4m3_byte, _e4m3_value, _fp8_pair
+from .triton_codes import E4M3_MAX_TL, bf16_bits, block_scales, decode_packed, e4m3_byte, e4m3_value, fp8_pair
 
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 _BLOCKFP4_MIN_SCALE = tl.constexpr(BLOCKFP4_MIN_SCALE)
 _ONE_SIXTH = tl.constexpr(0.1666666716337204)  # 1/6 rounded to float32
-# Launch shapes (elements per program and tensor, warps), from sweeps on the H100 at D=128
-# (README, performance): for quantize one warp of 1024 was the one shape of ten (1024 x 1 to
-# 16384 x 8) within 3% of each recipe's best; for dequantize, of 2048 x 2, 4096 x 2 and 4 and
-# 8192 x 4, 4096 x 4 was within 2.5% of the fastest for every recipe, op and output dtype.
-QUANTIZE_LAUNCH = (1024, 1)
-DEQUANTIZE_LAUNCH = (4096, 4)
+# Launch shapes: of the shapes swept at D=128, the one close to the fastest for every recipe, op
+# and output dtype at once (docs/performance.md).
+
+
+class Launch(NamedTuple):
+    elements: int  # per program and tensor
+    num_warps: int
+
+
+QUANTIZE_LAUNCH = Launch(elements=1024, num_warps=1)
+DEQUANTIZE_LAUNCH = Launch(elements=4096, num_warps=4)
 # The duplicate-slot rule (slots.py: the last token naming a slot wins) inside the quantize kernel:
 # stores of at most MAX_TOKENS_DEDUPLICATED_IN_KERNEL tokens compare each token's slot with every
 # later token's (no extra launch in a decode step); larger ones (prefill) first record the last
@@ -39,13 +46,20 @@ MAX_TOKENS_DEDUPLICATED_IN_KERNEL = 1024
 _LATER_TOKENS_PER_STEP = tl.constexpr(64)
 _CLAIM_BLOCK = 1024
 
+# The kernels' SCALE_RULE constexpr: formats.ScaleRule's values.
+_RULE_E4M3 = tl.constexpr(int(ScaleRule.E4M3_AMAX_OVER_6G))
+_RULE_E8M0_CEIL = tl.constexpr(int(ScaleRule.E8M0_CEIL_LOG2_AMAX_OVER_6))
+_RULE_E8M0_FLOOR = tl.constexpr(int(ScaleRule.E8M0_FLOOR_LOG2_AMAX_MINUS_2))
+# The kernels' IN_KIND (quantize input dtype) and OUT_KIND (dequantize output dtype) constexprs.
+_IN_FP32, _IN_FP16, _IN_BF16 = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+_OUT_FP32, _OUT_FP16, _OUT_BF16, _OUT_FP8 = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
 # Output dtype -> (kernel OUT_KIND, the dtype of a word holding two outputs): dequantize kernels
 # write each packed byte's two values as one word.
 _OUT_KINDS = {
-    torch.float32: (0, torch.int64),
-    torch.float16: (1, torch.int32),
-    torch.bfloat16: (2, torch.int32),
-    torch.float8_e4m3fn: (3, torch.int16),
+    torch.float32: (_OUT_FP32.value, torch.int64),
+    torch.float16: (_OUT_FP16.value, torch.int32),
+    torch.bfloat16: (_OUT_BF16.value, torch.int32),
+    torch.float8_e4m3fn: (_OUT_FP8.value, torch.int16),
 }
 _FP16_MAX = tl.constexpr(torch.finfo(torch.float16).max)
 _BF16_MAX = tl.constexpr(torch.finfo(torch.bfloat16).max)
@@ -67,11 +81,11 @@ def _clamp_keeping_nan(x, largest: tl.constexpr):
 def _saturate(x, OUT_KIND: tl.constexpr):
     """Clamp to the output dtype's largest finite value, NaN kept (eager.cast_output). FP8's
     conversions saturate by themselves."""
-    if OUT_KIND == 0:
+    if OUT_KIND == _OUT_FP32:
         x = _clamp_keeping_nan(x, _FLT_MAX)
-    elif OUT_KIND == 1:
+    elif OUT_KIND == _OUT_FP16:
         x = _clamp_keeping_nan(x, _FP16_MAX)
-    elif OUT_KIND == 2:
+    elif OUT_KIND == _OUT_BF16:
         x = _clamp_keeping_nan(x, _BF16_MAX)
     return x
 
@@ -79,19 +93,19 @@ def _saturate(x, OUT_KIND: tl.constexpr):
 @triton.jit
 def _output_word(lo, hi, OUT_KIND: tl.constexpr, HW_BF16: tl.constexpr, HW_FP8: tl.constexpr):
     """Two float32 values -> one word holding both in the output dtype, `lo` in the low half."""
-    if OUT_KIND == 0:
+    if OUT_KIND == _OUT_FP32:
         lo_bits = lo.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
         return lo_bits | (hi.to(tl.int32, bitcast=True).to(tl.int64) << 32)
-    elif OUT_KIND == 1:
+    elif OUT_KIND == _OUT_FP16:
         lo_bits = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         return lo_bits | (hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16)
-    elif OUT_KIND == 2:
+    elif OUT_KIND == _OUT_BF16:
         if HW_BF16:
             lo_bits = lo.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
             return lo_bits | (hi.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) << 16)
-        return (_bf16_bits(lo).to(tl.int32) & 0xFFFF) | (_bf16_bits(hi).to(tl.int32) << 16)
-    else:
-        return _fp8_pair(lo, hi, HW_FP8)
+        return (bf16_bits(lo).to(tl.int32) & 0xFFFF) | (bf16_bits(hi).to(tl.int32) << 16)
+    else:  # _OUT_FP8
+        return fp8_pair(lo, hi, HW_FP8)
 
 
 @triton.jit
@@ -117,13 +131,13 @@ def _cache_rows(rows, n_rows, loc_ptr, loc_stride, num_slots, H: tl.constexpr, U
 @triton.jit
 def _split_pair(word, IN_KIND: tl.constexpr):
     """One load word holding elements 2i (low half) and 2i+1 (high half) -> two float32."""
-    if IN_KIND == 0:  # fp32 pair in an int64
+    if IN_KIND == _IN_FP32:  # fp32 pair in an int64
         lo = word.to(tl.int32).to(tl.float32, bitcast=True)
         hi = (word >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-    elif IN_KIND == 1:  # fp16 pair in an int32
+    elif IN_KIND == _IN_FP16:  # fp16 pair in an int32
         lo = word.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         hi = (word >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    else:  # bf16 pair in an int32: a bf16 is the top half of a float32
+    else:  # _IN_BF16: a bf16 pair in an int32, each the top half of a float32
         lo = (word << 16).to(tl.float32, bitcast=True)
         hi = (word & -65536).to(tl.float32, bitcast=True)
     return lo, hi
@@ -206,8 +220,8 @@ def _quantize_rows(
 
     # Tiles are [NB, ROWS, HALF], blocks before rows: the compiler then gives each thread one whole
     # block and a warp's threads neighbouring blocks of a row, so loads and the packed stores are
-    # coalesced. As [ROWS, NB, HALF] a warp's threads took one block of 32 rows each, and every
-    # 8-byte store hit a different sector: blockfp4 quantize-and-store 73.1 -> 66.1 us on the H100.
+    # coalesced. As [ROWS, NB, HALF] a warp's threads would take one block of 32 rows each, and
+    # every 8-byte store would hit a different sector.
     pairs = tl.arange(0, NB)[:, None, None] * HALF + tl.arange(0, HALF)[None, None, :]  # [NB, 1, HALF]
     src = (t * x_stride_t + h * x_stride_h)[None, :, None] + pairs
     words = tl.load(x_ptr + src, mask=in_range[None, :, None], other=0)
@@ -216,26 +230,26 @@ def _quantize_rows(
     amax = tl.reduce(_max_keeping_nan(a_lo, a_hi), 2, _max_keeping_nan)  # [NB, ROWS]; NaN if any is
     finite = amax <= _FLT_MAX
 
-    if SCALE_RULE == 0:  # E4M3 of amax / (6 g)
+    if SCALE_RULE == _RULE_E4M3:  # E4M3 of amax / (6 g)
         if HAS_G:
             g = usable_global_scale(tl.load(g_ptr))
             finite = tl.where(g == g, finite, False)  # a NaN scale stores the block as NaN, as eager does
         else:
             g = 1.0
-        byte = _e4m3_byte(tl.minimum(tl.math.div_rn(amax, 6.0 * g), _E4M3_MAX))
-        divisor = _e4m3_value(byte) * g
+        byte = e4m3_byte(tl.minimum(tl.math.div_rn(amax, 6.0 * g), E4M3_MAX_TL))
+        divisor = e4m3_value(byte) * g
         scale, d, inverse = _unit_divisor(divisor[:, :, None])
         y_lo, y_hi = _rounding_quotient(a_lo, scale, d, inverse), _rounding_quotient(a_hi, scale, d, inverse)
         keep = finite & (divisor != 0.0)
     else:
-        if SCALE_RULE == 1:  # E8M0 ceil(log2(max(amax / 6, 1e-10)))
+        if SCALE_RULE == _RULE_E8M0_CEIL:  # E8M0 ceil(log2(max(amax / 6, 1e-10)))
             # amax * RN(1/6) for eager's amax / 6: the byte only asks whether the quotient is a
             # power of two and which binade it is in, and both roundings agree on that for every
             # float32 amax (tests/test_quantize_rounding.py).
             v = tl.maximum(amax * _ONE_SIXTH, _BLOCKFP4_MIN_SCALE)
             bits = v.to(tl.int32, bitcast=True)
             byte = (bits >> 23) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
-        else:  # E8M0 floor(log2(amax)) - 2, clamped at byte 0
+        else:  # _RULE_E8M0_FLOOR: E8M0 floor(log2(amax)) - 2, clamped at byte 0
             byte = tl.maximum((amax.to(tl.int32, bitcast=True) >> 23) - 2, 0)
         # Dividing by a power of two is multiplying by its exact inverse 2^-(byte - 127).
         inverse = ((254 - byte) << 23).to(tl.float32, bitcast=True)[:, :, None]
@@ -244,13 +258,13 @@ def _quantize_rows(
 
     # The ceil rule's scale is at least amax / 6 rounded, so no quotient passes 6 by more than a
     # rounding error: the clamp, which matters from 7 on, is skipped.
-    at_most_6: tl.constexpr = SCALE_RULE == 1
+    at_most_6: tl.constexpr = SCALE_RULE == _RULE_E8M0_CEIL
     code_lo = _e2m1_magnitude(y_lo, TIES_AWAY, at_most_6)
     code_hi = _e2m1_magnitude(y_hi, TIES_AWAY, at_most_6)
-    if SCALE_RULE == 0 and IN_KIND != 0:
-        # Both sign bits from the 16-bit pair's word at once (bits 15, 31 to 3, 7): NVFP4
-        # quantize-and-store 77.0 -> 74.3 us on the H100. With E8M0 scales it was slower (blockfp4
-        # 73.2 -> 76.1 us), so those take each element's sign below.
+    if SCALE_RULE == _RULE_E4M3 and IN_KIND != _IN_FP32:
+        # Both sign bits from the 16-bit pair's word at once (bits 15, 31 to 3, 7): fewer
+        # instructions for NVFP4, which is bound by instruction issue. With E8M0 scales it is
+        # slower (docs/performance.md), so those take each element's sign below.
         shifted = (words >> 12) & 0x80008
         signs = shifted | (shifted >> 12)
         codes = code_lo | (code_hi << 4) | signs
@@ -275,9 +289,8 @@ def _quantize_kernel(
     IN_KIND: tl.constexpr, WITH_V: tl.constexpr,
 ):
     """One program quantizes a tile of K's rows and, WITH_V, the same rows of V: the two tiles'
-    independent work interleaves in each thread, and their slots are loaded once. NVFP4
-    quantize-and-store took 70.4 us on the H100 this way, 74.6 us with K and V tiles in separate
-    programs (2048 elements, 4 warps)."""
+    independent work interleaves in each thread, and their slots are loaded once (faster than K
+    and V tiles in separate programs: docs/performance.md)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     in_range, write, index, head = _cache_rows(rows, n_rows, loc_ptr, loc_stride, num_slots, H, SCATTER)
     token = rows // H
@@ -352,9 +365,9 @@ def _dequantize_kernel(
     scale_byte = tl.load(scales_ptr + scales_row[None, :] + blocks * scales_stride_block, mask=read[None, :], other=0)
     # e2m1 * scale is exact in 16 bits (fp16 for E4M3 scales, bf16 for E8M0), which the decode PTX
     # computes for four bytes at once on a GPU (float32 arithmetic on the interpreter); the global
-    # scale then rounds in float32, as in eager. NVFP4 to FP8 26.4 -> 19.4 us on the H100.
-    scale = tl.broadcast_to(_block_scales(scale_byte, E4M3_SCALES, FP32_TILES, HW_FP8)[:, :, None], packed.shape)
-    lo, hi = _decode(packed, scale, E4M3_SCALES, FP32_TILES)
+    # scale then rounds in float32, as in eager.
+    scale = tl.broadcast_to(block_scales(scale_byte, E4M3_SCALES, FP32_TILES, HW_FP8)[:, :, None], packed.shape)
+    lo, hi = decode_packed(packed, scale, E4M3_SCALES, FP32_TILES)
     lo = lo.to(tl.float32)
     hi = hi.to(tl.float32)
     if HAS_G:
@@ -374,7 +387,11 @@ def _rows_per_program(elements: int, head_dim: int) -> int:
 
 
 # Input dtype -> (kernel IN_KIND, the dtype of a word holding two elements).
-_IN_KINDS = {torch.float32: (0, torch.int64), torch.float16: (1, torch.int32), torch.bfloat16: (2, torch.int32)}
+_IN_KINDS = {
+    torch.float32: (_IN_FP32.value, torch.int64),
+    torch.float16: (_IN_FP16.value, torch.int32),
+    torch.bfloat16: (_IN_BF16.value, torch.int32),
+}
 
 
 def _as_words(x: torch.Tensor) -> torch.Tensor:
@@ -395,8 +412,7 @@ def _launch_quantize(k, v, k_data, v_data, k_scales, v_scales, k_g, v_g, loc, fm
         duplicates = COMPARE_LATER_TOKENS
     elif loc is not None:
         duplicates, last_token = CLAIMED_SLOTS, _claim_slots(loc, t, num_slots)
-    elements, num_warps = QUANTIZE_LAUNCH
-    rows = _rows_per_program(elements, d)
+    rows = _rows_per_program(QUANTIZE_LAUNCH.elements, d)
     n_rows = t * h
     with_v = v is not None
     if not with_v:
@@ -410,7 +426,7 @@ def _launch_quantize(k, v, k_data, v_data, k_scales, v_scales, k_g, v_g, loc, fm
         loc if loc is not None else k_data, loc.stride(0) if loc is not None else 0, last_token, n_rows, num_slots, H=h,
         D=d, BS=fmt.block_size, SCALE_RULE=int(fmt.scale_rule), TIES_AWAY=fmt.ties_away,
         SCALE_NAN_BYTE=fmt.scale_nan_byte, HAS_G=has_g, SCATTER=loc is not None, DUPLICATES=duplicates, ROWS=rows,
-        IN_KIND=_IN_KINDS[k.dtype][0], WITH_V=with_v, num_warps=num_warps,
+        IN_KIND=_IN_KINDS[k.dtype][0], WITH_V=with_v, num_warps=QUANTIZE_LAUNCH.num_warps,
     )
 
 
@@ -451,8 +467,7 @@ def hardware_casts(device: torch.device) -> tuple[bool, bool]:
 def _launch_dequantize(data, scales, loc, fmt: FP4Format, global_scale, dtype, out_rows: int):
     """data [rows or slots, H, D/2] and scales [.., H, D/block], any strides -> [out_rows * H, D]."""
     h, d = data.shape[1], data.shape[2] * 2
-    elements, num_warps = DEQUANTIZE_LAUNCH
-    rows = _rows_per_program(elements, d)
+    rows = _rows_per_program(DEQUANTIZE_LAUNCH.elements, d)
     out = torch.empty((out_rows * h, d), dtype=dtype, device=data.device)
     out_kind, view_dtype = _OUT_KINDS[dtype]
     hw_bf16, hw_fp8 = hardware_casts(data.device)
@@ -464,7 +479,7 @@ def _launch_dequantize(data, scales, loc, fmt: FP4Format, global_scale, dtype, o
         out.view(view_dtype), out_rows * h, data.shape[0], H=h,
         D=d, BS=fmt.block_size, E4M3_SCALES=fmt.scale_rule is ScaleRule.E4M3_AMAX_OVER_6G,
         HAS_G=has_g, GATHER=loc is not None, OUT_KIND=out_kind, ROWS=rows, FP32_TILES=data.device.type != "cuda",
-        HW_BF16=hw_bf16, HW_FP8=hw_fp8, num_warps=num_warps,
+        HW_BF16=hw_bf16, HW_FP8=hw_fp8, num_warps=DEQUANTIZE_LAUNCH.num_warps,
     )
     return out
 

@@ -53,7 +53,7 @@ def test_sm100_quantizes_nvfp4_half_inputs_with_flashinfer(fake_gpu):
     assert _choice("quantize", "nvfp4", CUDA, torch.float16) is Backend.FLASHINFER
     assert _choice("quantize", "nvfp4", CUDA, torch.float32) is Backend.TRITON  # FlashInfer takes half only
     assert _choice("quantize", "blockfp4", CUDA) is Backend.TRITON
-    assert _choice("dequantize", "nvfp4", CUDA) is Backend.TRITON  # ours measured faster (README)
+    assert _choice("dequantize", "nvfp4", CUDA) is Backend.TRITON  # ours measured faster (docs/performance.md)
     assert _choice("quantize_and_store", "nvfp4", CUDA) is Backend.TRITON
 
 

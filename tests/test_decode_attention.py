@@ -13,6 +13,7 @@ import torch_fp4kv
 from conftest import RECIPES, TRITON_DEVICE, requires_cuda
 from torch_fp4kv import FP4KVCache
 from torch_fp4kv.ops import eager, get_format
+from torch_fp4kv.ops.paged_kv import PagedKV
 
 
 def _paged_cache(recipe, pages, page_size, hkv, d, device, generator):
@@ -77,13 +78,13 @@ def test_split_count_fills_the_gpu_from_static_sizes(monkeypatch):
     256 would leave SMs idle (the H100's 132 SMs, 8 KV heads, 4 waves)."""
     from torch_fp4kv.ops import triton_decode
 
-    monkeypatch.setattr(triton_decode, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(triton_decode, "sm_count", lambda device: 132)
     cpu = torch.device("cpu")
-    assert triton_decode.num_splits(1, 8, 1024, cpu, 4) == 8  # 32 programs of 256 < 132 SMs: 128 each
-    assert triton_decode.num_splits(8, 8, 1024, cpu, 4) == 4  # 256 programs of 256 fill the SMs
-    assert triton_decode.num_splits(1, 8, 8192, cpu, 4) == 32
-    assert triton_decode.num_splits(32, 8, 8192, cpu, 4) == 3  # 4 waves of 132 programs
-    assert triton_decode.num_splits(128, 8, 8192, cpu, 4) == 1
+    assert triton_decode.triton_num_splits(1, 8, 1024, cpu, 4) == 8  # 32 programs of 256 < 132 SMs: 128 each
+    assert triton_decode.triton_num_splits(8, 8, 1024, cpu, 4) == 4  # 256 programs of 256 fill the SMs
+    assert triton_decode.triton_num_splits(1, 8, 8192, cpu, 4) == 32
+    assert triton_decode.triton_num_splits(32, 8, 8192, cpu, 4) == 3  # 4 waves of 132 programs
+    assert triton_decode.triton_num_splits(128, 8, 8192, cpu, 4) == 1
 
 
 def test_empty_sequence_gives_zeros():
@@ -187,15 +188,15 @@ def test_long_ragged_contexts_on_gpu(backend, recipe, context):
 def test_one_split_writes_the_output_without_a_merge_on_gpu(backend, recipe):
     """The smallest batch that fills the GPU by itself gets one split, whose kernel writes `out`
     directly (the split rule of whichever kernel serves the call here)."""
-    from torch_fp4kv.ops import triton_decode
+    from torch_fp4kv.ops import decode, triton_decode
 
     hkv, page, max_pages, device = 8, 16, 32, torch.device("cuda")
-    kernel = triton_decode.hopper_kernel(torch.empty(1, 32, 128, device=device), hkv, get_format(recipe))
+    kernel = decode.hopper_kernel(torch.empty(1, 32, 128, device=device), hkv, get_format(recipe))
     if kernel:
         splits = lambda b: kernel.splits_for(b, hkv, page * max_pages, device)  # noqa: E731
     else:
-        waves = triton_decode.DECODE_LAUNCH[128][2]
-        splits = lambda b: triton_decode.num_splits(b, hkv, page * max_pages, device, waves)  # noqa: E731
+        waves = triton_decode.DECODE_LAUNCH[128].waves
+        splits = lambda b: triton_decode.triton_num_splits(b, hkv, page * max_pages, device, waves)  # noqa: E731
     batch = next(b for b in range(2, 1024) if splits(b) == 1)
     assert splits(batch - 1) > 1  # the batch, not the context, makes it one split
     args, _ = _problem(recipe, batch, 32, hkv, 128, page, max_pages, device="cuda")
@@ -206,11 +207,11 @@ def test_gluon_split_count_takes_whole_rounds_of_the_gpu():
     """Gluon kernel: the fewest splits (at most 32) that finish in the fewest rounds x (tiles + 1)
     of 64 positions, for an H100 running 528 programs at once."""
     gluon_decode = pytest.importorskip("torch_fp4kv.ops.gluon_decode")
-    assert gluon_decode.num_splits(32, 8, 8192, 528) == 2  # 512 programs of 64 tiles: one round
-    assert gluon_decode.num_splits(8, 8, 8192, 528) == 8  # 512 programs of 16 tiles
-    assert gluon_decode.num_splits(1, 8, 1024, 528) == 16  # one tile each
-    assert gluon_decode.num_splits(1, 8, 32768, 528) == 32  # capped
-    assert gluon_decode.num_splits(128, 8, 8192, 528) == 1  # two rounds of 128 tiles beat more splits
+    assert gluon_decode.gluon_num_splits(32, 8, 8192, 528) == 2  # 512 programs of 64 tiles: one round
+    assert gluon_decode.gluon_num_splits(8, 8, 8192, 528) == 8  # 512 programs of 16 tiles
+    assert gluon_decode.gluon_num_splits(1, 8, 1024, 528) == 16  # one tile each
+    assert gluon_decode.gluon_num_splits(1, 8, 32768, 528) == 32  # capped
+    assert gluon_decode.gluon_num_splits(128, 8, 8192, 528) == 1  # two rounds of 128 tiles beat more splits
 
 
 requires_hopper = pytest.mark.skipif(
@@ -235,12 +236,13 @@ def test_gluon_and_triton_kernels_match_eager_on_hopper(recipe, case):
     k_data, k_scales, v_data, v_scales, table, seq_lens, page, _, k_g, v_g = cache
     assert gluon_decode.supported(q, hkv, get_format(recipe)) == (recipe != "mxfp4" or d != 64)  # 2 scale bytes a row
     outputs = []
-    kernels = [eager.decode_attention, triton_decode.decode_with_triton_kernel]
+    kernels = [eager.decode_attention, triton_decode.decode_attention]
     if gluon_decode.supported(q, hkv, get_format(recipe)):
         kernels.append(gluon_decode.decode_attention)
     for kernel in kernels:
         out = torch.empty_like(q)
-        kernel(out, q, k_data, k_scales, v_data, v_scales, table, seq_lens, page, get_format(recipe), d ** -0.5, k_g, v_g)
+        kv = PagedKV(k_data, k_scales, v_data, v_scales, table, seq_lens, page, k_g, v_g)
+        kernel(out, q, kv, get_format(recipe), d ** -0.5)
         outputs.append(out.float())
     for actual in outputs[1:]:
         torch.testing.assert_close(actual, outputs[0], atol=2e-2, rtol=2e-2)

@@ -105,13 +105,13 @@ def _e2m1(code: int) -> float:
 
 
 def _gluon_nvfp4_ptx() -> str:
-    return pytest.importorskip("torch_fp4kv.ops.gluon_decode")._NVFP4_DECODE_PTX.value
+    return pytest.importorskip("torch_fp4kv.ops.gluon_decode")._NVFP4_E4M3_DECODE_PTX.value
 
 
 # name -> (PTX, 16-bit type, what the kernel multiplies the scale by before passing it)
 FORMATS = {
-    "fp16 (nvfp4)": (lambda: triton_codes._NVFP4_DECODE_PTX.value, np.float16, 1.0),
-    "bf16 (E8M0 scales)": (lambda: triton_codes._E8M0_DECODE_PTX.value, np.float32, 1.0),
+    "fp16 (nvfp4)": (lambda: triton_codes._NVFP4_TABLE_DECODE_PTX.value, np.float16, 1.0),
+    "bf16 (E8M0 scales)": (lambda: triton_codes.E8M0_DECODE_PTX.value, np.float32, 1.0),
     "fp16 through E4M3 (nvfp4, Gluon)": (_gluon_nvfp4_ptx, np.float16, 64.0),  # the codes come out / 2^6
 }
 # A different power of two per byte: each value must be multiplied by its own byte's scale.

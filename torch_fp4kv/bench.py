@@ -188,10 +188,12 @@ def _fp4_decode_time(recipe, batch, context, hq, hkv, d, page, device, timed) ->
     seconds = timed(lambda: torch.ops.fp4kv.decode_attention(*args, recipe, d ** -0.5, g, g))
     triton_seconds = None
     if device.type == "cuda" and select_backend("decode_attention", fmt, device, q.dtype) is Backend.TRITON:
-        from .ops import triton_decode
+        from .ops import decode, triton_decode
+        from .ops.paged_kv import PagedKV
 
-        if triton_decode.hopper_kernel(q, hkv, fmt):
-            triton_seconds = timed(lambda: triton_decode.decode_with_triton_kernel(*args, fmt, d ** -0.5, g, g))
+        if decode.hopper_kernel(q, hkv, fmt):
+            kv = PagedKV(*args[2:], g, g)
+            triton_seconds = timed(lambda: triton_decode.decode_attention(out, q, kv, fmt, d ** -0.5))
     return seconds, 2 * (data[0].numel() + scales[0].numel()), triton_seconds
 
 

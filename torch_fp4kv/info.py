@@ -27,7 +27,7 @@ def main() -> None:
         recipes = ", ".join(sorted(rule.recipes)) if rule.recipes else "all recipes"
         print(f"  {rule.backend.value:<10} {where:<18} {scope} / {recipes}: {rule.why}")
     print("  (decode_attention's triton backend runs a Gluon kernel on SM90 for head_dim 64/128 and up to"
-          " 16 query heads per KV head, the Triton kernel otherwise: ops/gluon_decode.py)")
+          " 16 query heads per KV head, the Triton kernel otherwise: ops/decode.py)")
     print("\nchosen here (bf16):")
     for op, recipe, device, choice in describe(devices):
         print(f"  {op:<18} {recipe:<9} {device:<5} {choice}")
