@@ -7,6 +7,7 @@ hidden units. The q/k/v and gate/up projections are split by output rows (column
 attention-output and down projections by input columns (row-parallel), and each row-parallel
 projection's partial sums are added across ranks by one all-reduce. Embedding, norms and the output
 layer are replicated. With W = 1 (the default) there are no collectives: the single-process model.
+`SimulatedSplit` runs every rank's shard in one process and adds the partial sums itself.
 n_heads, n_kv_heads and intermediate_size must divide by W (a ValueError names the one that does
 not); engines running more ranks than KV heads replicate KV heads instead, which this model does not.
 """
@@ -94,7 +95,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, store_loc, read_loc, mask, seq_lens):
         """x [B, T, dim]; store_loc [B*T] slots for the new tokens; read_loc [B*S] every slot of
-        each sequence; mask [T, S] which of those a query may see; seq_lens [B] tokens so far."""
+        each sequence; mask [T, S] which of those a query may see; seq_lens [B] tokens so far.
+        Returns this rank's partial sum of the output projection (Block adds the ranks' sums)."""
         heads, kv_heads, head_dim = self.n_heads, self.n_kv_heads, self.cfg.head_dim
         b, t, _ = x.shape
         q, k, v = self.wqkv(x).split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
@@ -104,12 +106,12 @@ class Attention(nn.Module):
         if t == 1 and self.fused_decode:  # read the FP4 cache directly, each sequence's slots as its page table
             table = read_loc.view(b, -1).int()
             out = self.cache.decode(q[:, 0], table, seq_lens, page_size=1)
-            return self.tp.all_reduce(self.wo(out.reshape(b, 1, -1)))
+            return self.wo(out.reshape(b, 1, -1))
         keys, values = self.cache.read(read_loc, dtype=x.dtype)
         keys = keys.view(b, -1, kv_heads, head_dim).transpose(1, 2)
         values = values.view(b, -1, kv_heads, head_dim).transpose(1, 2)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True)
-        return self.tp.all_reduce(self.wo(out.transpose(1, 2).reshape(b, t, -1)))
+        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
 
 class Block(nn.Module):
@@ -123,10 +125,15 @@ class Block(nn.Module):
         self.w13 = nn.Linear(cfg.dim, 2 * hidden, bias=False)  # gate rows, then up rows
         self.w2 = nn.Linear(hidden, cfg.dim, bias=False)
 
+    def mlp(self, x):
+        """This rank's partial sum of the down projection."""
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
     def forward(self, x, cos, sin, store_loc, read_loc, mask, seq_lens):
-        x = x + self.attention(self.attention_norm(x), cos, sin, store_loc, read_loc, mask, seq_lens)
-        gate, up = self.w13(self.ffn_norm(x)).chunk(2, dim=-1)
-        return x + self.tp.all_reduce(self.w2(F.silu(gate) * up))
+        attention = self.attention(self.attention_norm(x), cos, sin, store_loc, read_loc, mask, seq_lens)
+        x = x + self.tp.all_reduce(attention)
+        return x + self.tp.all_reduce(self.mlp(self.ffn_norm(x)))
 
 
 class Transformer(nn.Module):
@@ -147,6 +154,14 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, start_pos: torch.Tensor) -> torch.Tensor:
         """tokens [B, T] at positions start_pos + [0, T) (start_pos: int64 tensor [1]) -> logits [B, T, V]."""
+        inputs = self.block_inputs(tokens, start_pos)
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x, *inputs)
+        return self.output(self.norm(x))
+
+    def block_inputs(self, tokens: torch.Tensor, start_pos: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What every block takes besides x: cos, sin, store_loc, read_loc, mask, seq_lens."""
         cfg = self.cfg
         b, t = tokens.shape
         pos = start_pos + self.positions[:t]
@@ -156,10 +171,37 @@ class Transformer(nn.Module):
         read_loc = (seq_base + self.positions[None, :]).reshape(-1)
         mask = self.positions[None, :] <= pos[:, None]  # causal, over the whole fixed-size window
         seq_lens = (start_pos + t).int().expand(b)
-        x = self.embed(tokens)
-        for block in self.blocks:
-            x = block(x, cos, sin, store_loc, read_loc, mask, seq_lens)
-        return self.output(self.norm(x))
+        return cos, sin, store_loc, read_loc, mask, seq_lens
+
+
+class SimulatedSplit(nn.Module):
+    """A tensor-parallel run's arithmetic in one process, no collectives: `shards[r]` is rank r's
+    Transformer (built with TensorParallel(r, W): its weights, its heads' cache, so the same GEMM
+    shapes and kernels as on rank r), the shards run in lockstep, and each row-parallel projection's
+    partial sums are added in rank order. With W = 2 that is bit for bit what the all-reduce adds
+    (a + b == b + a in floating point); with W > 2 an all-reduce may add in another order (NCCL's
+    ring or tree), so equality is then claimed only when the order matches. The embedding, norms and
+    output layer are replicated, so shard 0's serve."""
+
+    def __init__(self, shards: list[Transformer]):
+        super().__init__()
+        self.shards = nn.ModuleList(shards)
+
+    def forward(self, tokens: torch.Tensor, start_pos: torch.Tensor) -> torch.Tensor:
+        first = self.shards[0]
+        inputs = first.block_inputs(tokens, start_pos)
+        x = first.embed(tokens)
+        for blocks in zip(*(shard.blocks for shard in self.shards)):
+            x = x + _rank_order_sum([block.attention(block.attention_norm(x), *inputs) for block in blocks])
+            x = x + _rank_order_sum([block.mlp(block.ffn_norm(x)) for block in blocks])
+        return first.output(first.norm(x))
+
+
+def _rank_order_sum(parts: list[torch.Tensor]) -> torch.Tensor:
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
 
 
 def random_weights(cfg: Config, seed: int, dtype: torch.dtype, device="cpu") -> dict[str, torch.Tensor]:
