@@ -208,13 +208,14 @@ class FP4Cache(Cache):
                              f"model.set_attn_implementation({ATTENTION_NAME!r})); it runs "
                              f"{text_config._attn_implementation!r}")
         super().__init__(layers=_fp4_layers(text_config, max_cache_len, recipe))
-        self.recipe, self.max_cache_len = recipe, max_cache_len
+        self.recipe = recipe
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if layer_idx == 0 and not torch.compiler.is_compiling():
-            seen = int(self.layers[0].get_seq_length())
-            if seen + key_states.shape[-2] > self.max_cache_len:
-                raise ValueError(f"max_cache_len={self.max_cache_len} is too small: {seen} positions are cached "
+            layer = self.layers[0]
+            seen = int(layer.get_seq_length())
+            if seen + key_states.shape[-2] > layer.max_cache_len:
+                raise ValueError(f"max_cache_len={layer.max_cache_len} is too small: {seen} positions are cached "
                                  f"and {key_states.shape[-2]} more arrive")
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
