@@ -1,0 +1,196 @@
+"""FP4Cache under transformers: the layer's storage rules against a token-list reference, then tiny
+random-weight Llama (SmolLM2-shaped) and Gemma 3 (sliding window 8) models under generate() and
+hand-written loops, against transformers' own eager attention with a DynamicCache whose keys and
+values are rounded through the format exactly where the cache holds FP4."""
+
+import inspect
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from transformers import AttentionInterface, DynamicCache  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface, eager_mask  # noqa: E402
+
+from conftest import RECIPES  # noqa: E402
+from torch_fp4kv import models  # noqa: E402
+from torch_fp4kv.hf import FP4Cache, FP4CacheLayer, kv_cache_bytes  # noqa: E402
+from torch_fp4kv.hf.attention import roundtrip  # noqa: E402
+
+ARCHS = ["smollm2", "gemma3"]
+
+
+# ---- the layer against a list of tokens ----------------------------------------------------------
+
+
+def _reference_attention(q, keys, values, positions, q_pos, window, scaling):
+    """q [Hq, D] over the listed keys [N, Hkv, D] a token at q_pos may see, in float64."""
+    visible = [i for i, p in enumerate(positions) if p <= q_pos and (window is None or q_pos - p < window)]
+    k, v = keys[visible].double(), values[visible].double()
+    group = q.shape[0] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # [N, Hq, D]
+    weights = torch.softmax(torch.einsum("hd,nhd->hn", q.double(), k) * scaling, -1)
+    return torch.einsum("hn,nhd->hd", weights, v)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("window", [None, 6])
+def test_layer_stores_real_tokens_and_attends_by_position(recipe, window):
+    """Prefill chunks with left padding, then decode steps past the window: every real query's
+    output equals attention over the tokens it may see, earlier chunks' keys/values dequantized and
+    its own chunk's in full precision (decode: all dequantized); padded queries give zeros."""
+    torch.manual_seed(0)
+    batch, hkv, hq, d, scaling = 2, 1, 2, 64, 0.125
+    layer = FP4CacheLayer(recipe, max_cache_len=24, sliding_window=window)
+    seen = [[] for _ in range(batch)]  # per sequence: (position, k, v, k_fp4, v_fp4) of real tokens
+    pads = torch.tensor([[False, False, True, True, True, True, True],  # sequence 0: two left pads
+                         [True] * 7])
+    chunks = [pads, torch.ones(batch, 5, dtype=torch.bool)] + [torch.ones(batch, 1, dtype=torch.bool)] * 6
+    for real in chunks:
+        tokens = real.shape[1]
+        q = torch.randn(batch, hq, tokens, d)
+        k, v = torch.randn(batch, hkv, tokens, d), torch.randn(batch, hkv, tokens, d)
+        layer.update(k, v)
+        out = layer.attend(q, k, v, real, scaling)
+        chunk_start = [len(s) for s in seen]
+        for b in range(batch):
+            for t in range(tokens):
+                if real[b, t]:
+                    kt, vt = k[b, :, t], v[b, :, t]
+                    seen[b].append((len(seen[b]), kt, vt, roundtrip(kt, recipe), roundtrip(vt, recipe)))
+        for b in range(batch):
+            for t in range(tokens):
+                if not real[b, t]:
+                    assert torch.equal(out[b, :, t], torch.zeros(hq, d))
+                    continue
+                q_pos = chunk_start[b] + int(real[b, : t + 1].sum()) - 1
+                in_chunk = [tokens > 1 and p >= chunk_start[b] for p, *_ in seen[b]]
+                keys = torch.stack([s[1] if own else s[3] for s, own in zip(seen[b], in_chunk)])
+                values = torch.stack([s[2] if own else s[4] for s, own in zip(seen[b], in_chunk)])
+                expected = _reference_attention(q[b, :, t], keys, values, [s[0] for s in seen[b]], q_pos,
+                                                window, scaling)
+                # Decode runs in fp16 (the op's q and output), prefill in fp32.
+                tolerance = 4e-3 if tokens == 1 else 1e-5
+                torch.testing.assert_close(out[b, :, t].double(), expected, atol=tolerance, rtol=tolerance)
+    assert layer.real_tokens.tolist() == [len(s) for s in seen]
+    assert int(layer.get_seq_length()) == sum(c.shape[1] for c in chunks)
+
+
+def test_ring_slots_hold_the_last_window_tokens():
+    layer = FP4CacheLayer("mxfp4", max_cache_len=100, sliding_window=4)
+    values = torch.tensor([1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0])  # exact in MXFP4
+    keys = values[None, None, :, None].expand(1, 1, 10, 64)
+    layer.update(keys, keys)
+    layer.attend(torch.zeros(1, 1, 10, 64), keys, keys, None, 1.0)
+    stored, _ = layer.fp4.read(torch.arange(4), torch.float32)
+    # positions 6..9 (values 8, 12, 16, 24) in slots position mod 4
+    assert stored[:, 0, 0].tolist() == [16.0, 24.0, 8.0, 12.0]
+
+
+# ---- whole models ------------------------------------------------------------------------------
+
+
+def _register_reference(recipe: str) -> str:
+    """transformers' own eager attention (the model's modeling file), with keys and values rounded
+    through `recipe` where an FP4Cache holds them: all of them in a decode step, the cached prefix
+    (not the new chunk) in a prefill."""
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        new = query.shape[2]
+        cached = key.shape[2] if new == 1 else key.shape[2] - new
+        key = torch.cat((roundtrip(key[:, :, :cached], recipe), key[:, :, cached:]), 2)
+        value = torch.cat((roundtrip(value[:, :, :cached], recipe), value[:, :, cached:]), 2)
+        return inspect.getmodule(module).eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    name = f"test_fp4_reference_{recipe}"
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, eager_mask)
+    return name
+
+
+def _generate(model, attn: str, ids, new_tokens: int, fp4_recipe=None, attention_mask=None):
+    """Greedy tokens and logits; with an FP4Cache of `fp4_recipe` sized for the call, or transformers'
+    default DynamicCache."""
+    model.set_attn_implementation(attn)
+    kwargs = {}
+    if fp4_recipe is not None:
+        kwargs["past_key_values"] = FP4Cache(model.config, ids.shape[1] + new_tokens, fp4_recipe)
+    out = model.generate(ids, attention_mask=attention_mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0, **kwargs)
+    return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, 1)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_matches_transformers_attention_over_fp4_values(arch, recipe):
+    """12-token prompts, 16 new tokens (Gemma's window is 8): the same greedy tokens as the
+    reference, scores within fp16-decode noise of it and far from full precision's."""
+    model = models.random_model(models.tiny_config(arch))
+    ids = torch.randint(3, 256, (3, 12), generator=torch.Generator().manual_seed(1))
+    tokens, scores = _generate(model, "fp4kv", ids, 16, recipe)
+    ref_tokens, ref_scores = _generate(model, _register_reference(recipe), ids, 16)
+    _, full_scores = _generate(model, "eager", ids, 16)
+    assert torch.equal(tokens, ref_tokens)
+    error, fp4_effect = (scores - ref_scores).abs().mean(), (full_scores - ref_scores).abs().mean()
+    assert error < 0.02 and error < 0.1 * fp4_effect, (error, fp4_effect)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_chunked_prefill_then_decode_matches_reference(arch):
+    """A hand-written loop: two prefill chunks (the second longer than Gemma's window, so the ring
+    wraps inside it) and four decode steps, without attention masks or position ids."""
+    model = models.random_model(models.tiny_config(arch))
+    ids = torch.randint(3, 256, (2, 24), generator=torch.Generator().manual_seed(2))
+    steps = [(0, 9), (9, 20), (20, 21), (21, 22), (22, 23), (23, 24)]
+    logits = {}
+    for attn in ("fp4kv", _register_reference("nvfp4")):
+        model.set_attn_implementation(attn)
+        cache = FP4Cache(model.config, 24, "nvfp4") if attn == "fp4kv" else DynamicCache(config=model.config)
+        with torch.no_grad():
+            logits[attn] = torch.cat([model(ids[:, a:b], past_key_values=cache).logits for a, b in steps], 1)
+    fp4, ref = logits.values()
+    torch.testing.assert_close(fp4[:, :9], ref[:, :9], atol=1e-4, rtol=1e-4)  # no prefix yet: full precision
+    assert (fp4 - ref).abs().mean() < 0.02
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_left_padded_batch_generates_what_each_prompt_does_alone(arch):
+    """Prompts of 5, 9 and 13 tokens, left padded in one batch: padding is never stored or attended,
+    and positions count real tokens only, so each row equals its prompt run alone (for Gemma, also
+    after its 8-token window slid over where the padding would be)."""
+    model = models.random_model(models.tiny_config(arch))
+    prompts = [torch.randint(3, 256, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 9, 13)]
+    width = max(len(p) for p in prompts)
+    ids = torch.stack([torch.cat((torch.zeros(width - len(p), dtype=torch.long), p)) for p in prompts])
+    mask = torch.stack([torch.arange(width) >= width - len(p) for p in prompts]).long()
+    batch_tokens, batch_scores = _generate(model, "fp4kv", ids, 12, "nvfp4", mask)
+    for row, prompt in enumerate(prompts):
+        alone, alone_scores = _generate(model, "fp4kv", prompt[None], 12, "nvfp4")
+        assert torch.equal(batch_tokens[row], alone[0])
+        torch.testing.assert_close(batch_scores[row], alone_scores[0], atol=1e-2, rtol=0)  # fp16 decode noise
+
+
+def test_memory_against_static_cache():
+    """Gemma 3's real shape: sliding layers hold 512 slots in both caches; FP4 stores
+    2 * (128 + 16) bytes per head and token against BF16's 2 * 512."""
+    config = models.architecture_config("gemma3")
+    sizes = kv_cache_bytes(config, max_cache_len=4096, batch_size=2, recipe="nvfp4")
+    slots = 2 * (15 * 512 + 3 * 4096)
+    assert sizes == {"fp4": slots * 2 * 144 + 18 * 8, "static": slots * 2 * 512}
+
+
+def test_bad_arguments():
+    config = models.tiny_config("smollm2")
+    with pytest.raises(ValueError, match="attn_implementation='fp4kv'"):
+        FP4Cache(config, 16)
+    config._attn_implementation = "fp4kv"
+    with pytest.raises(ValueError, match="unknown FP4 KV cache method"):
+        FP4Cache(config, 16, recipe="int4")
+    with pytest.raises(ValueError, match="max_cache_len"):
+        FP4Cache(config, 0)
+    model = models.random_model(config, attn_implementation="fp4kv")
+    with pytest.raises(TypeError, match="needs an FP4Cache"):
+        model.generate(torch.ones(1, 4, dtype=torch.long), max_new_tokens=2)  # a DynamicCache
+    with pytest.raises(ValueError, match="max_cache_len=6 is too small"):
+        model.generate(torch.ones(1, 4, dtype=torch.long), past_key_values=FP4Cache(config, 6), max_new_tokens=4)

@@ -1,0 +1,71 @@
+"""A transformers model's decode step over an FP4Cache under torch.compile(fullgraph=True): one graph,
+no graph breaks, no recompile across steps, the same logits and cache bytes as eager; on a GPU,
+also under CUDA graphs (mode="reduce-overhead") with no cudagraph skip."""
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
+
+from conftest import assert_same_bytes, requires_cuda  # noqa: E402
+from torch_fp4kv import models  # noqa: E402
+from torch_fp4kv.hf import FP4Cache  # noqa: E402
+
+STEPS = 4
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def _decode(arch: str, device: str, compile_step):
+    """Prefill 10 tokens eagerly into two caches, then STEPS greedy steps: compiled on one cache,
+    eager on the other. Returns both logits per step and both caches."""
+    model = models.random_model(models.tiny_config(arch), device=device, attn_implementation="fp4kv")
+    ids = torch.randint(3, 256, (2, 10), generator=torch.Generator().manual_seed(0)).to(device)
+    compiled_cache, eager_cache = (FP4Cache(model.config, 10 + STEPS, "nvfp4") for _ in range(2))
+    step = compile_step(model)
+    logits = []
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        for cache in (compiled_cache, eager_cache):
+            model(ids, past_key_values=cache)
+        token = ids[:, -1:].clone()
+        for i in range(STEPS):
+            position = torch.full((2, 1), 10 + i, device=device)
+            compiled = step(token, position_ids=position, past_key_values=compiled_cache).logits.clone()
+            eager = model(token, position_ids=position, past_key_values=eager_cache).logits
+            logits.append((compiled, eager))
+            token = eager.argmax(-1)
+    return logits, compiled_cache, eager_cache
+
+
+@pytest.mark.parametrize("arch", ["smollm2", "gemma3"])
+def test_decode_step_compiles_once_without_graph_breaks(arch):
+    counter = CompileCounterWithBackend("inductor")
+    logits, compiled_cache, eager_cache = _decode(arch, "cpu", lambda m: torch.compile(m, fullgraph=True, backend=counter))
+    assert counter.frame_count == 1, "a decode step recompiled"
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    for compiled, eager in logits:
+        torch.testing.assert_close(compiled, eager, atol=2e-3, rtol=0)  # fp16 decode rounding
+    for compiled_layer, eager_layer in zip(compiled_cache.layers, eager_cache.layers):
+        assert torch.equal(compiled_layer.real_tokens, eager_layer.real_tokens)
+        for written, expected in zip(compiled_layer.fp4.buffers(), eager_layer.fp4.buffers()):
+            assert_same_bytes(written, expected)  # the compiled steps wrote into the cache itself
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["smollm2", "gemma3"])
+def test_decode_step_replays_as_cuda_graph(arch):
+    logits, _, _ = _decode(arch, "cuda", lambda m: torch.compile(m, fullgraph=True, mode="reduce-overhead"))
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    for compiled, eager in logits:
+        torch.testing.assert_close(compiled, eager, atol=2e-3, rtol=0)

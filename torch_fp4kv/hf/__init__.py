@@ -1,0 +1,24 @@
+"""FP4 KV cache for Hugging Face transformers models (needs `pip install -e ".[models]"`).
+
+Importing this package registers the "fp4kv" attention implementation. Then:
+
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="fp4kv")
+    cache = FP4Cache(model.config, max_cache_len=1024, recipe="nvfp4")
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+"""
+
+from .attention import fp4kv_attention, register, roundtrip_attention
+from .cache import ATTENTION_NAME, FP4Cache, FP4CacheLayer, FP4KVChunk, kv_cache_bytes
+
+register()
+
+__all__ = [
+    "ATTENTION_NAME",
+    "FP4Cache",
+    "FP4CacheLayer",
+    "FP4KVChunk",
+    "fp4kv_attention",
+    "kv_cache_bytes",
+    "register",
+    "roundtrip_attention",
+]
