@@ -50,7 +50,7 @@ def decode(model, prompt: torch.Tensor, steps: int, use_graph: bool, keep_logits
     """Prefill, then `steps` greedy steps. Returns the seconds the steps took (the slowest rank's)
     and, if asked, the logits of every position [B, P + steps, V]."""
     decoder = Decoder(model, prompt, use_graph)
-    logits = [decoder.logits.clone()] if keep_logits else []
+    logits = [decoder.prefill_logits.clone()] if keep_logits else []
     if use_graph:
         torch.cuda.synchronize()
     dist.barrier()
@@ -87,7 +87,7 @@ def decode_here(model, prompt: torch.Tensor, steps: int, follow: torch.Tensor | 
     With `follow` (logits [B, P + steps, V] of another run), each step is fed that run's greedy token
     instead of this model's own, so a near tie decided the other way does not change what follows."""
     decoder = Decoder(model, prompt, use_graph=False)
-    logits = [decoder.logits.clone()]
+    logits = [decoder.prefill_logits.clone()]
     for step in range(steps):
         decoder.step()
         logits.append(decoder.logits.clone())

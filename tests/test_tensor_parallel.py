@@ -62,7 +62,7 @@ def split_runs(tmp_path_factory):
 def decode_here(model: nn.Module) -> torch.Tensor:
     """float32 logits of every position, decoded in this process alone."""
     decoder = Decoder(model, PROMPT, use_graph=False)
-    logits = [decoder.logits]
+    logits = [decoder.prefill_logits]
     for _ in range(STEPS):
         decoder.step()
         logits.append(decoder.logits)

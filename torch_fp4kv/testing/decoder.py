@@ -11,8 +11,9 @@ class Decoder:
     static inputs and, when `use_graph`, its CUDA graph (captured after one warm-up step on a side
     stream, so Triton compiles and NCCL communicators start outside the capture).
 
-    `logits` holds the last step's logits [B, 1, V] (on a graph, the same tensor every step), and
-    `tokens` the token each sequence chose.
+    `prefill_logits` holds the prompt's logits [B, P, V], `logits` the last step's [B, 1, V] (on a
+    graph, the same tensor every step; capturing the graph runs a step, so read the prompt's from
+    `prefill_logits`), and `tokens` the token each sequence chose.
     """
 
     def __init__(self, model: nn.Module, prompt: torch.Tensor, use_graph: bool):
@@ -21,7 +22,8 @@ class Decoder:
         self.pos = torch.full((1,), prompt.shape[1], dtype=torch.long, device=prompt.device)
         self.graph = None
         with torch.no_grad():
-            self.logits = model(prompt, torch.zeros(1, dtype=torch.long, device=prompt.device))
+            self.prefill_logits = model(prompt, torch.zeros(1, dtype=torch.long, device=prompt.device))
+            self.logits = self.prefill_logits
             if use_graph:
                 stream = torch.cuda.Stream()
                 stream.wait_stream(torch.cuda.current_stream())
