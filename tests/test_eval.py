@@ -1,0 +1,134 @@
+"""The accuracy measurements (torch_fp4kv.accuracy) on a tiny random model, the eval CLI's pieces,
+and, where the SmolLM2 package is installed, the real model under generate() and a short eval run."""
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from torch_fp4kv import accuracy, models  # noqa: E402
+from torch_fp4kv.eval import cut_prompts, parse_args, token_windows  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+
+def test_settings_and_their_errors():
+    rows = accuracy.settings_for(["nvfp4", accuracy.ANCHOR], ["window", "decode"])
+    assert [(s.protocol, s.cache) for s in rows] == [
+        ("reference", "full"), ("window", "nvfp4"), ("decode", "nvfp4"), ("decode", accuracy.ANCHOR)]
+    with pytest.raises(ValueError, match="recipes: 'int4'"):
+        accuracy.settings_for(["int4"], ["window"])
+    with pytest.raises(ValueError, match="protocols: 'stream'"):
+        accuracy.settings_for(["nvfp4"], ["stream"])
+
+
+def test_greedy_agreement_counts_up_to_the_first_difference():
+    totals = accuracy.Totals()
+    reference = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    totals.add_greedy(torch.tensor([[1, 2, 9, 4], [5, 6, 7, 8]]), reference)  # 2 then 4 tokens agree
+    assert totals.greedy_matched == 6 and totals.greedy_tokens == 8
+
+
+def test_windows_and_prompts_carry_the_tokenizer_prefix():
+    ids = list(range(100, 400))
+    windows = token_windows(ids, [2], window=64, tokens=200)
+    assert windows.shape == (3, 64) and windows[:, 0].tolist() == [2, 2, 2]
+    assert windows[1, 1:].tolist() == ids[63:126]
+    prompts = cut_prompts(ids, [2], count=3, length=10, span=189)
+    assert prompts[:, 1].tolist() == [100, 100 + 89, 100 + 179]
+    with pytest.raises(ValueError, match="fewer than one window"):
+        token_windows(ids[:10], [], window=64, tokens=200)
+
+
+def test_window_and_decode_protocols_agree_and_full_precision_is_exact():
+    """On a tiny Llama: the reference row is the plain forward's perplexity with zero KL; the decode
+    protocol (the real cache, token by token) and the window protocol (every K/V rounded in one
+    pass) see the same values, so they land close together, away from full precision."""
+    model = models.random_model(models.tiny_config("smollm2"))
+    windows = torch.randint(3, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    settings = accuracy.settings_for(["nvfp4"], ["window", "decode"])
+    with torch.inference_mode():
+        totals = accuracy.window_metrics(model, windows, settings, batch_size=2, bar=_NoBar())
+        logprobs = torch.log_softmax(model(windows).logits[:, :-1].float(), -1)
+    full, window, decode = (totals[s].summary() for s in settings)
+    nll = -logprobs.gather(-1, windows[:, 1:, None]).mean().item()
+    assert full["perplexity"] == pytest.approx(math.exp(nll), rel=1e-5) and full["kl"] == 0.0
+    assert full["predictions"] == window["predictions"] == decode["predictions"] == 62
+    assert abs(decode["kl"] - window["kl"]) < 0.1 * window["kl"]
+    assert abs(decode["perplexity"] - window["perplexity"]) < 0.1 * abs(window["perplexity"] - full["perplexity"])
+
+
+def test_bytes_per_token():
+    model = models.random_model(models.tiny_config("gemma3"))  # 3 layers, 1 KV head, head_dim 256, fp32
+    assert accuracy.kv_bytes_per_token(model, "full") == 3 * 2 * 256 * 4
+    assert accuracy.kv_bytes_per_token(model, "nvfp4") == 3 * 2 * (128 + 16)
+    assert accuracy.kv_bytes_per_token(model, "mxfp4") == 3 * 2 * (128 + 8)
+    pytest.importorskip("optimum.quanto")
+    # quanto int4: 4 groups of 64 values per head, each 32 bytes of codes + fp32 scale and shift
+    assert accuracy.kv_bytes_per_token(model, accuracy.ANCHOR) == 3 * 2 * 4 * (32 + 8)
+
+
+def test_readme_eval_commands_parse():
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"^python -m torch_fp4kv\.eval(.*)$", readme, re.M)
+    assert commands, "README shows no eval command"
+    for flags in commands:
+        parse_args(flags.split())
+
+
+# ---- the real model, where its package is installed ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    pytest.importorskip("gguf")
+    try:
+        models.gguf_path("smollm2")
+    except models.ModelNotInstalled as missing:
+        pytest.skip(str(missing))
+    return models.load("smollm2")
+
+
+def test_smollm2_generates_through_the_fp4_cache(smollm2):
+    """The real model continues a prompt through FP4Cache; its first tokens are the ones
+    transformers' own attention picks over the same FP4-rounded keys and values."""
+    from test_hf_cache import _generate, _register_reference
+
+    model, tokenizer = smollm2
+    ids = tokenizer("The GNU General Public License is a free, copyleft license for", return_tensors="pt").input_ids
+    tokens, _ = _generate(model, "fp4kv", ids, 8, "nvfp4")
+    reference, _ = _generate(model, _register_reference("nvfp4"), ids, 8)
+    model.set_attn_implementation("sdpa")
+    assert torch.equal(tokens, reference), (tokenizer.decode(tokens[0]), tokenizer.decode(reference[0]))
+    assert tokenizer.decode(tokens[0]).strip()
+
+
+def test_smollm2_short_eval_run(smollm2, tmp_path):
+    pytest.importorskip("optimum.quanto")
+    out = subprocess.run(
+        [sys.executable, "-m", "torch_fp4kv.eval", "--model", "smollm2", "--tokens", "256", "--window", "128",
+         "--prompts", "2", "--prompt-tokens", "32", "--new-tokens", "8", "--recipes", f"nvfp4,{accuracy.ANCHOR}",
+         "--json", str(tmp_path / "eval.json"), "--no-progress"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "eval.json").read_text())["rows"]
+    assert [(r["protocol"], r["cache"]) for r in rows] == [
+        ("reference", "full"), ("window", "nvfp4"), ("decode", "nvfp4"), ("decode", accuracy.ANCHOR)]
+    full, window, decode, anchor = rows
+    assert 5 < full["perplexity"] < 60 and full["kl"] == 0 and full["greedy_agreement"] == 1
+    assert window["bytes_per_token"] == decode["bytes_per_token"] == 30 * 2 * 3 * 36
+    assert 0 < window["kl"] < 1 and abs(decode["kl"] - window["kl"]) < 0.2 * window["kl"]
+    for row in rows:
+        assert f"{row['perplexity']:10.3f}" in out.stdout

@@ -1,0 +1,180 @@
+"""What an FP4 KV cache does to a causal LM's predictions, measured against full precision.
+
+Over fixed-size windows of a text: perplexity and the mean KL divergence of every next-token
+distribution from full precision's; over prompts cut from the text: the share of a greedy
+continuation that matches full precision's before the first difference. Two protocols:
+
+- "window": one forward pass per window in which every key and value goes through the format
+  (quantized and dequantized right after RoPE, inside the attention; transformers' SDPA attends).
+  Greedy continuations: `generate` with that attention over a DynamicCache.
+- "decode": token by token through the real `FP4Cache` (the "fp4kv" attention, which decodes with
+  `fp4kv.decode_attention`). Greedy continuations: `generate` with the cache (the prompt is
+  prefilled, attending to itself in full precision; the continuation is decoded from FP4).
+
+The anchor users pick today, transformers' `QuantizedCache` with the quanto backend at its
+defaults (int4, groups of 64, the last 128 tokens kept in full precision), runs in "decode".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers import QuantizedCache
+from transformers.cache_utils import QuantoQuantizedLayer
+
+from .hf import ATTENTION_NAME, FP4Cache, roundtrip_attention
+from .ops import FORMATS
+
+PROTOCOLS = ("window", "decode")
+ANCHOR = "quanto-int4"
+FULL = "full"
+REFERENCE_ATTENTION = "sdpa"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of results: a protocol ("window", "decode", or "reference" for full precision) and
+    what holds the keys and values (an FP4 recipe, ANCHOR, or FULL)."""
+
+    protocol: str
+    cache: str
+
+
+def settings_for(recipes: list[str], protocols: list[str]) -> list[Setting]:
+    """Full precision first, then each protocol's rows; the anchor only in "decode"."""
+    for name in recipes:
+        if name != ANCHOR and name not in FORMATS:
+            raise ValueError(f"recipes: {name!r} is neither an FP4 recipe {sorted(FORMATS)} nor {ANCHOR!r}")
+    for protocol in protocols:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocols: {protocol!r} is not one of {PROTOCOLS}")
+    rows = [Setting("reference", FULL)]
+    for protocol in protocols:
+        rows += [Setting(protocol, name) for name in recipes if name != ANCHOR or protocol == "decode"]
+    return rows
+
+
+@dataclass
+class Totals:
+    nll: float = 0.0
+    kl: float = 0.0
+    predictions: int = 0
+    greedy_matched: int = 0
+    greedy_tokens: int = 0
+
+    def add_predictions(self, logprobs: torch.Tensor, reference: torch.Tensor, targets: torch.Tensor) -> None:
+        """logprobs, reference [..., V] (log-softmax); targets [...] (the tokens that followed)."""
+        self.nll -= logprobs.gather(-1, targets[..., None]).sum().item()
+        self.kl += torch.sum(reference.exp() * (reference - logprobs)).item()
+        self.predictions += targets.numel()
+
+    def add_greedy(self, tokens: torch.Tensor, reference: torch.Tensor) -> None:
+        """Continuations [P, N]: count each one's tokens up to its first difference from reference."""
+        differs = tokens != reference
+        first_difference = torch.where(differs.any(1), differs.float().argmax(1), tokens.shape[1])
+        self.greedy_matched += int(first_difference.sum())
+        self.greedy_tokens += tokens.numel()
+
+    def summary(self) -> dict[str, float]:
+        return {"perplexity": math.exp(self.nll / self.predictions), "kl": self.kl / self.predictions,
+                "greedy_agreement": self.greedy_matched / self.greedy_tokens if self.greedy_tokens else float("nan"),
+                "predictions": self.predictions}
+
+
+def kv_bytes_per_token(model, cache: str) -> float:
+    """Bytes of K and V one token takes over all layers (before any window limit): FP4 from the
+    format table; quanto measured on its own tensors; full precision in the model's dtype."""
+    config = model.config.get_text_config(decoder=True)
+    layers, heads, head_dim = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+    if cache == FULL:
+        return 2 * layers * heads * head_dim * model.dtype.itemsize
+    if cache == ANCHOR:
+        tokens = 1024
+        quantized = QuantoQuantizedLayer()._quantize(torch.randn(1, heads, tokens, head_dim, dtype=model.dtype), axis=0)
+        return 2 * layers * _tensor_bytes(quantized) / tokens
+    return layers * FORMATS[cache].bytes_per_token(heads, head_dim)
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    """Storage of a tensor, or of the inner tensors of a tensor subclass (quanto's packed codes,
+    scales and shifts)."""
+    if type(tensor) is torch.Tensor:
+        return tensor.numel() * tensor.element_size()
+    inner, _ = tensor.__tensor_flatten__()
+    return sum(_tensor_bytes(getattr(tensor, name)) for name in inner)
+
+
+def _window_logprobs(model, windows: torch.Tensor, attention: str) -> torch.Tensor:
+    model.set_attn_implementation(attention)
+    return torch.log_softmax(model(windows, use_cache=False).logits[:, :-1].float(), -1)
+
+
+def _new_cache(model, setting: Setting, length: int):
+    """Switch the model to the setting's attention; the cache it decodes with (None: DynamicCache)."""
+    if setting.protocol == "decode":
+        model.set_attn_implementation(REFERENCE_ATTENTION if setting.cache == ANCHOR else ATTENTION_NAME)
+        if setting.cache == ANCHOR:
+            return QuantizedCache("quanto", model.config)
+        return FP4Cache(model.config, length, setting.cache)
+    model.set_attn_implementation(REFERENCE_ATTENTION if setting.cache == FULL else roundtrip_attention(setting.cache))
+    return None
+
+
+def window_metrics(model, windows: torch.Tensor, settings: list[Setting], batch_size: int, bar) -> dict[Setting, Totals]:
+    """Perplexity and KL over windows [W, S]; each window's first token is context only."""
+    totals = {setting: Totals() for setting in settings}
+    for batch in windows.split(batch_size):
+        targets = batch[:, 1:]
+        reference = _window_logprobs(model, batch, REFERENCE_ATTENTION)
+        bar.update(1)
+        for setting in settings:
+            if setting.protocol == "reference":
+                totals[setting].add_predictions(reference, reference, targets)
+            elif setting.protocol == "window":
+                totals[setting].add_predictions(_window_logprobs(model, batch, roundtrip_attention(setting.cache)),
+                                                reference, targets)
+                bar.update(1)
+            else:
+                cache = _new_cache(model, setting, batch.shape[1])
+                for t in range(batch.shape[1] - 1):
+                    logits = model(batch[:, t:t + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+                    totals[setting].add_predictions(torch.log_softmax(logits.float(), -1), reference[:, t],
+                                                    targets[:, t])
+                    bar.update(1)
+    return totals
+
+
+def greedy_continuations(model, prompts: torch.Tensor, setting: Setting, new_tokens: int) -> torch.Tensor:
+    """`generate`'s greedy continuation [P, new_tokens] of equal-length prompts [P, L]."""
+    cache = _new_cache(model, setting, prompts.shape[1] + new_tokens)
+    kwargs = {} if cache is None else {"past_key_values": cache}
+    pad = model.generation_config.pad_token_id
+    out = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False,
+                         pad_token_id=pad if pad is not None else model.generation_config.eos_token_id, **kwargs)
+    return out[:, prompts.shape[1]:]
+
+
+def steps_needed(settings: list[Setting], windows: int, window_size: int, batch_size: int) -> int:
+    """Forward passes `evaluate` makes (its progress bar's total)."""
+    batches = math.ceil(windows / batch_size)
+    per_batch = 1 + sum({"reference": 0, "window": 1, "decode": window_size - 1}[s.protocol] for s in settings)
+    return batches * per_batch + len(settings)
+
+
+@torch.inference_mode()
+def evaluate(model, windows: torch.Tensor, prompts: torch.Tensor, settings: list[Setting], new_tokens: int,
+             batch_size: int, bar) -> list[dict]:
+    """One result row per setting: its bytes per token and accuracy figures."""
+    totals = window_metrics(model, windows, settings, batch_size, bar)
+    reference = None
+    for setting in settings:  # the reference row comes first
+        tokens = greedy_continuations(model, prompts, setting, new_tokens)
+        reference = tokens if reference is None else reference
+        totals[setting].add_greedy(tokens, reference)
+        bar.update(1)
+    model.set_attn_implementation(REFERENCE_ATTENTION)
+    return [{"protocol": s.protocol, "cache": s.cache, "bytes_per_token": kv_bytes_per_token(model, s.cache),
+             **totals[s].summary()} for s in settings]
