@@ -88,6 +88,8 @@ def decode_here(model, prompt: torch.Tensor, steps: int, follow: torch.Tensor | 
     instead of this model's own, so a near tie decided the other way does not change what follows."""
     decoder = Decoder(model, prompt, use_graph=False)
     logits = [decoder.prefill_logits.clone()]
+    if follow is not None:
+        decoder.tokens.copy_(follow[:, prompt.shape[1] - 1].argmax(-1, keepdim=True))
     for step in range(steps):
         decoder.step()
         logits.append(decoder.logits.clone())

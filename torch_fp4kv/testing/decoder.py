@@ -12,29 +12,35 @@ class Decoder:
     stream, so Triton compiles and NCCL communicators start outside the capture).
 
     `prefill_logits` holds the prompt's logits [B, P, V], `logits` the last step's [B, 1, V] (on a
-    graph, the same tensor every step; capturing the graph runs a step, so read the prompt's from
-    `prefill_logits`), and `tokens` the token each sequence chose.
+    graph, the same tensor every step), and `tokens` the next input: the greedy choice of the
+    latest logits. Capturing the graph runs a step, so the inputs are rewound afterwards: with or
+    without a graph, step k decodes the same token at the same position.
     """
 
     def __init__(self, model: nn.Module, prompt: torch.Tensor, use_graph: bool):
         self.model = model
-        self.tokens = prompt[:, -1:].clone()
-        self.pos = torch.full((1,), prompt.shape[1], dtype=torch.long, device=prompt.device)
         self.graph = None
         with torch.no_grad():
             self.prefill_logits = model(prompt, torch.zeros(1, dtype=torch.long, device=prompt.device))
-            self.logits = self.prefill_logits
-            if use_graph:
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    self._step()
-                torch.cuda.current_stream().wait_stream(stream)
-                self.pos.fill_(prompt.shape[1])
-                self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph):
-                    self._step()
-                self.pos.fill_(prompt.shape[1])
+        self.logits = self.prefill_logits
+        self.tokens = self.prefill_logits[:, -1:].argmax(-1)
+        self.pos = torch.full((1,), prompt.shape[1], dtype=torch.long, device=prompt.device)
+        if use_graph:
+            self._capture()
+
+    def _capture(self) -> None:
+        first_tokens, first_pos = self.tokens.clone(), self.pos.clone()
+        with torch.no_grad():
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self._step()  # warm-up: compiles kernels, starts communicators; writes one cache slot
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._step()
+        self.tokens.copy_(first_tokens)
+        self.pos.copy_(first_pos)
 
     def _step(self) -> None:
         self.logits = self.model(self.tokens, self.pos)
