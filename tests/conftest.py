@@ -55,6 +55,17 @@ def _seeded():
 
 
 @pytest.fixture
+def fresh_dynamo():
+    """torch.compile's caches and counters start empty, so a test counts only its own graphs."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
 def backend(monkeypatch):
     """Force a backend for the ops called in a test: backend("triton")."""
 

@@ -42,12 +42,7 @@ def _cache_buffers(module: StoreThenRead):
     return dict(module.cache.layers[0].named_buffers())
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 @pytest.mark.parametrize("device", DEVICES)

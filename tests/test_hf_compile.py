@@ -17,12 +17,7 @@ from torch_fp4kv.hf import FP4Cache  # noqa: E402
 STEPS = 4
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _decode(arch: str, device: str, compile_step):
