@@ -23,11 +23,9 @@ from typing import Callable
 
 import torch
 
-from .ops import FORMATS, checks, decode_attention, dequantize, gather_dequantize, quantize, quantize_and_store
+from .ops import FORMATS, decode_attention, dequantize, eager, gather_dequantize, quantize, quantize_and_store
 from .ops.backends import Backend, forced_backend, installed, unavailable_reason
-from .ops import eager
-
-OUTPUT_DTYPES = checks.OUTPUT_DTYPES
+from .ops.checks import OUTPUT_DTYPES
 
 
 @dataclass(frozen=True)
