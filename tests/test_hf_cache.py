@@ -37,16 +37,18 @@ def _reference_attention(q, keys, values, positions, q_pos, window, scaling):
 @pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("window", [None, 6])
 def test_layer_stores_real_tokens_and_attends_by_position(recipe, window):
-    """Prefill chunks with left padding, then decode steps past the window: every real query's
-    output equals attention over the tokens it may see, earlier chunks' keys/values dequantized and
-    its own chunk's in full precision (decode: all dequantized); padded queries give zeros."""
+    """A decode step, prefill chunks with left padding, decode steps past the window: every real
+    query's output equals attention over the tokens it may see, earlier chunks' keys/values
+    dequantized and its own chunk's in full precision (decode: all dequantized); padded queries
+    give zeros."""
     torch.manual_seed(0)
     batch, hkv, hq, d, scaling = 2, 1, 2, 64, 0.125
     layer = FP4CacheLayer(recipe, max_cache_len=24, sliding_window=window)
     seen = [[] for _ in range(batch)]  # per sequence: (position, k, v, k_fp4, v_fp4) of real tokens
     pads = torch.tensor([[False, False, True, True, True, True, True],  # sequence 0: two left pads
                          [True] * 7])
-    chunks = [pads, torch.ones(batch, 5, dtype=torch.bool)] + [torch.ones(batch, 1, dtype=torch.bool)] * 6
+    one = torch.ones(batch, 1, dtype=torch.bool)
+    chunks = [one, pads, torch.ones(batch, 5, dtype=torch.bool)] + [one] * 6  # decode, prefill x 2, decode
     for real in chunks:
         tokens = real.shape[1]
         q = torch.randn(batch, hq, tokens, d)
