@@ -109,9 +109,25 @@ def test_readme_quickstart_runs_and_its_commands_are_those_ci_runs():
     readme = (ROOT / "README.md").read_text()
     snippet = re.search(r"## Quickstart\n\n```python\n(.*?)```", readme, re.S).group(1)
     assert "1152 bytes per token" in _run("-c", snippet)
-    commands = re.findall(r"```bash\n(.*?)```", readme, re.S)
+    install_and_run = re.search(r"## Install and run\n(.*?)\n## ", readme, re.S).group(1)
+    commands = re.findall(r"```bash\n(.*?)```", install_and_run, re.S)
     ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
     readme_lines = [line for block in commands for line in block.strip().splitlines()]
     assert readme_lines == ['pip install -e ".[test]"', "python examples/quickstart.py", "python -m pytest -q"]
     for line in readme_lines:
         assert line in ci_lines or line.startswith("python examples/"), line
+
+
+def test_hf_generate_falls_back_to_a_tiny_model_without_the_model_package():
+    pytest.importorskip("transformers")
+    hide_models = ("import runpy, sys\n"
+                   "from torch_fp4kv import models\n"
+                   "def not_installed(name):\n"
+                   "    raise models.ModelNotInstalled('the package is not installed')\n"
+                   "models.gguf_path = not_installed\n"
+                   "sys.argv = ['hf_generate.py', '--model', 'gemma3', '--new-tokens', '12']\n"
+                   "runpy.run_path('examples/hf_generate.py', run_name='__main__')\n")
+    out = _run("-c", hide_models)
+    assert "falling back to a tiny random-weight gemma3-shaped model" in out
+    assert len(re.search(r"continuation tokens: \[(.*)\]", out).group(1).split(",")) == 12
+    assert _number(r"StaticCache \(bf16\): ([\d.]+)x", out) == pytest.approx(0.281, abs=1e-3)

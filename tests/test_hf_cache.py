@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 from transformers import AttentionInterface, DynamicCache  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface, eager_mask  # noqa: E402
 
-from conftest import RECIPES  # noqa: E402
+from conftest import RECIPES, requires_cuda  # noqa: E402
 from torch_fp4kv import models  # noqa: E402
 from torch_fp4kv.hf import FP4Cache, FP4CacheLayer, kv_cache_bytes  # noqa: E402
 from torch_fp4kv.hf.attention import roundtrip  # noqa: E402
@@ -37,16 +37,18 @@ def _reference_attention(q, keys, values, positions, q_pos, window, scaling):
 @pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("window", [None, 6])
 def test_layer_stores_real_tokens_and_attends_by_position(recipe, window):
-    """Prefill chunks with left padding, then decode steps past the window: every real query's
-    output equals attention over the tokens it may see, earlier chunks' keys/values dequantized and
-    its own chunk's in full precision (decode: all dequantized); padded queries give zeros."""
+    """A decode step, prefill chunks with left padding, decode steps past the window: every real
+    query's output equals attention over the tokens it may see, earlier chunks' keys/values
+    dequantized and its own chunk's in full precision (decode: all dequantized); padded queries
+    give zeros."""
     torch.manual_seed(0)
     batch, hkv, hq, d, scaling = 2, 1, 2, 64, 0.125
     layer = FP4CacheLayer(recipe, max_cache_len=24, sliding_window=window)
     seen = [[] for _ in range(batch)]  # per sequence: (position, k, v, k_fp4, v_fp4) of real tokens
     pads = torch.tensor([[False, False, True, True, True, True, True],  # sequence 0: two left pads
                          [True] * 7])
-    chunks = [pads, torch.ones(batch, 5, dtype=torch.bool)] + [torch.ones(batch, 1, dtype=torch.bool)] * 6
+    one = torch.ones(batch, 1, dtype=torch.bool)
+    chunks = [one, pads, torch.ones(batch, 5, dtype=torch.bool)] + [one] * 6  # decode, prefill x 2, decode
     for real in chunks:
         tokens = real.shape[1]
         q = torch.randn(batch, hq, tokens, d)
@@ -121,18 +123,20 @@ def _generate(model, attn: str, ids, new_tokens: int, fp4_recipe=None, attention
     return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, 1)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[requires_cuda, pytest.mark.gpu])])
 @pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_generate_matches_transformers_attention_over_fp4_values(arch, recipe):
+def test_generate_matches_transformers_attention_over_fp4_values(arch, recipe, device):
     """12-token prompts, 16 new tokens (Gemma's window is 8): the same greedy tokens as the
-    reference, scores within fp16-decode noise of it and far from full precision's."""
-    model = models.random_model(models.tiny_config(arch))
-    ids = torch.randint(3, 256, (3, 12), generator=torch.Generator().manual_seed(1))
-    tokens, scores = _generate(model, "fp4kv", ids, 16, recipe)
-    ref_tokens, ref_scores = _generate(model, _register_reference(recipe), ids, 16)
-    _, full_scores = _generate(model, "eager", ids, 16)
+    reference, logits within fp16-decode noise of it, a tenth of their distance from full
+    precision's. On a GPU, decode runs the Triton or Gluon decode kernel."""
+    model = models.random_model(models.tiny_config(arch), device=device)
+    ids = torch.randint(3, 256, (3, 12), generator=torch.Generator().manual_seed(1)).to(device)
+    tokens, logits = _generate(model, "fp4kv", ids, 16, recipe)
+    ref_tokens, ref_logits = _generate(model, _register_reference(recipe), ids, 16)
+    _, full_logits = _generate(model, "eager", ids, 16)
     assert torch.equal(tokens, ref_tokens)
-    error, fp4_effect = (scores - ref_scores).abs().mean(), (full_scores - ref_scores).abs().mean()
+    error, fp4_effect = (logits - ref_logits).abs().mean(), (full_logits - ref_logits).abs().mean()
     assert error < 0.02 and error < 0.1 * fp4_effect, (error, fp4_effect)
 
 
@@ -164,11 +168,11 @@ def test_left_padded_batch_generates_what_each_prompt_does_alone(arch):
     width = max(len(p) for p in prompts)
     ids = torch.stack([torch.cat((torch.zeros(width - len(p), dtype=torch.long), p)) for p in prompts])
     mask = torch.stack([torch.arange(width) >= width - len(p) for p in prompts]).long()
-    batch_tokens, batch_scores = _generate(model, "fp4kv", ids, 12, "nvfp4", mask)
+    batch_tokens, batch_logits = _generate(model, "fp4kv", ids, 12, "nvfp4", mask)
     for row, prompt in enumerate(prompts):
-        alone, alone_scores = _generate(model, "fp4kv", prompt[None], 12, "nvfp4")
+        alone, alone_logits = _generate(model, "fp4kv", prompt[None], 12, "nvfp4")
         assert torch.equal(batch_tokens[row], alone[0])
-        torch.testing.assert_close(batch_scores[row], alone_scores[0], atol=1e-2, rtol=0)  # fp16 decode noise
+        torch.testing.assert_close(batch_logits[row], alone_logits[0], atol=1e-2, rtol=0)  # fp16 decode noise
 
 
 def test_memory_against_static_cache():

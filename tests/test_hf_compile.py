@@ -64,3 +64,23 @@ def test_decode_step_replays_as_cuda_graph(arch):
     assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
     for compiled, eager in logits:
         torch.testing.assert_close(compiled, eager, atol=2e-3, rtol=0)
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_generate_compiles_the_decode_step_on_cuda():
+    """generate() compiles decode steps for an FP4Cache by itself, as for StaticCache (CUDA only);
+    asked for fullgraph=True, it gives the eager run's tokens."""
+    from transformers import CompileConfig
+
+    model = models.random_model(models.tiny_config("gemma3"), device="cuda", attn_implementation="fp4kv")
+    ids = torch.randint(3, 256, (2, 10), generator=torch.Generator().manual_seed(0)).cuda()
+    tokens = {}
+    for compiled in (True, False):
+        out = model.generate(ids, past_key_values=FP4Cache(model.config, 26, "nvfp4"), max_new_tokens=16,
+                             do_sample=False, disable_compile=not compiled,
+                             compile_config=CompileConfig(fullgraph=True))
+        tokens[compiled] = out[:, 10:]
+        if compiled:
+            assert counters["stats"]["unique_graphs"] >= 1, "generate did not compile"
+    assert torch.equal(tokens[True], tokens[False])

@@ -42,7 +42,7 @@ class FP4KVChunk(NamedTuple):
 
 def _page_size(capacity: int) -> int:
     """The largest power of two <= MAX_PAGE_SIZE that divides the capacity (1 for odd ones)."""
-    return capacity & -capacity if capacity & -capacity <= MAX_PAGE_SIZE else MAX_PAGE_SIZE
+    return min(capacity & -capacity, MAX_PAGE_SIZE)
 
 
 def _token_major(states: torch.Tensor) -> torch.Tensor:
@@ -131,8 +131,7 @@ class FP4CacheLayer(CacheLayerMixin):
         self.holds_tokens = True
 
     def _decode(self, query, keys, values, loc, after, scaling):
-        self.fp4.store(loc, _token_major(keys), _token_major(values))
-        self.real_tokens.copy_(after)
+        self._store(loc, keys, values, after)
         seq_lens = self.real_tokens.clamp(max=self.capacity).to(torch.int32)
         q = query[:, :, 0]
         q_dtype = _DECODE_QUERY_DTYPE.get(q.dtype, q.dtype)
