@@ -197,3 +197,76 @@ def test_calibration_state_dict_saves_and_loads(recipe, tmp_path):
     plain.create_buffers(16, H, D, layers, "cpu")
     with pytest.raises(ValueError, match="without smooth_k"):
         plain.set_k_mean(0, torch.zeros(H, D))
+
+
+# ---- transformers: FP4Cache and the window protocol's round trip ---------------------------------
+
+
+@pytest.mark.parametrize("arch", ["smollm2", "gemma3"])
+def test_fp4cache_with_options_matches_attention_over_the_transformed_round_trip(arch, tmp_path):
+    """Calibrate a tiny random model (observer on its real post-RoPE K/V), save and load the state
+    dict, and generate through FP4Cache(rotate, smooth_k, calibration): the same tokens, and logits
+    within fp16-decode noise, as transformers' eager attention over keys/values rounded through the
+    same transforms (`roundtrip_attention` with the options), and different from plain FP4's."""
+    pytest.importorskip("transformers")
+    import inspect
+
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    from torch_fp4kv import models
+    from torch_fp4kv.hf import FP4Cache, calibrate, layer_calibration
+    from torch_fp4kv.hf.attention import _layer_cache
+
+    model = models.random_model(models.tiny_config(arch))
+    calib_ids = torch.randint(3, 256, (2, 32), generator=torch.Generator().manual_seed(7))
+    state = calibrate(model, calib_ids, "nvfp4", rotate=True, smooth_k=True)
+    layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    assert {key.rsplit(".", 1)[1] for key in state} == {"k_mean", "k_scale", "v_scale"}
+    assert len(state) == 3 * layers and all(state[f"layers.{i}.k_mean"].abs().sum() > 0 for i in range(layers))
+    torch.save(state, tmp_path / "calib.pt")
+    state = torch.load(tmp_path / "calib.pt")
+    options = dict(rotate=True, smooth_k=True)
+    reference_layers = {}
+
+    def attention(module, query, key, value, attention_mask, **kwargs):  # the cached part rounded
+        index = module.layer_idx
+        if index not in reference_layers:
+            reference_layers[index] = _layer_cache("nvfp4", key.shape[1], key.shape[3], key.device,
+                                                   layer_calibration(state, index), **options)
+        new = query.shape[2]
+        cached = key.shape[2] if new == 1 else key.shape[2] - new
+        k, v = reference_layers[index].roundtrip(key[:, :, :cached].transpose(1, 2), value[:, :, :cached].transpose(1, 2))
+        key = torch.cat((k.transpose(1, 2), key[:, :, cached:]), 2)
+        value = torch.cat((v.transpose(1, 2), value[:, :, cached:]), 2)
+        return inspect.getmodule(module).eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("test_fp4_options_reference", attention)
+    AttentionMaskInterface.register("test_fp4_options_reference", eager_mask)
+    ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+
+    def generate(attn, **cache_kwargs):
+        model.set_attn_implementation(attn)
+        kwargs = {"past_key_values": FP4Cache(model.config, 28, "nvfp4", **cache_kwargs)} if cache_kwargs else {}
+        out = model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=0, **kwargs)
+        return out.sequences[:, 12:], torch.stack(out.logits, 1)
+
+    tokens, scores = generate("fp4kv", calibration=state, **options)
+    ref_tokens, ref_scores = generate("test_fp4_options_reference")
+    _, plain_scores = generate("fp4kv", rotate=False)
+    assert torch.equal(tokens, ref_tokens)
+    error, difference = (scores - ref_scores).abs().mean(), (plain_scores - ref_scores).abs().mean()
+    assert error < 0.02 and error < 0.2 * difference, (error, difference)
+
+    # the window protocol's round trip is the same one
+    from torch_fp4kv.hf import roundtrip_attention
+
+    name = roundtrip_attention("nvfp4", calibration=state, **options)
+    model.set_attn_implementation(name)
+    with torch.no_grad():
+        window = model(ids, use_cache=False).logits
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+    assert 0 < (window - full).abs().mean()
