@@ -270,3 +270,38 @@ def test_fp4cache_with_options_matches_attention_over_the_transformed_round_trip
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
     assert 0 < (window - full).abs().mean()
+
+
+def test_options_compile_fullgraph_without_recompiles():
+    """store, read and decode of a rotated, smoothed cache trace as one graph (no breaks), and a
+    changing token count does not recompile."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    def make():
+        method = get_fp4_kv_cache_quant_method("nvfp4", rotate=True, smooth_k=True)
+        cache = FP4KVCache(method, size=32, head_num=H, head_dim=D, layer_num=1)
+        method.set_k_mean(0, torch.randn(H, D))
+        return cache.layers[0]
+
+    def step(layer, loc, k, v, q, table, lens):
+        layer.store(loc, k, v)
+        k_back, _ = layer.read(loc, torch.float32)
+        return layer.decode(q, table, lens, 8), k_back
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    layers = make(), make()
+    layers[1].k_mean.copy_(layers[0].k_mean)
+    table = torch.arange(4, dtype=torch.int32)[None]
+    for tokens in (3, 5, 9):
+        k, v = _outlier_kv(tokens)
+        loc = torch.arange(tokens)
+        torch._dynamo.mark_dynamic(k, 0), torch._dynamo.mark_dynamic(v, 0), torch._dynamo.mark_dynamic(loc, 0)
+        q = (0.1 * torch.randn(1, 2 * H, D)).to(torch.bfloat16)
+        lens = torch.tensor([tokens], dtype=torch.int32)
+        got, want = compiled(layers[0], loc, k, v, q, table, lens), step(layers[1], loc, k, v, q, table, lens)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
