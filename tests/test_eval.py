@@ -34,6 +34,34 @@ def test_settings_and_their_errors():
         accuracy.settings_for(["nvfp4"], ["stream"])
 
 
+def test_recipe_options_parse_and_calibrate():
+    assert accuracy.parse_cache("nvfp4+rot+smooth") == ("nvfp4", {"rotate": True, "smooth_k": True})
+    assert accuracy.parse_cache("mxfp4") == ("mxfp4", {})
+    for bad in ("nvfp4+rotate", "nvfp4+rot+rot", "fp3+rot"):
+        with pytest.raises(ValueError, match="recipes: "):
+            accuracy.settings_for([bad], ["window"])
+    assert accuracy.needs_calibration("nvfp4+smooth") and not accuracy.needs_calibration("nvfp4+rot")
+    parse_args(["--recipes", "nvfp4,nvfp4+rot,nvfp4+rot+smooth", "--calib-tokens", "64"])
+
+
+def test_options_in_both_protocols_on_a_tiny_model():
+    """The window and decode protocols of nvfp4+rot+smooth (calibrated on other windows) see the
+    same values, so they agree with each other, and differ from plain nvfp4's figures."""
+    model = models.random_model(models.tiny_config("smollm2"))
+    windows = torch.randint(3, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    calib = torch.randint(3, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+    settings = accuracy.settings_for(["nvfp4", "nvfp4+rot+smooth"], ["window", "decode"])
+    with torch.inference_mode():
+        calibrations = accuracy.calibrations_for(model, settings, calib)
+        assert list(calibrations) == ["nvfp4+rot+smooth"]
+        totals = accuracy.window_metrics(model, windows, settings, 2, _NoBar(), calibrations)
+    full, window, window_opt, decode, decode_opt = (totals[s].summary() for s in settings)
+    assert abs(decode_opt["kl"] - window_opt["kl"]) < 0.1 * window_opt["kl"]
+    assert window_opt["kl"] != window["kl"]
+    with pytest.raises(ValueError, match="needs calibration text"):
+        accuracy.calibrations_for(model, settings, None)
+
+
 def test_greedy_agreement_counts_up_to_the_first_difference():
     totals = accuracy.Totals()
     reference = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])

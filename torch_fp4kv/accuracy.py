@@ -11,6 +11,10 @@ continuation that matches full precision's before the first difference. Two prot
   `fp4kv.decode_attention`). Greedy continuations: `generate` with the cache (the prompt is
   prefilled, attending to itself in full precision; the continuation is decoded from FP4).
 
+An FP4 cache may carry accuracy options as suffixes of its recipe: `nvfp4+rot` (Hadamard rotation
+of K and V), `nvfp4+smooth` (per-channel K means subtracted, calibrated with NVFP4's global scales
+on text apart from the scored windows), `nvfp4+rot+smooth`; both protocols honour them.
+
 The anchor users pick today, transformers' `QuantizedCache` with the quanto backend at its
 defaults (int4, groups of 64, the last 128 tokens kept in full precision), runs in "decode".
 """
@@ -24,13 +28,28 @@ import torch
 from transformers import QuantizedCache
 from transformers.cache_utils import QuantoQuantizedLayer
 
-from .hf import ATTENTION_NAME, FP4Cache, roundtrip_attention
+from .hf import ATTENTION_NAME, FP4Cache, calibrate, roundtrip_attention
 from .ops import FORMATS
 
 PROTOCOLS = ("window", "decode")
 ANCHOR = "quanto-int4"
 FULL = "full"
 REFERENCE_ATTENTION = "sdpa"
+# recipe suffix -> FP4Cache / method keyword
+OPTIONS = {"rot": "rotate", "smooth": "smooth_k"}
+
+
+def parse_cache(name: str) -> tuple[str, dict[str, bool]]:
+    """"nvfp4+rot+smooth" -> ("nvfp4", {"rotate": True, "smooth_k": True}); ValueError if unknown."""
+    recipe, *suffixes = name.split("+")
+    if recipe not in FORMATS or any(s not in OPTIONS for s in suffixes) or len(set(suffixes)) != len(suffixes):
+        raise ValueError(f"recipes: {name!r} is neither an FP4 recipe {sorted(FORMATS)} (with optional "
+                         f"suffixes {', '.join('+' + o for o in OPTIONS)}) nor {ANCHOR!r}")
+    return recipe, {OPTIONS[s]: True for s in suffixes}
+
+
+def needs_calibration(name: str) -> bool:
+    return name not in (ANCHOR, FULL) and parse_cache(name)[1].get("smooth_k", False)
 
 
 @dataclass(frozen=True)
@@ -45,8 +64,8 @@ class Setting:
 def settings_for(recipes: list[str], protocols: list[str]) -> list[Setting]:
     """Full precision first, then each protocol's rows; the anchor only in "decode"."""
     for name in recipes:
-        if name != ANCHOR and name not in FORMATS:
-            raise ValueError(f"recipes: {name!r} is neither an FP4 recipe {sorted(FORMATS)} nor {ANCHOR!r}")
+        if name != ANCHOR:
+            parse_cache(name)
     for protocol in protocols:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocols: {protocol!r} is not one of {PROTOCOLS}")
@@ -94,7 +113,7 @@ def kv_bytes_per_token(model, cache: str) -> float:
         tokens = 1024
         quantized = QuantoQuantizedLayer()._quantize(torch.randn(1, heads, tokens, head_dim, dtype=model.dtype), axis=0)
         return 2 * layers * _tensor_bytes(quantized) / tokens
-    return layers * FORMATS[cache].bytes_per_token(heads, head_dim)
+    return layers * FORMATS[parse_cache(cache)[0]].bytes_per_token(heads, head_dim)
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> int:
@@ -111,19 +130,43 @@ def _window_logprobs(model, windows: torch.Tensor, attention: str) -> torch.Tens
     return torch.log_softmax(model(windows, use_cache=False).logits[:, :-1].float(), -1)
 
 
-def _new_cache(model, setting: Setting, length: int):
+def _roundtrip_attention(cache: str, calibrations: dict) -> str:
+    recipe, options = parse_cache(cache)
+    return roundtrip_attention(recipe, calibration=calibrations.get(cache), **options)
+
+
+def _new_cache(model, setting: Setting, length: int, calibrations: dict):
     """Switch the model to the setting's attention; the cache it decodes with (None: DynamicCache)."""
     if setting.protocol == "decode":
         model.set_attn_implementation(REFERENCE_ATTENTION if setting.cache == ANCHOR else ATTENTION_NAME)
         if setting.cache == ANCHOR:
             return QuantizedCache("quanto", model.config)
-        return FP4Cache(model.config, length, setting.cache)
-    model.set_attn_implementation(REFERENCE_ATTENTION if setting.cache == FULL else roundtrip_attention(setting.cache))
+        recipe, options = parse_cache(setting.cache)
+        return FP4Cache(model.config, length, recipe, calibration=calibrations.get(setting.cache), **options)
+    model.set_attn_implementation(REFERENCE_ATTENTION if setting.cache == FULL
+                                  else _roundtrip_attention(setting.cache, calibrations))
     return None
 
 
-def window_metrics(model, windows: torch.Tensor, settings: list[Setting], batch_size: int, bar) -> dict[Setting, Totals]:
+def calibrations_for(model, settings: list[Setting], calib_windows: torch.Tensor | None) -> dict[str, dict]:
+    """Calibration state dicts (hf.calibrate) of the settings' caches that smooth K, from
+    `calib_windows` [W, S] (text apart from the scored windows)."""
+    found = {}
+    for setting in settings:
+        if setting.cache in found or not needs_calibration(setting.cache):
+            continue
+        if calib_windows is None:
+            raise ValueError(f"{setting.cache} needs calibration text (calib_windows)")
+        recipe, options = parse_cache(setting.cache)
+        found[setting.cache] = calibrate(model, calib_windows, recipe, **options)
+    model.set_attn_implementation(REFERENCE_ATTENTION)
+    return found
+
+
+def window_metrics(model, windows: torch.Tensor, settings: list[Setting], batch_size: int, bar,
+                   calibrations: dict | None = None) -> dict[Setting, Totals]:
     """Perplexity and KL over windows [W, S]; each window's first token is context only."""
+    calibrations = calibrations or {}
     totals = {setting: Totals() for setting in settings}
     for batch in windows.split(batch_size):
         targets = batch[:, 1:]
@@ -133,11 +176,11 @@ def window_metrics(model, windows: torch.Tensor, settings: list[Setting], batch_
             if setting.protocol == "reference":
                 totals[setting].add_predictions(reference, reference, targets)
             elif setting.protocol == "window":
-                totals[setting].add_predictions(_window_logprobs(model, batch, roundtrip_attention(setting.cache)),
-                                                reference, targets)
+                totals[setting].add_predictions(
+                    _window_logprobs(model, batch, _roundtrip_attention(setting.cache, calibrations)), reference, targets)
                 bar.update(1)
             else:
-                cache = _new_cache(model, setting, batch.shape[1])
+                cache = _new_cache(model, setting, batch.shape[1], calibrations)
                 for t in range(batch.shape[1] - 1):
                     logits = model(batch[:, t:t + 1], past_key_values=cache, use_cache=True).logits[:, -1]
                     totals[setting].add_predictions(torch.log_softmax(logits.float(), -1), reference[:, t],
@@ -146,9 +189,10 @@ def window_metrics(model, windows: torch.Tensor, settings: list[Setting], batch_
     return totals
 
 
-def greedy_continuations(model, prompts: torch.Tensor, setting: Setting, new_tokens: int) -> torch.Tensor:
+def greedy_continuations(model, prompts: torch.Tensor, setting: Setting, new_tokens: int,
+                         calibrations: dict | None = None) -> torch.Tensor:
     """`generate`'s greedy continuation [P, new_tokens] of equal-length prompts [P, L]."""
-    cache = _new_cache(model, setting, prompts.shape[1] + new_tokens)
+    cache = _new_cache(model, setting, prompts.shape[1] + new_tokens, calibrations or {})
     kwargs = {} if cache is None else {"past_key_values": cache}
     pad = model.generation_config.pad_token_id
     out = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
@@ -166,12 +210,14 @@ def steps_needed(settings: list[Setting], windows: int, window_size: int, batch_
 
 @torch.inference_mode()
 def evaluate(model, windows: torch.Tensor, prompts: torch.Tensor, settings: list[Setting], new_tokens: int,
-             batch_size: int, bar) -> list[dict]:
-    """One result row per setting: its bytes per token and accuracy figures."""
-    totals = window_metrics(model, windows, settings, batch_size, bar)
+             batch_size: int, bar, calib_windows: torch.Tensor | None = None) -> list[dict]:
+    """One result row per setting: its bytes per token and accuracy figures (caches that smooth K
+    are calibrated on `calib_windows` first)."""
+    calibrations = calibrations_for(model, settings, calib_windows)
+    totals = window_metrics(model, windows, settings, batch_size, bar, calibrations)
     reference = None
     for setting in settings:  # the reference row comes first
-        tokens = greedy_continuations(model, prompts, setting, new_tokens)
+        tokens = greedy_continuations(model, prompts, setting, new_tokens, calibrations)
         reference = tokens if reference is None else reference
         totals[setting].add_greedy(tokens, reference)
         bar.update(1)

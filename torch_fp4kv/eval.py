@@ -37,7 +37,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="tokens of the text to score, in whole windows, as many as it has up to this")
     parser.add_argument("--window", type=int, default=512, help="tokens per window")
     parser.add_argument("--recipes", type=_list, default=[*sorted(FORMATS), accuracy.ANCHOR],
-                        help=f"comma-separated FP4 recipes and/or {accuracy.ANCHOR} (default: all)")
+                        help=f"comma-separated FP4 recipes and/or {accuracy.ANCHOR} (default: all); a recipe may "
+                             f"carry accuracy options: +rot (Hadamard rotation of K/V), +smooth (calibrated K "
+                             f"means subtracted), e.g. nvfp4+rot+smooth")
+    parser.add_argument("--calib-tokens", type=int, default=1024,
+                        help="tokens of the text after the scored ones that +smooth recipes calibrate on")
     parser.add_argument("--protocols", type=_list, default=list(accuracy.PROTOCOLS), help="window,decode")
     parser.add_argument("--prompts", type=int, default=16, help="prompts for the greedy agreement")
     parser.add_argument("--prompt-tokens", type=int, default=64)
@@ -48,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    for name in ("tokens", "window", "prompts", "prompt_tokens", "new_tokens", "batch"):
+    for name in ("tokens", "window", "prompts", "prompt_tokens", "new_tokens", "batch", "calib_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     try:
@@ -78,11 +82,11 @@ def cut_prompts(text_ids: list[int], prefix: list[int], count: int, length: int,
 
 def format_table(rows: list[dict]) -> str:
     reference = next(r for r in rows if r["protocol"] == "reference")
-    lines = [f"{'protocol':9s} {'KV cache':12s} {'bytes/token':>11s} {'vs full':>8s} {'perplexity':>10s} "
+    lines = [f"{'protocol':9s} {'KV cache':16s} {'bytes/token':>11s} {'vs full':>8s} {'perplexity':>10s} "
              f"{'Δ ppl':>7s} {'KL (nats)':>9s} {'greedy':>7s}"]
     for r in rows:
         delta = r["perplexity"] - reference["perplexity"]
-        lines.append(f"{r['protocol']:9s} {r['cache']:12s} {r['bytes_per_token']:11.0f} "
+        lines.append(f"{r['protocol']:9s} {r['cache']:16s} {r['bytes_per_token']:11.0f} "
                      f"{r['bytes_per_token'] / reference['bytes_per_token']:8.3f} {r['perplexity']:10.3f} "
                      f"{delta:+7.3f} {r['kl']:9.4f} {r['greedy_agreement']:7.3f}")
     return "\n".join(lines)
@@ -102,12 +106,17 @@ def main(argv=None) -> int:
     scored = windows.shape[0] * (args.window - len(prefix))
     prompts = cut_prompts(text_ids, prefix, args.prompts, args.prompt_tokens, scored).to(args.device)
     settings = accuracy.settings_for(args.recipes, args.protocols)
+    calib_windows, calib_note = None, ""
+    if any(accuracy.needs_calibration(s.cache) for s in settings):
+        rest = text_ids[scored:]
+        calib_windows = token_windows(rest, prefix, args.window, args.calib_tokens).to(args.device)
+        calib_note = f"; +smooth calibrated on the next {calib_windows.shape[0]} windows"
     print(f"model {args.model} ({type(model).__name__}, {args.dtype}, {args.device}); text {args.text}: "
           f"{windows.shape[0]} windows of {args.window} tokens ({windows.shape[0] * (args.window - 1)} predictions), "
-          f"{args.prompts} prompts of {args.prompt_tokens} tokens + {args.new_tokens} greedy")
+          f"{args.prompts} prompts of {args.prompt_tokens} tokens + {args.new_tokens} greedy{calib_note}")
     total = accuracy.steps_needed(settings, windows.shape[0], args.window, args.batch)
     with tqdm(total=total, desc="forward passes", disable=args.no_progress, file=sys.stderr) as bar:
-        rows = accuracy.evaluate(model, windows, prompts, settings, args.new_tokens, args.batch, bar)
+        rows = accuracy.evaluate(model, windows, prompts, settings, args.new_tokens, args.batch, bar, calib_windows)
     print(format_table(rows))
     print("bytes/token: K and V of one token over all layers; quanto keeps its last 128 tokens in full "
           "precision on top. greedy: share of each continuation equal to full precision's before the "

@@ -3,6 +3,16 @@
 Its tensors are module buffers with fixed addresses, which is what torch.compile's CUDA-graph
 trees need to replay decode steps without copying the cache. Both the strategies (methods.py)
 and the whole-model cache (cache.py) go through it.
+
+Two optional accuracy transforms run in PyTorch around the ops, so every backend honours them:
+
+- rotation (QuaRot-style): K and V are stored as `k @ R`, `v @ R` with R the normalized Hadamard
+  matrix (orthogonal and symmetric, R^-1 = R). It spreads outliers over the head's channels before
+  the block scales see them. Decode rotates q the same way (q R (k R)^T = q k^T) and rotates the
+  output back; reads rotate back.
+- K smoothing: a calibrated per-head, per-channel mean `k_mean` [H, D] is subtracted from K before
+  storing. Attention needs no correction (q·(k - μ) = q·k - q·μ, a constant over positions, which
+  softmax cancels); reads add μ back.
 """
 
 from __future__ import annotations
@@ -13,28 +23,75 @@ from torch import nn
 from . import ops
 
 
-class FP4KVLayerCache(nn.Module):
-    """One layer's K/V cache: data [slots, H, D/2], scales [slots, H, D/block], global scales."""
+def hadamard(n: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """The normalized n x n Hadamard matrix (Sylvester's construction; n a power of two): H H = I.
 
-    def __init__(self, recipe: str, k_data, v_data, k_scales, v_scales, k_global_scale=None, v_global_scale=None):
+    Sylvester's doubling in torch rather than scipy.linalg.hadamard (the same construction, in
+    numpy): no new dependency, and the matrix is built on the cache's device."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"rotation needs a head_dim that is a power of two, got {n}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return (h / n ** 0.5).to(dtype=dtype, device=device)
+
+
+class FP4KVLayerCache(nn.Module):
+    """One layer's K/V cache: data [slots, H, D/2], scales [slots, H, D/block], global scales, and
+    optionally a rotation [D, D] and a K mean [H, D] (float32)."""
+
+    def __init__(self, recipe: str, k_data, v_data, k_scales, v_scales, k_global_scale=None, v_global_scale=None,
+                 rotation=None, k_mean=None):
         super().__init__()
         self.recipe = recipe
         for name, tensor in (("k_data", k_data), ("v_data", v_data), ("k_scales", k_scales), ("v_scales", v_scales),
-                             ("k_global_scale", k_global_scale), ("v_global_scale", v_global_scale)):
+                             ("k_global_scale", k_global_scale), ("v_global_scale", v_global_scale),
+                             ("rotation", rotation), ("k_mean", k_mean)):
             self.register_buffer(name, tensor)
+
+    _FLOAT32_BUFFERS = ("k_global_scale", "v_global_scale", "rotation", "k_mean")
 
     def _apply(self, fn, recurse=True):
         # Module.to(dtype) casts every floating buffer; the ops need the global scales in float32,
-        # and rounding them to bf16 would change the cache's values. Follow device moves only.
-        scales = {name: getattr(self, name) for name in ("k_global_scale", "v_global_scale")}
+        # and rounding them (or the rotation and mean) to bf16 would change the cache's values.
+        # Follow device moves only.
+        kept = {name: getattr(self, name) for name in self._FLOAT32_BUFFERS}
         super()._apply(fn, recurse)
-        for name, original in scales.items():
+        for name, original in kept.items():
             if original is not None:
                 setattr(self, name, original.to(fn(original).device))
         return self
 
+    @property
+    def transformed(self) -> bool:
+        return self.rotation is not None or self.k_mean is not None
+
+    # ---- the transforms, on [..., H, D] (float32 out) ----
+
+    def encode_k(self, k: torch.Tensor) -> torch.Tensor:
+        """What is quantized for keys [..., H, D]: (k - k_mean) @ rotation."""
+        x = k.float()
+        if self.k_mean is not None:
+            x = x - self.k_mean
+        return x @ self.rotation if self.rotation is not None else x
+
+    def decode_k(self, k: torch.Tensor) -> torch.Tensor:
+        x = k.float()
+        if self.rotation is not None:
+            x = x @ self.rotation  # symmetric and orthogonal: its own inverse
+        return x + self.k_mean if self.k_mean is not None else x
+
+    def encode_v(self, v: torch.Tensor) -> torch.Tensor:
+        return v.float() @ self.rotation if self.rotation is not None else v
+
+    decode_v = encode_v  # the rotation is an involution
+
+    # ---- the ops ----
+
     def store(self, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Quantize k, v [T, H, D] into slots loc [T]."""
+        if self.transformed:
+            k, v = self.encode_k(k), self.encode_v(v).float()
         ops.quantize_and_store(
             self.k_data, self.v_data, self.k_scales, self.v_scales, loc, k, v, self.recipe,
             self.k_global_scale, self.v_global_scale,
@@ -42,11 +99,36 @@ class FP4KVLayerCache(nn.Module):
 
     def read(self, loc: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
         """Slots loc [T] as (k, v) [T, H, D] in dtype."""
-        k = ops.gather_dequantize(self.k_data, self.k_scales, loc, self.recipe, self.k_global_scale, dtype)
-        v = ops.gather_dequantize(self.v_data, self.v_scales, loc, self.recipe, self.v_global_scale, dtype)
+        raw = torch.float32 if self.transformed else dtype
+        k = ops.gather_dequantize(self.k_data, self.k_scales, loc, self.recipe, self.k_global_scale, raw)
+        v = ops.gather_dequantize(self.v_data, self.v_scales, loc, self.recipe, self.v_global_scale, raw)
+        if self.transformed:
+            k, v = self.decode_k(k).to(dtype), self.decode_v(v).to(dtype)
         return k, v
+
+    def roundtrip(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [..., H, D] as this cache would give them back (quantized and dequantized, no slots)."""
+        out = []
+        for x, encode, decode, g in ((k, self.encode_k, self.decode_k, self.k_global_scale),
+                                     (v, self.encode_v, self.decode_v, self.v_global_scale)):
+            data, scales = ops.quantize(encode(x), self.recipe, g)
+            out.append(decode(ops.dequantize(data, scales, self.recipe, g, torch.float32)).to(x.dtype))
+        return out[0], out[1]
 
     def decode(self, q, block_table, seq_lens, page_size: int, sm_scale: float | None = None, out=None):
         """Attention of one new token per sequence, q [B, Hq, D], over its paged context read in FP4."""
-        return ops.decode_attention(q, self.k_data, self.k_scales, self.v_data, self.v_scales, block_table, seq_lens,
-                                    page_size, self.recipe, self.k_global_scale, self.v_global_scale, sm_scale, out)
+        if self.rotation is None:  # a K mean needs nothing here: softmax cancels q·k_mean
+            return ops.decode_attention(q, self.k_data, self.k_scales, self.v_data, self.v_scales, block_table,
+                                        seq_lens, page_size, self.recipe, self.k_global_scale, self.v_global_scale,
+                                        sm_scale, out)
+        if sm_scale is None:
+            sm_scale = q.shape[-1] ** -0.5
+        rotated_q = (q.float() @ self.rotation).to(q.dtype)
+        rotated = ops.decode_attention(rotated_q, self.k_data, self.k_scales, self.v_data, self.v_scales, block_table,
+                                       seq_lens, page_size, self.recipe, self.k_global_scale, self.v_global_scale,
+                                       sm_scale, None if out is None else torch.empty_like(out))
+        result = (rotated.float() @ self.rotation).to(rotated.dtype)
+        if out is None:
+            return result
+        out.copy_(result)
+        return out

@@ -17,7 +17,7 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
-from .layer_cache import FP4KVLayerCache
+from .layer_cache import FP4KVLayerCache, hadamard
 from .ops import FP4Format, FP4KVCacheRecipe, get_format
 from .ops.formats import E2M1_MAX, E4M3_MAX
 
@@ -43,6 +43,10 @@ class FP4KVBuffers:
     v_global_scales: list[torch.Tensor] | None = None
     # One layer's K and V dequantized for prefill kernels ([size, H, D]); None if unused.
     dequant_workspace: tuple[torch.Tensor, torch.Tensor] | None = None
+    # float32 [D, D] normalized Hadamard shared by every layer (rotate=True); None if unused.
+    rotation: torch.Tensor | None = None
+    # float32 [H, D] per layer, K's calibrated channel means (smooth_k=True); None if unused.
+    k_means: list[torch.Tensor] | None = None
 
 
 class FP4KVCacheQuantMethod(abc.ABC):
@@ -91,6 +95,17 @@ class TableFP4KVMethod(FP4KVCacheQuantMethod):
     # Dtype `dequantize_prev_kv` returns by default; a workspace is allocated when it is FP8.
     prev_kv_dtype: ClassVar[torch.dtype] = torch.bfloat16
 
+    def __init__(self, rotate: bool = False, smooth_k: bool = False) -> None:
+        """rotate: store each head's K and V rotated by a normalized Hadamard matrix (head_dim a
+        power of two). smooth_k: subtract a per-layer, per-head, per-channel K mean before storing
+        (zeros until `calibrate` or `load_scales_from_model` sets it). Both run in PyTorch around
+        the ops (FP4KVLayerCache), on every backend."""
+        super().__init__()
+        for name, value in (("rotate", rotate), ("smooth_k", smooth_k)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {value!r}")
+        self.rotate, self.smooth_k = rotate, smooth_k
+
     @property
     def fmt(self) -> FP4Format:
         return get_format(self.recipe)
@@ -129,6 +144,8 @@ class TableFP4KVMethod(FP4KVCacheQuantMethod):
         def scalars() -> list[torch.Tensor]:
             return [torch.ones(1, dtype=torch.float32, device=device) for _ in range(layer_num)]
 
+        if self.rotate and head_dim & (head_dim - 1):
+            raise ValueError(f"head_dim must be a power of two with rotate=True; got {head_dim}")
         workspace = None
         if self.needs_dequant_workspace():
             workspace = tuple(torch.zeros(size, head_num, head_dim, dtype=self.prev_kv_dtype, device=device) for _ in "kv")
@@ -141,9 +158,13 @@ class TableFP4KVMethod(FP4KVCacheQuantMethod):
             k_global_scales=scalars() if self.needs_global_scale() else None,
             v_global_scales=scalars() if self.needs_global_scale() else None,
             dequant_workspace=workspace,
+            rotation=hadamard(head_dim, device=device) if self.rotate else None,
+            k_means=[torch.zeros(head_num, head_dim, device=device) for _ in range(layer_num)] if self.smooth_k else None,
         )
         k_g, v_g = b.k_global_scales or [None] * layer_num, b.v_global_scales or [None] * layer_num
-        self._layers = [FP4KVLayerCache(fmt.name, b.k_data[i], b.v_data[i], b.k_scales[i], b.v_scales[i], k_g[i], v_g[i])
+        means = b.k_means or [None] * layer_num
+        self._layers = [FP4KVLayerCache(fmt.name, b.k_data[i], b.v_data[i], b.k_scales[i], b.v_scales[i], k_g[i], v_g[i],
+                                        b.rotation, means[i])
                         for i in range(layer_num)]
         return b
 
@@ -167,6 +188,52 @@ class TableFP4KVMethod(FP4KVCacheQuantMethod):
 
     def quantize_and_store(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         self.layer(layer_id).store(loc, k, v)
+
+    def calibrate(self, layer_id: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Calibrate a layer from sample K/V [..., H, D] (e.g. a pass over text): K's per-head,
+        per-channel mean when smoothing (written in place). NVFP4 adds its global scales."""
+        if self.smooth_k:
+            mean = self.layer(layer_id).k_mean
+            mean.copy_(k.detach().float().reshape(-1, *mean.shape).mean(0))
+
+    def set_k_mean(self, layer_id: int, k_mean) -> None:
+        """Write a layer's K mean [H, D] in place (needs smooth_k=True)."""
+        mean = self.layer(layer_id).k_mean
+        if mean is None:
+            raise ValueError(f"{type(self).__name__} was created without smooth_k=True: it keeps no K mean")
+        k_mean = torch.as_tensor(k_mean, dtype=torch.float32)
+        if k_mean.shape != mean.shape:
+            raise ValueError(f"k_mean must have shape {tuple(mean.shape)} ([H, D]); got {tuple(k_mean.shape)}")
+        mean.copy_(k_mean)
+
+    def calibration_state_dict(self) -> dict[str, torch.Tensor]:
+        """What `calibrate` set, keyed `layers.{i}.k_mean` / `layers.{i}.k_scale` / `layers.{i}.v_scale`
+        (ModelOpt's scale names): `torch.save` it, and give it to `load_scales_from_model` later."""
+        state = {}
+        for i in range(len(self._buffers().k_data)):
+            layer = self.layer(i)
+            for key, tensor in (("k_scale", layer.k_global_scale), ("v_scale", layer.v_global_scale),
+                                ("k_mean", layer.k_mean)):
+                if tensor is not None:
+                    state[f"layers.{i}.{key}"] = tensor.detach().clone()
+        return state
+
+    def load_scales_from_model(self, source) -> int:
+        """Load `k_mean` entries ([H, D], ModelOpt-style keys such as `model.layers.3.self_attn.k_mean`)
+        of a state dict when smoothing; ignored without smooth_k. Returns how many layers were set."""
+        if self.smooth_k and isinstance(source, Mapping):
+            means = _per_layer(source, "k_mean")
+            self._check_layers(means)
+            for layer_id, mean in means.items():
+                self.set_k_mean(layer_id, mean)
+            return len(means)
+        return 0
+
+    def _check_layers(self, found: Mapping[int, object]) -> None:
+        layer_num = len(self._buffers().k_data)
+        for layer_id in found:
+            if not 0 <= layer_id < layer_num:
+                raise ValueError(f"scales found for layer {layer_id}, but the cache has {layer_num} layers")
 
     def dequantize_prev_kv(self, layer_id: int, loc: torch.Tensor, dtype: torch.dtype | None = None):
         """(k, v) [T, H, D] of slots `loc`. In the method's FP8 workspace when it has one and
@@ -202,8 +269,13 @@ class NVFP4KVMethod(TableFP4KVMethod):
             target.copy_(torch.as_tensor(value, dtype=torch.float32).reshape(1))
 
     def calibrate(self, layer_id: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Set a layer's global scales from sample K/V: amax / (448 * 6), so the largest block
-        scale lands at the top of E4M3's range. Runs on the device, no host sync."""
+        """Set a layer's global scales from sample K/V: amax / (448 * 6) of what is quantized (after
+        smoothing and rotation, K's mean calibrated first), so the largest block scale lands at the
+        top of E4M3's range. Runs on the device, no host sync."""
+        super().calibrate(layer_id, k, v)
+        layer = self.layer(layer_id)
+        if layer.transformed:
+            k, v = layer.encode_k(k.detach()), layer.encode_v(v.detach())
         tiny = torch.finfo(torch.float32).tiny
         for target, x in zip(self.global_scales(layer_id), (k, v)):
             target.copy_((x.detach().abs().amax().float() / (E4M3_MAX * E2M1_MAX)).clamp(min=tiny).reshape(1))
@@ -211,14 +283,14 @@ class NVFP4KVMethod(TableFP4KVMethod):
     def load_scales_from_model(self, source) -> int:
         """Read `k_scale`/`v_scale` as each layer's global scale, from an `nn.Module` (attention
         modules holding both attributes, in module order) or a state dict (ModelOpt-style keys
-        such as `model.layers.3.self_attn.k_scale`; the layer is the number after `layers.`)."""
+        such as `model.layers.3.self_attn.k_scale`; the layer is the number after `layers.`), and
+        `k_mean` entries when smoothing. Returns how many layers got scales or means."""
         pairs = _scales_from_module(source) if isinstance(source, nn.Module) else _scales_from_state_dict(source)
-        layer_num = len(self._buffers().k_data)
+        self._check_layers(pairs)
+        means = super().load_scales_from_model(source)
         for layer_id, (k_scale, v_scale) in pairs.items():
-            if not 0 <= layer_id < layer_num:
-                raise ValueError(f"scales found for layer {layer_id}, but the cache has {layer_num} layers")
             self.set_global_scales(layer_id, k_scale, v_scale)
-        return len(pairs)
+        return max(len(pairs), means)
 
 
 def _scales_from_module(model: nn.Module) -> dict[int, tuple]:
@@ -241,6 +313,16 @@ def _scales_from_state_dict(state: Mapping) -> dict[int, tuple]:
         layer_id = int(match.group(1)) if match else order
         found[layer_id] = {"k": state[f"{prefix}.k_scale"], "v": state[f"{prefix}.v_scale"]}
     return {layer: (s["k"], s["v"]) for layer, s in found.items()}
+
+
+def _per_layer(state: Mapping, name: str) -> dict[int, object]:
+    """Entries `<prefix>.<name>` of a state dict by layer (the number after `layers.`)."""
+    prefixes = sorted({key[: -len(name) - 1] for key in state if key.endswith("." + name)})
+    found = {}
+    for order, prefix in enumerate(prefixes):
+        match = _LAYER_INDEX.search(prefix + ".")
+        found[int(match.group(1)) if match else order] = state[f"{prefix}.{name}"]
+    return found
 
 
 class BlockFP4KVMethod(TableFP4KVMethod):

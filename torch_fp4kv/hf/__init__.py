@@ -7,18 +7,20 @@ Importing this package registers the "fp4kv" attention implementation. Then:
     out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
 """
 
-from .attention import fp4kv_attention, register, roundtrip_attention
-from .cache import ATTENTION_NAME, FP4Cache, FP4CacheLayer, FP4KVChunk, kv_cache_bytes
+from .attention import calibrate, fp4kv_attention, register, roundtrip_attention
+from .cache import ATTENTION_NAME, FP4Cache, FP4CacheLayer, FP4KVChunk, kv_cache_bytes, layer_calibration
 
 register()
 
 __all__ = [
     "ATTENTION_NAME",
+    "calibrate",
     "FP4Cache",
     "FP4CacheLayer",
     "FP4KVChunk",
     "fp4kv_attention",
     "kv_cache_bytes",
+    "layer_calibration",
     "register",
     "roundtrip_attention",
 ]

@@ -18,7 +18,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .. import ops
-from .cache import ATTENTION_NAME, FP4KVChunk
+from ..methods import get_fp4_kv_cache_quant_method
+from .cache import ATTENTION_NAME, FP4KVChunk, layer_calibration
 from .positional import positional_attention
 
 
@@ -61,19 +62,70 @@ def roundtrip(states: torch.Tensor, recipe: str) -> torch.Tensor:
     return ops.dequantize(data, scales, recipe, dtype=states.dtype)
 
 
-def roundtrip_attention(recipe: str) -> str:
+def _layer_cache(recipe: str, heads: int, head_dim: int, device, calibration, **options):
+    """A one-slot, one-layer FP4KVLayerCache carrying the options and a layer's calibration: its
+    `roundtrip` is what the FP4Cache layer would give back."""
+    method = get_fp4_kv_cache_quant_method(recipe, **options)
+    method.create_buffers(1, heads, head_dim, 1, device)
+    if calibration:
+        method.load_scales_from_model(calibration)
+    return method.layer(0)
+
+
+def roundtrip_attention(recipe: str, *, rotate: bool = False, smooth_k: bool = False,
+                        calibration: dict | None = None) -> str:
     """Register, and name, an attention implementation that rounds every key and value through
-    `recipe` before transformers' SDPA attention: what an FP4 cache holds, without a cache."""
+    `recipe` before transformers' SDPA attention: what an FP4 cache holds, without a cache. With
+    options (`FP4Cache`'s), the round trip goes through them, each layer with its calibration."""
     ops.get_format(recipe, "recipe")
+    options = {"rotate": rotate, "smooth_k": smooth_k}
+    layers: dict[int, object] = {}
 
     def attention(module, query, key, value, attention_mask, **kwargs):
-        return sdpa_attention_forward(module, query, roundtrip(key, recipe), roundtrip(value, recipe),
-                                      attention_mask, **kwargs)
+        if not (rotate or smooth_k or calibration):
+            return sdpa_attention_forward(module, query, roundtrip(key, recipe), roundtrip(value, recipe),
+                                          attention_mask, **kwargs)
+        index = module.layer_idx
+        if index not in layers:
+            layers[index] = _layer_cache(recipe, key.shape[1], key.shape[3], key.device,
+                                         layer_calibration(calibration, index), **options)
+        k, v = layers[index].roundtrip(key.transpose(1, 2), value.transpose(1, 2))  # [B, T, H, D]
+        return sdpa_attention_forward(module, query, k.transpose(1, 2), v.transpose(1, 2), attention_mask, **kwargs)
 
-    name = f"{ATTENTION_NAME}_roundtrip_{recipe}"
+    name = f"{ATTENTION_NAME}_roundtrip_{recipe}" + "".join(f"_{n}" for n, on in options.items() if on)
     AttentionInterface.register(name, attention)
     AttentionMaskInterface.register(name, sdpa_mask)
     return name
+
+
+@torch.no_grad()
+def calibrate(model, input_ids: torch.Tensor, recipe: str = "nvfp4", *, rotate: bool = False,
+              smooth_k: bool = False) -> dict[str, torch.Tensor]:
+    """Run `model` over `input_ids` [B, T] (no padding) with an observer on every layer's real
+    post-RoPE keys and values, and return the calibration state dict of `recipe` with these
+    options (`layers.{i}.k_mean` when smoothing, NVFP4's `k_scale`/`v_scale` of what is
+    quantized): for `FP4Cache(..., calibration=)` and `torch.save`."""
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def observe(module, query, key, value, attention_mask, **kwargs):
+        seen[module.layer_idx] = (key.transpose(1, 2).float(), value.transpose(1, 2).float())  # [B, T, H, D]
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    name = f"{ATTENTION_NAME}_observe"
+    AttentionInterface.register(name, observe)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    before = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        model(input_ids, use_cache=False)
+    finally:
+        model.set_attn_implementation(before)
+    _, _, heads, head_dim = seen[0][0].shape
+    method = get_fp4_kv_cache_quant_method(recipe, rotate=rotate, smooth_k=smooth_k)
+    method.create_buffers(1, heads, head_dim, len(seen), input_ids.device)
+    for index, (k, v) in sorted(seen.items()):
+        method.calibrate(index, k, v)
+    return method.calibration_state_dict()
 
 
 def register() -> None:

@@ -22,7 +22,7 @@ from transformers import StaticCache
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
 from ..layer_cache import FP4KVLayerCache
-from ..methods import TableFP4KVMethod, get_fp4_kv_cache_quant_method
+from ..methods import TableFP4KVMethod, _per_layer, get_fp4_kv_cache_quant_method
 from ..ops.checks import DECODE_HEAD_DIMS, MAX_PAGE_SIZE
 from .positional import positional_attention
 
@@ -56,9 +56,14 @@ class FP4CacheLayer(CacheLayerMixin):
 
     is_compileable = True
 
-    def __init__(self, recipe: str, max_cache_len: int, sliding_window: int | None = None):
+    def __init__(self, recipe: str, max_cache_len: int, sliding_window: int | None = None, *,
+                 rotate: bool = False, smooth_k: bool = False, calibration: dict | None = None):
+        """`calibration`: this layer's entries of a calibration state dict (`layers.0.k_mean`, ...;
+        `layer_calibration` cuts them from a model's)."""
         super().__init__()
         self.recipe = recipe
+        self.options = {"rotate": rotate, "smooth_k": smooth_k}
+        self.calibration = calibration
         self.max_cache_len = max_cache_len
         self.window = sliding_window
         self.is_sliding = sliding_window is not None
@@ -74,8 +79,10 @@ class FP4CacheLayer(CacheLayerMixin):
             raise ValueError(f"key_states: head_dim {head_dim} is not one of {DECODE_HEAD_DIMS} "
                              "(what fp4kv.decode_attention supports)")
         device = key_states.device
-        method = get_fp4_kv_cache_quant_method(self.recipe)
+        method = get_fp4_kv_cache_quant_method(self.recipe, **self.options)
         method.create_buffers(batch * self.capacity, heads, head_dim, 1, device)
+        if self.calibration:
+            method.load_scales_from_model(self.calibration)
         self.fp4: FP4KVLayerCache = method.layer(0)
         self.device, self.batch_size, self.num_heads, self.head_dim = device, batch, heads, head_dim
         pages = self.capacity // self.page_size
@@ -174,15 +181,27 @@ class FP4CacheLayer(CacheLayerMixin):
         return sum(b.numel() * b.element_size() for b in self.fp4.buffers())
 
 
-def _fp4_layers(text_config, max_cache_len: int, recipe: str) -> list[FP4CacheLayer]:
+def layer_calibration(state: dict | None, layer_idx: int) -> dict | None:
+    """Layer `layer_idx`'s entries of a calibration state dict (keys `...layers.{i}.k_mean`,
+    `.k_scale`, `.v_scale`), renamed `layers.0.*` for a one-layer method; None if it has none."""
+    if not state:
+        return None
+    found = {f"layers.0.{name}": _per_layer(state, name)[layer_idx] for name in ("k_mean", "k_scale", "v_scale")
+             if layer_idx in _per_layer(state, name)}
+    return found or None
+
+
+def _fp4_layers(text_config, max_cache_len: int, recipe: str, **options) -> list[FP4CacheLayer]:
     """One FP4CacheLayer per layer of the config, sized by its type (transformers' reading of it)."""
     layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
+    calibration = options.pop("calibration", None)
     layers = []
     for index, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
         if layer_type not in ("full_attention", "sliding_attention"):
             raise ValueError(f"config: layer {index} is {layer_type!r}; FP4Cache supports full_attention "
                              "and sliding_attention layers")
-        layers.append(FP4CacheLayer(recipe, max_cache_len, kwargs.get("sliding_window")))
+        layers.append(FP4CacheLayer(recipe, max_cache_len, kwargs.get("sliding_window"),
+                                    calibration=layer_calibration(calibration, index), **options))
     return layers
 
 
@@ -193,12 +212,18 @@ class FP4Cache(Cache):
     `max_cache_len` counts every position, left padding included; sliding-window layers hold
     only their window. `recipe` names a method of the registry (`get_fp4_kv_cache_quant_method`)
     whose layers come from the format table. Beam search is not supported.
+
+    Accuracy options (see `TableFP4KVMethod`): `rotate=True` keeps K/V Hadamard-rotated,
+    `smooth_k=True` subtracts a per-channel K mean; `calibration` is a state dict from
+    `torch_fp4kv.hf.calibrate` (K means, NVFP4 global scales; without it the means are zero and the
+    global scales 1).
     """
 
-    def __init__(self, config, max_cache_len: int, recipe: str = "nvfp4"):
+    def __init__(self, config, max_cache_len: int, recipe: str = "nvfp4", *, rotate: bool = False,
+                 smooth_k: bool = False, calibration: dict | None = None):
         if not isinstance(max_cache_len, int) or max_cache_len < 1:
             raise ValueError(f"max_cache_len must be a positive int, got {max_cache_len!r}")
-        if not isinstance(get_fp4_kv_cache_quant_method(recipe), TableFP4KVMethod):
+        if not isinstance(get_fp4_kv_cache_quant_method(recipe, rotate=rotate, smooth_k=smooth_k), TableFP4KVMethod):
             raise ValueError(f"recipe {recipe!r} is not a table-driven method (it must provide per-layer caches)")
         text_config = config.get_text_config(decoder=True)
         if text_config._attn_implementation != ATTENTION_NAME:
@@ -206,7 +231,8 @@ class FP4Cache(Cache):
                              f"torch_fp4kv.hf, then load it with that argument or call "
                              f"model.set_attn_implementation({ATTENTION_NAME!r})); it runs "
                              f"{text_config._attn_implementation!r}")
-        super().__init__(layers=_fp4_layers(text_config, max_cache_len, recipe))
+        super().__init__(layers=_fp4_layers(text_config, max_cache_len, recipe, rotate=rotate, smooth_k=smooth_k,
+                                            calibration=calibration))
         self.recipe = recipe
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
