@@ -12,7 +12,8 @@ continuation that matches full precision's before the first difference. Two prot
   prefilled, attending to itself in full precision; the continuation is decoded from FP4).
 
 The anchor users pick today, transformers' `QuantizedCache` with the quanto backend at its
-defaults (int4, groups of 64, the last 128 tokens kept in full precision), runs in "decode".
+defaults (int4, groups of 64, the last 128 tokens kept in full precision), runs in "decode"; for
+models with sliding-window layers, which it refuses, its layers are assembled by hand.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import QuantizedCache
-from transformers.cache_utils import QuantoQuantizedLayer
+from transformers.cache_utils import Cache, QuantoQuantizedLayer
 
 from .hf import ATTENTION_NAME, FP4Cache, roundtrip_attention
 from .ops import FORMATS
@@ -116,10 +117,20 @@ def _new_cache(model, setting: Setting, length: int):
     if setting.protocol == "decode":
         model.set_attn_implementation(REFERENCE_ATTENTION if setting.cache == ANCHOR else ATTENTION_NAME)
         if setting.cache == ANCHOR:
-            return QuantizedCache("quanto", model.config)
+            return _quanto_cache(model.config)
         return FP4Cache(model.config, length, setting.cache)
     model.set_attn_implementation(REFERENCE_ATTENTION if setting.cache == FULL else roundtrip_attention(setting.cache))
     return None
+
+
+def _quanto_cache(config):
+    """transformers' QuantizedCache with the quanto backend at its defaults. It refuses models with
+    sliding-window layers (Gemma 3), so there the same layers are assembled by hand: every layer
+    keeps all its tokens, and the sliding mask limits what they see."""
+    text_config = config.get_text_config(decoder=True)
+    if set(getattr(text_config, "layer_types", None) or ["full_attention"]) == {"full_attention"}:
+        return QuantizedCache("quanto", config)
+    return Cache(layers=[QuantoQuantizedLayer() for _ in range(text_config.num_hidden_layers)])
 
 
 def window_metrics(model, windows: torch.Tensor, settings: list[Setting], batch_size: int, bar) -> dict[Setting, Totals]:
