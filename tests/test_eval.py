@@ -138,7 +138,7 @@ def test_readme_real_model_snippet_runs(smollm2):
 def test_smollm2_short_eval_run(smollm2, tmp_path):
     pytest.importorskip("optimum.quanto")
     out = subprocess.run(
-        [sys.executable, "-m", "torch_fp4kv.eval", "--model", "smollm2", "--tokens", "256", "--window", "128",
+        [sys.executable, "-m", "torch_fp4kv.eval", "--model", "smollm2", "--tokens", "128", "--window", "128",
          "--prompts", "2", "--prompt-tokens", "32", "--new-tokens", "8", "--recipes", f"nvfp4,{accuracy.ANCHOR}",
          "--json", str(tmp_path / "eval.json"), "--no-progress"],
         cwd=ROOT, capture_output=True, text=True, timeout=900)
