@@ -16,7 +16,8 @@ of K and V), `nvfp4+smooth` (per-channel K means subtracted, calibrated with NVF
 on text apart from the scored windows), `nvfp4+rot+smooth`; both protocols honour them.
 
 The anchor users pick today, transformers' `QuantizedCache` with the quanto backend at its
-defaults (int4, groups of 64, the last 128 tokens kept in full precision), runs in "decode".
+defaults (int4, groups of 64, the last 128 tokens kept in full precision), runs in "decode"; for
+models with sliding-window layers, which it refuses, its layers are assembled by hand.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import QuantizedCache
-from transformers.cache_utils import QuantoQuantizedLayer
+from transformers.cache_utils import Cache, QuantoQuantizedLayer
 
 from .hf import ATTENTION_NAME, FP4Cache, calibrate, roundtrip_attention
 from .ops import FORMATS
@@ -140,12 +141,22 @@ def _new_cache(model, setting: Setting, length: int, calibrations: dict):
     if setting.protocol == "decode":
         model.set_attn_implementation(REFERENCE_ATTENTION if setting.cache == ANCHOR else ATTENTION_NAME)
         if setting.cache == ANCHOR:
-            return QuantizedCache("quanto", model.config)
+            return _quanto_cache(model.config)
         recipe, options = parse_cache(setting.cache)
         return FP4Cache(model.config, length, recipe, calibration=calibrations.get(setting.cache), **options)
     model.set_attn_implementation(REFERENCE_ATTENTION if setting.cache == FULL
                                   else _roundtrip_attention(setting.cache, calibrations))
     return None
+
+
+def _quanto_cache(config):
+    """transformers' QuantizedCache with the quanto backend at its defaults. It refuses models with
+    sliding-window layers (Gemma 3), so there the same layers are assembled by hand: every layer
+    keeps all its tokens, and the sliding mask limits what they see."""
+    text_config = config.get_text_config(decoder=True)
+    if set(getattr(text_config, "layer_types", None) or ["full_attention"]) == {"full_attention"}:
+        return QuantizedCache("quanto", config)
+    return Cache(layers=[QuantoQuantizedLayer() for _ in range(text_config.num_hidden_layers)])
 
 
 def calibrations_for(model, settings: list[Setting], calib_windows: torch.Tensor | None) -> dict[str, dict]:
