@@ -135,9 +135,27 @@ def test_generate_matches_transformers_attention_over_fp4_values(arch, recipe, d
     tokens, logits = _generate(model, "fp4kv", ids, 16, recipe)
     ref_tokens, ref_logits = _generate(model, _register_reference(recipe), ids, 16)
     _, full_logits = _generate(model, "eager", ids, 16)
-    assert torch.equal(tokens, ref_tokens)
-    error, fp4_effect = (logits - ref_logits).abs().mean(), (full_logits - ref_logits).abs().mean()
+    if device == "cpu":
+        assert torch.equal(tokens, ref_tokens)
+    compared = _steps_before_divergence(tokens, ref_tokens, ref_logits, near_tie=0.05)
+    error = (logits - ref_logits).abs()[compared].mean()
+    fp4_effect = (full_logits - ref_logits).abs()[compared].mean()
     assert error < 0.02 and error < 0.1 * fp4_effect, (error, fp4_effect)
+
+
+def _steps_before_divergence(tokens, ref_tokens, ref_logits, near_tie: float) -> torch.Tensor:
+    """[rows, steps] mask of the logits comparable with the reference: each row's steps up to and
+    including its first token that differs, which must be a near tie in the reference (margin <
+    `near_tie`): on a GPU the decode kernel's 16-bit products may flip a tie of random weights;
+    after it the two runs decode different texts."""
+    differ = tokens != ref_tokens
+    steps = tokens.shape[1]
+    first = torch.where(differ.any(1), differ.int().argmax(1), steps)
+    for row in differ.any(1).nonzero().flatten().tolist():
+        step = int(first[row])
+        margin = ref_logits[row, step, ref_tokens[row, step]] - ref_logits[row, step, tokens[row, step]]
+        assert margin < near_tie, (row, step, float(margin))
+    return torch.arange(steps, device=tokens.device)[None, :] <= first[:, None]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
