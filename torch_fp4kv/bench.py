@@ -16,6 +16,7 @@ import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -148,32 +149,61 @@ def run(tokens: int, heads: int, head_dim: int, recipes, backends, device: torch
     return copy_gbs, rows
 
 
+class DecodeShape(NamedTuple):
+    """The attention shape of a decode row: query heads, KV heads, head_dim, page size."""
+
+    hq: int
+    hkv: int
+    d: int
+    page: int
+
+    def __str__(self) -> str:
+        return f"{self.hq}/{self.hkv}/{self.d}/p{self.page}"
+
+
+GRID_SHAPE = DecodeShape(32, 8, 128, 16)  # Llama-3-8B: the --decode-batches x --decode-contexts grid
+# Model shapes of the --decode-shapes rows: name -> (shape, batch, context).
+MODEL_SHAPES = {
+    "llama3-8b": (GRID_SHAPE, 32, 8192),
+    "llama3-70b": (DecodeShape(64, 8, 128, 16), 16, 8192),
+    "llama2-7b-mha": (DecodeShape(32, 32, 128, 16), 8, 32768),
+    "mha-page1": (DecodeShape(32, 32, 128, 1), 32, 8192),
+    "gemma3": (DecodeShape(4, 1, 256, 16), 32, 8192),
+    "smollm2": (DecodeShape(9, 3, 64, 16), 32, 8192),
+    "llama3-8b-128k": (GRID_SHAPE, 1, 131072),
+}
+
+
 @dataclass
 class DecodeRow:
     """Paged decode attention, Hq query heads over Hkv KV heads, one token per sequence."""
 
+    shape: str  # a MODEL_SHAPES name, or str(DecodeShape) for the grid
     recipe: str
     batch: int
     context: int
     fp4_us: float
     fp4_gb_per_s: float  # FP4 cache bytes read per second
-    flashinfer_bf16_us: float | None = None
+    bf16_us: float | None = None
     flashinfer_fp8_us: float | None = None
+    # What the BF16 time is: FlashInfer's paged decode, or SDPA where that decode rejects the shape.
+    bf16_kernel: str = "flashinfer"
     # Our Triton kernel on the same call, where the op ran the Gluon one (SM90): the gain in one run.
     triton_kernel_us: float | None = None
 
     @property
     def x_bf16(self) -> float | None:
-        return self.fp4_us / self.flashinfer_bf16_us if self.flashinfer_bf16_us else None
+        return self.fp4_us / self.bf16_us if self.bf16_us else None
 
     @property
     def x_fp8(self) -> float | None:
         return self.fp4_us / self.flashinfer_fp8_us if self.flashinfer_fp8_us else None
 
 
-def _fp4_decode_time(recipe, batch, context, hq, hkv, d, page, device, timed) -> tuple[float, int, float | None]:
+def _fp4_decode_time(recipe, batch, context, shape: DecodeShape, device, timed) -> tuple[float, int, float | None]:
     """Our decode over a cache of random (finite) FP4 bytes: (seconds, cache bytes read, seconds of
     the Triton kernel on the same call where the op runs the Gluon one, else None)."""
+    hq, hkv, d, page = shape
     fmt = get_format(recipe)
     pages_per_seq = context // page
     slots = batch * pages_per_seq * page
@@ -197,12 +227,14 @@ def _fp4_decode_time(recipe, batch, context, hq, hkv, d, page, device, timed) ->
     return seconds, 2 * (data[0].numel() + scales[0].numel()), triton_seconds
 
 
-def _flashinfer_decode_time(kv_dtype, batch, context, hq, hkv, d, page, device, timed) -> float | None:
-    """FlashInfer's BatchDecodeWithPagedKVCacheWrapper on a BF16 or FP8 cache of the same shape."""
+def _flashinfer_decode_time(kv_dtype, batch, context, shape: DecodeShape, device, timed) -> float | None:
+    """FlashInfer's BatchDecodeWithPagedKVCacheWrapper on a BF16 or FP8 cache of the same shape;
+    None without FlashInfer or where its decode rejects the shape."""
     if unavailable_reason(Backend.FLASHINFER, "dequantize", "nvfp4", device, torch.bfloat16):
         return None
     import flashinfer
 
+    hq, hkv, d, page = shape
     pages_per_seq = context // page
     num_pages = batch * pages_per_seq
     kv = torch.empty(num_pages, 2, page, hkv, d, dtype=torch.bfloat16, device=device).normal_().to(kv_dtype)
@@ -211,39 +243,66 @@ def _flashinfer_decode_time(kv_dtype, batch, context, hq, hkv, d, page, device, 
     last_page_len = torch.full((batch,), page, dtype=torch.int32, device=device)
     wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
         torch.empty(256 * 2**20, dtype=torch.uint8, device=device), "NHD")
-    wrapper.plan(indptr, indices, last_page_len, hq, hkv, d, page, q_data_type=torch.bfloat16, kv_data_type=kv_dtype)
     q = torch.randn(batch, hq, d, dtype=torch.bfloat16, device=device)
-    return timed(lambda: wrapper.run(q, kv))
+    try:
+        wrapper.plan(indptr, indices, last_page_len, hq, hkv, d, page, q_data_type=torch.bfloat16,
+                     kv_data_type=kv_dtype)
+        return timed(lambda: wrapper.run(q, kv))
+    except Exception as error:  # FlashInfer rejects some head groups (e.g. 7 query heads per KV head)
+        print(f"FlashInfer decode {shape} {kv_dtype}: {type(error).__name__}: {str(error)[:120]}")
+        return None
 
 
-def run_decode(batches, contexts, recipes, device: torch.device, hq=32, hkv=8, d=128, page=16) -> list[DecodeRow]:
+def _sdpa_decode_time(batch, context, shape: DecodeShape, device, timed) -> float:
+    """PyTorch SDPA over a contiguous BF16 cache: the BF16 baseline where FlashInfer's decode cannot run."""
+    hq, hkv, d, _ = shape
+    k, v = (torch.randn(batch, hkv, context, d, dtype=torch.bfloat16, device=device) for _ in "kv")
+    q = torch.randn(batch, hq, 1, d, dtype=torch.bfloat16, device=device)
+    return timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+
+
+def _decode_row(name, shape: DecodeShape, batch, context, recipes, device, timed) -> list[DecodeRow]:
+    bf16 = _flashinfer_decode_time(torch.bfloat16, batch, context, shape, device, timed)
+    fp8 = _flashinfer_decode_time(torch.float8_e4m3fn, batch, context, shape, device, timed)
+    bf16_kernel = "flashinfer"
+    if bf16 is None and device.type == "cuda":
+        bf16, bf16_kernel = _sdpa_decode_time(batch, context, shape, device, timed), "sdpa"
+    rows = []
+    for recipe in recipes:
+        seconds, nbytes, triton_seconds = _fp4_decode_time(recipe, batch, context, shape, device, timed)
+        rows.append(DecodeRow(name, recipe, batch, context, seconds * 1e6, nbytes / seconds / 1e9,
+                              bf16 * 1e6 if bf16 else None, fp8 * 1e6 if fp8 else None, bf16_kernel,
+                              triton_seconds * 1e6 if triton_seconds else None))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the largest caches take tens of GB
+    return rows
+
+
+def run_decode(batches, contexts, recipes, device: torch.device, shape_names=()) -> list[DecodeRow]:
+    """The Llama-3-8B grid (batches x contexts), then one row per MODEL_SHAPES name."""
     timed = _timer(device)
     rows = []
     for batch in batches:
         for context in contexts:
-            bf16 = _flashinfer_decode_time(torch.bfloat16, batch, context, hq, hkv, d, page, device, timed)
-            fp8 = _flashinfer_decode_time(torch.float8_e4m3fn, batch, context, hq, hkv, d, page, device, timed)
-            for recipe in recipes:
-                seconds, nbytes, triton_seconds = _fp4_decode_time(recipe, batch, context, hq, hkv, d, page, device,
-                                                                   timed)
-                rows.append(DecodeRow(recipe, batch, context, seconds * 1e6, nbytes / seconds / 1e9,
-                                      bf16 * 1e6 if bf16 else None, fp8 * 1e6 if fp8 else None,
-                                      triton_seconds * 1e6 if triton_seconds else None))
-            if device.type == "cuda":
-                torch.cuda.empty_cache()  # the largest caches take tens of GB
+            rows += _decode_row(str(GRID_SHAPE), GRID_SHAPE, batch, context, recipes, device, timed)
+    for name in shape_names:
+        shape, batch, context = MODEL_SHAPES[name]
+        rows += _decode_row(name, shape, batch, context, recipes, device, timed)
     return rows
 
 
 def print_decode_table(rows: list[DecodeRow]) -> None:
-    print("\ndecode attention (Hq=32, Hkv=8, D=128, page 16; FP4 read directly vs FlashInfer paged decode;"
+    print("\ndecode attention (shape: Hq/Hkv/D/page or a model's name, see --decode-shapes; FP4 read directly"
+          " vs FlashInfer paged decode, BF16 'sdpa*' where FlashInfer's decode rejects the shape;"
           " 'Triton us': our Triton kernel where the op ran the Gluon one)")
-    print(f"{'recipe':<10}{'batch':>6}{'context':>9}{'FP4 us':>10}{'GB/s':>8}{'BF16 us':>10}{'FP8 us':>10}"
-          f"{'FP4/BF16':>10}{'FP4/FP8':>9}{'Triton us':>11}")
+    print(f"{'shape':<16}{'recipe':<10}{'batch':>6}{'context':>9}{'FP4 us':>10}{'GB/s':>8}{'BF16 us':>10}"
+          f"{'FP8 us':>10}{'FP4/BF16':>10}{'FP4/FP8':>9}{'Triton us':>11}")
     for r in rows:
         def fmt(x, spec):
             return format(x, spec) if x is not None else "-"
-        print(f"{r.recipe:<10}{r.batch:>6}{r.context:>9}{r.fp4_us:>10.1f}{r.fp4_gb_per_s:>8.0f}"
-              f"{fmt(r.flashinfer_bf16_us, '10.1f'):>10}{fmt(r.flashinfer_fp8_us, '10.1f'):>10}"
+        bf16 = fmt(r.bf16_us, '.1f') + ("*" if r.bf16_kernel == "sdpa" else "")
+        print(f"{r.shape:<16}{r.recipe:<10}{r.batch:>6}{r.context:>9}{r.fp4_us:>10.1f}{r.fp4_gb_per_s:>8.0f}"
+              f"{bf16:>10}{fmt(r.flashinfer_fp8_us, '10.1f'):>10}"
               f"{fmt(r.x_bf16, '.3f'):>10}{fmt(r.x_fp8, '.3f'):>9}{fmt(r.triton_kernel_us, '11.1f'):>11}")
 
 
@@ -301,6 +360,10 @@ def main(argv=None) -> None:
                         help="sequences per decode step ([1, 8, 32, 128] with a GPU, [1, 2] without)")
     parser.add_argument("--decode-contexts", type=int, nargs="*", default=[1024, 8192, 32768] if on_gpu else [256],
                         help="context lengths of the decode rows ([1024, 8192, 32768] with a GPU, [256] without)")
+    parser.add_argument("--decode-shapes", nargs="*", default=sorted(MODEL_SHAPES) if on_gpu else [],
+                        choices=sorted(MODEL_SHAPES),
+                        help="model-shape decode rows, each at its own batch x context (all with a GPU, none"
+                             " without): " + ", ".join(f"{n} {s} {b}x{c}" for n, (s, b, c) in MODEL_SHAPES.items()))
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--plot", metavar="PATH", help="also write a PNG bar chart of x copy (needs matplotlib and a GPU)")
     args = parser.parse_args(argv)
@@ -310,7 +373,7 @@ def main(argv=None) -> None:
                          _OUT_DTYPES[args.out_dtype])
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print_table(name, copy_gbs, rows, args.out_dtype)
-    decode_rows = run_decode(args.decode_batches, args.decode_contexts, args.recipes, device)
+    decode_rows = run_decode(args.decode_batches, args.decode_contexts, args.recipes, device, args.decode_shapes)
     if decode_rows:
         print_decode_table(decode_rows)
     if args.json:
