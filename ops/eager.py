@@ -193,14 +193,11 @@ def decode_attention(out, q, kv: PagedKV, fmt: FP4Format, sm_scale: float) -> No
 def extend_rows(cu_seqlens_q: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(start [B], end [B]) int64: sequence b owns rows [start[b], end[b]) of q.
 
-    start is the running maximum of cu_seqlens_q[:B] and end is cu_seqlens_q[b + 1] raised to
-    start, both clamped to [0, num_tokens]: the ranges never overlap whatever the offsets hold
-    (so no two programs write one row), and they are the offsets themselves when those are
-    sorted and end at or below num_tokens (rows past cu_seqlens_q[B]: padding)."""
-    cu = cu_seqlens_q.long()
-    start = torch.cummax(cu[:-1], 0).values.clamp(0, num_tokens)
-    end = torch.maximum(cu[1:], start).clamp(max=num_tokens)
-    return start, end
+    The boundaries are the running maximum of cu_seqlens_q clamped to [0, num_tokens]: the ranges
+    never overlap whatever the offsets hold (no two programs write one row), and they are the
+    offsets themselves when those are sorted and within q (rows past cu_seqlens_q[B]: padding)."""
+    bounds = torch.cummax(cu_seqlens_q.long(), 0).values.clamp(0, num_tokens)
+    return bounds[:-1], bounds[1:]
 
 
 def extend_attention(out, q, cu_seqlens_q, kv: PagedKV, fmt: FP4Format, sm_scale: float) -> None:

@@ -162,3 +162,77 @@ def test_compiles_fullgraph_without_recompiling_for_new_token_counts():
         torch.testing.assert_close(compiled(q, cu, *rest), torch_fp4kv.extend_attention(q, cu, *rest), atol=0, rtol=0)
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     assert counter.frame_count == 1, "a new token count or new lengths recompiled"
+
+
+CASES = [  # (new tokens per sequence, seq_lens, hq, hkv, d, page_size, padding rows)
+    ([4, 4, 4], [40, 4, 64], 8, 2, 64, 16, 0),  # verification: 4 draft tokens each
+    ([1, 3, 0], [70, 3, 0], 4, 1, 128, 1, 2),  # a token, a whole sequence, an empty one; padding
+    ([21, 2], [69, 40], 6, 2, 64, 7, 0),  # a chunk of 21 (tiles of 16), group 3
+    ([5, 9], [90, 9], 16, 2, 256, 32, 0),  # group 8, head_dim 256
+    ([3], [2500], 4, 1, 64, 16, 0),  # long context: ten splits on the interpreter
+]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("case", CASES, ids=[f"new{sum(c[0])}-hq{c[2]}-hkv{c[3]}-d{c[4]}-page{c[5]}" for c in CASES])
+def test_triton_matches_eager(backend, recipe, case):
+    new, lens, hq, hkv, d, page, padding = case
+    args = _problem(recipe, new, lens, hq, hkv, d, page, device=TRITON_DEVICE, padding=padding)
+    _assert_triton_matches_eager(args, backend)
+
+
+def test_triton_unsorted_offsets_match_eager(backend):
+    q, cu, *rest = _problem("nvfp4", [3, 5, 2], [20, 30, 2], device=TRITON_DEVICE, padding=3)
+    for offsets in ([0, 6, 3, 9], [-4, 2, 40, 5], [2, 2, 2, 2]):
+        _assert_triton_matches_eager((q, torch.tensor(offsets, dtype=torch.int32, device=q.device), *rest), backend)
+
+
+@settings(max_examples=10, deadline=None)
+@given(recipe=st.sampled_from(RECIPES), batch=st.integers(1, 3), hkv=st.integers(1, 2),
+       group=st.sampled_from([1, 3, 4, 8]), d=st.sampled_from([64, 128, 256]), page_size=st.sampled_from([1, 16]),
+       new=st.sampled_from([1, 2, 4, 8, 64]), prefix=st.integers(0, 600), padding=st.integers(0, 2),
+       seed=st.integers(0, 2**16))
+def test_property_triton_matches_eager(recipe, batch, hkv, group, d, page_size, new, prefix, padding, seed):
+    """Verification (1 to 8 new tokens) and chunks (64) over ragged prefixes: each sequence gets
+    up to `new` tokens (some fewer, or none) after a prefix of up to `prefix` positions."""
+    g = torch.Generator().manual_seed(seed)
+    news = torch.randint(0, new + 1, (batch,), generator=g).tolist()
+    lens = [n + int(torch.randint(0, prefix + 1, (), generator=g)) for n in news]
+    args = _problem(recipe, news, lens, hkv * group, hkv, d, page_size, device=TRITON_DEVICE, seed=seed,
+                    padding=padding)
+    with pytest.MonkeyPatch.context() as mp:  # hypothesis runs many examples per fixture: patch here
+        _assert_triton_matches_eager(args, lambda name: mp.setenv("TORCH_FP4KV_BACKEND", name))
+
+
+@requires_cuda
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("new, context", [(4, 1000), (4, 8192), (8, 8192), (512, 8192), (1, 32768)])
+def test_long_ragged_contexts_on_gpu(backend, recipe, new, context):
+    """The benchmark's shape (Hq 32 / Hkv 8, D 128, page 16): verification and a chunk of 512."""
+    page = 16
+    lens = [context, max(new, context // 3), max(new, context - 17)]
+    args = _problem(recipe, [new, new, max(1, new // 2)], lens, 32, 8, 128, page, max_pages=-(-context // page),
+                    device="cuda")
+    _assert_triton_matches_eager(args, backend)
+
+
+@requires_cuda
+def test_verification_captured_in_a_cuda_graph_with_changing_lengths():
+    """A fixed number of draft tokens per sequence: one capture serves every step's lengths."""
+    args = _problem("nvfp4", [4, 4, 4, 4], [4, 5, 6, 7], 32, 8, 128, 16, max_pages=64, device="cuda")
+    q, cu, *cache = args
+    lens = cache[5]
+    out = torch.empty_like(q)
+
+    def step():
+        torch_fp4kv.extend_attention(q, cu, *cache, out=out)
+
+    step()  # compile the kernels before capturing
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for new_lens in ([1000, 5, 1024, 4], [17, 900, 3, 600]):
+        lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        q.normal_()
+        graph.replay()
+        torch.testing.assert_close(out, torch_fp4kv.extend_attention(q, cu, *cache), atol=0, rtol=0)
