@@ -122,7 +122,7 @@ def _extend_split_kernel(
     end = tl.minimum(start + positions_per_split, kv_end)
 
     key_pairs = key_pair(tl.arange(0, D // 2), D)
-    q_cols = (row * HQ + head).to(tl.int64)[None, :] * D
+    q_cols = (row.to(tl.int64) * HQ + head)[None, :] * D
     q_even = tl.load(q_ptr + q_cols + 2 * key_pairs[:, None], mask=col_ok[None, :], other=0.0).to(dtype)
     q_odd = tl.load(q_ptr + q_cols + 2 * key_pairs[:, None] + 1, mask=col_ok[None, :], other=0.0).to(dtype)
     if HAS_G:
@@ -159,7 +159,7 @@ def _extend_split_kernel(
     # This split's partial output (out itself with one split) and its log-sum-exp in base 2; rows
     # that saw nothing write zeros and -inf, which the merge weighs 0.
     safe_l = tl.where(l > 0, l / v_g, 1.0)
-    base = (row * HQ + head).to(tl.int64) * NUM_SPLITS + split
+    base = (row.to(tl.int64) * HQ + head) * NUM_SPLITS + split
     tl.store(partial_out_ptr + base[None, :] * D + tl.arange(0, D)[:, None],
              (acc / safe_l[None, :]).to(partial_out_ptr.dtype.element_ty), mask=col_ok[None, :])
     if NUM_SPLITS > 1:
