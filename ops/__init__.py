@@ -6,7 +6,7 @@ This layer never imports from the rest of torch_fp4kv; importing it registers th
 from . import library  # noqa: F401  (registers torch.ops.fp4kv.*)
 from .backends import ENV_VAR as BACKEND_ENV_VAR, Backend, select_backend
 from .formats import FORMATS, FP4Format, FP4KVCacheRecipe, ScaleRule, get_format
-from .api import decode_attention, dequantize, gather_dequantize, quantize, quantize_and_store
+from .api import decode_attention, dequantize, extend_attention, gather_dequantize, quantize, quantize_and_store
 
 __all__ = [
     "BACKEND_ENV_VAR",
@@ -17,6 +17,7 @@ __all__ = [
     "ScaleRule",
     "decode_attention",
     "dequantize",
+    "extend_attention",
     "gather_dequantize",
     "get_format",
     "quantize",

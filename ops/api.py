@@ -102,3 +102,46 @@ def decode_attention(
     torch.ops.fp4kv.decode_attention(out, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens,
                                      page_size, fmt.name, sm_scale, k_global_scale, v_global_scale)
     return out
+
+
+def extend_attention(
+    q: Tensor,
+    cu_seqlens_q: Tensor,
+    k_data: Tensor,
+    k_scales: Tensor,
+    v_data: Tensor,
+    v_scales: Tensor,
+    block_table: Tensor,
+    seq_lens: Tensor,
+    page_size: int,
+    recipe: str,
+    k_global_scale: Optional[Tensor] = None,
+    v_global_scale: Optional[Tensor] = None,
+    sm_scale: Optional[float] = None,
+    out: Optional[Tensor] = None,
+) -> Tensor:
+    """Attention of several new tokens per sequence over the FP4 cache, read directly: chunked
+    prefill, prefix-cache hits, speculative-decoding verification.
+
+    The engines' convention (SGLang, vLLM): the new tokens' K/V are stored in the cache first
+    (quantize_and_store), then this reads each whole sequence, prefix and new tokens, from the
+    cache. One input instead of two, the same bytes that later decode steps read, and a verify
+    step of a fixed token count per sequence is one CUDA graph whatever the lengths.
+
+    q [T, Hq, D] (bf16/fp16): the new tokens of all sequences, sequence b's in rows
+    cu_seqlens_q[b] to cu_seqlens_q[b + 1] (cu_seqlens_q [B+1] int32, any stride); seq_lens [B]
+    int32 counts each sequence's tokens including its new ones; the cache arguments are
+    decode_attention's. Causal: the new token i of n sits at position seq_lens[b] - n + i and sees
+    positions 0 to that one. Offsets are device data and are not checked (no host sync); every
+    value has a result (eager.extend_rows): rows that no sequence owns (past cu_seqlens_q[B]:
+    padding) and rows that see no position get zeros. Writes into `out` when given and returns it.
+    """
+    if sm_scale is None and isinstance(q, Tensor):
+        sm_scale = q.shape[-1] ** -0.5
+    if out is None and isinstance(q, Tensor):
+        out = torch.empty_like(q)
+    kv = PagedKV(k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, k_global_scale, v_global_scale)
+    fmt = checks.extend_attention_args(out, q, cu_seqlens_q, kv, recipe, sm_scale)
+    torch.ops.fp4kv.extend_attention(out, q, cu_seqlens_q, k_data, k_scales, v_data, v_scales, block_table, seq_lens,
+                                     page_size, fmt.name, sm_scale, k_global_scale, v_global_scale)
+    return out

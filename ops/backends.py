@@ -20,7 +20,7 @@ import torch
 from .formats import FORMATS, FP4Format
 
 ENV_VAR = "TORCH_FP4KV_BACKEND"
-OPS = ("quantize", "dequantize", "quantize_and_store", "gather_dequantize", "decode_attention")
+OPS = ("quantize", "dequantize", "quantize_and_store", "gather_dequantize", "decode_attention", "extend_attention")
 
 
 class Backend(str, enum.Enum):
@@ -156,7 +156,10 @@ def forced_backend(name: str | None):
 
 
 _MODULES = {Backend.EAGER: "eager", Backend.TRITON: "triton_kernels", Backend.FLASHINFER: "flashinfer_kernels"}
-_OP_MODULES = {(Backend.TRITON, "decode_attention"): "decode"}  # exceptions to _MODULES (Gluon or Triton)
+_OP_MODULES = {  # exceptions to _MODULES
+    (Backend.TRITON, "decode_attention"): "decode",  # Gluon or Triton
+    (Backend.TRITON, "extend_attention"): "triton_extend",
+}
 
 
 def kernels_for(op: str, fmt: FP4Format, device: torch.device, dtype: torch.dtype):

@@ -237,3 +237,53 @@ def decode_attention_args(out, q, kv: PagedKV, recipe_, sm_scale) -> FP4Format:
     if not out.is_contiguous():
         raise ValueError("out must be contiguous")
     return fmt
+
+
+def extend_attention_args(out, q, cu_seqlens_q, kv: PagedKV, recipe_, sm_scale) -> FP4Format:
+    """decode_attention's checks, with q [T, Hq, D] holding every sequence's new tokens and
+    cu_seqlens_q [B+1] int32 (any stride) the offsets of each sequence's rows in q.
+
+    How the offsets relate to T is device data: extend_attention gives every value a result
+    instead of checking it (its docstring, rows and positions)."""
+    k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, kg, vg = kv
+    fmt = recipe(recipe_)
+    tensor(q, "q")
+    dtype_in(q, "q", (torch.bfloat16, torch.float16))
+    rank(q, "q", 3, "[T, Hq, D]")
+    kv_cache(k_data, k_scales, v_data, v_scales, fmt)
+    same_device(k_data, "k_data", q, "q")
+    d, hq, hkv = q.shape[2], q.shape[1], k_data.shape[1]
+    if d not in DECODE_HEAD_DIMS:
+        raise ValueError(f"q: head_dim {d} is not one of {DECODE_HEAD_DIMS}")
+    if k_data.shape[2] * 2 != d:
+        raise ValueError(f"k_data holds head_dim {k_data.shape[2] * 2} but q has {d}")
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"q has {hq} heads, not a multiple of the cache's {hkv} KV heads")
+    tensor(block_table, "block_table")
+    dtype_in(block_table, "block_table", (torch.int32,))
+    rank(block_table, "block_table", 2, "[B, max_pages]")
+    batch = block_table.shape[0]
+    for x, name, rows, layout in ((seq_lens, "seq_lens", batch, "[B]"),
+                                  (cu_seqlens_q, "cu_seqlens_q", batch + 1, "[B+1]")):
+        tensor(x, name)
+        dtype_in(x, name, (torch.int32,))
+        rank(x, name, 1, layout)
+        same_device(x, name, q, "q")
+        if x.shape[0] != rows:
+            raise ValueError(f"{name} has {x.shape[0]} entries but block_table has {batch} rows (needs {layout})")
+    same_device(block_table, "block_table", q, "q")
+    if not isinstance(page_size, (int, torch.SymInt)) or not 1 <= page_size <= MAX_PAGE_SIZE:
+        raise ValueError(f"page_size must be an int in [1, {MAX_PAGE_SIZE}]; got {page_size!r}")
+    if k_data.shape[0] % page_size:
+        raise ValueError(f"k_data has {k_data.shape[0]} slots, not a whole number of pages of {page_size}")
+    if not isinstance(sm_scale, float):
+        raise TypeError(f"sm_scale must be a float, got {type(sm_scale).__name__}")
+    global_scale(kg, "k_global_scale", fmt, q, "q")
+    global_scale(vg, "v_global_scale", fmt, q, "q")
+    tensor(out, "out")
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"out must be a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}; "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+    return fmt

@@ -188,3 +188,43 @@ def decode_attention(out, q, kv: PagedKV, fmt: FP4Format, sm_scale: float) -> No
     weights = torch.where(has_context, torch.softmax(scores, dim=-1), 0.0)  # length 0: zeros, not NaN
     result = torch.einsum("bgrl,blgd->bgrd", weights, v).reshape(b, hq, d)
     out.copy_(result.to(out.dtype))
+
+
+def extend_rows(cu_seqlens_q: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(start [B], end [B]) int64: sequence b owns rows [start[b], end[b]) of q.
+
+    The boundaries are the running maximum of cu_seqlens_q clamped to [0, num_tokens]: the ranges
+    never overlap whatever the offsets hold (no two programs write one row), and they are the
+    offsets themselves when those are sorted and within q (rows past cu_seqlens_q[B]: padding)."""
+    bounds = torch.cummax(cu_seqlens_q.long(), 0).values.clamp(0, num_tokens)
+    return bounds[:-1], bounds[1:]
+
+
+def extend_attention(out, q, cu_seqlens_q, kv: PagedKV, fmt: FP4Format, sm_scale: float) -> None:
+    """Several new tokens per sequence against its paged FP4 cache (new tokens stored already):
+    per sequence, gather and dequantize the context, then masked attention in fp32.
+
+    Row t of sequence b (extend_rows) sits at position seq_lens[b] - cu_seqlens_q[b + 1] + t and
+    sees the positions up to it, below min(seq_lens[b], the page table's length); a row that sees
+    none, or that no sequence owns, gets zeros."""
+    tokens, hq, d = q.shape
+    hkv = kv.kv_heads
+    start, end = extend_rows(cu_seqlens_q, tokens)
+    rows = torch.arange(tokens, device=q.device)
+    keys = torch.arange(kv.max_len, device=q.device)
+    slots = paged_slots(kv.block_table, kv.page_size)  # [B, L]
+    queries = q.float().view(tokens, hkv, hq // hkv, d)
+    result = torch.zeros_like(queries)
+    for b in range(slots.shape[0]):
+        k = gather_dequantize(kv.k_data, kv.k_scales, slots[b], fmt, kv.k_global_scale, torch.float32)
+        v = gather_dequantize(kv.v_data, kv.v_scales, slots[b], fmt, kv.v_global_scale, torch.float32)
+        owned = (rows >= start[b]) & (rows < end[b])  # [T]
+        position = kv.seq_lens[b].long() - cu_seqlens_q[b + 1].long() + rows
+        visible = owned[:, None] & (keys[None, :] <= position[:, None]) & (keys[None, :] < kv.seq_lens[b].long())
+        scores = torch.einsum("tgrd,lgd->tgrl", queries, k) * sm_scale
+        scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+        sees = visible.any(-1)[:, None, None, None]
+        weights = torch.where(sees, torch.softmax(scores, dim=-1), 0.0)  # no visible position: zeros, not NaN
+        # where, not +=: another sequence's NaN values (times weight 0) must not reach these rows.
+        result = torch.where(owned[:, None, None, None], torch.einsum("tgrl,lgd->tgrd", weights, v), result)
+    out.copy_(result.reshape(tokens, hq, d).to(out.dtype))

@@ -152,3 +152,36 @@ def _(out, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_si
       k_global_scale=None, v_global_scale=None):
     kv = PagedKV(k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, k_global_scale, v_global_scale)
     checks.decode_attention_args(out, q, kv, recipe, sm_scale)
+
+
+@torch.library.custom_op("fp4kv::extend_attention", mutates_args=("out",))
+def extend_attention(
+    out: Tensor,
+    q: Tensor,
+    cu_seqlens_q: Tensor,
+    k_data: Tensor,
+    k_scales: Tensor,
+    v_data: Tensor,
+    v_scales: Tensor,
+    block_table: Tensor,
+    seq_lens: Tensor,
+    page_size: int,
+    recipe: str,
+    sm_scale: float,
+    k_global_scale: Optional[Tensor] = None,
+    v_global_scale: Optional[Tensor] = None,
+) -> None:
+    """out [T, Hq, D] = causal attention of each sequence's new tokens q[cu_seqlens_q[b]:cu_seqlens_q[b+1]]
+    over its paged FP4 K/V (the new tokens' K/V stored there first), read directly."""
+    kv = PagedKV(k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, k_global_scale, v_global_scale)
+    fmt = checks.extend_attention_args(out, q, cu_seqlens_q, kv, recipe, sm_scale)
+    if q.numel() == 0:
+        return
+    kernels_for("extend_attention", fmt, q.device, q.dtype).extend_attention(out, q, cu_seqlens_q, kv, fmt, sm_scale)
+
+
+@extend_attention.register_fake
+def _(out, q, cu_seqlens_q, k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, recipe, sm_scale,
+      k_global_scale=None, v_global_scale=None):
+    kv = PagedKV(k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, k_global_scale, v_global_scale)
+    checks.extend_attention_args(out, q, cu_seqlens_q, kv, recipe, sm_scale)

@@ -66,7 +66,8 @@ def test_tensor_parallel_decode_with_two_gloo_processes():
 def test_bench_table_and_json(tmp_path):
     path = tmp_path / "bench.json"
     out = _run("-m", "torch_fp4kv.bench", "--device", "cpu", "--tokens", "64", "--backends", "eager",
-               "--decode-batches", "2", "--decode-contexts", "64", "--out-dtype", "float8_e4m3fn", "--json", str(path))
+               "--decode-batches", "2", "--decode-contexts", "64", "--extend-cases", "2x48+3", "--out-dtype", "float8_e4m3fn",
+               "--json", str(path))
     assert "they are not performance figures" in out and "dequantize and gather_dequantize write float8_e4m3fn" in out
     report = json.loads(path.read_text())
     assert report["copy_gb_per_s"] is None and report["out_dtype"] == "float8_e4m3fn"
@@ -88,6 +89,10 @@ def test_bench_table_and_json(tmp_path):
     assert [(r["recipe"], r["batch"], r["context"]) for r in report["decode_rows"]] == [
         ("blockfp4", 2, 64), ("mxfp4", 2, 64), ("nvfp4", 2, 64)]
     assert all(r["fp4_us"] > 0 for r in report["decode_rows"])
+    assert [(r["recipe"], r["batch"], r["context"], r["new"]) for r in report["extend_rows"]] == [
+        ("blockfp4", 2, 48, 3), ("mxfp4", 2, 48, 3), ("nvfp4", 2, 48, 3)]
+    assert all(r["fp4_us"] > 0 and r["dequant_attend_us"] > 0 and r["x_bf16"] is None for r in report["extend_rows"])
+    assert re.search(r"^2x48\+3\s+nvfp4\s+[\d.]+\s+[\d.]+\s+-", out, re.M), out
 
 
 def test_bench_rows_relate_bandwidth_to_copy_and_flashinfer():

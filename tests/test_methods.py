@@ -256,6 +256,7 @@ def test_cache_module_keeps_global_scales_float32_under_dtype_casts():
 def test_methods_say_how_attention_reads_them(recipe):
     method = get_fp4_kv_cache_quant_method(recipe)
     assert method.attention_read("decode") is torch_fp4kv.AttentionRead.NATIVE_FP4
+    assert method.attention_read("extend") is torch_fp4kv.AttentionRead.NATIVE_FP4
     assert method.attention_read("prefill") is torch_fp4kv.AttentionRead.DEQUANTIZED
     with pytest.raises(ValueError, match="phase must be"):
         method.attention_read("train")
@@ -278,3 +279,28 @@ def test_method_decode_attention_reads_its_layer():
                                                   enable_gqa=True)[:, 0]
         torch.testing.assert_close(out[b].float(), expected, atol=1e-2, rtol=1e-2)
     assert not torch.equal(out, method.decode_attention(0, q, table, lens, page_size=1))
+
+
+@pytest.mark.parametrize("options", [{}, dict(rotate=True, smooth_k=True)])
+def test_method_extend_attention_reads_its_layer(options):
+    """Speculative verification through a method: 3 draft tokens per sequence, stored first, then
+    attended causally over layer 1's cache as its own read-back K/V give it (with the accuracy
+    options too: the rotation applied to q and undone on the output)."""
+    method = get_fp4_kv_cache_quant_method("nvfp4", **options)
+    method.create_buffers(32, H, D, 2, "cpu")
+    method.set_global_scales(1, 0.01, 0.02)
+    method.quantize_and_store(1, torch.arange(32), torch.randn(32, H, D), torch.randn(32, H, D))
+    q = torch.randn(6, 2 * H, D, dtype=torch.bfloat16)
+    cu = torch.tensor([0, 3, 6], dtype=torch.int32)
+    table = torch.arange(32, dtype=torch.int32).view(2, 16)
+    lens = torch.tensor([16, 9], dtype=torch.int32)
+    out = method.extend_attention(1, q, cu, table, lens, page_size=1)
+    for b, n in enumerate(lens.tolist()):
+        k_seq, v_seq = method.layer(1).read(table[b, :n], torch.float32)
+        for i in range(3):
+            seen = n - 3 + i + 1
+            expected = F.scaled_dot_product_attention(q[3 * b + i, :, None].float(), k_seq[:seen].transpose(0, 1),
+                                                      v_seq[:seen].transpose(0, 1), enable_gqa=True)[:, 0]
+            torch.testing.assert_close(out[3 * b + i].float(), expected, atol=2e-2, rtol=2e-2)
+    given = torch.empty_like(q)
+    assert method.extend_attention(1, q, cu, table, lens, 1, out=given) is given and torch.equal(given, out)

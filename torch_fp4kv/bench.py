@@ -306,6 +306,182 @@ def print_decode_table(rows: list[DecodeRow]) -> None:
               f"{fmt(r.x_bf16, '.3f'):>10}{fmt(r.x_fp8, '.3f'):>9}{fmt(r.triton_kernel_us, '11.1f'):>11}")
 
 
+@dataclass
+class ExtendRow:
+    """Several new tokens per sequence over a cached prefix (fp4kv.extend_attention), beside
+    dequantizing the whole FP4 context first and FlashInfer's paged prefill on BF16 and FP8 caches.
+    Times in us; None where that kernel could not run here (notes says why)."""
+
+    recipe: str
+    batch: int
+    context: int  # cached prefix per sequence
+    new: int  # new tokens per sequence (stored in the cache first, then attended causally)
+    fp4_us: float
+    dequant_attend_us: float | None = None  # gather_dequantize to BF16, then the best BF16 kernel (SDPA without FlashInfer)
+    flashinfer_bf16_fa2_us: float | None = None
+    flashinfer_bf16_fa3_us: float | None = None
+    flashinfer_fp8_us: float | None = None  # backend="auto"
+    notes: str = ""
+
+    @property
+    def best_bf16_us(self) -> float | None:
+        times = [t for t in (self.flashinfer_bf16_fa2_us, self.flashinfer_bf16_fa3_us) if t]
+        return min(times) if times else None
+
+    @property
+    def x_bf16(self) -> float | None:
+        return self.fp4_us / self.best_bf16_us if self.best_bf16_us else None
+
+    @property
+    def x_fp8(self) -> float | None:
+        return self.fp4_us / self.flashinfer_fp8_us if self.flashinfer_fp8_us else None
+
+
+def parse_extend_case(text: str) -> tuple[int, int, int]:
+    """'32x8192+4' -> (batch 32, prefix 8192, new tokens 4)."""
+    try:
+        shape, new = text.split("+")
+        batch, context = shape.split("x")
+        return int(batch), int(context), int(new)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an extend case is BATCHxPREFIX+NEW (e.g. 32x8192+4), got {text!r}") from None
+
+
+class _ExtendProblem:
+    """One extend shape: every sequence holds `context` cached tokens plus `new` ones (all in the
+    cache), its pages shuffled; q [batch * new, Hq, D]."""
+
+    def __init__(self, batch, context, new, hq, hkv, d, page, device):
+        self.batch, self.new, self.hq, self.hkv, self.d, self.page, self.device = batch, new, hq, hkv, d, page, device
+        self.length = context + new
+        self.pages_per_seq = -(-self.length // page)
+        self.num_pages = batch * self.pages_per_seq
+        self.table = torch.randperm(self.num_pages, device=device).int().view(batch, self.pages_per_seq)
+        self.lens = torch.full((batch,), self.length, dtype=torch.int32, device=device)
+        self.cu = torch.arange(batch + 1, dtype=torch.int32, device=device) * new
+        self.q = torch.randn(batch * new, hq, d, dtype=torch.bfloat16, device=device)
+
+    def fp4_cache(self, recipe):
+        fmt = get_format(recipe)
+        slots = self.num_pages * self.page
+        data = [torch.randint(0, 256, (slots, self.hkv, self.d // 2), dtype=torch.uint8, device=self.device)
+                for _ in "kv"]
+        scales = [torch.randint(100, 126, (slots, self.hkv, self.d // fmt.block_size), dtype=torch.uint8,
+                                device=self.device) for _ in "kv"]
+        g = torch.tensor([0.01], device=self.device) if fmt.has_global_scale else None
+        return data, scales, g
+
+    def flashinfer_prefill(self, kv_dtype, backend: str):
+        """A planned BatchPrefillWithPagedKVCacheWrapper over a random cache of kv_dtype: fn()."""
+        import flashinfer
+
+        kv = torch.empty(self.num_pages, 2, self.page, self.hkv, self.d, dtype=torch.bfloat16,
+                         device=self.device).normal_().to(kv_dtype)
+        indptr = torch.arange(self.batch + 1, dtype=torch.int32, device=self.device) * self.pages_per_seq
+        indices = torch.randperm(self.num_pages, device=self.device).int()
+        last = torch.full((self.batch,), self.length - (self.pages_per_seq - 1) * self.page, dtype=torch.int32,
+                          device=self.device)
+        wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            torch.empty(256 * 2**20, dtype=torch.uint8, device=self.device), "NHD", backend=backend)
+        wrapper.plan(self.cu, indptr, indices, last, self.hq, self.hkv, self.d, self.page, causal=True,
+                     q_data_type=torch.bfloat16, kv_data_type=kv_dtype)
+        return lambda: wrapper.run(self.q, kv)
+
+    def sdpa(self, k, v):
+        """Causal attention of the new tokens over dequantized K/V [batch * length, Hkv, D] (SDPA)."""
+        import torch.nn.functional as F
+
+        q = self.q.view(self.batch, self.new, self.hq, self.d).transpose(1, 2)
+        k = k.view(self.batch, self.length, self.hkv, self.d).transpose(1, 2)
+        v = v.view(self.batch, self.length, self.hkv, self.d).transpose(1, 2)
+        keys = torch.arange(self.length, device=self.device)
+        mask = keys[None, :] <= (self.length - self.new + torch.arange(self.new, device=self.device))[:, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def _try_time(timed, make_fn, notes: list, label: str) -> float | None:
+    """Seconds of make_fn()() or None, noting why it could not run (a FlashInfer backend this GPU or
+    build lacks, for instance)."""
+    try:
+        return timed(make_fn())
+    except Exception as error:  # noqa: BLE001 (any failure of an optional kernel is reported, not fatal)
+        notes.append(f"{label}: {type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''}")
+        return None
+
+
+def run_extend(cases, recipes, device: torch.device, hq=32, hkv=8, d=128, page=16) -> list[ExtendRow]:
+    timed = _timer(device)
+    has_flashinfer = not unavailable_reason(Backend.FLASHINFER, "dequantize", "nvfp4", device, torch.bfloat16)
+    rows = []
+    for batch, context, new in cases:
+        problem = _ExtendProblem(batch, context, new, hq, hkv, d, page, device)
+        notes: list[str] = []
+        flashinfer_s = {}
+        if has_flashinfer:
+            for label, kv_dtype, backend in (("BF16 fa2", torch.bfloat16, "fa2"), ("BF16 fa3", torch.bfloat16, "fa3"),
+                                             ("FP8 auto", torch.float8_e4m3fn, "auto")):
+                flashinfer_s[label] = _try_time(timed, lambda: problem.flashinfer_prefill(kv_dtype, backend), notes,
+                                                f"FlashInfer {label}")
+        else:
+            notes.append("FlashInfer is not installed here: no FlashInfer rows; dequantize-then-attend uses SDPA")
+        best_bf16 = min((flashinfer_s[k] for k in ("BF16 fa2", "BF16 fa3") if flashinfer_s.get(k)), default=None)
+        best_backend = None
+        if best_bf16:
+            best_backend = "fa2" if flashinfer_s.get("BF16 fa2") == best_bf16 else "fa3"
+        all_slots = (problem.table.long()[:, :, None] * page + torch.arange(page, device=device)).flatten(1)
+        all_slots = all_slots[:, : problem.length].reshape(-1)
+        for recipe in recipes:
+            data, scales, g = problem.fp4_cache(recipe)
+            out = torch.empty_like(problem.q)
+            args = (out, problem.q, problem.cu, data[0], scales[0], data[1], scales[1], problem.table, problem.lens,
+                    page, recipe, d ** -0.5, g, g)
+            seconds = timed(lambda: torch.ops.fp4kv.extend_attention(*args))
+
+            def dequantize_then_attend():
+                def dequantized():
+                    k = torch.ops.fp4kv.gather_dequantize(data[0], scales[0], all_slots, recipe, g, torch.bfloat16)
+                    v = torch.ops.fp4kv.gather_dequantize(data[1], scales[1], all_slots, recipe, g, torch.bfloat16)
+                    return k, v
+
+                if best_backend is None:
+                    return lambda: problem.sdpa(*dequantized())
+                # BF16 workspace in sequence order, padded to whole pages, and the best BF16 kernel over it.
+                attend = problem.flashinfer_prefill(torch.bfloat16, best_backend)
+                return lambda: (dequantized(), attend())
+
+            dequant_s = _try_time(timed, dequantize_then_attend, notes, f"{recipe} dequantize-then-attend")
+            rows.append(ExtendRow(recipe, batch, context, new, seconds * 1e6, _us(dequant_s),
+                                  _us(flashinfer_s.get("BF16 fa2")), _us(flashinfer_s.get("BF16 fa3")),
+                                  _us(flashinfer_s.get("FP8 auto")), "; ".join(notes)))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _us(seconds: float | None) -> float | None:
+    return seconds * 1e6 if seconds else None
+
+
+def print_extend_table(rows: list[ExtendRow]) -> None:
+    print("\nextend attention: new tokens per sequence over a cached prefix (Hq=32, Hkv=8, D=128, page 16;"
+          " FP4 read directly vs dequantize-then-attend and FlashInfer paged prefill, causal;"
+          " FP4/BF16 against the faster of fa2 and fa3)")
+    print(f"{'case':<17}{'recipe':<10}{'FP4 us':>10}{'dequant+attend':>16}{'BF16 fa2':>10}{'BF16 fa3':>10}"
+          f"{'FP8 auto':>10}{'FP4/BF16':>10}{'FP4/FP8':>9}")
+    notes = []
+    for r in rows:
+        def fmt(x, spec):
+            return format(x, spec) if x is not None else "-"
+        case = f"{r.batch}x{r.context}+{r.new}"
+        print(f"{case:<17}{r.recipe:<10}{r.fp4_us:>10.1f}{fmt(r.dequant_attend_us, '16.1f'):>16}"
+              f"{fmt(r.flashinfer_bf16_fa2_us, '10.1f'):>10}{fmt(r.flashinfer_bf16_fa3_us, '10.1f'):>10}"
+              f"{fmt(r.flashinfer_fp8_us, '10.1f'):>10}{fmt(r.x_bf16, '.3f'):>10}{fmt(r.x_fp8, '.3f'):>9}")
+        if r.notes and r.notes not in notes:
+            notes.append(r.notes)
+    for note in notes:
+        print(f"  could not run: {note}")
+
+
 def print_table(device_name: str, copy_gbs: float | None, rows: list[Row], out_dtype: str) -> None:
     if copy_gbs is None:
         print(f"device: {device_name}. {CPU_NOTE}")
@@ -364,6 +540,12 @@ def main(argv=None) -> None:
                         choices=sorted(MODEL_SHAPES),
                         help="model-shape decode rows, each at its own batch x context (all with a GPU, none"
                              " without): " + ", ".join(f"{n} {s} {b}x{c}" for n, (s, b, c) in MODEL_SHAPES.items()))
+    parser.add_argument("--extend-cases", type=parse_extend_case, nargs="*",
+                        default=[(32, 8192, 4), (8, 8192, 512)] if on_gpu else [(2, 256, 4), (1, 256, 64)],
+                        metavar="BATCHxPREFIX+NEW",
+                        help="extend-attention rows: sequences x cached prefix + new tokens each, e.g. 32x8192+4 "
+                             "(speculative verification) and 8x8192+512 (chunked prefill), the defaults with a GPU "
+                             "(2x256+4 and 1x256+64 without); none: no extend rows")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--plot", metavar="PATH", help="also write a PNG bar chart of x copy (needs matplotlib and a GPU)")
     args = parser.parse_args(argv)
@@ -376,11 +558,15 @@ def main(argv=None) -> None:
     decode_rows = run_decode(args.decode_batches, args.decode_contexts, args.recipes, device, args.decode_shapes)
     if decode_rows:
         print_decode_table(decode_rows)
+    extend_rows = run_extend(args.extend_cases, args.recipes, device)
+    if extend_rows:
+        print_extend_table(extend_rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": name, "torch": torch.__version__, "copy_gb_per_s": copy_gbs, "out_dtype": args.out_dtype,
                        "rows": [asdict(r) for r in rows],
-                       "decode_rows": [{**asdict(r), "x_bf16": r.x_bf16, "x_fp8": r.x_fp8} for r in decode_rows]},
+                       "decode_rows": [{**asdict(r), "x_bf16": r.x_bf16, "x_fp8": r.x_fp8} for r in decode_rows],
+                       "extend_rows": [{**asdict(r), "x_bf16": r.x_bf16, "x_fp8": r.x_fp8} for r in extend_rows]},
                       f, indent=1)
     if args.plot:
         plot(rows, args.plot)

@@ -132,3 +132,20 @@ class FP4KVLayerCache(nn.Module):
             return result
         out.copy_(result)
         return out
+
+    def extend(self, q, cu_seqlens_q, block_table, seq_lens, page_size: int, sm_scale: float | None = None, out=None):
+        """Attention of several new tokens per sequence, q [T, Hq, D] (rows cu_seqlens_q[b] to
+        cu_seqlens_q[b + 1]), stored in the cache already, causal over them, reading the cache in FP4."""
+        if self.rotation is None:  # a K mean needs nothing here: softmax cancels q·k_mean
+            return ops.extend_attention(q, cu_seqlens_q, self.k_data, self.k_scales, self.v_data, self.v_scales,
+                                        block_table, seq_lens, page_size, self.recipe, self.k_global_scale,
+                                        self.v_global_scale, sm_scale, out)
+        rotated_q = (q.float() @ self.rotation).to(q.dtype)
+        rotated = ops.extend_attention(rotated_q, cu_seqlens_q, self.k_data, self.k_scales, self.v_data, self.v_scales,
+                                       block_table, seq_lens, page_size, self.recipe, self.k_global_scale,
+                                       self.v_global_scale, sm_scale if sm_scale is not None else q.shape[-1] ** -0.5)
+        result = (rotated.float() @ self.rotation).to(rotated.dtype)
+        if out is None:
+            return result
+        out.copy_(result)
+        return out

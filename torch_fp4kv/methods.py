@@ -25,7 +25,7 @@ from .ops.formats import E2M1_MAX, E4M3_MAX
 class AttentionRead(enum.Enum):
     """How an attention kernel reads a cache: the engine allocates a workspace only for DEQUANTIZED."""
 
-    NATIVE_FP4 = "native_fp4"  # fp4kv.decode_attention reads the packed cache itself
+    NATIVE_FP4 = "native_fp4"  # fp4kv.decode_attention / extend_attention read the packed cache itself
     DEQUANTIZED = "dequantized"  # dequantize_prev_kv into a workspace, then a BF16/FP8 kernel
 
 
@@ -78,9 +78,10 @@ class FP4KVCacheQuantMethod(abc.ABC):
         return False
 
     def attention_read(self, phase: str) -> AttentionRead:
-        """How attention reads this cache in `phase` ("prefill" or "decode")."""
-        if phase not in ("prefill", "decode"):
-            raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
+        """How attention reads this cache in `phase`: "prefill", "decode", or "extend" (new tokens
+        over a cached prefix: chunked prefill, prefix-cache hits, speculative verification)."""
+        if phase not in ("prefill", "decode", "extend"):
+            raise ValueError(f"phase must be 'prefill', 'decode' or 'extend', got {phase!r}")
         return AttentionRead.DEQUANTIZED
 
     def load_scales_from_model(self, source) -> int:
@@ -114,14 +115,21 @@ class TableFP4KVMethod(FP4KVCacheQuantMethod):
         return self.prev_kv_dtype == torch.float8_e4m3fn
 
     def attention_read(self, phase: str) -> AttentionRead:
-        """Decode reads FP4 directly (fp4kv.decode_attention); prefill reads a dequantized copy."""
+        """Decode and extend read FP4 directly (fp4kv.decode_attention, fp4kv.extend_attention);
+        prefill reads a dequantized copy."""
         read = super().attention_read(phase)
-        return AttentionRead.NATIVE_FP4 if phase == "decode" else read
+        return AttentionRead.NATIVE_FP4 if phase in ("decode", "extend") else read
 
     def decode_attention(self, layer_id: int, q, block_table, seq_lens, page_size: int,
                          sm_scale: float | None = None, out=None):
         """Decode attention of q [B, Hq, D] over layer `layer_id`'s paged FP4 cache, read directly."""
         return self.layer(layer_id).decode(q, block_table, seq_lens, page_size, sm_scale, out)
+
+    def extend_attention(self, layer_id: int, q, cu_seqlens_q, block_table, seq_lens, page_size: int,
+                         sm_scale: float | None = None, out=None):
+        """Attention of new tokens q [T, Hq, D] (rows cu_seqlens_q[b]:cu_seqlens_q[b + 1], their K/V
+        stored already) over layer `layer_id`'s paged FP4 cache, causal, read directly."""
+        return self.layer(layer_id).extend(q, cu_seqlens_q, block_table, seq_lens, page_size, sm_scale, out)
 
     def compute_cell_size(self, head_num: int, head_dim: int, layer_num: int) -> int:
         cell = layer_num * self.fmt.bytes_per_token(head_num, head_dim)

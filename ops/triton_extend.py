@@ -1,0 +1,217 @@
+"""extend_attention on the Triton backend: several new tokens per sequence over the paged FP4 cache.
+
+triton_decode's kernel with a query tile instead of one token: a program takes one tile of a
+sequence's new tokens, one KV head and one slice of the context. The tile's tokens times the
+group's query heads (padded to a power of two) are the M side of the tensor-core products, so
+every key and value tile decoded from FP4 in registers serves all of them; keys come from
+triton_decode._key_tile (q read in key_pair order), values from _value_tile. Scores are K q^T
+[BLOCK_N, M] and the output V^T p [D, M], as in decode; an online softmax runs per column, with
+the causal mask applied to every tile (the tiles past a row's position are never loaded).
+
+The grid depends on shapes only (T, B, KV heads, the page table's width), never on offsets or
+lengths, so a verify step of a fixed token count is one CUDA graph: program i of axis 0 finds
+its sequence and tile from cu_seqlens_q (the rows eager.extend_rows gives), and there are at most
+cdiv(T, tile) + B + 2 tiles (two more segments: the rows before the first sequence and after the
+last one, which get zeros). Split-K over the context and the merge are split_decode's.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .formats import FP4Format
+from .paged_kv import PagedKV
+from .split_decode import key_pair, merge_splits, sm_count, split_kernel_arguments, split_outputs
+from .triton_decode import _key_tile, _value_tile
+from .triton_kernels import hardware_casts, usable_global_scale
+
+
+class ExtendLaunch(NamedTuple):
+    block_n: int  # context positions per tile
+    num_warps: int
+    num_stages: int  # software-pipeline stages
+    waves: int  # programs per SM to aim for when splitting the context
+
+
+# (head_dim, largest M: tokens x padded query heads per tile) -> launch shape. The first row of a
+# head_dim serves narrow tiles (verification: a few tokens, M 16), the second the rest (chunks).
+# Not yet timed on a GPU: starting points taken from the decode kernel's (DECODE_LAUNCH).
+EXTEND_LAUNCH = {
+    (64, 16): ExtendLaunch(block_n=128, num_warps=4, num_stages=3, waves=4),
+    (64, 128): ExtendLaunch(block_n=64, num_warps=8, num_stages=3, waves=2),
+    (128, 16): ExtendLaunch(block_n=128, num_warps=4, num_stages=3, waves=4),
+    (128, 128): ExtendLaunch(block_n=64, num_warps=8, num_stages=3, waves=2),
+    (256, 16): ExtendLaunch(block_n=128, num_warps=4, num_stages=3, waves=4),
+    (256, 64): ExtendLaunch(block_n=64, num_warps=8, num_stages=2, waves=2),
+}
+_MIN_M = 16  # tensor-core tiles need a side of at least 16
+_POSITIONS_PER_SPLIT_MIN = 256
+
+
+@triton.jit
+def _running_max(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _segment_bounds(cu_ptr, lanes, batch, tokens, SHIFT: tl.constexpr):
+    """Row boundaries per segment lane: 0 for lane 0 (with SHIFT 1), the clamped running maximum
+    of cu_seqlens_q (eager.extend_rows) for the sequences' lanes, T past them."""
+    index = lanes - SHIFT
+    inside = (index >= 0) & (index <= batch)
+    raw = tl.load(cu_ptr + index, mask=inside, other=-2147483647)
+    bound = tl.minimum(tl.maximum(tl.associative_scan(raw, 0, _running_max), 0), tokens)
+    return tl.where(index <= batch, bound, tokens)
+
+
+@triton.jit
+def _pick(values, lanes, lane):
+    return tl.sum(tl.where(lanes == lane, values, 0), axis=0)
+
+
+@triton.jit
+def _extend_split_kernel(
+    q_ptr, k_data_ptr, k_scales_ptr, v_data_ptr, v_scales_ptr, k_g_ptr, v_g_ptr,
+    block_table_ptr, seq_lens_ptr, partial_out_ptr, partial_lse_ptr,
+    sm_scale, max_pages, num_pages, positions_per_split, cu_ptr, batch, tokens,
+    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr,
+    E4M3_SCALES: tl.constexpr, HAS_G: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, SEGMENTS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    FP32_TILES: tl.constexpr, HW_FP8: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    if FP32_TILES:  # the type decode_packed builds
+        dtype = tl.float32
+    elif E4M3_SCALES:
+        dtype = tl.float16
+    else:
+        dtype = tl.bfloat16
+
+    # Segments: lane 0 the rows before the first sequence, lane b + 1 sequence b, lane B + 1 the
+    # rows after the last; each segment's tiles numbered in order along axis 0.
+    lanes = tl.arange(0, SEGMENTS_PAD)
+    lo = _segment_bounds(cu_ptr, lanes, batch, tokens, 1)
+    hi = _segment_bounds(cu_ptr, lanes, batch, tokens, 0)
+    tiles = (hi - lo + BLOCK_T - 1) // BLOCK_T
+    tiles_end = tl.cumsum(tiles, 0)
+    segment = tl.sum((tiles_end <= tile).to(tl.int32), axis=0)  # SEGMENTS_PAD past the last tile
+    first_row = _pick(lo, lanes, segment) + (tile - _pick(tiles_end - tiles, lanes, segment)) * BLOCK_T
+    end_row = _pick(hi, lanes, segment)
+    b = segment - 1
+    is_sequence = (segment >= 1) & (segment <= batch)
+    b_safe = tl.where(is_sequence, b, 0)
+    seq_len = tl.load(seq_lens_ptr + b_safe, mask=is_sequence, other=0)
+    # Row t sits at position seq_len - cu_seqlens_q[b + 1] + t (a segment that is no sequence: none).
+    diagonal = seq_len - tl.load(cu_ptr + b_safe + 1, mask=is_sequence, other=0)
+    kv_len = tl.minimum(seq_len, max_pages * PAGE)
+
+    M: tl.constexpr = BLOCK_T * GROUP_PAD
+    col = tl.arange(0, M)
+    row = first_row + col // GROUP_PAD
+    head = kv_head * GROUP + col % GROUP_PAD
+    col_ok = (row < end_row) & (col % GROUP_PAD < GROUP)
+    query_pos = tl.where(col_ok & is_sequence, diagonal + row, -1)
+    kv_end = tl.minimum(kv_len, tl.max(query_pos, axis=0) + 1)
+    start = split * positions_per_split
+    end = tl.minimum(start + positions_per_split, kv_end)
+
+    key_pairs = key_pair(tl.arange(0, D // 2), D)
+    q_cols = (row.to(tl.int64) * HQ + head)[None, :] * D
+    q_even = tl.load(q_ptr + q_cols + 2 * key_pairs[:, None], mask=col_ok[None, :], other=0.0).to(dtype)
+    q_odd = tl.load(q_ptr + q_cols + 2 * key_pairs[:, None] + 1, mask=col_ok[None, :], other=0.0).to(dtype)
+    if HAS_G:
+        k_g = usable_global_scale(tl.load(k_g_ptr))
+        v_g = usable_global_scale(tl.load(v_g_ptr))
+    else:
+        k_g = 1.0
+        v_g = 1.0
+    score_scale = sm_scale * k_g * 1.4426950408889634  # softmax in base 2
+
+    m = tl.full([M], float("-inf"), tl.float32)
+    l = tl.zeros([M], tl.float32)
+    acc = tl.zeros([D, M], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        valid = pos < end
+        page = tl.load(block_table_ptr + b_safe.to(tl.int64) * max_pages + pos // PAGE, mask=valid, other=0)
+        # A page id outside the cache reads as zero keys and values (eager's gather_dequantize rule).
+        in_cache = valid & (page >= 0) & (page < num_pages)
+        rows = (page.to(tl.int64) * PAGE + pos % PAGE) * HKV + kv_head
+        k_even, k_odd = _key_tile(k_data_ptr, k_scales_ptr, rows, in_cache, D, BS, E4M3_SCALES, FP32_TILES, HW_FP8)
+        scores = tl.dot(k_even, q_even) + tl.dot(k_odd, q_odd)  # [BLOCK_N, M]
+        visible = valid[:, None] & (pos[:, None] <= query_pos[None, :])
+        scores = tl.where(visible, scores * score_scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=0))
+        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)  # a column that has seen nothing yet
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(scores - m_safe[None, :])
+        l = l * alpha + tl.sum(p, axis=0)
+        v = _value_tile(v_data_ptr, v_scales_ptr, rows, in_cache, D, BS, E4M3_SCALES, FP32_TILES, HW_FP8)
+        acc = tl.dot(tl.trans(v), p.to(dtype), acc * alpha[None, :])
+        m = m_new
+
+    # This split's partial output (out itself with one split) and its log-sum-exp in base 2; rows
+    # that saw nothing write zeros and -inf, which the merge weighs 0.
+    safe_l = tl.where(l > 0, l / v_g, 1.0)
+    base = (row.to(tl.int64) * HQ + head) * NUM_SPLITS + split
+    tl.store(partial_out_ptr + base[None, :] * D + tl.arange(0, D)[:, None],
+             (acc / safe_l[None, :]).to(partial_out_ptr.dtype.element_ty), mask=col_ok[None, :])
+    if NUM_SPLITS > 1:
+        lse = tl.where(l > 0, m + tl.log2(l), float("-inf"))
+        tl.store(partial_lse_ptr + base, lse, mask=col_ok)
+
+
+class ExtendTiles(NamedTuple):
+    block_t: int  # new tokens per tile
+    group_pad: int  # query heads per KV head, padded to a power of two
+    launch: ExtendLaunch
+
+
+def extend_tiles(tokens: int, batch: int, hq: int, hkv: int, d: int) -> ExtendTiles:
+    """Tokens per tile from static sizes: the average new tokens per sequence (a power of two),
+    at least enough for an M side of 16, at most the head_dim's largest M."""
+    group_pad = triton.next_power_of_2(hq // hkv)
+    widest = max(m for head_dim, m in EXTEND_LAUNCH if head_dim == d)
+    average = triton.next_power_of_2(max(1, triton.cdiv(tokens, max(batch, 1))))
+    block_t = max(_MIN_M // group_pad, min(average, widest // group_pad), 1)
+    m = block_t * group_pad
+    launch = EXTEND_LAUNCH[min((key for key in EXTEND_LAUNCH if key[0] == d and key[1] >= m), default=(d, widest))]
+    return ExtendTiles(block_t, group_pad, launch)
+
+
+def extend_num_splits(busy_programs: int, max_len: int, device: torch.device, waves: int) -> int:
+    """Enough slices of the context for the programs with work to fill the GPU `waves` times,
+    each slice at least 256 positions (triton_decode.triton_num_splits' rule)."""
+    wanted = triton.cdiv(waves * sm_count(device), max(1, busy_programs))
+    return max(1, min(wanted, triton.cdiv(max_len, _POSITIONS_PER_SPLIT_MIN)))
+
+
+def extend_attention(out, q, cu_seqlens_q, kv: PagedKV, fmt: FP4Format, sm_scale: float) -> None:
+    tokens, hq, d = q.shape
+    batch, hkv = kv.block_table.shape[0], kv.kv_heads
+    on_interpreter = q.device.type == "cpu"  # as in triton_decode: fp32 q, tiles and output there
+    final_out, q = (out, q.float()) if on_interpreter else (None, q)
+    if on_interpreter:
+        out = torch.empty_like(q)
+    block_t, group_pad, launch = extend_tiles(tokens, batch, hq, hkv, d)
+    busy_tiles = batch * triton.cdiv(triton.cdiv(tokens, max(batch, 1)), block_t)
+    splits = extend_num_splits(busy_tiles * hkv, kv.max_len, q.device, launch.waves)
+    positions_per_split = triton.cdiv(triton.cdiv(max(kv.max_len, 1), splits), launch.block_n) * launch.block_n
+    partial_out, partial_lse = split_outputs(out, splits)
+    args, constants = split_kernel_arguments(q, kv, partial_out, partial_lse, fmt, sm_scale, positions_per_split)
+    segments = batch + 2
+    _extend_split_kernel[(triton.cdiv(tokens, block_t) + segments, hkv, splits)](
+        *args, cu_seqlens_q.contiguous(), batch, tokens, **constants, GROUP_PAD=group_pad, BLOCK_T=block_t,
+        SEGMENTS_PAD=triton.next_power_of_2(segments), BLOCK_N=launch.block_n, NUM_SPLITS=splits,
+        FP32_TILES=on_interpreter, HW_FP8=hardware_casts(q.device)[1],
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
+    )
+    merge_splits(partial_out, partial_lse, out, splits)
+    if on_interpreter:
+        final_out.copy_(out)

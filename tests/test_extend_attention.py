@@ -1,0 +1,238 @@
+"""fp4kv.extend_attention: several new tokens per sequence (chunked prefill, prefix-cache hits,
+speculative verification) attending causally over the paged FP4 cache, read directly.
+
+The eager kernel is checked against SDPA over the dequantized cache; the Triton kernel against
+the eager one (compiled on a GPU, the interpreter on CPU)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch._dynamo.utils import counters
+from torch.testing._internal.common_utils import TestCase
+
+import torch_fp4kv
+from conftest import RECIPES, TRITON_DEVICE, requires_cuda
+from torch_fp4kv import FP4KVCache
+from torch_fp4kv.ops import eager
+
+
+def _problem(recipe, new_tokens, seq_lens, hq=8, hkv=2, d=64, page_size=16, max_pages=None, device="cpu",
+             dtype=torch.bfloat16, seed=0, padding=0):
+    """A one-layer cache of normal K/V (global scales where the recipe has them), a shuffled page
+    table, and q for `new_tokens[b]` tokens of each sequence (+ `padding` rows nobody owns)."""
+    g = torch.Generator().manual_seed(seed)
+    batch = len(new_tokens)
+    if max_pages is None:
+        max_pages = max(1, -(-max(seq_lens) // page_size))
+    pages = batch * max_pages + 1
+    cache = FP4KVCache(recipe, pages * page_size, hkv, d, 1, device=device).layers[0]
+    if cache.k_global_scale is not None:
+        cache.k_global_scale.fill_(0.003)
+        cache.v_global_scale.fill_(0.005)
+    k = torch.randn(pages * page_size, hkv, d, generator=g).to(device)
+    v = torch.randn(pages * page_size, hkv, d, generator=g).to(device)
+    cache.store(torch.arange(pages * page_size, device=device), k, v)
+    block_table = torch.randperm(pages, generator=g)[: batch * max_pages].view(batch, max_pages).int().to(device)
+    cu = torch.tensor([0, *torch.tensor(new_tokens).cumsum(0).tolist()], dtype=torch.int32).to(device)
+    q = torch.randn(sum(new_tokens) + padding, hq, d, generator=g).to(device, dtype)
+    lens = torch.tensor(seq_lens, dtype=torch.int32).to(device)
+    return (q, cu, cache.k_data, cache.k_scales, cache.v_data, cache.v_scales, block_table, lens, page_size, recipe,
+            cache.k_global_scale, cache.v_global_scale)
+
+
+def _sdpa_reference(args):
+    """Row by row: the sequence's dequantized K/V up to the row's position, SDPA in fp32."""
+    q, cu, k_data, k_scales, v_data, v_scales, table, lens, page, recipe, k_g, v_g = args
+    out = torch.zeros(q.shape, dtype=torch.float32)
+    for b in range(table.shape[0]):
+        slots = eager.paged_slots(table[b : b + 1], page)[0]
+        k = torch_fp4kv.gather_dequantize(k_data, k_scales, slots, recipe, k_g, torch.float32)
+        v = torch_fp4kv.gather_dequantize(v_data, v_scales, slots, recipe, v_g, torch.float32)
+        for t in range(int(cu[b]), int(cu[b + 1])):
+            position = int(lens[b]) - int(cu[b + 1]) + t
+            if position < 0:
+                continue
+            seen = slice(0, position + 1)
+            out[t] = F.scaled_dot_product_attention(q[t, :, None].float(), k[seen].transpose(0, 1),
+                                                    v[seen].transpose(0, 1), enable_gqa=True)[:, 0]
+    return out
+
+
+def _assert_triton_matches_eager(args, force_backend):
+    force_backend("eager")
+    expected = torch_fp4kv.extend_attention(*args)
+    force_backend("triton")
+    actual = torch_fp4kv.extend_attention(*args)
+    torch.testing.assert_close(actual.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_eager_reference_equals_sdpa_over_the_dequantized_cache(recipe):
+    """Verify-like (4 new tokens), a chunk, one token (decode), and a chunk over an empty prefix."""
+    args = _problem(recipe, new_tokens=[4, 21, 1, 7], seq_lens=[40, 64, 9, 7], hq=6, hkv=2)
+    out = torch_fp4kv.extend_attention(*args)
+    torch.testing.assert_close(out.float(), _sdpa_reference(args), atol=1e-2, rtol=1e-2)
+
+
+def test_one_new_token_is_decode_attention():
+    args = _problem("nvfp4", new_tokens=[1, 1, 1], seq_lens=[5, 64, 33])
+    q, cu, *cache = args
+    torch.testing.assert_close(torch_fp4kv.extend_attention(*args), torch_fp4kv.decode_attention(q, *cache),
+                               atol=0, rtol=0)
+
+
+def test_rows_nobody_owns_and_rows_that_see_nothing_are_zeros():
+    """Padding rows past cu_seqlens_q[B], more new tokens than the sequence holds (the first rows
+    see no position), and unsorted offsets (a sequence whose end is below its start owns no row)."""
+    args = _problem("nvfp4", new_tokens=[3, 5], seq_lens=[20, 2], padding=4)
+    out = torch_fp4kv.extend_attention(*args)
+    assert torch.equal(out[8:], torch.zeros_like(out[8:]))  # padding
+    assert torch.equal(out[3:6], torch.zeros_like(out[3:6]))  # positions -3, -2, -1
+    assert out[6:8].abs().sum() > 0
+    torch.testing.assert_close(out[:8].float(), _sdpa_reference(args)[:8], atol=1e-2, rtol=1e-2)
+    q, cu, *rest = args
+    unsorted = torch.tensor([0, 6, 3], dtype=torch.int32)
+    start, end = eager.extend_rows(unsorted, q.shape[0])
+    assert start.tolist() == [0, 6] and end.tolist() == [6, 6]
+    out = torch_fp4kv.extend_attention(q, unsorted, *rest)
+    assert torch.equal(out[6:], torch.zeros_like(out[6:]))
+
+
+def test_extend_rows_clamp_to_q():
+    start, end = eager.extend_rows(torch.tensor([-5, 2, 40, 9], dtype=torch.int32), 10)
+    assert start.tolist() == [0, 2, 10] and end.tolist() == [2, 10, 10]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("page_size, hq, hkv, d", [(16, 8, 2, 64), (1, 4, 4, 128), (5, 6, 2, 64)])
+def test_opcheck(recipe, page_size, hq, hkv, d):
+    q, cu, *cache = _problem(recipe, [3, 0, 5], [30, 0, 12], hq, hkv, d, page_size, padding=2)
+    out = torch.empty_like(q)
+    k_data, k_scales, v_data, v_scales, table, lens, page, recipe_, k_g, v_g = cache
+    torch.library.opcheck(torch.ops.fp4kv.extend_attention.default,
+                          (out, q, cu, k_data, k_scales, v_data, v_scales, table, lens, page, recipe_, d ** -0.5,
+                           k_g, v_g))
+
+
+class TestExtendSchema(TestCase):
+    def test_registered_schema(self):
+        """The op's schema is contract: any change shows up here as a diff (tests/expect/)."""
+        self.assertExpected(str(torch.ops.fp4kv.extend_attention.default._schema))
+
+
+def test_writes_into_out_and_rejects_bad_arguments():
+    q, cu, k_data, k_scales, v_data, v_scales, table, lens, page, recipe, k_g, v_g = _problem("nvfp4", [2, 3], [9, 30])
+    out = torch.full_like(q, 7.0)
+    call = dict(q=q, cu_seqlens_q=cu, k_data=k_data, k_scales=k_scales, v_data=v_data, v_scales=v_scales,
+                block_table=table, seq_lens=lens, page_size=page, recipe=recipe, k_global_scale=k_g,
+                v_global_scale=v_g)
+    assert torch_fp4kv.extend_attention(**call, out=out) is out
+    bad = [
+        (dict(cu_seqlens_q=cu[:2]), ValueError, r"cu_seqlens_q has 2 entries but block_table has 2 rows \(needs \[B\+1\]\)"),
+        (dict(cu_seqlens_q=cu.long()), TypeError, "cu_seqlens_q must have dtype int32"),
+        (dict(cu_seqlens_q=cu[:, None]), ValueError, "cu_seqlens_q must be 1-D"),
+        (dict(cu_seqlens_q=cu.to("meta")), ValueError, "cu_seqlens_q is on meta"),
+        (dict(seq_lens=lens[:1]), ValueError, "seq_lens has 1 entries but block_table has 2 rows"),
+        (dict(q=q[0]), ValueError, r"q must be 3-D \[T, Hq, D\]"),
+        (dict(q=q[:, :3]), ValueError, "q has 3 heads, not a multiple of the cache's 2 KV heads"),
+        (dict(q=q.float()), TypeError, "q must have dtype"),
+        (dict(block_table=table.long()), TypeError, "block_table must have dtype int32"),
+        (dict(page_size=3), ValueError, "not a whole number of pages of 3"),
+        (dict(out=out[:4]), ValueError, "out must be a"),
+        (dict(sm_scale=1), TypeError, "sm_scale must be a float"),
+        (dict(k_global_scale=0.5), TypeError, "k_global_scale must be a float32 tensor"),
+    ]
+    before = out.clone()
+    for change, error, text in bad:
+        with pytest.raises(error, match=text):
+            torch_fp4kv.extend_attention(**{**call, "out": out, **change})
+        assert torch.equal(out, before), f"out was written before the error ({text})"
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_compiles_fullgraph_without_recompiling_for_new_token_counts():
+    """A changing number of new tokens (marked dynamic) and changing lengths: one graph."""
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(torch_fp4kv.extend_attention, backend=counter, fullgraph=True)
+    for seed, (new, lens) in enumerate((([2, 3], [9, 30]), ([4, 1], [12, 31]), ([7, 6], [40, 6]))):
+        q, cu, *rest = _problem("nvfp4", new, lens, max_pages=3, seed=seed)
+        torch._dynamo.mark_dynamic(q, 0)
+        torch.testing.assert_close(compiled(q, cu, *rest), torch_fp4kv.extend_attention(q, cu, *rest), atol=0, rtol=0)
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert counter.frame_count == 1, "a new token count or new lengths recompiled"
+
+
+CASES = [  # (new tokens per sequence, seq_lens, hq, hkv, d, page_size, padding rows)
+    ([4, 4, 4], [40, 4, 64], 8, 2, 64, 16, 0),  # verification: 4 draft tokens each
+    ([1, 3, 0], [70, 3, 0], 4, 1, 128, 1, 2),  # a token, a whole sequence, an empty one; padding
+    ([21, 2], [69, 40], 6, 2, 64, 7, 0),  # a chunk of 21 (tiles of 16), group 3
+    ([5, 9], [90, 9], 16, 2, 256, 32, 0),  # group 8, head_dim 256
+    ([3], [2500], 4, 1, 64, 16, 0),  # long context: ten splits on the interpreter
+]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("case", CASES, ids=[f"new{sum(c[0])}-hq{c[2]}-hkv{c[3]}-d{c[4]}-page{c[5]}" for c in CASES])
+def test_triton_matches_eager(backend, recipe, case):
+    new, lens, hq, hkv, d, page, padding = case
+    args = _problem(recipe, new, lens, hq, hkv, d, page, device=TRITON_DEVICE, padding=padding)
+    _assert_triton_matches_eager(args, backend)
+
+
+def test_triton_unsorted_offsets_match_eager(backend):
+    q, cu, *rest = _problem("nvfp4", [3, 5, 2], [20, 30, 2], device=TRITON_DEVICE, padding=3)
+    for offsets in ([0, 6, 3, 9], [-4, 2, 40, 5], [2, 2, 2, 2]):
+        _assert_triton_matches_eager((q, torch.tensor(offsets, dtype=torch.int32, device=q.device), *rest), backend)
+
+
+@settings(max_examples=10, deadline=None)
+@given(recipe=st.sampled_from(RECIPES), batch=st.integers(1, 3), hkv=st.integers(1, 2),
+       group=st.sampled_from([1, 3, 4, 8]), d=st.sampled_from([64, 128, 256]), page_size=st.sampled_from([1, 16]),
+       new=st.sampled_from([1, 2, 4, 8, 64]), prefix=st.integers(0, 600), padding=st.integers(0, 2),
+       seed=st.integers(0, 2**16))
+def test_property_triton_matches_eager(recipe, batch, hkv, group, d, page_size, new, prefix, padding, seed):
+    """Verification (1 to 8 new tokens) and chunks (64) over ragged prefixes: each sequence gets
+    up to `new` tokens (some fewer, or none) after a prefix of up to `prefix` positions."""
+    g = torch.Generator().manual_seed(seed)
+    news = torch.randint(0, new + 1, (batch,), generator=g).tolist()
+    lens = [n + int(torch.randint(0, prefix + 1, (), generator=g)) for n in news]
+    args = _problem(recipe, news, lens, hkv * group, hkv, d, page_size, device=TRITON_DEVICE, seed=seed,
+                    padding=padding)
+    with pytest.MonkeyPatch.context() as mp:  # hypothesis runs many examples per fixture: patch here
+        _assert_triton_matches_eager(args, lambda name: mp.setenv("TORCH_FP4KV_BACKEND", name))
+
+
+@requires_cuda
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("new, context", [(4, 1000), (4, 8192), (8, 8192), (512, 8192), (1, 32768)])
+def test_long_ragged_contexts_on_gpu(backend, recipe, new, context):
+    """The benchmark's shape (Hq 32 / Hkv 8, D 128, page 16): verification and a chunk of 512."""
+    page = 16
+    lens = [context, max(new, context // 3), max(new, context - 17)]
+    args = _problem(recipe, [new, new, max(1, new // 2)], lens, 32, 8, 128, page, max_pages=-(-context // page),
+                    device="cuda")
+    _assert_triton_matches_eager(args, backend)
+
+
+@requires_cuda
+def test_verification_captured_in_a_cuda_graph_with_changing_lengths():
+    """A fixed number of draft tokens per sequence: one capture serves every step's lengths."""
+    args = _problem("nvfp4", [4, 4, 4, 4], [4, 5, 6, 7], 32, 8, 128, 16, max_pages=64, device="cuda")
+    q, cu, *cache = args
+    lens = cache[5]
+    out = torch.empty_like(q)
+
+    def step():
+        torch_fp4kv.extend_attention(q, cu, *cache, out=out)
+
+    step()  # compile the kernels before capturing
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for new_lens in ([1000, 5, 1024, 4], [17, 900, 3, 600]):
+        lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        q.normal_()
+        graph.replay()
+        torch.testing.assert_close(out, torch_fp4kv.extend_attention(q, cu, *cache), atol=0, rtol=0)
