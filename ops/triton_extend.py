@@ -39,12 +39,13 @@ class ExtendLaunch(NamedTuple):
 
 # (head_dim, largest M: tokens x padded query heads per tile) -> launch shape. The first row of a
 # head_dim serves narrow tiles (verification: a few tokens, M 16), the second the rest (chunks).
-# Not yet timed on a GPU: starting points taken from the decode kernel's (DECODE_LAUNCH).
+# D=128: the fastest of a sweep on the H200 (block_n 64/128 x warps 4/8 x stages 2/3 x waves 2/4,
+# docs/performance.md); D=64 and 256: untimed starting points taken from the decode kernel's.
 EXTEND_LAUNCH = {
     (64, 16): ExtendLaunch(block_n=128, num_warps=4, num_stages=3, waves=4),
     (64, 128): ExtendLaunch(block_n=64, num_warps=8, num_stages=3, waves=2),
-    (128, 16): ExtendLaunch(block_n=128, num_warps=4, num_stages=3, waves=4),
-    (128, 128): ExtendLaunch(block_n=64, num_warps=8, num_stages=3, waves=2),
+    (128, 16): ExtendLaunch(block_n=128, num_warps=4, num_stages=3, waves=2),
+    (128, 128): ExtendLaunch(block_n=128, num_warps=8, num_stages=2, waves=2),
     (256, 16): ExtendLaunch(block_n=128, num_warps=4, num_stages=3, waves=4),
     (256, 64): ExtendLaunch(block_n=64, num_warps=8, num_stages=2, waves=2),
 }

@@ -135,12 +135,15 @@ def test_generate_matches_transformers_attention_over_fp4_values(arch, recipe, d
     tokens, logits = _generate(model, "fp4kv", ids, 16, recipe)
     ref_tokens, ref_logits = _generate(model, _register_reference(recipe), ids, 16)
     _, full_logits = _generate(model, "eager", ids, 16)
+    # On a GPU the decode kernels multiply in 16 bits (q rounded to bf16 beside E8M0-scaled K/V, to
+    # fp16 beside NVFP4's): a looser bound, still far below the FP4 effect (about 2 here).
+    mean_error, near_tie = (0.02, 0.0) if device == "cpu" else (0.05, 0.25)
     if device == "cpu":
         assert torch.equal(tokens, ref_tokens)
-    compared = _steps_before_divergence(tokens, ref_tokens, ref_logits, near_tie=0.05)
+    compared = _steps_before_divergence(tokens, ref_tokens, ref_logits, near_tie)
     error = (logits - ref_logits).abs()[compared].mean()
     fp4_effect = (full_logits - ref_logits).abs()[compared].mean()
-    assert error < 0.02 and error < 0.1 * fp4_effect, (error, fp4_effect)
+    assert error < mean_error and error < 0.1 * fp4_effect, (error, fp4_effect)
 
 
 def _steps_before_divergence(tokens, ref_tokens, ref_logits, near_tie: float) -> torch.Tensor:
