@@ -146,9 +146,10 @@ def kv_cache(k_data, k_scales, v_data, v_scales, kv: KVRecipe) -> None:
     for other, name in ((v_data, "v_data"), (k_scales, "k_scales"), (v_scales, "v_scales")):
         same_device(other, name, k_data, "k_data")
     k_shape = (*k_data.shape[:2], kv.k.head_dim_of(k_data.shape[2]))
-    if (*v_data.shape[:2], kv.v.head_dim_of(v_data.shape[2])) != k_shape:
-        raise ValueError(f"v_data has shape {tuple(v_data.shape)} but k_data has {tuple(k_data.shape)} "
-                         f"([slots, H, D] = {k_shape} in {kv.name})")
+    v_shape = (*v_data.shape[:2], kv.v.head_dim_of(v_data.shape[2]))
+    if v_shape != k_shape:
+        raise ValueError(f"v_data has shape {tuple(v_data.shape)} but k_data has {tuple(k_data.shape)}: "
+                         f"[slots, H, D] = {v_shape} in {kv.v.name} against {k_shape} in {kv.k.name}")
 
 
 # ---- one check per op -------------------------------------------------------------------------
