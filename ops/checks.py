@@ -53,7 +53,7 @@ def same_device(x: torch.Tensor, name: str, reference: torch.Tensor, reference_n
 def head_dim(d: int, fmt: FP4Format, name: str) -> None:
     if d % fmt.head_dim_multiple() != 0 or d == 0:
         raise ValueError(
-            f"{name}: head_dim {d} is not a positive multiple of the {fmt.name} block size {fmt.block_size}"
+            f"{name}: head_dim {d} is not a positive multiple of the {fmt.name} block size {fmt.head_dim_multiple()}"
         )
 
 

@@ -233,15 +233,19 @@ def test_method_stores_reads_and_decodes(recipe, options):
         torch.testing.assert_close(out[b].float(), ref[0, :, 0], atol=2e-2, rtol=2e-2)
 
 
-def test_calibration_state_dict_round_trips_with_fp8_keys(tmp_path):
-    method = get_fp4_kv_cache_quant_method("nvfp4", k_fp8=True)
-    method.create_buffers(4, 2, 64, 1, "cpu")
-    method.calibrate(0, torch.randn(8, 2, 64) * 3, torch.randn(8, 2, 64))
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_calibration_state_dict_round_trips_with_fp8_keys(recipe):
+    method = get_fp4_kv_cache_quant_method(recipe, k_fp8=True)
+    method.create_buffers(4, 2, 64, 2, "cpu")
+    method.calibrate(1, torch.randn(8, 2, 64) * 3, torch.randn(8, 2, 64))
     state = method.calibration_state_dict()
-    other = get_fp4_kv_cache_quant_method("nvfp4", k_fp8=True)
-    other.create_buffers(4, 2, 64, 1, "cpu")
-    assert other.load_scales_from_model(state) == 1
-    assert torch.equal(other.layer(0).k_global_scale, method.layer(0).k_global_scale)
+    assert set(state) == {"layers.0.k_scale", "layers.1.k_scale"} | (
+        {"layers.0.v_scale", "layers.1.v_scale"} if recipe == "nvfp4" else set())
+    other = get_fp4_kv_cache_quant_method(recipe, k_fp8=True)
+    other.create_buffers(4, 2, 64, 2, "cpu")
+    assert other.load_scales_from_model(state) == 2
+    assert torch.equal(other.layer(1).k_global_scale, method.layer(1).k_global_scale)
+    assert other.layer(1).k_global_scale.item() != 1.0
 
 
 def test_k_fp8_must_be_a_bool():

@@ -239,14 +239,23 @@ class TableFP4KVMethod(FP4KVCacheQuantMethod):
 
     def load_scales_from_model(self, source) -> int:
         """Load `k_mean` entries ([H, D], ModelOpt-style keys such as `model.layers.3.self_attn.k_mean`)
-        of a state dict when smoothing; ignored without smooth_k. Returns how many layers were set."""
-        if self.smooth_k and isinstance(source, Mapping):
-            means = _per_layer(source, "k_mean")
-            self._check_layers(means)
-            for layer_id, mean in means.items():
+        of a state dict when smoothing, and `k_scale` entries where K alone has a global scale (FP8
+        keys beside blockfp4/mxfp4; NVFP4 reads both scales itself). Returns how many layers were set."""
+        if not isinstance(source, Mapping):
+            return 0
+        found = {}
+        if self.smooth_k:
+            found = _per_layer(source, "k_mean")
+            self._check_layers(found)
+            for layer_id, mean in found.items():
                 self.set_k_mean(layer_id, mean)
-            return len(means)
-        return 0
+        if self.kv_recipe.k.has_global_scale and not self.kv_recipe.v.has_global_scale:
+            k_scales = _per_layer(source, "k_scale")
+            self._check_layers(k_scales)
+            for layer_id, k_scale in k_scales.items():
+                self.layer(layer_id).k_global_scale.copy_(torch.as_tensor(k_scale, dtype=torch.float32).reshape(1))
+            found = {**found, **k_scales}
+        return len(found)
 
     def _check_layers(self, found: Mapping[int, object]) -> None:
         layer_num = len(self._buffers().k_data)
