@@ -328,3 +328,23 @@ def test_eval_window_protocol_with_k8():
     kl = {s.cache: totals[s].summary()["kl"] for s in settings}
     assert 0 < kl["nvfp4+k8"] < kl["nvfp4"]  # FP8 keys are closer to full precision
     assert kl["nvfp4+rot+smooth+k8"] > 0
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_store_read_and_decode_compile_fullgraph():
+    """The +k8 calls under torch.compile(fullgraph=True): no graph break, the same results as eager."""
+    method = get_fp4_kv_cache_quant_method("nvfp4", k_fp8=True)
+    method.create_buffers(32, 2, 64, 1, "cpu")
+    layer = method.layer(0)
+    table, lens = torch.tensor([[0, 1]], dtype=torch.int32), torch.tensor([20], dtype=torch.int32)
+
+    def step(loc, k, v, q):
+        layer.store(loc, k, v)
+        k_back, _ = layer.read(loc, torch.float32)
+        return k_back, layer.decode(q, table, lens, 16)
+
+    args = (torch.arange(20), torch.randn(20, 2, 64), torch.randn(20, 2, 64), torch.randn(1, 4, 64, dtype=torch.bfloat16))
+    compiled = torch.compile(step, fullgraph=True)(*args)
+    expected = step(*args)
+    for actual, wanted in zip(compiled, expected):
+        torch.testing.assert_close(actual, wanted, atol=0, rtol=0)
