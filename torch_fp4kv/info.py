@@ -30,7 +30,7 @@ def main() -> None:
           " 16 query heads per KV head, the Triton kernel otherwise: ops/decode.py)")
     print("\nchosen here (bf16):")
     for op, recipe, device, choice in describe(devices):
-        print(f"  {op:<18} {recipe:<11} {device:<5} {choice}")
+        print(f"  {op:<18} {recipe:<9} {device:<5} {choice}")
 
 
 if __name__ == "__main__":
