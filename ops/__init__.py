@@ -5,13 +5,19 @@ This layer never imports from the rest of torch_fp4kv; importing it registers th
 
 from . import library  # noqa: F401  (registers torch.ops.fp4kv.*)
 from .backends import ENV_VAR as BACKEND_ENV_VAR, Backend, select_backend
-from .formats import FORMATS, FP4Format, FP4KVCacheRecipe, ScaleRule, get_format
+from .formats import (FORMATS, FP8_E4M3, K_FP8_SUFFIX, KV_RECIPES, TENSOR_FORMATS, FP4Format, FP4KVCacheRecipe,
+                      KVRecipe, ScaleRule, get_format, get_kv_recipe)
 from .api import decode_attention, dequantize, extend_attention, gather_dequantize, quantize, quantize_and_store
 
 __all__ = [
     "BACKEND_ENV_VAR",
     "Backend",
     "FORMATS",
+    "FP8_E4M3",
+    "K_FP8_SUFFIX",
+    "KV_RECIPES",
+    "KVRecipe",
+    "TENSOR_FORMATS",
     "FP4Format",
     "FP4KVCacheRecipe",
     "ScaleRule",
@@ -20,6 +26,7 @@ __all__ = [
     "extend_attention",
     "gather_dequantize",
     "get_format",
+    "get_kv_recipe",
     "quantize",
     "quantize_and_store",
     "select_backend",

@@ -48,7 +48,9 @@ def quantize_and_store(
     k_global_scale: Optional[Tensor] = None,
     v_global_scale: Optional[Tensor] = None,
 ) -> None:
-    """Quantize k, v [T, H, D] into cache slots loc [T] in place; slots outside the cache are skipped."""
+    """Quantize k, v [T, H, D] into cache slots loc [T] in place; slots outside the cache are skipped.
+    `recipe` names both tensors' formats: "nvfp4", or "nvfp4+k8" for K in FP8 E4M3 (k_data
+    [slots, H, D], k_scales [slots, H, 0]; formats.KV_RECIPES)."""
     fmt = checks.quantize_and_store_args(
         k_data, v_data, k_scales, v_scales, loc, k, v, recipe, k_global_scale, v_global_scale
     )
@@ -85,7 +87,8 @@ def decode_attention(
     sm_scale: Optional[float] = None,
     out: Optional[Tensor] = None,
 ) -> Tensor:
-    """Decode attention reading the FP4 cache directly (no dequantized copy of the context).
+    """Decode attention reading the FP4 cache directly (no dequantized copy of the context); with a
+    "+k8" recipe the keys are FP8 E4M3, read directly too.
 
     q [B, Hq, D] (bf16/fp16, one new token per sequence; Hq a multiple of the cache's KV heads);
     the layer's cache buffers [slots, Hkv, ...]; block_table [B, max_pages] int32 of page indices

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .formats import FORMATS, FP4Format
+from .formats import KV_RECIPES, TENSOR_FORMATS, FP4Format, KVRecipe
 
 ENV_VAR = "TORCH_FP4KV_BACKEND"
 OPS = ("quantize", "dequantize", "quantize_and_store", "gather_dequantize", "decode_attention", "extend_attention")
+KV_OPS = frozenset({"quantize_and_store", "decode_attention"})  # recipe: a KV_RECIPES name
 
 
 class Backend(str, enum.Enum):
@@ -131,7 +132,7 @@ def _select(op: str, recipe: str, device: torch.device, dtype: torch.dtype, forc
     raise AssertionError("the eager row matches everything")  # pragma: no cover
 
 
-def select_backend(op: str, fmt: FP4Format, device: torch.device, dtype: torch.dtype) -> Backend:
+def select_backend(op: str, fmt: FP4Format | KVRecipe, device: torch.device, dtype: torch.dtype) -> Backend:
     return _select(op, fmt.name, device, dtype, os.environ.get(ENV_VAR) or None)
 
 
@@ -162,7 +163,7 @@ _OP_MODULES = {  # exceptions to _MODULES
 }
 
 
-def kernels_for(op: str, fmt: FP4Format, device: torch.device, dtype: torch.dtype):
+def kernels_for(op: str, fmt: FP4Format | KVRecipe, device: torch.device, dtype: torch.dtype):
     """The module whose function `op` runs this call (imported on first use)."""
     backend = select_backend(op, fmt, device, dtype)
     module = _OP_MODULES.get((backend, op), _MODULES[backend])
@@ -174,9 +175,10 @@ def describe(devices) -> list[tuple[str, str, str, str]]:
     rows = []
     for device in devices:
         for op in OPS:
-            for recipe in FORMATS:
+            table = KV_RECIPES if op in KV_OPS else TENSOR_FORMATS
+            for recipe in table:
                 try:
-                    choice = select_backend(op, FORMATS[recipe], torch.device(device), torch.bfloat16).value
+                    choice = select_backend(op, table[recipe], torch.device(device), torch.bfloat16).value
                 except RuntimeError as error:
                     choice = f"error: {error}"
                 rows.append((op, recipe, str(device), choice))

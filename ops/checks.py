@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .formats import FP4Format, ScaleRule, get_format
+from .formats import FP4Format, KVRecipe, ScaleRule, get_format, get_kv_recipe
 from .paged_kv import PagedKV
 
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -51,14 +51,18 @@ def same_device(x: torch.Tensor, name: str, reference: torch.Tensor, reference_n
 
 
 def head_dim(d: int, fmt: FP4Format, name: str) -> None:
-    if d % fmt.block_size != 0 or d == 0:
+    if d % fmt.head_dim_multiple() != 0 or d == 0:
         raise ValueError(
-            f"{name}: head_dim {d} is not a positive multiple of the {fmt.name} block size {fmt.block_size}"
+            f"{name}: head_dim {d} is not a positive multiple of the {fmt.name} block size {fmt.head_dim_multiple()}"
         )
 
 
 def recipe(value) -> FP4Format:
     return get_format(value, "recipe")
+
+
+def kv_recipe(value) -> KVRecipe:
+    return get_kv_recipe(value, "recipe")
 
 
 def global_scale(g, name: str, fmt: FP4Format, reference: torch.Tensor, reference_name: str) -> None:
@@ -90,7 +94,8 @@ def activation(x, name: str, fmt: FP4Format) -> None:
 
 
 def packed(data, scales, fmt: FP4Format, data_name: str, scales_name: str) -> None:
-    """data [..., D/2] uint8 and scales [..., D/block] uint8 (or float8_e4m3fn for nvfp4)."""
+    """data [..., D/2] (FP4) or [..., D] (FP8) uint8, and scales [..., D/block] uint8 (or
+    float8_e4m3fn for nvfp4; [..., 0] for FP8)."""
     tensor(data, data_name)
     tensor(scales, scales_name)
     dtype_in(data, data_name, (torch.uint8,))
@@ -99,9 +104,9 @@ def packed(data, scales, fmt: FP4Format, data_name: str, scales_name: str) -> No
     if data.dim() < 1:
         raise ValueError(f"{data_name} must have at least one dimension (packed head_dim last)")
     same_device(scales, scales_name, data, data_name)
-    d = data.shape[-1] * 2
+    d = fmt.head_dim_of(data.shape[-1])
     head_dim(d, fmt, data_name)
-    expected = (*data.shape[:-1], d // fmt.block_size)
+    expected = (*data.shape[:-1], fmt.scales_width(d))
     if tuple(scales.shape) != expected:
         raise ValueError(f"{scales_name} must have shape {expected} to match {data_name}; got {tuple(scales.shape)}")
 
@@ -123,24 +128,28 @@ def loc(loc_, reference: torch.Tensor, reference_name: str, num_tokens: int | No
 
 
 def cache(data, scales, fmt: FP4Format, prefix: str) -> None:
-    """A cache is data [slots, H, D/2] and scales [slots, H, D/block], contiguous."""
+    """A cache is data [slots, H, D/2] (FP8: [slots, H, D]) and scales [slots, H, D/block], contiguous."""
     data_name, scales_name = f"{prefix}_data", f"{prefix}_scales"
     tensor(data, data_name)
-    rank(data, data_name, 3, "[slots, H, D/2]")
+    rank(data, data_name, 3, f"[slots, H, {fmt.data_layout}]")
     packed(data, scales, fmt, data_name, scales_name)
     for x, name in ((data, data_name), (scales, scales_name)):
         if not x.is_contiguous():
             raise ValueError(f"{name} must be contiguous (cache buffers are written in place)")
 
 
-def kv_cache(k_data, k_scales, v_data, v_scales, fmt: FP4Format) -> None:
-    """One layer's K and V caches: each valid, both alike, all on k_data's device."""
-    cache(k_data, k_scales, fmt, "k")
-    cache(v_data, v_scales, fmt, "v")
+def kv_cache(k_data, k_scales, v_data, v_scales, kv: KVRecipe) -> None:
+    """One layer's K and V caches: each valid in its format, the same slots, heads and head_dim,
+    all on k_data's device."""
+    cache(k_data, k_scales, kv.k, "k")
+    cache(v_data, v_scales, kv.v, "v")
     for other, name in ((v_data, "v_data"), (k_scales, "k_scales"), (v_scales, "v_scales")):
         same_device(other, name, k_data, "k_data")
-    if v_data.shape != k_data.shape:
-        raise ValueError(f"v_data has shape {tuple(v_data.shape)} but k_data has {tuple(k_data.shape)}")
+    k_shape = (*k_data.shape[:2], kv.k.head_dim_of(k_data.shape[2]))
+    v_shape = (*v_data.shape[:2], kv.v.head_dim_of(v_data.shape[2]))
+    if v_shape != k_shape:
+        raise ValueError(f"v_data has shape {tuple(v_data.shape)} but k_data has {tuple(k_data.shape)}: "
+                         f"[slots, H, D] = {v_shape} in {kv.v.name} against {k_shape} in {kv.k.name}")
 
 
 # ---- one check per op -------------------------------------------------------------------------
@@ -161,10 +170,10 @@ def dequantize_args(data, scales, recipe_, g, dtype) -> FP4Format:
     return fmt
 
 
-def quantize_and_store_args(k_data, v_data, k_scales, v_scales, loc_, k, v, recipe_, kg, vg) -> FP4Format:
-    fmt = recipe(recipe_)
-    kv_cache(k_data, k_scales, v_data, v_scales, fmt)
-    for x, name in ((k, "k"), (v, "v")):
+def quantize_and_store_args(k_data, v_data, k_scales, v_scales, loc_, k, v, recipe_, kg, vg) -> KVRecipe:
+    kv = kv_recipe(recipe_)
+    kv_cache(k_data, k_scales, v_data, v_scales, kv)
+    for x, name, fmt in ((k, "k", kv.k), (v, "v", kv.v)):
         activation(x, name, fmt)
         rank(x, name, 3, "[T, H, D]")
         same_device(x, name, k_data, "k_data")
@@ -172,19 +181,20 @@ def quantize_and_store_args(k_data, v_data, k_scales, v_scales, loc_, k, v, reci
         raise ValueError(f"v has shape {tuple(v.shape)} but k has {tuple(k.shape)}")
     if v.dtype != k.dtype:
         raise TypeError(f"v has dtype {_names([v.dtype])} but k has {_names([k.dtype])}; pass both in one dtype")
-    expected = (k.shape[1], k.shape[2] // 2)
+    expected = (k.shape[1], kv.k.data_width(k.shape[2]))
     if tuple(k_data.shape[1:]) != expected:
-        raise ValueError(f"k_data has [H, D/2] = {tuple(k_data.shape[1:])} but k needs {expected}")
+        raise ValueError(f"k_data has [H, {kv.k.data_layout}] = {tuple(k_data.shape[1:])} but k needs {expected} "
+                         f"({kv.k.name})")
     loc(loc_, k_data, "k_data", num_tokens=k.shape[0])
-    global_scale(kg, "k_global_scale", fmt, k_data, "k_data")
-    global_scale(vg, "v_global_scale", fmt, k_data, "k_data")
-    return fmt
+    global_scale(kg, "k_global_scale", kv.k, k_data, "k_data")
+    global_scale(vg, "v_global_scale", kv.v, k_data, "k_data")
+    return kv
 
 
 def gather_dequantize_args(data, scales, loc_, recipe_, g, dtype) -> FP4Format:
     fmt = recipe(recipe_)
     tensor(data, "data")
-    rank(data, "data", 3, "[slots, H, D/2]")
+    rank(data, "data", 3, f"[slots, H, {fmt.data_layout}]")
     packed(data, scales, fmt, "data", "scales")
     loc(loc_, data, "data")
     global_scale(g, "global_scale", fmt, data, "data")
@@ -196,9 +206,9 @@ DECODE_HEAD_DIMS = (64, 128, 256)
 MAX_PAGE_SIZE = 128
 
 
-def decode_attention_args(out, q, kv: PagedKV, recipe_, sm_scale) -> FP4Format:
+def decode_attention_args(out, q, kv: PagedKV, recipe_, sm_scale) -> KVRecipe:
     k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, kg, vg = kv
-    fmt = recipe(recipe_)
+    fmt = kv_recipe(recipe_)
     tensor(q, "q")
     dtype_in(q, "q", (torch.bfloat16, torch.float16))
     rank(q, "q", 3, "[B, Hq, D]")
@@ -208,8 +218,8 @@ def decode_attention_args(out, q, kv: PagedKV, recipe_, sm_scale) -> FP4Format:
     hkv = k_data.shape[1]
     if d not in DECODE_HEAD_DIMS:
         raise ValueError(f"q: head_dim {d} is not one of {DECODE_HEAD_DIMS}")
-    if k_data.shape[2] * 2 != d:
-        raise ValueError(f"k_data holds head_dim {k_data.shape[2] * 2} but q has {d}")
+    if fmt.k.head_dim_of(k_data.shape[2]) != d:
+        raise ValueError(f"k_data holds head_dim {fmt.k.head_dim_of(k_data.shape[2])} ({fmt.k.name}) but q has {d}")
     if hkv == 0 or hq % hkv:
         raise ValueError(f"q has {hq} heads, not a multiple of the cache's {hkv} KV heads")
     tensor(block_table, "block_table")
@@ -228,8 +238,8 @@ def decode_attention_args(out, q, kv: PagedKV, recipe_, sm_scale) -> FP4Format:
         raise ValueError(f"k_data has {k_data.shape[0]} slots, not a whole number of pages of {page_size}")
     if not isinstance(sm_scale, float):
         raise TypeError(f"sm_scale must be a float, got {type(sm_scale).__name__}")
-    global_scale(kg, "k_global_scale", fmt, q, "q")
-    global_scale(vg, "v_global_scale", fmt, q, "q")
+    global_scale(kg, "k_global_scale", fmt.k, q, "q")
+    global_scale(vg, "v_global_scale", fmt.v, q, "q")
     tensor(out, "out")
     if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
         raise ValueError(f"out must be a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}; "

@@ -1,8 +1,8 @@
 """decode_attention on the Triton backend: which kernel serves the call.
 
 On an SM90 GPU the Gluon kernel (gluon_decode.py) serves head_dim 64 and 128 with up to 16 query
-heads per KV head, because it is faster there (docs/performance.md); every other call runs the
-Triton kernel (triton_decode.py). Both sit on split_decode.py; this module sits on both.
+heads per KV head and K in the values' FP4 format, because it is faster there (docs/performance.md);
+every other call, FP8 keys ("+k8") included, runs the Triton kernel (triton_decode.py). Both sit on split_decode.py; this module sits on both.
 """
 
 from __future__ import annotations
@@ -10,13 +10,14 @@ from __future__ import annotations
 import torch
 
 from . import triton_decode
-from .formats import FP4Format
+from .formats import KVRecipe
 from .paged_kv import PagedKV
 
 
-def hopper_kernel(q: torch.Tensor, kv_heads: int, fmt: FP4Format):
+def hopper_kernel(q: torch.Tensor, kv_heads: int, fmt: KVRecipe):
     """gluon_decode if it serves this call (an SM90 GPU, head_dim 64/128, <= 16 query heads per KV
-    head: gluon_decode.supported), else None, as with a Triton too old to have Gluon's Hopper API."""
+    head, K and V in one FP4 format: gluon_decode.supported), else None, as with a Triton too old to
+    have Gluon's Hopper API."""
     if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
         return None
     try:
@@ -26,7 +27,7 @@ def hopper_kernel(q: torch.Tensor, kv_heads: int, fmt: FP4Format):
     return gluon_decode if gluon_decode.supported(q, kv_heads, fmt) else None
 
 
-def decode_attention(out, q, kv: PagedKV, fmt: FP4Format, sm_scale: float) -> None:
+def decode_attention(out, q, kv: PagedKV, fmt: KVRecipe, sm_scale: float) -> None:
     """The Gluon kernel where it serves the call, else the Triton kernel."""
     kernel = hopper_kernel(q, kv.kv_heads, fmt) or triton_decode
     kernel.decode_attention(out, q, kv, fmt, sm_scale)

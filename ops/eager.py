@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .formats import BLOCKFP4_MIN_SCALE, E2M1_THRESHOLDS, E4M3_MAX, FP4Format, ScaleRule
+from .formats import BLOCKFP4_MIN_SCALE, E2M1_THRESHOLDS, E4M3_MAX, E4M3_NAN_BYTE, Element, FP4Format, KVRecipe, ScaleRule
 from .paged_kv import PagedKV
 from .slots import in_cache, last_writer_slots
 
@@ -83,8 +83,20 @@ def _e2m1_magnitude(y: torch.Tensor, fmt: FP4Format) -> torch.Tensor:
     return m
 
 
+def _quantize_e4m3(x: torch.Tensor, global_scale):
+    """FP8 E4M3 elements of x / g (RNE, finite values saturating at +-448), no scale bytes; a NaN
+    or +-Inf element, or an unusable global scale, stores the NaN byte: never a finite value."""
+    g = usable_global_scale(global_scale, x)
+    byte = (x.float() / g).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+    data = torch.where(torch.isfinite(x) & torch.isfinite(g), byte, E4M3_NAN_BYTE).to(torch.uint8)
+    return data, data.new_empty((*x.shape[:-1], 0))
+
+
 def quantize(x: torch.Tensor, fmt: FP4Format, global_scale=None):
-    """x [..., D] -> (data uint8 [..., D/2], scales uint8 [..., D/block])."""
+    """x [..., D] -> (data uint8 [..., D/2], scales uint8 [..., D/block]); FP8 E4M3: data [..., D],
+    scales [..., 0]."""
+    if fmt.element is Element.E4M3:
+        return _quantize_e4m3(x, global_scale)
     blocks = x.float().unflatten(-1, (-1, fmt.block_size))
     finite = torch.isfinite(blocks).all(-1)
     amax = blocks.abs().amax(-1)
@@ -102,7 +114,12 @@ def quantize(x: torch.Tensor, fmt: FP4Format, global_scale=None):
 
 
 def dequantize(data, scales, fmt: FP4Format, global_scale=None, dtype=torch.bfloat16):
-    """(data [..., D/2], scales [..., D/block]) -> [..., D] in dtype."""
+    """(data [..., D/2], scales [..., D/block]) -> [..., D] in dtype (FP8 E4M3: data [..., D])."""
+    if fmt.element is Element.E4M3:
+        out = data.view(torch.float8_e4m3fn).float()
+        if global_scale is not None:
+            out = out * usable_global_scale(global_scale, out)
+        return cast_output(out, dtype)
     codes = torch.stack((data & 0xF, data >> 4), dim=-1).flatten(-2)
     values = e2m1_decode(codes).unflatten(-1, (-1, fmt.block_size))
     scale_bytes = scales.view(torch.uint8)
@@ -141,21 +158,28 @@ def _store_rows(cache: torch.Tensor, slot: torch.Tensor, rows: torch.Tensor) -> 
     cache.index_add_(0, target, delta.to(torch.uint8))
 
 
-def quantize_and_store(k_data, v_data, k_scales, v_scales, loc, k, v, fmt, k_global_scale=None, v_global_scale=None):
+def quantize_and_store(k_data, v_data, k_scales, v_scales, loc, k, v, kv: KVRecipe, k_global_scale=None,
+                       v_global_scale=None):
     if k_data.shape[0] == 0:
         return
     slot = last_writer_slots(loc, k_data.shape[0])
-    for data, scales, x, g in ((k_data, k_scales, k, k_global_scale), (v_data, v_scales, v, v_global_scale)):
-        new_data, new_scales = quantize(x, fmt, g)
-        _store_rows(data, slot, new_data)
-        _store_rows(scales, slot, new_scales)
+    store(k_data, k_scales, slot, k, kv.k, k_global_scale)
+    store(v_data, v_scales, slot, v, kv.v, v_global_scale)
+
+
+def store(data, scales, slot, x, fmt: FP4Format, global_scale=None) -> None:
+    """One of K or V: quantize x [T, H, D] into the cache rows `slot` (slots.last_writer_slots)."""
+    new_data, new_scales = quantize(x, fmt, global_scale)
+    _store_rows(data, slot, new_data)
+    _store_rows(scales, slot, new_scales)
 
 
 def gather_dequantize(data, scales, loc, fmt, global_scale=None, dtype=torch.bfloat16):
     """Slots loc -> [T, H, D]; slots out of range read as zeros (zero codes, zero scale bytes)."""
     num_slots = data.shape[0]
     if num_slots == 0:
-        return torch.zeros((loc.shape[0], data.shape[1], data.shape[2] * 2), dtype=dtype, device=data.device)
+        return torch.zeros((loc.shape[0], data.shape[1], fmt.head_dim_of(data.shape[2])), dtype=dtype,
+                           device=data.device)
     valid = in_cache(loc, num_slots).view(-1, 1, 1)
     slot = torch.where(valid.view(-1), loc, 0).long()
     rows = torch.where(valid, data[slot], 0)
@@ -169,7 +193,7 @@ def paged_slots(block_table: torch.Tensor, page_size: int) -> torch.Tensor:
     return (block_table.long()[:, :, None] * page_size + offsets).flatten(1)
 
 
-def decode_attention(out, q, kv: PagedKV, fmt: FP4Format, sm_scale: float) -> None:
+def decode_attention(out, q, kv: PagedKV, fmt: KVRecipe, sm_scale: float) -> None:
     """One query token per sequence against its paged FP4 context: gather, dequantize, SDPA.
 
     Positions at or past seq_lens[b] are masked; a sequence of length 0 attends to nothing and
@@ -179,8 +203,8 @@ def decode_attention(out, q, kv: PagedKV, fmt: FP4Format, sm_scale: float) -> No
     slots = paged_slots(kv.block_table, kv.page_size)  # [B, L]
     length = slots.shape[1]
     flat = slots.reshape(-1)
-    k = gather_dequantize(kv.k_data, kv.k_scales, flat, fmt, kv.k_global_scale, torch.float32).view(b, length, hkv, d)
-    v = gather_dequantize(kv.v_data, kv.v_scales, flat, fmt, kv.v_global_scale, torch.float32).view(b, length, hkv, d)
+    k = gather_dequantize(kv.k_data, kv.k_scales, flat, fmt.k, kv.k_global_scale, torch.float32).view(b, length, hkv, d)
+    v = gather_dequantize(kv.v_data, kv.v_scales, flat, fmt.v, kv.v_global_scale, torch.float32).view(b, length, hkv, d)
     visible = torch.arange(length, device=q.device)[None, :] < kv.seq_lens[:, None].long()  # [B, L]
     scores = torch.einsum("bgrd,blgd->bgrl", q.float().view(b, hkv, hq // hkv, d), k) * sm_scale
     scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))

@@ -1,8 +1,14 @@
-"""The FP4 KV-cache formats as data: one row per recipe, read by every backend.
+"""The KV-cache formats as data: one row per format, read by every backend.
 
 Bit-level contract (see README "Formats"): E2M1 code = ``sign << 3 | m`` with magnitudes
 ``E2M1_VALUES[m]``; element ``2i`` goes in the low nibble of byte ``i``; blocks run along the
-last (head_dim) axis and each block has one scale byte.
+last (head_dim) axis and each block has one scale byte. FP8 E4M3 (keys only, beside an FP4 recipe
+for values: K8V4) is one byte per element under the per-layer global scale, with no block scales.
+
+Three tables: FORMATS, the FP4 recipes (a whole cache, K and V alike); TENSOR_FORMATS, what the
+one-tensor ops (quantize, dequantize, gather_dequantize) take: FORMATS and FP8 E4M3; KV_RECIPES,
+what the K-and-V ops (quantize_and_store, decode_attention) take: each FP4 recipe, and each with
+``+k8`` (K in FP8 E4M3). One string names the pair, so the ops' schemas stay as they are.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 E2M1_THRESHOLDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
+E4M3_NAN_BYTE = 0x7F  # what FP8 E4M3 stores for a NaN or +-Inf element (the sign is dropped)
+K_FP8_SUFFIX = "+k8"  # KV_RECIPES: "<recipe>+k8" keeps K in FP8 E4M3
 # Floor for blockfp4's amax / 6 before log2, so an all-zero block gets a finite exponent.
 BLOCKFP4_MIN_SCALE = 1e-10
 
@@ -25,6 +33,17 @@ class FP4KVCacheRecipe(str, enum.Enum):
     NVFP4 = "nvfp4"
     BLOCKFP4 = "blockfp4"
     MXFP4 = "mxfp4"
+
+
+class Element(enum.Enum):
+    """How one element is stored: a 4-bit E2M1 code (two per byte) or an FP8 E4M3 byte."""
+
+    E2M1 = 4
+    E4M3 = 8
+
+    @property
+    def bits(self) -> int:
+        return self.value
 
 
 class ScaleRule(enum.IntEnum):
@@ -40,19 +59,46 @@ class ScaleRule(enum.IntEnum):
 
 @dataclass(frozen=True)
 class FP4Format:
-    recipe: FP4KVCacheRecipe
-    block_size: int
-    scale_rule: ScaleRule
+    """One row of the format table (an FP4 recipe, or FP8 E4M3 for keys)."""
+
+    recipe: FP4KVCacheRecipe | str
+    # Elements per scale byte; None: no block scales (FP8 E4M3).
+    block_size: int | None
+    scale_rule: ScaleRule | None
     # Ties between two E2M1 magnitudes: away from zero (True) or to the even code (False).
     ties_away: bool
     has_global_scale: bool
     # Scale byte written for a block holding NaN or +-Inf; it decodes to NaN.
-    scale_nan_byte: int
+    scale_nan_byte: int | None
     summary: str
+    element: Element = Element.E2M1
+    # The magnitude stored at the top of the range under a global scale of 1: calibration sets the
+    # global scale to amax / this (None: no global scale).
+    calibration_amax: float | None = None
 
     @property
     def name(self) -> str:
-        return self.recipe.value
+        return self.recipe.value if isinstance(self.recipe, FP4KVCacheRecipe) else self.recipe
+
+    def data_width(self, head_dim: int) -> int:
+        """Bytes of one head's elements: D/2 for E2M1, D for E4M3."""
+        return head_dim * self.element.bits // 8
+
+    @property
+    def data_layout(self) -> str:
+        """The data tensor's last axis, as the error messages name it."""
+        return "D/2" if self.element is Element.E2M1 else "D"
+
+    def head_dim_of(self, data_width: int) -> int:
+        return data_width * 8 // self.element.bits
+
+    def scales_width(self, head_dim: int) -> int:
+        """Scale bytes of one head (0 without block scales)."""
+        return head_dim // self.block_size if self.block_size else 0
+
+    def head_dim_multiple(self) -> int:
+        """What head_dim must be a multiple of: the block (FP4), or 1 (FP8)."""
+        return self.block_size or 1
 
     def tie_rounds_up(self, threshold_index: int) -> bool:
         """Whether a value exactly on E2M1_THRESHOLDS[i] takes the larger code."""
@@ -60,7 +106,7 @@ class FP4Format:
 
     def bytes_per_head(self, head_dim: int) -> int:
         """Bytes one token's head takes in one of K or V: packed nibbles plus scale bytes."""
-        return head_dim // 2 + head_dim // self.block_size
+        return self.data_width(head_dim) + self.scales_width(head_dim)
 
     def bytes_per_token(self, head_num: int, head_dim: int) -> int:
         """Bytes one token takes in one layer, K and V together."""
@@ -78,6 +124,7 @@ FORMATS: dict[str, FP4Format] = {
             has_global_scale=True,
             scale_nan_byte=0x7F,
             summary="16-element blocks, FP8 E4M3 scale, FP32 global scale, RNE (FlashInfer layout)",
+            calibration_amax=E4M3_MAX * E2M1_MAX,
         ),
         FP4Format(
             recipe=FP4KVCacheRecipe.BLOCKFP4,
@@ -101,12 +148,57 @@ FORMATS: dict[str, FP4Format] = {
 }
 
 
-def get_format(recipe: str | FP4KVCacheRecipe, argname: str = "recipe") -> FP4Format:
-    """Look a recipe up, or raise a ValueError that lists the valid names."""
+# Keys only: value = e4m3 * g with the per-layer global scale g (default 1), RNE from x / g in
+# float32, finite values past +-448 saturate; NaN and +-Inf elements store E4M3_NAN_BYTE.
+FP8_E4M3 = FP4Format(
+    recipe="fp8_e4m3",
+    block_size=None,
+    scale_rule=None,
+    ties_away=False,
+    has_global_scale=True,
+    scale_nan_byte=None,
+    summary="FP8 E4M3 elements, FP32 global scale, no block scales, RNE satfinite (keys of K8V4)",
+    element=Element.E4M3,
+    calibration_amax=E4M3_MAX,
+)
+
+TENSOR_FORMATS: dict[str, FP4Format] = {**FORMATS, FP8_E4M3.name: FP8_E4M3}
+
+
+@dataclass(frozen=True)
+class KVRecipe:
+    """The formats of one layer's K and V cache, named by one string (``nvfp4``, ``nvfp4+k8``)."""
+
+    name: str
+    k: FP4Format
+    v: FP4Format
+
+    def bytes_per_token(self, head_num: int, head_dim: int) -> int:
+        """Bytes one token takes in one layer, K and V together."""
+        return head_num * (self.k.bytes_per_head(head_dim) + self.v.bytes_per_head(head_dim))
+
+
+KV_RECIPES: dict[str, KVRecipe] = {
+    **{name: KVRecipe(name, f, f) for name, f in FORMATS.items()},
+    **{name + K_FP8_SUFFIX: KVRecipe(name + K_FP8_SUFFIX, FP8_E4M3, f) for name, f in FORMATS.items()},
+}
+
+
+def _lookup(table: dict, recipe, argname: str):
     if not isinstance(recipe, str):
         raise TypeError(f"{argname} must be a str, got {type(recipe).__name__}")
     name = recipe.value if isinstance(recipe, FP4KVCacheRecipe) else recipe
     try:
-        return FORMATS[name]
+        return table[name]
     except KeyError:
-        raise ValueError(f"{argname}={recipe!r} is not a known recipe; valid: {sorted(FORMATS)}") from None
+        raise ValueError(f"{argname}={recipe!r} is not a known recipe; valid: {sorted(table)}") from None
+
+
+def get_format(recipe: str | FP4KVCacheRecipe, argname: str = "recipe") -> FP4Format:
+    """Look a one-tensor format up (TENSOR_FORMATS), or raise a ValueError that lists the valid names."""
+    return _lookup(TENSOR_FORMATS, recipe, argname)
+
+
+def get_kv_recipe(recipe: str | FP4KVCacheRecipe, argname: str = "recipe") -> KVRecipe:
+    """Look a K-and-V recipe up (KV_RECIPES), or raise a ValueError that lists the valid names."""
+    return _lookup(KV_RECIPES, recipe, argname)

@@ -33,7 +33,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, warpgroup_mma,
                                                            warpgroup_mma_wait)
 
-from .formats import FP4Format
+from .formats import KVRecipe
 from .paged_kv import PagedKV
 from .split_decode import key_pair, merge_splits, sm_count, split_kernel_arguments, split_outputs
 from .triton_codes import E8M0_DECODE_PTX, e8m0_bf16
@@ -92,12 +92,13 @@ mul.rn.f16x2 $3, $3, $6;
 _E8M0_DECODE_PTX_GL = gl.constexpr(E8M0_DECODE_PTX.value)  # the Triton kernels' E8M0 decode
 
 
-def supported(q: torch.Tensor, kv_heads: int, fmt: FP4Format) -> bool:
-    """Whether this kernel serves the call: a Hopper GPU (wgmma is SM90-only) and its shapes. A
-    row's scale bytes must make one cp.async of at least 4 bytes (not MXFP4 at head_dim 64)."""
+def supported(q: torch.Tensor, kv_heads: int, fmt: KVRecipe) -> bool:
+    """Whether this kernel serves the call: a Hopper GPU (wgmma is SM90-only), its shapes, and K in
+    the values' FP4 format (FP8 keys run the Triton kernel). A row's scale bytes must make one
+    cp.async of at least 4 bytes (not MXFP4 at head_dim 64)."""
     batch, hq, d = q.shape
     return (q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) == (9, 0)
-            and d in HEAD_DIMS and hq // kv_heads <= MAX_GROUP and d // fmt.block_size >= 4)
+            and d in HEAD_DIMS and hq // kv_heads <= MAX_GROUP and fmt.k is fmt.v and d // fmt.v.block_size >= 4)
 
 
 @functools.lru_cache(maxsize=None)
@@ -360,7 +361,7 @@ def _decode_split_kernel(
         gl.store(partial_lse_ptr + base, gl.where(l > 0, m + gl.log2(l), float("-inf")), mask=head < GROUP)
 
 
-def decode_attention(out, q, kv: PagedKV, fmt: FP4Format, sm_scale: float) -> None:
+def decode_attention(out, q, kv: PagedKV, fmt: KVRecipe, sm_scale: float) -> None:
     """The Gluon kernel; call it only where supported(q, kv.kv_heads, fmt) (decode.py does)."""
     batch, hq, _ = q.shape
     hkv = kv.kv_heads
@@ -368,7 +369,7 @@ def decode_attention(out, q, kv: PagedKV, fmt: FP4Format, sm_scale: float) -> No
     tiles_per_split = triton.cdiv(tiles, splits_for(batch, hkv, kv.max_len, q.device))
     splits = triton.cdiv(tiles, tiles_per_split)  # none left empty
     partial_out, partial_lse = split_outputs(out, splits)
-    args, constants = split_kernel_arguments(q, kv, partial_out, partial_lse, fmt, sm_scale,
+    args, constants = split_kernel_arguments(q, kv, partial_out, partial_lse, fmt.v, sm_scale,
                                              tiles_per_split * BLOCK_N)
     _decode_split_kernel[(batch, hkv, splits)](
         *args, **constants, GROUP_PAD=group_pad(hq // hkv), N=BLOCK_N, NUM_SPLITS=splits, STAGES=STAGES,

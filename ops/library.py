@@ -20,14 +20,15 @@ from .paged_kv import PagedKV
 
 def _packed_like(x: Tensor, fmt: FP4Format) -> tuple[Tensor, Tensor]:
     d = x.shape[-1]
-    data = x.new_empty((*x.shape[:-1], d // 2), dtype=torch.uint8)
-    scales = x.new_empty((*x.shape[:-1], d // fmt.block_size), dtype=torch.uint8)
+    data = x.new_empty((*x.shape[:-1], fmt.data_width(d)), dtype=torch.uint8)
+    scales = x.new_empty((*x.shape[:-1], fmt.scales_width(d)), dtype=torch.uint8)
     return data, scales
 
 
 @torch.library.custom_op("fp4kv::quantize", mutates_args=())
 def quantize(x: Tensor, recipe: str, global_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """x [..., D] (bf16/fp16/fp32) -> (data uint8 [..., D/2], scales uint8 [..., D/block])."""
+    """x [..., D] (bf16/fp16/fp32) -> (data uint8 [..., D/2], scales uint8 [..., D/block]); for
+    recipe "fp8_e4m3": data [..., D], scales [..., 0]."""
     fmt = checks.quantize_args(x, recipe, global_scale)
     if x.numel() == 0:
         return _packed_like(x, fmt)
@@ -39,8 +40,8 @@ def _(x, recipe, global_scale=None):
     return _packed_like(x, checks.quantize_args(x, recipe, global_scale))
 
 
-def _unpacked_like(data: Tensor, dtype: torch.dtype) -> Tensor:
-    return data.new_empty((*data.shape[:-1], data.shape[-1] * 2), dtype=dtype)
+def _unpacked_like(data: Tensor, fmt: FP4Format, dtype: torch.dtype) -> Tensor:
+    return data.new_empty((*data.shape[:-1], fmt.head_dim_of(data.shape[-1])), dtype=dtype)
 
 
 @torch.library.custom_op("fp4kv::dequantize", mutates_args=())
@@ -54,14 +55,13 @@ def dequantize(
     """(data [..., D/2], scales [..., D/block]) -> [..., D] in dtype (bf16/fp16/fp32/float8_e4m3fn)."""
     fmt = checks.dequantize_args(data, scales, recipe, global_scale, dtype)
     if data.numel() == 0:
-        return _unpacked_like(data, dtype)
+        return _unpacked_like(data, fmt, dtype)
     return kernels_for("dequantize", fmt, data.device, dtype).dequantize(data, scales, fmt, global_scale, dtype)
 
 
 @dequantize.register_fake
 def _(data, scales, recipe, global_scale=None, dtype=torch.bfloat16):
-    checks.dequantize_args(data, scales, recipe, global_scale, dtype)
-    return _unpacked_like(data, dtype)
+    return _unpacked_like(data, checks.dequantize_args(data, scales, recipe, global_scale, dtype), dtype)
 
 
 @torch.library.custom_op(
@@ -79,7 +79,11 @@ def quantize_and_store(
     k_global_scale: Optional[Tensor] = None,
     v_global_scale: Optional[Tensor] = None,
 ) -> None:
-    """Quantize k, v [T, H, D] and write them at cache slots loc [T] (out-of-range slots skipped)."""
+    """Quantize k, v [T, H, D] and write them at cache slots loc [T] (out-of-range slots skipped).
+
+    `recipe` names K's and V's formats at once (formats.KV_RECIPES: "nvfp4", or "nvfp4+k8" for K
+    in FP8 E4M3, k_data [slots, H, D] and k_scales [slots, H, 0]): one string keeps the schema of
+    every caller, compiled graph and expect file as it was."""
     fmt = checks.quantize_and_store_args(
         k_data, v_data, k_scales, v_scales, loc, k, v, recipe, k_global_scale, v_global_scale
     )
@@ -95,8 +99,8 @@ def _(k_data, v_data, k_scales, v_scales, loc, k, v, recipe, k_global_scale=None
     checks.quantize_and_store_args(k_data, v_data, k_scales, v_scales, loc, k, v, recipe, k_global_scale, v_global_scale)
 
 
-def _gathered_like(data: Tensor, loc: Tensor, dtype: torch.dtype) -> Tensor:
-    return data.new_empty((loc.shape[0], data.shape[1], data.shape[2] * 2), dtype=dtype)
+def _gathered_like(data: Tensor, loc: Tensor, fmt: FP4Format, dtype: torch.dtype) -> Tensor:
+    return data.new_empty((loc.shape[0], data.shape[1], fmt.head_dim_of(data.shape[2])), dtype=dtype)
 
 
 @torch.library.custom_op("fp4kv::gather_dequantize", mutates_args=())
@@ -111,7 +115,7 @@ def gather_dequantize(
     """Dequantize cache slots loc [T] -> [T, H, D]; out-of-range slots read as zeros."""
     fmt = checks.gather_dequantize_args(data, scales, loc, recipe, global_scale, dtype)
     if loc.shape[0] == 0 or data.shape[1] == 0:
-        return _gathered_like(data, loc, dtype)
+        return _gathered_like(data, loc, fmt, dtype)
     return kernels_for("gather_dequantize", fmt, data.device, dtype).gather_dequantize(
         data, scales, loc, fmt, global_scale, dtype
     )
@@ -119,8 +123,7 @@ def gather_dequantize(
 
 @gather_dequantize.register_fake
 def _(data, scales, loc, recipe, global_scale=None, dtype=torch.bfloat16):
-    checks.gather_dequantize_args(data, scales, loc, recipe, global_scale, dtype)
-    return _gathered_like(data, loc, dtype)
+    return _gathered_like(data, loc, checks.gather_dequantize_args(data, scales, loc, recipe, global_scale, dtype), dtype)
 
 
 @torch.library.custom_op("fp4kv::decode_attention", mutates_args=("out",))
@@ -139,7 +142,8 @@ def decode_attention(
     k_global_scale: Optional[Tensor] = None,
     v_global_scale: Optional[Tensor] = None,
 ) -> None:
-    """out [B, Hq, D] = attention of q [B, Hq, D] over each sequence's paged FP4 K/V, read directly."""
+    """out [B, Hq, D] = attention of q [B, Hq, D] over each sequence's paged FP4 K/V, read directly
+    (K in FP8 E4M3 with a "+k8" recipe, as quantize_and_store)."""
     kv = PagedKV(k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, k_global_scale, v_global_scale)
     fmt = checks.decode_attention_args(out, q, kv, recipe, sm_scale)
     if q.numel() == 0:

@@ -15,6 +15,10 @@ through shared memory. The query is cast to the tiles' type once per program and
 are applied to the fp32 scores and outputs. The error against SDPA over the dequantized cache is
 the query's rounding to that type, the summation order, and the 16-bit rounding of the softmax
 weights, as in any flash-attention kernel.
+
+FP8 E4M3 keys ("+k8" recipes, K_FP8) are read as one 16-bit word per element pair and converted
+to the tiles' type (exact: E4M3 values are fp16 and bf16 values), in the FP4 keys' column order;
+values stay FP4.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .formats import FP4Format
+from .formats import Element, KVRecipe
 from .paged_kv import PagedKV
 from .split_decode import key_pair, merge_splits, sm_count, split_kernel_arguments, split_outputs
 from .triton_codes import block_scales, decode_packed
@@ -79,6 +83,21 @@ def _key_tile(data_ptr, scales_ptr, rows, valid, D: tl.constexpr, BS: tl.constex
 
 
 @triton.jit
+def _fp8_key_tile(data_ptr, rows, valid, D: tl.constexpr, FP32_TILES: tl.constexpr, HW_FP8: tl.constexpr):
+    """FP8 E4M3 key rows [N] -> (even, odd) [N, D/2] as _key_tile gives them (pair columns in
+    key_pair order), in fp16 (float32 on the interpreter). data_ptr holds the cache as int16 words,
+    word p = elements 2p (low byte) and 2p + 1, so a row is D/2 adjacent words."""
+    PC: tl.constexpr = D // 8
+    N: tl.constexpr = rows.shape[0]
+    words = tl.load(data_ptr + rows[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :], mask=valid[:, None], other=0)
+    even = block_scales((words & 0xFF).to(tl.uint8), True, FP32_TILES, HW_FP8)
+    odd = block_scales(((words >> 8) & 0xFF).to(tl.uint8), True, FP32_TILES, HW_FP8)
+    even = tl.reshape(tl.permute(tl.reshape(even, (N, 4, PC // 4, 2, 2)), (0, 2, 3, 1, 4)), (N, D // 2))
+    odd = tl.reshape(tl.permute(tl.reshape(odd, (N, 4, PC // 4, 2, 2)), (0, 2, 3, 1, 4)), (N, D // 2))
+    return even, odd
+
+
+@triton.jit
 def _value_tile(data_ptr, scales_ptr, rows, valid, D: tl.constexpr, BS: tl.constexpr,
                 E4M3_SCALES: tl.constexpr, FP32_TILES: tl.constexpr, HW_FP8: tl.constexpr):
     """Value rows [N] -> [N, D] in element order, decoded as [rows, blocks, bytes] so a block's
@@ -104,6 +123,7 @@ def _decode_split_kernel(
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr,
     E4M3_SCALES: tl.constexpr, HAS_G: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, FP32_TILES: tl.constexpr, HW_FP8: tl.constexpr,
+    K_FP8: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -148,7 +168,11 @@ def _decode_split_kernel(
         # A page id outside the cache reads as zero keys and values (eager's gather_dequantize rule).
         in_cache = valid & (page >= 0) & (page < num_pages)
         rows = (page.to(tl.int64) * PAGE + pos % PAGE) * HKV + kv_head
-        k_even, k_odd = _key_tile(k_data_ptr, k_scales_ptr, rows, in_cache, D, BS, E4M3_SCALES, FP32_TILES, HW_FP8)
+        if K_FP8:
+            k_even, k_odd = _fp8_key_tile(k_data_ptr, rows, in_cache, D, FP32_TILES, HW_FP8)
+            k_even, k_odd = k_even.to(dtype), k_odd.to(dtype)
+        else:
+            k_even, k_odd = _key_tile(k_data_ptr, k_scales_ptr, rows, in_cache, D, BS, E4M3_SCALES, FP32_TILES, HW_FP8)
         scores = tl.dot(k_even, q_even) + tl.dot(k_odd, q_odd)  # [BLOCK_N, GROUP_PAD]
         scores = tl.where(valid[:, None], scores * score_scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=0))
@@ -185,9 +209,12 @@ def triton_num_splits(batch: int, kv_heads: int, max_len: int, device: torch.dev
     return max(1, min(wanted, triton.cdiv(max_len, min_positions)))
 
 
-def decode_attention(out, q, kv: PagedKV, fmt: FP4Format, sm_scale: float) -> None:
-    """The Triton kernel: every CUDA GPU from SM80, every accepted head_dim and group size
-    (decode.decode_attention runs gluon_decode's instead where that one serves the call)."""
+def decode_attention(out, q, kv: PagedKV, fmt: KVRecipe, sm_scale: float) -> None:
+    """The Triton kernel: every CUDA GPU from SM80, every accepted head_dim, group size and
+    recipe (decode.decode_attention runs gluon_decode's instead where that one serves the call)."""
+    k_fp8 = fmt.k.element is Element.E4M3
+    if k_fp8:
+        kv = kv._replace(k_data=kv.k_data.view(torch.int16))  # _fp8_key_tile's words
     batch, hq, d = q.shape
     hkv = kv.kv_heads
     # On CPU tensors (the Triton interpreter, in CI) bf16 casts and arithmetic are not faithful:
@@ -200,10 +227,11 @@ def decode_attention(out, q, kv: PagedKV, fmt: FP4Format, sm_scale: float) -> No
     splits = triton_num_splits(batch, hkv, kv.max_len, q.device, launch.waves)
     positions_per_split = triton.cdiv(triton.cdiv(max(kv.max_len, 1), splits), launch.block_n) * launch.block_n
     partial_out, partial_lse = split_outputs(out, splits)
-    args, constants = split_kernel_arguments(q, kv, partial_out, partial_lse, fmt, sm_scale, positions_per_split)
+    args, constants = split_kernel_arguments(q, kv, partial_out, partial_lse, fmt.v, sm_scale, positions_per_split)
     _decode_split_kernel[(batch, hkv, splits)](
         *args, **constants, GROUP_PAD=max(_MIN_GROUP, triton.next_power_of_2(hq // hkv)),
         BLOCK_N=launch.block_n, NUM_SPLITS=splits, FP32_TILES=on_interpreter, HW_FP8=hardware_casts(q.device)[1],
+        K_FP8=k_fp8,
         num_warps=launch.num_warps, maxnreg=launch.max_registers, num_stages=launch.num_stages,
     )
     merge_splits(partial_out, partial_lse, out, splits)

@@ -7,6 +7,10 @@ rounded ones (see _rounding_quotient and blockfp4's scale), format decoding is e
 arithmetic on the bits, or inline PTX on a GPU: triton_codes), and the bf16/float8 output casts
 are the hardware's on a GPU (float8 from SM89, see hardware_casts) and written out in integer
 arithmetic on the interpreter.
+
+FP8 E4M3 (the keys of a "+k8" recipe) has no blocks to reduce: it is one conversion per element,
+which PyTorch's own kernels do on the GPU, so this backend runs eager.py's for it and its bytes are
+eager's by construction. decode_attention reads FP8 keys in the Triton kernel (triton_decode).
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import backends
-from .formats import BLOCKFP4_MIN_SCALE, FP4Format, ScaleRule
+from . import backends, eager
+from .formats import BLOCKFP4_MIN_SCALE, Element, FP4Format, KVRecipe, ScaleRule
+from .slots import last_writer_slots
 from .triton_codes import E4M3_MAX_TL, bf16_bits, block_scales, decode_packed, e4m3_byte, e4m3_value, fp8_pair
 
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
@@ -431,6 +436,8 @@ def _launch_quantize(k, v, k_data, v_data, k_scales, v_scales, k_g, v_g, loc, fm
 
 
 def quantize(x, fmt: FP4Format, global_scale=None):
+    if fmt.element is Element.E4M3:
+        return eager.quantize(x, fmt, global_scale)
     d = x.shape[-1]
     flat = x.reshape(-1, 1, d)
     data = torch.empty((flat.shape[0], 1, d // 2), dtype=torch.uint8, device=x.device)
@@ -447,11 +454,17 @@ def global_scale_pair(k_global_scale, v_global_scale, device):
     return (ones if k_global_scale is None else k_global_scale), (ones if v_global_scale is None else v_global_scale)
 
 
-def quantize_and_store(k_data, v_data, k_scales, v_scales, loc, k, v, fmt, k_global_scale=None, v_global_scale=None):
+def quantize_and_store(k_data, v_data, k_scales, v_scales, loc, k, v, kv: KVRecipe, k_global_scale=None,
+                       v_global_scale=None):
+    if kv.k.element is Element.E4M3:  # FP8 keys by eager's kernels (see the top), V by the kernel alone
+        if k_data.shape[0]:
+            eager.store(k_data, k_scales, last_writer_slots(loc, k_data.shape[0]), k, kv.k, k_global_scale)
+        _launch_quantize(v, None, v_data, None, v_scales, None, v_global_scale, None, loc, kv.v, v_data.shape[0])
+        return
     k_global_scale, v_global_scale = global_scale_pair(k_global_scale, v_global_scale, k.device)
     _launch_quantize(
         k, v, k_data, v_data, k_scales, v_scales,
-        k_global_scale, v_global_scale, loc, fmt, k_data.shape[0],
+        k_global_scale, v_global_scale, loc, kv.v, k_data.shape[0],
     )
 
 
@@ -485,6 +498,8 @@ def _launch_dequantize(data, scales, loc, fmt: FP4Format, global_scale, dtype, o
 
 
 def dequantize(data, scales, fmt: FP4Format, global_scale=None, dtype=torch.bfloat16):
+    if fmt.element is Element.E4M3:
+        return eager.dequantize(data, scales, fmt, global_scale, dtype)
     d = data.shape[-1] * 2
     flat = data.reshape(-1, 1, data.shape[-1])  # a view where the strides allow one
     out = _launch_dequantize(flat, scales.reshape(-1, 1, scales.shape[-1]), None, fmt, global_scale, dtype,
@@ -493,6 +508,8 @@ def dequantize(data, scales, fmt: FP4Format, global_scale=None, dtype=torch.bflo
 
 
 def gather_dequantize(data, scales, loc, fmt: FP4Format, global_scale=None, dtype=torch.bfloat16):
+    if fmt.element is Element.E4M3:
+        return eager.gather_dequantize(data, scales, loc, fmt, global_scale, dtype)
     slots, h, half_d = data.shape
     out = _launch_dequantize(data, scales, loc, fmt, global_scale, dtype, loc.shape[0])
     return out.view(loc.shape[0], h, half_d * 2)

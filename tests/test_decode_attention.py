@@ -12,7 +12,7 @@ from torch._dynamo.utils import counters
 import torch_fp4kv
 from conftest import RECIPES, TRITON_DEVICE, requires_cuda
 from torch_fp4kv import FP4KVCache
-from torch_fp4kv.ops import eager, get_format
+from torch_fp4kv.ops import eager, get_format, get_kv_recipe
 from torch_fp4kv.ops.paged_kv import PagedKV
 
 
@@ -191,7 +191,7 @@ def test_one_split_writes_the_output_without_a_merge_on_gpu(backend, recipe):
     from torch_fp4kv.ops import decode, triton_decode
 
     hkv, page, max_pages, device = 8, 16, 32, torch.device("cuda")
-    kernel = decode.hopper_kernel(torch.empty(1, 32, 128, device=device), hkv, get_format(recipe))
+    kernel = decode.hopper_kernel(torch.empty(1, 32, 128, device=device), hkv, get_kv_recipe(recipe))
     if kernel:
         splits = lambda b: kernel.splits_for(b, hkv, page * max_pages, device)  # noqa: E731
     else:
@@ -234,15 +234,15 @@ def test_gluon_and_triton_kernels_match_eager_on_hopper(recipe, case):
     batch, hq, hkv, d, page, max_pages, lens = case
     (q, *cache), _ = _problem(recipe, batch, hq, hkv, d, page, max_pages, lens, device="cuda")
     k_data, k_scales, v_data, v_scales, table, seq_lens, page, _, k_g, v_g = cache
-    assert gluon_decode.supported(q, hkv, get_format(recipe)) == (recipe != "mxfp4" or d != 64)  # 2 scale bytes a row
+    assert gluon_decode.supported(q, hkv, get_kv_recipe(recipe)) == (recipe != "mxfp4" or d != 64)  # 2 scale bytes a row
     outputs = []
     kernels = [eager.decode_attention, triton_decode.decode_attention]
-    if gluon_decode.supported(q, hkv, get_format(recipe)):
+    if gluon_decode.supported(q, hkv, get_kv_recipe(recipe)):
         kernels.append(gluon_decode.decode_attention)
     for kernel in kernels:
         out = torch.empty_like(q)
         kv = PagedKV(k_data, k_scales, v_data, v_scales, table, seq_lens, page, k_g, v_g)
-        kernel(out, q, kv, get_format(recipe), d ** -0.5)
+        kernel(out, q, kv, get_kv_recipe(recipe), d ** -0.5)
         outputs.append(out.float())
     for actual in outputs[1:]:
         torch.testing.assert_close(actual, outputs[0], atol=2e-2, rtol=2e-2)

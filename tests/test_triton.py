@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from conftest import INPUT_DTYPES, OUTPUT_DTYPES, RECIPES, TRITON_DEVICE, assert_same_bytes, global_scale_for, random_kv
-from torch_fp4kv.ops import FORMATS, eager
+from torch_fp4kv.ops import FORMATS, KV_RECIPES, eager
 from torch_fp4kv.ops.formats import E2M1_THRESHOLDS
 
 pytest.importorskip("triton")
@@ -75,7 +75,7 @@ def test_quantize_and_store_matches_eager(backend, recipe, dtype):
     loc = torch.tensor([3, -1, 11, 0, 7, 12, 5])
     caches = [torch.randint(0, 256, (slots, h, n), dtype=torch.uint8) for n in (d // 2, d // 2, d // fmt.block_size, d // fmt.block_size)]
     expected = [c.clone() for c in caches]
-    eager.quantize_and_store(*expected, loc, k, v, fmt, g, g)
+    eager.quantize_and_store(*expected, loc, k, v, KV_RECIPES[recipe], g, g)
     dev = TRITON_DEVICE
     actual = [c.to(dev) for c in caches]
     g_dev = g.to(dev) if g is not None else None

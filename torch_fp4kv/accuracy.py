@@ -12,8 +12,9 @@ continuation that matches full precision's before the first difference. Two prot
   prefilled, attending to itself in full precision; the continuation is decoded from FP4).
 
 An FP4 cache may carry accuracy options as suffixes of its recipe: `nvfp4+rot` (Hadamard rotation
-of K and V), `nvfp4+smooth` (per-channel K means subtracted, calibrated with NVFP4's global scales
-on text apart from the scored windows), `nvfp4+rot+smooth`; both protocols honour them.
+of K and V), `nvfp4+smooth` (per-channel K means subtracted, calibrated with the global scales on
+text apart from the scored windows), `nvfp4+k8` (K in FP8 E4M3), combined in any order
+(`nvfp4+rot+smooth+k8`); both protocols honour them.
 
 The anchor users pick today, transformers' `QuantizedCache` with the quanto backend at its
 defaults (int4, groups of 64, the last 128 tokens kept in full precision), runs in "decode"; for
@@ -30,14 +31,14 @@ from transformers import QuantizedCache
 from transformers.cache_utils import Cache, QuantoQuantizedLayer
 
 from .hf import ATTENTION_NAME, FP4Cache, calibrate, roundtrip_attention
-from .ops import FORMATS
+from .ops import FORMATS, K_FP8_SUFFIX, get_kv_recipe
 
 PROTOCOLS = ("window", "decode")
 ANCHOR = "quanto-int4"
 FULL = "full"
 REFERENCE_ATTENTION = "sdpa"
 # recipe suffix -> FP4Cache / method keyword
-OPTIONS = {"rot": "rotate", "smooth": "smooth_k"}
+OPTIONS = {"rot": "rotate", "smooth": "smooth_k", K_FP8_SUFFIX.removeprefix("+"): "k_fp8"}
 
 
 def parse_cache(name: str) -> tuple[str, dict[str, bool]]:
@@ -114,7 +115,9 @@ def kv_bytes_per_token(model, cache: str) -> float:
         tokens = 1024
         quantized = QuantoQuantizedLayer()._quantize(torch.randn(1, heads, tokens, head_dim, dtype=model.dtype), axis=0)
         return 2 * layers * _tensor_bytes(quantized) / tokens
-    return layers * FORMATS[parse_cache(cache)[0]].bytes_per_token(heads, head_dim)
+    recipe, options = parse_cache(cache)
+    kv = get_kv_recipe(recipe + (K_FP8_SUFFIX if options.get("k_fp8") else ""))
+    return layers * kv.bytes_per_token(heads, head_dim)
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> int:

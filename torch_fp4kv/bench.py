@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from .ops import FORMATS, Backend, get_format
+from .ops import FORMATS, Backend, get_format, get_kv_recipe
 from .ops.backends import ENV_VAR, select_backend, unavailable_reason
 from .ops.checks import OUTPUT_DTYPES
 
@@ -217,13 +217,14 @@ def _fp4_decode_time(recipe, batch, context, shape: DecodeShape, device, timed) 
     args = (out, q, data[0], scales[0], data[1], scales[1], table, lens, page)
     seconds = timed(lambda: torch.ops.fp4kv.decode_attention(*args, recipe, d ** -0.5, g, g))
     triton_seconds = None
-    if device.type == "cuda" and select_backend("decode_attention", fmt, device, q.dtype) is Backend.TRITON:
+    kv_recipe = get_kv_recipe(recipe)
+    if device.type == "cuda" and select_backend("decode_attention", kv_recipe, device, q.dtype) is Backend.TRITON:
         from .ops import decode, triton_decode
         from .ops.paged_kv import PagedKV
 
-        if decode.hopper_kernel(q, hkv, fmt):
+        if decode.hopper_kernel(q, hkv, kv_recipe):
             kv = PagedKV(*args[2:], g, g)
-            triton_seconds = timed(lambda: triton_decode.decode_attention(out, q, kv, fmt, d ** -0.5))
+            triton_seconds = timed(lambda: triton_decode.decode_attention(out, q, kv, kv_recipe, d ** -0.5))
     return seconds, 2 * (data[0].numel() + scales[0].numel()), triton_seconds
 
 

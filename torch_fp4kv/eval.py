@@ -39,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--recipes", type=_list, default=[*sorted(FORMATS), accuracy.ANCHOR],
                         help=f"comma-separated FP4 recipes and/or {accuracy.ANCHOR} (default: all); a recipe may "
                              f"carry accuracy options: +rot (Hadamard rotation of K/V), +smooth (calibrated K "
-                             f"means subtracted), e.g. nvfp4+rot+smooth")
+                             f"means subtracted), +k8 (K in FP8 E4M3), e.g. nvfp4+rot+smooth+k8")
     parser.add_argument("--calib-tokens", type=int, default=1024,
                         help="tokens of the text after the scored ones that +smooth recipes calibrate on")
     parser.add_argument("--protocols", type=_list, default=list(accuracy.PROTOCOLS), help="window,decode")

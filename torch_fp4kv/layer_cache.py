@@ -37,13 +37,16 @@ def hadamard(n: int, dtype: torch.dtype = torch.float32, device=None) -> torch.T
 
 
 class FP4KVLayerCache(nn.Module):
-    """One layer's K/V cache: data [slots, H, D/2], scales [slots, H, D/block], global scales, and
-    optionally a rotation [D, D] and a K mean [H, D] (float32)."""
+    """One layer's K/V cache: data [slots, H, D/2], scales [slots, H, D/block] (FP8 keys, recipe
+    "<recipe>+k8": [slots, H, D] and [slots, H, 0]), global scales, and optionally a rotation [D, D]
+    and a K mean [H, D] (float32). `recipe` is a KV_RECIPES name."""
 
     def __init__(self, recipe: str, k_data, v_data, k_scales, v_scales, k_global_scale=None, v_global_scale=None,
                  rotation=None, k_mean=None):
         super().__init__()
         self.recipe = recipe
+        kv = ops.get_kv_recipe(recipe)
+        self.k_recipe, self.v_recipe = kv.k.name, kv.v.name  # what the one-tensor ops take
         for name, tensor in (("k_data", k_data), ("v_data", v_data), ("k_scales", k_scales), ("v_scales", v_scales),
                              ("k_global_scale", k_global_scale), ("v_global_scale", v_global_scale),
                              ("rotation", rotation), ("k_mean", k_mean)):
@@ -100,8 +103,8 @@ class FP4KVLayerCache(nn.Module):
     def read(self, loc: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
         """Slots loc [T] as (k, v) [T, H, D] in dtype."""
         raw = torch.float32 if self.transformed else dtype
-        k = ops.gather_dequantize(self.k_data, self.k_scales, loc, self.recipe, self.k_global_scale, raw)
-        v = ops.gather_dequantize(self.v_data, self.v_scales, loc, self.recipe, self.v_global_scale, raw)
+        k = ops.gather_dequantize(self.k_data, self.k_scales, loc, self.k_recipe, self.k_global_scale, raw)
+        v = ops.gather_dequantize(self.v_data, self.v_scales, loc, self.v_recipe, self.v_global_scale, raw)
         if self.transformed:
             k, v = self.decode_k(k).to(dtype), self.decode_v(v).to(dtype)
         return k, v
@@ -109,10 +112,10 @@ class FP4KVLayerCache(nn.Module):
     def roundtrip(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v [..., H, D] as this cache would give them back (quantized and dequantized, no slots)."""
         out = []
-        for x, encode, decode, g in ((k, self.encode_k, self.decode_k, self.k_global_scale),
-                                     (v, self.encode_v, self.decode_v, self.v_global_scale)):
-            data, scales = ops.quantize(encode(x), self.recipe, g)
-            out.append(decode(ops.dequantize(data, scales, self.recipe, g, torch.float32)).to(x.dtype))
+        for x, encode, decode, g, recipe in ((k, self.encode_k, self.decode_k, self.k_global_scale, self.k_recipe),
+                                             (v, self.encode_v, self.decode_v, self.v_global_scale, self.v_recipe)):
+            data, scales = ops.quantize(encode(x), recipe, g)
+            out.append(decode(ops.dequantize(data, scales, recipe, g, torch.float32)).to(x.dtype))
         return out[0], out[1]
 
     def decode(self, q, block_table, seq_lens, page_size: int, sm_scale: float | None = None, out=None):

@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from .layer_cache import FP4KVLayerCache, hadamard
-from .ops import FP4Format, FP4KVCacheRecipe, get_format
-from .ops.formats import E2M1_MAX, E4M3_MAX
+from .ops import K_FP8_SUFFIX, FP4Format, FP4KVCacheRecipe, KVRecipe, get_format, get_kv_recipe
 
 
 class AttentionRead(enum.Enum):
@@ -33,9 +32,9 @@ class AttentionRead(enum.Enum):
 class FP4KVBuffers:
     """Everything one KV pool allocates. Lists are indexed by layer."""
 
-    k_data: list[torch.Tensor]  # uint8 [size, H, D/2]
+    k_data: list[torch.Tensor]  # uint8 [size, H, D/2] (k_fp8: K [size, H, D])
     v_data: list[torch.Tensor]
-    k_scales: list[torch.Tensor]  # uint8 [size, H, D/block]
+    k_scales: list[torch.Tensor]  # uint8 [size, H, D/block] (k_fp8: K [size, H, 0])
     v_scales: list[torch.Tensor]
     store_dtype: torch.dtype
     # float32 [1] per layer, updated in place (CUDA graphs keep their addresses); None if unused.
@@ -96,20 +95,31 @@ class TableFP4KVMethod(FP4KVCacheQuantMethod):
     # Dtype `dequantize_prev_kv` returns by default; a workspace is allocated when it is FP8.
     prev_kv_dtype: ClassVar[torch.dtype] = torch.bfloat16
 
-    def __init__(self, rotate: bool = False, smooth_k: bool = False) -> None:
+    def __init__(self, rotate: bool = False, smooth_k: bool = False, k_fp8: bool = False) -> None:
         """rotate: store each head's K and V rotated by a normalized Hadamard matrix (head_dim a
         power of two). smooth_k: subtract a per-layer, per-head, per-channel K mean before storing
         (zeros until `calibrate` or `load_scales_from_model` sets it). Both run in PyTorch around
-        the ops (FP4KVLayerCache), on every backend."""
+        the ops (FP4KVLayerCache), on every backend. k_fp8: keep K in FP8 E4M3 under a per-layer
+        global scale (the ops' "<recipe>+k8"; V stays in the recipe): keys are the half whose
+        rounding costs small models the most accuracy."""
         super().__init__()
-        for name, value in (("rotate", rotate), ("smooth_k", smooth_k)):
+        for name, value in (("rotate", rotate), ("smooth_k", smooth_k), ("k_fp8", k_fp8)):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be a bool, got {value!r}")
-        self.rotate, self.smooth_k = rotate, smooth_k
+        self.rotate, self.smooth_k, self.k_fp8 = rotate, smooth_k, k_fp8
 
     @property
     def fmt(self) -> FP4Format:
+        """The recipe's FP4 format (V's, and K's unless k_fp8)."""
         return get_format(self.recipe)
+
+    @property
+    def kv_recipe(self) -> KVRecipe:
+        """K's and V's formats, named as the ops take them ("nvfp4" or "nvfp4+k8")."""
+        return get_kv_recipe(self.fmt.name + (K_FP8_SUFFIX if self.k_fp8 else ""))
+
+    def needs_global_scale(self) -> bool:
+        return self.kv_recipe.k.has_global_scale or self.kv_recipe.v.has_global_scale
 
     def needs_dequant_workspace(self) -> bool:
         return self.prev_kv_dtype == torch.float8_e4m3fn
@@ -132,13 +142,13 @@ class TableFP4KVMethod(FP4KVCacheQuantMethod):
         return self.layer(layer_id).extend(q, cu_seqlens_q, block_table, seq_lens, page_size, sm_scale, out)
 
     def compute_cell_size(self, head_num: int, head_dim: int, layer_num: int) -> int:
-        cell = layer_num * self.fmt.bytes_per_token(head_num, head_dim)
+        cell = layer_num * self.kv_recipe.bytes_per_token(head_num, head_dim)
         if self.needs_dequant_workspace():
             cell += 2 * head_num * head_dim * self.prev_kv_dtype.itemsize  # shared by all layers
         return cell
 
     def create_buffers(self, size: int, head_num: int, head_dim: int, layer_num: int, device) -> FP4KVBuffers:
-        fmt = self.fmt
+        fmt, kv = self.fmt, self.kv_recipe
         if head_dim < 1 or head_dim % fmt.block_size:
             raise ValueError(f"head_dim must be a positive multiple of {fmt.block_size} (the {fmt.name} block size); "
                              f"got {head_dim}")
@@ -158,20 +168,20 @@ class TableFP4KVMethod(FP4KVCacheQuantMethod):
         if self.needs_dequant_workspace():
             workspace = tuple(torch.zeros(size, head_num, head_dim, dtype=self.prev_kv_dtype, device=device) for _ in "kv")
         b = self.buffers = FP4KVBuffers(
-            k_data=per_layer(head_dim // 2),
-            v_data=per_layer(head_dim // 2),
-            k_scales=per_layer(head_dim // fmt.block_size),
-            v_scales=per_layer(head_dim // fmt.block_size),
+            k_data=per_layer(kv.k.data_width(head_dim)),
+            v_data=per_layer(kv.v.data_width(head_dim)),
+            k_scales=per_layer(kv.k.scales_width(head_dim)),
+            v_scales=per_layer(kv.v.scales_width(head_dim)),
             store_dtype=torch.uint8,
-            k_global_scales=scalars() if self.needs_global_scale() else None,
-            v_global_scales=scalars() if self.needs_global_scale() else None,
+            k_global_scales=scalars() if kv.k.has_global_scale else None,
+            v_global_scales=scalars() if kv.v.has_global_scale else None,
             dequant_workspace=workspace,
             rotation=hadamard(head_dim, device=device) if self.rotate else None,
             k_means=[torch.zeros(head_num, head_dim, device=device) for _ in range(layer_num)] if self.smooth_k else None,
         )
         k_g, v_g = b.k_global_scales or [None] * layer_num, b.v_global_scales or [None] * layer_num
         means = b.k_means or [None] * layer_num
-        self._layers = [FP4KVLayerCache(fmt.name, b.k_data[i], b.v_data[i], b.k_scales[i], b.v_scales[i], k_g[i], v_g[i],
+        self._layers = [FP4KVLayerCache(kv.name, b.k_data[i], b.v_data[i], b.k_scales[i], b.v_scales[i], k_g[i], v_g[i],
                                         b.rotation, means[i])
                         for i in range(layer_num)]
         return b
@@ -198,11 +208,20 @@ class TableFP4KVMethod(FP4KVCacheQuantMethod):
         self.layer(layer_id).store(loc, k, v)
 
     def calibrate(self, layer_id: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Calibrate a layer from sample K/V [..., H, D] (e.g. a pass over text): K's per-head,
-        per-channel mean when smoothing (written in place). NVFP4 adds its global scales."""
+        """Calibrate a layer from sample K/V [..., H, D] (e.g. a pass over text), in place: K's
+        per-head, per-channel mean when smoothing, then each global scale the formats have, amax
+        of what is quantized (after smoothing and rotation) over the format's `calibration_amax`
+        (NVFP4 448 * 6, FP8 keys 448), so the largest value lands at the top of the format's range.
+        Runs on the device, no host sync."""
+        layer = self.layer(layer_id)
         if self.smooth_k:
-            mean = self.layer(layer_id).k_mean
-            mean.copy_(k.detach().float().reshape(-1, *mean.shape).mean(0))
+            layer.k_mean.copy_(k.detach().float().reshape(-1, *layer.k_mean.shape).mean(0))
+        if layer.transformed:
+            k, v = layer.encode_k(k.detach()), layer.encode_v(v.detach())
+        tiny = torch.finfo(torch.float32).tiny
+        for target, x, fmt in zip(self.global_scales(layer_id), (k, v), (self.kv_recipe.k, self.kv_recipe.v)):
+            if target is not None:
+                target.copy_((x.detach().abs().amax().float() / fmt.calibration_amax).clamp(min=tiny).reshape(1))
 
     def set_k_mean(self, layer_id: int, k_mean) -> None:
         """Write a layer's K mean [H, D] in place (needs smooth_k=True)."""
@@ -228,14 +247,23 @@ class TableFP4KVMethod(FP4KVCacheQuantMethod):
 
     def load_scales_from_model(self, source) -> int:
         """Load `k_mean` entries ([H, D], ModelOpt-style keys such as `model.layers.3.self_attn.k_mean`)
-        of a state dict when smoothing; ignored without smooth_k. Returns how many layers were set."""
-        if self.smooth_k and isinstance(source, Mapping):
-            means = _per_layer(source, "k_mean")
-            self._check_layers(means)
-            for layer_id, mean in means.items():
+        of a state dict when smoothing, and `k_scale` entries where K alone has a global scale (FP8
+        keys beside blockfp4/mxfp4; NVFP4 reads both scales itself). Returns how many layers were set."""
+        if not isinstance(source, Mapping):
+            return 0
+        found = {}
+        if self.smooth_k:
+            found = _per_layer(source, "k_mean")
+            self._check_layers(found)
+            for layer_id, mean in found.items():
                 self.set_k_mean(layer_id, mean)
-            return len(means)
-        return 0
+        if self.kv_recipe.k.has_global_scale and not self.kv_recipe.v.has_global_scale:
+            k_scales = _per_layer(source, "k_scale")
+            self._check_layers(k_scales)
+            for layer_id, k_scale in k_scales.items():
+                self.layer(layer_id).k_global_scale.copy_(torch.as_tensor(k_scale, dtype=torch.float32).reshape(1))
+            found = {**found, **k_scales}
+        return len(found)
 
     def _check_layers(self, found: Mapping[int, object]) -> None:
         layer_num = len(self._buffers().k_data)
@@ -268,25 +296,10 @@ class NVFP4KVMethod(TableFP4KVMethod):
     recipe = FP4KVCacheRecipe.NVFP4
     prev_kv_dtype = torch.float8_e4m3fn
 
-    def needs_global_scale(self) -> bool:
-        return True
-
     def set_global_scales(self, layer_id: int, k_scale, v_scale) -> None:
         """Write a layer's global scales in place (tensors stay where CUDA graphs captured them)."""
         for target, value in zip(self.global_scales(layer_id), (k_scale, v_scale)):
             target.copy_(torch.as_tensor(value, dtype=torch.float32).reshape(1))
-
-    def calibrate(self, layer_id: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Set a layer's global scales from sample K/V: amax / (448 * 6) of what is quantized (after
-        smoothing and rotation, K's mean calibrated first), so the largest block scale lands at the
-        top of E4M3's range. Runs on the device, no host sync."""
-        super().calibrate(layer_id, k, v)
-        layer = self.layer(layer_id)
-        if layer.transformed:
-            k, v = layer.encode_k(k.detach()), layer.encode_v(v.detach())
-        tiny = torch.finfo(torch.float32).tiny
-        for target, x in zip(self.global_scales(layer_id), (k, v)):
-            target.copy_((x.detach().abs().amax().float() / (E4M3_MAX * E2M1_MAX)).clamp(min=tiny).reshape(1))
 
     def load_scales_from_model(self, source) -> int:
         """Read `k_scale`/`v_scale` as each layer's global scale, from an `nn.Module` (attention

@@ -72,18 +72,19 @@ def _layer_cache(recipe: str, heads: int, head_dim: int, device, calibration, **
     return method.layer(0)
 
 
-def roundtrip_attention(recipe: str, *, rotate: bool = False, smooth_k: bool = False,
+def roundtrip_attention(recipe: str, *, rotate: bool = False, smooth_k: bool = False, k_fp8: bool = False,
                         calibration: dict | None = None) -> str:
     """Register, and name, an attention implementation that rounds every key and value through
     `recipe` before transformers' SDPA attention: what an FP4 cache holds, without a cache. With
     options (`FP4Cache`'s), the round trip goes through them, each layer with its calibration."""
     ops.get_format(recipe, "recipe")
-    options = {"rotate": rotate, "smooth_k": smooth_k}
+    options = {"rotate": rotate, "smooth_k": smooth_k, "k_fp8": k_fp8}
+    k_recipe = ops.FP8_E4M3.name if k_fp8 else recipe
     layers: dict[int, object] = {}
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         if not (rotate or smooth_k or calibration):
-            return sdpa_attention_forward(module, query, roundtrip(key, recipe), roundtrip(value, recipe),
+            return sdpa_attention_forward(module, query, roundtrip(key, k_recipe), roundtrip(value, recipe),
                                           attention_mask, **kwargs)
         index = module.layer_idx
         if index not in layers:
@@ -100,11 +101,12 @@ def roundtrip_attention(recipe: str, *, rotate: bool = False, smooth_k: bool = F
 
 @torch.no_grad()
 def calibrate(model, input_ids: torch.Tensor, recipe: str = "nvfp4", *, rotate: bool = False,
-              smooth_k: bool = False) -> dict[str, torch.Tensor]:
+              smooth_k: bool = False, k_fp8: bool = False) -> dict[str, torch.Tensor]:
     """Run `model` over `input_ids` [B, T] (no padding) with an observer on every layer's real
     post-RoPE keys and values, and return the calibration state dict of `recipe` with these
-    options (`layers.{i}.k_mean` when smoothing, NVFP4's `k_scale`/`v_scale` of what is
-    quantized): for `FP4Cache(..., calibration=)` and `torch.save`."""
+    options (`layers.{i}.k_mean` when smoothing, `k_scale`/`v_scale` of what is quantized where
+    the formats have global scales: NVFP4 amax / (448 * 6), FP8 keys amax / 448): for
+    `FP4Cache(..., calibration=)` and `torch.save`."""
     seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def observe(module, query, key, value, attention_mask, **kwargs):
@@ -121,7 +123,7 @@ def calibrate(model, input_ids: torch.Tensor, recipe: str = "nvfp4", *, rotate: 
     finally:
         model.set_attn_implementation(before)
     _, _, heads, head_dim = seen[0][0].shape
-    method = get_fp4_kv_cache_quant_method(recipe, rotate=rotate, smooth_k=smooth_k)
+    method = get_fp4_kv_cache_quant_method(recipe, rotate=rotate, smooth_k=smooth_k, k_fp8=k_fp8)
     method.create_buffers(1, heads, head_dim, len(seen), input_ids.device)
     for index, (k, v) in sorted(seen.items()):
         method.calibrate(index, k, v)

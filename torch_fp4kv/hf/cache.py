@@ -57,12 +57,12 @@ class FP4CacheLayer(CacheLayerMixin):
     is_compileable = True
 
     def __init__(self, recipe: str, max_cache_len: int, sliding_window: int | None = None, *,
-                 rotate: bool = False, smooth_k: bool = False, calibration: dict | None = None):
+                 rotate: bool = False, smooth_k: bool = False, k_fp8: bool = False, calibration: dict | None = None):
         """`calibration`: this layer's entries of a calibration state dict (`layers.0.k_mean`, ...;
         `layer_calibration` cuts them from a model's)."""
         super().__init__()
         self.recipe = recipe
-        self.options = {"rotate": rotate, "smooth_k": smooth_k}
+        self.options = {"rotate": rotate, "smooth_k": smooth_k, "k_fp8": k_fp8}
         self.calibration = calibration
         self.max_cache_len = max_cache_len
         self.window = sliding_window
@@ -214,16 +214,17 @@ class FP4Cache(Cache):
     whose layers come from the format table. Beam search is not supported.
 
     Accuracy options (see `TableFP4KVMethod`): `rotate=True` keeps K/V Hadamard-rotated,
-    `smooth_k=True` subtracts a per-channel K mean; `calibration` is a state dict from
-    `torch_fp4kv.hf.calibrate` (K means, NVFP4 global scales; without it the means are zero and the
-    global scales 1).
+    `smooth_k=True` subtracts a per-channel K mean, `k_fp8=True` keeps K in FP8 E4M3 (V in the
+    recipe); `calibration` is a state dict from `torch_fp4kv.hf.calibrate` with the same options
+    (K means, global scales; without it the means are zero and the global scales 1).
     """
 
     def __init__(self, config, max_cache_len: int, recipe: str = "nvfp4", *, rotate: bool = False,
-                 smooth_k: bool = False, calibration: dict | None = None):
+                 smooth_k: bool = False, k_fp8: bool = False, calibration: dict | None = None):
         if not isinstance(max_cache_len, int) or max_cache_len < 1:
             raise ValueError(f"max_cache_len must be a positive int, got {max_cache_len!r}")
-        if not isinstance(get_fp4_kv_cache_quant_method(recipe, rotate=rotate, smooth_k=smooth_k), TableFP4KVMethod):
+        method = get_fp4_kv_cache_quant_method(recipe, rotate=rotate, smooth_k=smooth_k, k_fp8=k_fp8)
+        if not isinstance(method, TableFP4KVMethod):
             raise ValueError(f"recipe {recipe!r} is not a table-driven method (it must provide per-layer caches)")
         text_config = config.get_text_config(decoder=True)
         if text_config._attn_implementation != ATTENTION_NAME:
@@ -232,7 +233,7 @@ class FP4Cache(Cache):
                              f"model.set_attn_implementation({ATTENTION_NAME!r})); it runs "
                              f"{text_config._attn_implementation!r}")
         super().__init__(layers=_fp4_layers(text_config, max_cache_len, recipe, rotate=rotate, smooth_k=smooth_k,
-                                            calibration=calibration))
+                                            k_fp8=k_fp8, calibration=calibration))
         self.recipe = recipe
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
@@ -252,14 +253,15 @@ class FP4Cache(Cache):
 
 
 def kv_cache_bytes(config, max_cache_len: int, batch_size: int, recipe: str = "nvfp4",
-                   dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
-    """K/V bytes of an FP4Cache and of transformers' StaticCache in `dtype` for the same model,
-    batch and length, both allocated on the meta device (nothing is really allocated)."""
+                   dtype: torch.dtype = torch.bfloat16, *, k_fp8: bool = False) -> dict[str, int]:
+    """K/V bytes of an FP4Cache (with K in FP8 when k_fp8) and of transformers' StaticCache in
+    `dtype` for the same model, batch and length, both allocated on the meta device (nothing is
+    really allocated)."""
     text_config = config.get_text_config(decoder=True)
     heads, head_dim = text_config.num_key_value_heads, text_config.head_dim
     static = StaticCache(config=text_config, max_cache_len=max_cache_len)
     static.early_initialization(batch_size, heads, head_dim, dtype, torch.device("meta"))
-    fp4 = Cache(layers=_fp4_layers(text_config, max_cache_len, recipe))
+    fp4 = Cache(layers=_fp4_layers(text_config, max_cache_len, recipe, k_fp8=k_fp8))
     fp4.early_initialization(batch_size, heads, head_dim, dtype, torch.device("meta"))
     static_bytes = sum(t.numel() * t.element_size() for layer in static.layers for t in (layer.keys, layer.values))
     return {"fp4": sum(layer.kv_bytes() for layer in fp4.layers), "static": static_bytes}
