@@ -21,7 +21,7 @@ from .formats import KV_RECIPES, TENSOR_FORMATS, FP4Format, KVRecipe
 
 ENV_VAR = "TORCH_FP4KV_BACKEND"
 OPS = ("quantize", "dequantize", "quantize_and_store", "gather_dequantize", "decode_attention", "extend_attention")
-KV_OPS = frozenset({"quantize_and_store", "decode_attention"})  # recipe: a KV_RECIPES name
+KV_OPS = frozenset({"quantize_and_store", "decode_attention", "extend_attention"})  # recipe: a KV_RECIPES name
 
 
 class Backend(str, enum.Enum):

@@ -206,15 +206,18 @@ DECODE_HEAD_DIMS = (64, 128, 256)
 MAX_PAGE_SIZE = 128
 
 
-def decode_attention_args(out, q, kv: PagedKV, recipe_, sm_scale) -> KVRecipe:
+def _paged_attention_args(out, q, kv: PagedKV, recipe_, sm_scale, q_layout: str) -> KVRecipe:
+    """What decode_attention and extend_attention check alike: q (q_layout) against the paged K/V
+    cache, block_table's and seq_lens' types, page_size, sm_scale, the global scales, and out (q's
+    shape, dtype and device, contiguous). How many entries the metadata has is each op's check."""
     k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, kg, vg = kv
     fmt = kv_recipe(recipe_)
     tensor(q, "q")
     dtype_in(q, "q", (torch.bfloat16, torch.float16))
-    rank(q, "q", 3, "[B, Hq, D]")
+    rank(q, "q", 3, q_layout)
     kv_cache(k_data, k_scales, v_data, v_scales, fmt)
     same_device(k_data, "k_data", q, "q")
-    batch, hq, d = q.shape
+    hq, d = q.shape[1], q.shape[2]
     hkv = k_data.shape[1]
     if d not in DECODE_HEAD_DIMS:
         raise ValueError(f"q: head_dim {d} is not one of {DECODE_HEAD_DIMS}")
@@ -222,16 +225,11 @@ def decode_attention_args(out, q, kv: PagedKV, recipe_, sm_scale) -> KVRecipe:
         raise ValueError(f"k_data holds head_dim {fmt.k.head_dim_of(k_data.shape[2])} ({fmt.k.name}) but q has {d}")
     if hkv == 0 or hq % hkv:
         raise ValueError(f"q has {hq} heads, not a multiple of the cache's {hkv} KV heads")
-    tensor(block_table, "block_table")
-    dtype_in(block_table, "block_table", (torch.int32,))
-    rank(block_table, "block_table", 2, "[B, max_pages]")
-    tensor(seq_lens, "seq_lens")
-    dtype_in(seq_lens, "seq_lens", (torch.int32,))
-    rank(seq_lens, "seq_lens", 1, "[B]")
-    for x, name in ((block_table, "block_table"), (seq_lens, "seq_lens")):
+    for x, name, dims, layout in ((block_table, "block_table", 2, "[B, max_pages]"), (seq_lens, "seq_lens", 1, "[B]")):
+        tensor(x, name)
+        dtype_in(x, name, (torch.int32,))
+        rank(x, name, dims, layout)
         same_device(x, name, q, "q")
-        if x.shape[0] != batch:
-            raise ValueError(f"{name} has {x.shape[0]} rows but q has batch {batch}")
     if not isinstance(page_size, (int, torch.SymInt)) or not 1 <= page_size <= MAX_PAGE_SIZE:
         raise ValueError(f"page_size must be an int in [1, {MAX_PAGE_SIZE}]; got {page_size!r}")
     if k_data.shape[0] % page_size:
@@ -249,51 +247,30 @@ def decode_attention_args(out, q, kv: PagedKV, recipe_, sm_scale) -> KVRecipe:
     return fmt
 
 
-def extend_attention_args(out, q, cu_seqlens_q, kv: PagedKV, recipe_, sm_scale) -> FP4Format:
-    """decode_attention's checks, with q [T, Hq, D] holding every sequence's new tokens and
-    cu_seqlens_q [B+1] int32 (any stride) the offsets of each sequence's rows in q.
+def decode_attention_args(out, q, kv: PagedKV, recipe_, sm_scale) -> KVRecipe:
+    """q [B, Hq, D]: one token per sequence, so block_table and seq_lens have B rows."""
+    fmt = _paged_attention_args(out, q, kv, recipe_, sm_scale, "[B, Hq, D]")
+    batch = q.shape[0]
+    for x, name in ((kv.block_table, "block_table"), (kv.seq_lens, "seq_lens")):
+        if x.shape[0] != batch:
+            raise ValueError(f"{name} has {x.shape[0]} rows but q has batch {batch}")
+    return fmt
+
+
+def extend_attention_args(out, q, cu_seqlens_q, kv: PagedKV, recipe_, sm_scale) -> KVRecipe:
+    """q [T, Hq, D] holds every sequence's new tokens, cu_seqlens_q [B+1] int32 (any stride) the
+    offsets of each sequence's rows in q; block_table's B rows set B.
 
     How the offsets relate to T is device data: extend_attention gives every value a result
     instead of checking it (its docstring, rows and positions)."""
-    k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, kg, vg = kv
-    fmt = recipe(recipe_)
-    tensor(q, "q")
-    dtype_in(q, "q", (torch.bfloat16, torch.float16))
-    rank(q, "q", 3, "[T, Hq, D]")
-    kv_cache(k_data, k_scales, v_data, v_scales, fmt)
-    same_device(k_data, "k_data", q, "q")
-    d, hq, hkv = q.shape[2], q.shape[1], k_data.shape[1]
-    if d not in DECODE_HEAD_DIMS:
-        raise ValueError(f"q: head_dim {d} is not one of {DECODE_HEAD_DIMS}")
-    if k_data.shape[2] * 2 != d:
-        raise ValueError(f"k_data holds head_dim {k_data.shape[2] * 2} but q has {d}")
-    if hkv == 0 or hq % hkv:
-        raise ValueError(f"q has {hq} heads, not a multiple of the cache's {hkv} KV heads")
-    tensor(block_table, "block_table")
-    dtype_in(block_table, "block_table", (torch.int32,))
-    rank(block_table, "block_table", 2, "[B, max_pages]")
-    batch = block_table.shape[0]
-    for x, name, rows, layout in ((seq_lens, "seq_lens", batch, "[B]"),
+    fmt = _paged_attention_args(out, q, kv, recipe_, sm_scale, "[T, Hq, D]")
+    tensor(cu_seqlens_q, "cu_seqlens_q")
+    dtype_in(cu_seqlens_q, "cu_seqlens_q", (torch.int32,))
+    rank(cu_seqlens_q, "cu_seqlens_q", 1, "[B+1]")
+    same_device(cu_seqlens_q, "cu_seqlens_q", q, "q")
+    batch = kv.block_table.shape[0]
+    for x, name, rows, layout in ((kv.seq_lens, "seq_lens", batch, "[B]"),
                                   (cu_seqlens_q, "cu_seqlens_q", batch + 1, "[B+1]")):
-        tensor(x, name)
-        dtype_in(x, name, (torch.int32,))
-        rank(x, name, 1, layout)
-        same_device(x, name, q, "q")
         if x.shape[0] != rows:
             raise ValueError(f"{name} has {x.shape[0]} entries but block_table has {batch} rows (needs {layout})")
-    same_device(block_table, "block_table", q, "q")
-    if not isinstance(page_size, (int, torch.SymInt)) or not 1 <= page_size <= MAX_PAGE_SIZE:
-        raise ValueError(f"page_size must be an int in [1, {MAX_PAGE_SIZE}]; got {page_size!r}")
-    if k_data.shape[0] % page_size:
-        raise ValueError(f"k_data has {k_data.shape[0]} slots, not a whole number of pages of {page_size}")
-    if not isinstance(sm_scale, float):
-        raise TypeError(f"sm_scale must be a float, got {type(sm_scale).__name__}")
-    global_scale(kg, "k_global_scale", fmt, q, "q")
-    global_scale(vg, "v_global_scale", fmt, q, "q")
-    tensor(out, "out")
-    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
-        raise ValueError(f"out must be a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}; "
-                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
-    if not out.is_contiguous():
-        raise ValueError("out must be contiguous")
     return fmt

@@ -224,7 +224,7 @@ def extend_rows(cu_seqlens_q: torch.Tensor, num_tokens: int) -> tuple[torch.Tens
     return bounds[:-1], bounds[1:]
 
 
-def extend_attention(out, q, cu_seqlens_q, kv: PagedKV, fmt: FP4Format, sm_scale: float) -> None:
+def extend_attention(out, q, cu_seqlens_q, kv: PagedKV, fmt: KVRecipe, sm_scale: float) -> None:
     """Several new tokens per sequence against its paged FP4 cache (new tokens stored already):
     per sequence, gather and dequantize the context, then masked attention in fp32.
 
@@ -240,8 +240,8 @@ def extend_attention(out, q, cu_seqlens_q, kv: PagedKV, fmt: FP4Format, sm_scale
     queries = q.float().view(tokens, hkv, hq // hkv, d)
     result = torch.zeros_like(queries)
     for b in range(slots.shape[0]):
-        k = gather_dequantize(kv.k_data, kv.k_scales, slots[b], fmt, kv.k_global_scale, torch.float32)
-        v = gather_dequantize(kv.v_data, kv.v_scales, slots[b], fmt, kv.v_global_scale, torch.float32)
+        k = gather_dequantize(kv.k_data, kv.k_scales, slots[b], fmt.k, kv.k_global_scale, torch.float32)
+        v = gather_dequantize(kv.v_data, kv.v_scales, slots[b], fmt.v, kv.v_global_scale, torch.float32)
         owned = (rows >= start[b]) & (rows < end[b])  # [T]
         position = kv.seq_lens[b].long() - cu_seqlens_q[b + 1].long() + rows
         visible = owned[:, None] & (keys[None, :] <= position[:, None]) & (keys[None, :] < kv.seq_lens[b].long())

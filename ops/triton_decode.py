@@ -98,7 +98,26 @@ def _fp8_key_tile(data_ptr, rows, valid, D: tl.constexpr, FP32_TILES: tl.constex
 
 
 @triton.jit
-def _value_tile(data_ptr, scales_ptr, rows, valid, D: tl.constexpr, BS: tl.constexpr,
+def key_tiles(k_data_ptr, k_scales_ptr, rows, valid, D: tl.constexpr, BS: tl.constexpr, E4M3_SCALES: tl.constexpr,
+              FP32_TILES: tl.constexpr, HW_FP8: tl.constexpr, K_FP8: tl.constexpr, dtype: tl.constexpr):
+    """Key rows [N] -> (even, odd) [N, D/2] in the tiles' type: FP4 (_key_tile) or, K_FP8, FP8
+    E4M3 keys (_fp8_key_tile; k_data_ptr as int16 words, kv_for_kernels)."""
+    if K_FP8:
+        even, odd = _fp8_key_tile(k_data_ptr, rows, valid, D, FP32_TILES, HW_FP8)
+        even, odd = even.to(dtype), odd.to(dtype)
+    else:
+        even, odd = _key_tile(k_data_ptr, k_scales_ptr, rows, valid, D, BS, E4M3_SCALES, FP32_TILES, HW_FP8)
+    return even, odd
+
+
+def kv_for_kernels(kv: PagedKV, fmt: KVRecipe) -> tuple[PagedKV, bool]:
+    """(kv as the Triton attention kernels read it, K_FP8): FP8 keys are read as int16 words."""
+    k_fp8 = fmt.k.element is Element.E4M3
+    return (kv._replace(k_data=kv.k_data.view(torch.int16)) if k_fp8 else kv), k_fp8
+
+
+@triton.jit
+def value_tile(data_ptr, scales_ptr, rows, valid, D: tl.constexpr, BS: tl.constexpr,
                 E4M3_SCALES: tl.constexpr, FP32_TILES: tl.constexpr, HW_FP8: tl.constexpr):
     """Value rows [N] -> [N, D] in element order, decoded as [rows, blocks, bytes] so a block's
     scale broadcasts over its bytes in registers. Joining the even and odd halves (not an
@@ -168,18 +187,15 @@ def _decode_split_kernel(
         # A page id outside the cache reads as zero keys and values (eager's gather_dequantize rule).
         in_cache = valid & (page >= 0) & (page < num_pages)
         rows = (page.to(tl.int64) * PAGE + pos % PAGE) * HKV + kv_head
-        if K_FP8:
-            k_even, k_odd = _fp8_key_tile(k_data_ptr, rows, in_cache, D, FP32_TILES, HW_FP8)
-            k_even, k_odd = k_even.to(dtype), k_odd.to(dtype)
-        else:
-            k_even, k_odd = _key_tile(k_data_ptr, k_scales_ptr, rows, in_cache, D, BS, E4M3_SCALES, FP32_TILES, HW_FP8)
+        k_even, k_odd = key_tiles(k_data_ptr, k_scales_ptr, rows, in_cache, D, BS, E4M3_SCALES, FP32_TILES, HW_FP8,
+                                  K_FP8, dtype)
         scores = tl.dot(k_even, q_even) + tl.dot(k_odd, q_odd)  # [BLOCK_N, GROUP_PAD]
         scores = tl.where(valid[:, None], scores * score_scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=0))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(scores - m_new[None, :])
         l_acc = l_acc * alpha[None, :] + p
-        v = _value_tile(v_data_ptr, v_scales_ptr, rows, in_cache, D, BS, E4M3_SCALES, FP32_TILES, HW_FP8)
+        v = value_tile(v_data_ptr, v_scales_ptr, rows, in_cache, D, BS, E4M3_SCALES, FP32_TILES, HW_FP8)
         acc = tl.dot(tl.trans(v), p.to(dtype), acc * alpha[None, :])
         m = m_new
 
@@ -212,9 +228,7 @@ def triton_num_splits(batch: int, kv_heads: int, max_len: int, device: torch.dev
 def decode_attention(out, q, kv: PagedKV, fmt: KVRecipe, sm_scale: float) -> None:
     """The Triton kernel: every CUDA GPU from SM80, every accepted head_dim, group size and
     recipe (decode.decode_attention runs gluon_decode's instead where that one serves the call)."""
-    k_fp8 = fmt.k.element is Element.E4M3
-    if k_fp8:
-        kv = kv._replace(k_data=kv.k_data.view(torch.int16))  # _fp8_key_tile's words
+    kv, k_fp8 = kv_for_kernels(kv, fmt)
     batch, hq, d = q.shape
     hkv = kv.kv_heads
     # On CPU tensors (the Triton interpreter, in CI) bf16 casts and arithmetic are not faithful:

@@ -3,9 +3,9 @@
 triton_decode's kernel with a query tile instead of one token: a program takes one tile of a
 sequence's new tokens, one KV head and one slice of the context. The tile's tokens times the
 group's query heads (padded to a power of two) are the M side of the tensor-core products, so
-every key and value tile decoded from FP4 in registers serves all of them; keys come from
-triton_decode._key_tile (q read in key_pair order), values from _value_tile. Scores are K q^T
-[BLOCK_N, M] and the output V^T p [D, M], as in decode; an online softmax runs per column, with
+every key and value tile decoded in registers serves all of them; keys come from
+triton_decode.key_tiles (FP4, or FP8 E4M3 for "+k8" recipes; q read in key_pair order), values
+from value_tile. Scores are K q^T [BLOCK_N, M] and the output V^T p [D, M], as in decode; an online softmax runs per column, with
 the causal mask applied to every tile (the tiles past a row's position are never loaded).
 
 The grid depends on shapes only (T, B, KV heads, the page table's width), never on offsets or
@@ -23,10 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .formats import FP4Format
+from .formats import KVRecipe
 from .paged_kv import PagedKV
 from .split_decode import key_pair, merge_splits, sm_count, split_kernel_arguments, split_outputs
-from .triton_decode import _key_tile, _value_tile
+from .triton_decode import key_tiles, kv_for_kernels, value_tile
 from .triton_kernels import hardware_casts, usable_global_scale
 
 
@@ -82,7 +82,7 @@ def _extend_split_kernel(
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr,
     E4M3_SCALES: tl.constexpr, HAS_G: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, SEGMENTS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    FP32_TILES: tl.constexpr, HW_FP8: tl.constexpr,
+    FP32_TILES: tl.constexpr, HW_FP8: tl.constexpr, K_FP8: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -144,7 +144,8 @@ def _extend_split_kernel(
         # A page id outside the cache reads as zero keys and values (eager's gather_dequantize rule).
         in_cache = valid & (page >= 0) & (page < num_pages)
         rows = (page.to(tl.int64) * PAGE + pos % PAGE) * HKV + kv_head
-        k_even, k_odd = _key_tile(k_data_ptr, k_scales_ptr, rows, in_cache, D, BS, E4M3_SCALES, FP32_TILES, HW_FP8)
+        k_even, k_odd = key_tiles(k_data_ptr, k_scales_ptr, rows, in_cache, D, BS, E4M3_SCALES, FP32_TILES, HW_FP8,
+                                  K_FP8, dtype)
         scores = tl.dot(k_even, q_even) + tl.dot(k_odd, q_odd)  # [BLOCK_N, M]
         visible = valid[:, None] & (pos[:, None] <= query_pos[None, :])
         scores = tl.where(visible, scores * score_scale, float("-inf"))
@@ -153,7 +154,7 @@ def _extend_split_kernel(
         alpha = tl.exp2(m - m_safe)
         p = tl.exp2(scores - m_safe[None, :])
         l = l * alpha + tl.sum(p, axis=0)
-        v = _value_tile(v_data_ptr, v_scales_ptr, rows, in_cache, D, BS, E4M3_SCALES, FP32_TILES, HW_FP8)
+        v = value_tile(v_data_ptr, v_scales_ptr, rows, in_cache, D, BS, E4M3_SCALES, FP32_TILES, HW_FP8)
         acc = tl.dot(tl.trans(v), p.to(dtype), acc * alpha[None, :])
         m = m_new
 
@@ -193,7 +194,8 @@ def extend_num_splits(busy_programs: int, max_len: int, device: torch.device, wa
     return max(1, min(wanted, triton.cdiv(max_len, _POSITIONS_PER_SPLIT_MIN)))
 
 
-def extend_attention(out, q, cu_seqlens_q, kv: PagedKV, fmt: FP4Format, sm_scale: float) -> None:
+def extend_attention(out, q, cu_seqlens_q, kv: PagedKV, fmt: KVRecipe, sm_scale: float) -> None:
+    kv, k_fp8 = kv_for_kernels(kv, fmt)
     tokens, hq, d = q.shape
     batch, hkv = kv.block_table.shape[0], kv.kv_heads
     on_interpreter = q.device.type == "cpu"  # as in triton_decode: fp32 q, tiles and output there
@@ -205,12 +207,12 @@ def extend_attention(out, q, cu_seqlens_q, kv: PagedKV, fmt: FP4Format, sm_scale
     splits = extend_num_splits(busy_tiles * hkv, kv.max_len, q.device, launch.waves)
     positions_per_split = triton.cdiv(triton.cdiv(max(kv.max_len, 1), splits), launch.block_n) * launch.block_n
     partial_out, partial_lse = split_outputs(out, splits)
-    args, constants = split_kernel_arguments(q, kv, partial_out, partial_lse, fmt, sm_scale, positions_per_split)
+    args, constants = split_kernel_arguments(q, kv, partial_out, partial_lse, fmt.v, sm_scale, positions_per_split)
     segments = batch + 2
     _extend_split_kernel[(triton.cdiv(tokens, block_t) + segments, hkv, splits)](
         *args, cu_seqlens_q.contiguous(), batch, tokens, **constants, GROUP_PAD=group_pad, BLOCK_T=block_t,
         SEGMENTS_PAD=triton.next_power_of_2(segments), BLOCK_N=launch.block_n, NUM_SPLITS=splits,
-        FP32_TILES=on_interpreter, HW_FP8=hardware_casts(q.device)[1],
+        FP32_TILES=on_interpreter, HW_FP8=hardware_casts(q.device)[1], K_FP8=k_fp8,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     merge_splits(partial_out, partial_lse, out, splits)

@@ -14,8 +14,10 @@ from torch.testing._internal.common_utils import TestCase
 
 import torch_fp4kv
 from conftest import RECIPES, TRITON_DEVICE, requires_cuda
-from torch_fp4kv import FP4KVCache
-from torch_fp4kv.ops import eager
+from torch_fp4kv import FP4KVCache, get_fp4_kv_cache_quant_method
+from torch_fp4kv.ops import eager, get_kv_recipe
+
+K8_RECIPES = [f"{r}+k8" for r in RECIPES]  # FP8 E4M3 keys beside FP4 values
 
 
 def _problem(recipe, new_tokens, seq_lens, hq=8, hkv=2, d=64, page_size=16, max_pages=None, device="cpu",
@@ -27,10 +29,12 @@ def _problem(recipe, new_tokens, seq_lens, hq=8, hkv=2, d=64, page_size=16, max_
     if max_pages is None:
         max_pages = max(1, -(-max(seq_lens) // page_size))
     pages = batch * max_pages + 1
-    cache = FP4KVCache(recipe, pages * page_size, hkv, d, 1, device=device).layers[0]
-    if cache.k_global_scale is not None:
-        cache.k_global_scale.fill_(0.003)
-        cache.v_global_scale.fill_(0.005)
+    fp4_recipe, k_fp8 = recipe.removesuffix("+k8"), recipe.endswith("+k8")
+    method = get_fp4_kv_cache_quant_method(fp4_recipe, k_fp8=k_fp8)
+    cache = FP4KVCache(method, pages * page_size, hkv, d, 1, device=device).layers[0]
+    for scale, value in ((cache.k_global_scale, 0.003), (cache.v_global_scale, 0.005)):
+        if scale is not None:  # FP8 keys have one beside blockfp4/mxfp4 values, which have none
+            scale.fill_(value)
     k = torch.randn(pages * page_size, hkv, d, generator=g).to(device)
     v = torch.randn(pages * page_size, hkv, d, generator=g).to(device)
     cache.store(torch.arange(pages * page_size, device=device), k, v)
@@ -48,8 +52,8 @@ def _sdpa_reference(args):
     out = torch.zeros(q.shape, dtype=torch.float32)
     for b in range(table.shape[0]):
         slots = eager.paged_slots(table[b : b + 1], page)[0]
-        k = torch_fp4kv.gather_dequantize(k_data, k_scales, slots, recipe, k_g, torch.float32)
-        v = torch_fp4kv.gather_dequantize(v_data, v_scales, slots, recipe, v_g, torch.float32)
+        k = torch_fp4kv.gather_dequantize(k_data, k_scales, slots, get_kv_recipe(recipe).k.name, k_g, torch.float32)
+        v = torch_fp4kv.gather_dequantize(v_data, v_scales, slots, get_kv_recipe(recipe).v.name, v_g, torch.float32)
         for t in range(int(cu[b]), int(cu[b + 1])):
             position = int(lens[b]) - int(cu[b + 1]) + t
             if position < 0:
@@ -68,7 +72,7 @@ def _assert_triton_matches_eager(args, force_backend):
     torch.testing.assert_close(actual.float(), expected.float(), atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("recipe", RECIPES + K8_RECIPES)
 def test_eager_reference_equals_sdpa_over_the_dequantized_cache(recipe):
     """Verify-like (4 new tokens), a chunk, one token (decode), and a chunk over an empty prefix."""
     args = _problem(recipe, new_tokens=[4, 21, 1, 7], seq_lens=[40, 64, 9, 7], hq=6, hkv=2)
@@ -173,7 +177,7 @@ CASES = [  # (new tokens per sequence, seq_lens, hq, hkv, d, page_size, padding 
 ]
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("recipe", RECIPES + K8_RECIPES)
 @pytest.mark.parametrize("case", CASES, ids=[f"new{sum(c[0])}-hq{c[2]}-hkv{c[3]}-d{c[4]}-page{c[5]}" for c in CASES])
 def test_triton_matches_eager(backend, recipe, case):
     new, lens, hq, hkv, d, page, padding = case
