@@ -133,11 +133,12 @@ def extend_attention(
 
     q [T, Hq, D] (bf16/fp16): the new tokens of all sequences, sequence b's in rows
     cu_seqlens_q[b] to cu_seqlens_q[b + 1] (cu_seqlens_q [B+1] int32, any stride); seq_lens [B]
-    int32 counts each sequence's tokens including its new ones; the cache arguments are
-    decode_attention's (a "+k8" recipe: FP8 E4M3 keys). Causal: the new token i of n sits at position seq_lens[b] - n + i and sees
-    positions 0 to that one. Offsets are device data and are not checked (no host sync); every
-    value has a result (eager.extend_rows): rows that no sequence owns (past cu_seqlens_q[B]:
-    padding) and rows that see no position get zeros. Writes into `out` when given and returns it.
+    int32 counts each sequence's tokens including its new ones; the cache arguments and `recipe`
+    are decode_attention's (a "+k8" recipe: FP8 E4M3 keys). Causal: the new token i of n sits at
+    position seq_lens[b] - n + i and sees positions 0 to that one. Offsets are device data and are
+    not checked (no host sync); every value has a result (eager.extend_rows): rows that no
+    sequence owns (past cu_seqlens_q[B]: padding) and rows that see no position get zeros. Writes
+    into `out` when given and returns it.
     """
     if sm_scale is None and isinstance(q, Tensor):
         sm_scale = q.shape[-1] ** -0.5
