@@ -196,7 +196,7 @@ DECODE_HEAD_DIMS = (64, 128, 256)
 MAX_PAGE_SIZE = 128
 
 
-def decode_attention_args(out, q, kv: PagedKV, recipe_, sm_scale) -> FP4Format:
+def decode_attention_args(out, q, kv: PagedKV, recipe_, sm_scale, lse=None) -> FP4Format:
     k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, kg, vg = kv
     fmt = recipe(recipe_)
     tensor(q, "q")
@@ -236,4 +236,12 @@ def decode_attention_args(out, q, kv: PagedKV, recipe_, sm_scale) -> FP4Format:
                          f"got {out.dtype} {tuple(out.shape)} on {out.device}")
     if not out.is_contiguous():
         raise ValueError("out must be contiguous")
+    if lse is not None:
+        tensor(lse, "lse")
+        dtype_in(lse, "lse", (torch.float32,))
+        if lse.shape != q.shape[:2] or lse.device != q.device:
+            raise ValueError(f"lse must be a float32 tensor of shape {tuple(q.shape[:2])} on {q.device}; "
+                             f"got {tuple(lse.shape)} on {lse.device}")
+        if not lse.is_contiguous():
+            raise ValueError("lse must be contiguous")
     return fmt
