@@ -303,7 +303,8 @@ HOPPER_CASES = [  # (batch, hq, hkv, d, page_size, max_pages, seq_lens)
 @pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("case", HOPPER_CASES, ids=[f"b{c[0]}-hq{c[1]}-hkv{c[2]}-d{c[3]}-page{c[4]}" for c in HOPPER_CASES])
 def test_gluon_and_triton_kernels_match_eager_on_hopper(recipe, case):
-    """Both CUDA kernels, called directly (the op picks Gluon for these shapes on SM90)."""
+    """Both CUDA kernels, called directly (the op picks Gluon for these shapes on SM90), with and
+    without the log-sum-exp."""
     from torch_fp4kv.ops import gluon_decode, triton_decode
 
     batch, hq, hkv, d, page, max_pages, lens = case
@@ -314,13 +315,18 @@ def test_gluon_and_triton_kernels_match_eager_on_hopper(recipe, case):
     kernels = [eager.decode_attention, triton_decode.decode_attention]
     if gluon_decode.supported(q, hkv, get_format(recipe)):
         kernels.append(gluon_decode.decode_attention)
+    lses = []
     for kernel in kernels:
-        out = torch.empty_like(q)
+        out, with_lse, lse = torch.empty_like(q), torch.empty_like(q), torch.empty(q.shape[:2], device="cuda")
         kv = PagedKV(k_data, k_scales, v_data, v_scales, table, seq_lens, page, k_g, v_g)
         kernel(out, q, kv, get_format(recipe), d ** -0.5)
+        kernel(with_lse, q, kv, get_format(recipe), d ** -0.5, lse)
+        torch.testing.assert_close(with_lse, out, atol=0, rtol=0)
         outputs.append(out.float())
-    for actual in outputs[1:]:
+        lses.append(lse)
+    for actual, lse in zip(outputs[1:], lses[1:]):
         torch.testing.assert_close(actual, outputs[0], atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(lse, lses[0], atol=2e-2, rtol=2e-2)
 
 
 @requires_cuda
