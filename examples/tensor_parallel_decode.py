@@ -153,7 +153,7 @@ def check_against_single_process(cfg: Config, recipe: str, tp: TensorParallel, p
         choices = tp.world_size * prompt.shape[0] * (steps + 1)
         print(f"check (float32, {prompt.shape[0]} sequences, {prompt.shape[1]}-token prompt + {steps} steps):")
         print("  exact, vs the same split computed in one process (each rank's shard with its own weights and "
-              f"cache, partial sums added as the all-reduce adds them):")
+              "cache, partial sums added as the all-reduce adds them):")
         print("    logits: " + ("EQUAL on every rank" if unequal_ranks == 0 else f"NOT equal on {unequal_ranks} of "
                                  f"{tp.world_size} ranks") + f"; {recipe} cache bytes: {sum(exact_by_layer)} of {total} "
               f"differ" + ("" if tp.world_size == 2 else f" (W = {tp.world_size}: equal only if the all-reduce adds "

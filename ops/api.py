@@ -86,6 +86,7 @@ def decode_attention(
     v_global_scale: Optional[Tensor] = None,
     sm_scale: Optional[float] = None,
     out: Optional[Tensor] = None,
+    lse: Optional[Tensor] = None,
 ) -> Tensor:
     """Decode attention reading the FP4 cache directly (no dequantized copy of the context); with a
     "+k8" recipe the keys are FP8 E4M3, read directly too.
@@ -94,16 +95,19 @@ def decode_attention(
     the layer's cache buffers [slots, Hkv, ...]; block_table [B, max_pages] int32 of page indices
     (slot = page * page_size + offset; page_size 1 is a token table); seq_lens [B] int32, each at
     most max_pages * page_size. sm_scale defaults to 1/sqrt(D). Writes into `out` when given
-    (CUDA graphs keep its address) and returns it.
+    (CUDA graphs keep its address) and returns it. `lse` [B, Hq] float32, when given, receives the
+    natural log-sum-exp of the scaled scores sm_scale * q.k over the positions attended (-inf for
+    an empty sequence), flash-attention's convention: two calls over disjoint parts of a context
+    merge into one with weights exp(lse_i - logaddexp(lse_1, lse_2)).
     """
     if sm_scale is None and isinstance(q, Tensor):
         sm_scale = q.shape[-1] ** -0.5
     if out is None and isinstance(q, Tensor):
         out = torch.empty_like(q)
     kv = PagedKV(k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, k_global_scale, v_global_scale)
-    fmt = checks.decode_attention_args(out, q, kv, recipe, sm_scale)
+    fmt = checks.decode_attention_args(out, q, kv, recipe, sm_scale, lse)
     torch.ops.fp4kv.decode_attention(out, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens,
-                                     page_size, fmt.name, sm_scale, k_global_scale, v_global_scale)
+                                     page_size, fmt.name, sm_scale, k_global_scale, v_global_scale, lse)
     return out
 
 

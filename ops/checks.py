@@ -247,13 +247,22 @@ def _paged_attention_args(out, q, kv: PagedKV, recipe_, sm_scale, q_layout: str)
     return fmt
 
 
-def decode_attention_args(out, q, kv: PagedKV, recipe_, sm_scale) -> KVRecipe:
-    """q [B, Hq, D]: one token per sequence, so block_table and seq_lens have B rows."""
+def decode_attention_args(out, q, kv: PagedKV, recipe_, sm_scale, lse=None) -> KVRecipe:
+    """q [B, Hq, D]: one token per sequence, so block_table and seq_lens have B rows; lse, when
+    given, [B, Hq] float32."""
     fmt = _paged_attention_args(out, q, kv, recipe_, sm_scale, "[B, Hq, D]")
     batch = q.shape[0]
     for x, name in ((kv.block_table, "block_table"), (kv.seq_lens, "seq_lens")):
         if x.shape[0] != batch:
             raise ValueError(f"{name} has {x.shape[0]} rows but q has batch {batch}")
+    if lse is not None:
+        tensor(lse, "lse")
+        dtype_in(lse, "lse", (torch.float32,))
+        if lse.shape != q.shape[:2] or lse.device != q.device:
+            raise ValueError(f"lse must be a float32 tensor of shape {tuple(q.shape[:2])} on {q.device}; "
+                             f"got {tuple(lse.shape)} on {lse.device}")
+        if not lse.is_contiguous():
+            raise ValueError("lse must be contiguous")
     return fmt
 
 

@@ -27,7 +27,7 @@ def hopper_kernel(q: torch.Tensor, kv_heads: int, fmt: KVRecipe):
     return gluon_decode if gluon_decode.supported(q, kv_heads, fmt) else None
 
 
-def decode_attention(out, q, kv: PagedKV, fmt: KVRecipe, sm_scale: float) -> None:
+def decode_attention(out, q, kv: PagedKV, fmt: KVRecipe, sm_scale: float, lse=None) -> None:
     """The Gluon kernel where it serves the call, else the Triton kernel."""
     kernel = hopper_kernel(q, kv.kv_heads, fmt) or triton_decode
-    kernel.decode_attention(out, q, kv, fmt, sm_scale)
+    kernel.decode_attention(out, q, kv, fmt, sm_scale, lse)

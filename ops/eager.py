@@ -193,11 +193,11 @@ def paged_slots(block_table: torch.Tensor, page_size: int) -> torch.Tensor:
     return (block_table.long()[:, :, None] * page_size + offsets).flatten(1)
 
 
-def decode_attention(out, q, kv: PagedKV, fmt: KVRecipe, sm_scale: float) -> None:
+def decode_attention(out, q, kv: PagedKV, fmt: KVRecipe, sm_scale: float, lse=None) -> None:
     """One query token per sequence against its paged FP4 context: gather, dequantize, SDPA.
 
     Positions at or past seq_lens[b] are masked; a sequence of length 0 attends to nothing and
-    gets zeros."""
+    gets zeros (and a log-sum-exp of -inf)."""
     b, hq, d = q.shape
     hkv = kv.kv_heads
     slots = paged_slots(kv.block_table, kv.page_size)  # [B, L]
@@ -212,6 +212,8 @@ def decode_attention(out, q, kv: PagedKV, fmt: KVRecipe, sm_scale: float) -> Non
     weights = torch.where(has_context, torch.softmax(scores, dim=-1), 0.0)  # length 0: zeros, not NaN
     result = torch.einsum("bgrl,blgd->bgrd", weights, v).reshape(b, hq, d)
     out.copy_(result.to(out.dtype))
+    if lse is not None:
+        lse.copy_(torch.logsumexp(scores, dim=-1).reshape(b, hq))
 
 
 def extend_rows(cu_seqlens_q: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:

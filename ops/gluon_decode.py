@@ -35,7 +35,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_
 
 from .formats import KVRecipe
 from .paged_kv import PagedKV
-from .split_decode import key_pair, merge_splits, sm_count, split_kernel_arguments, split_outputs
+from .split_decode import key_pair, launch_splits, merge_splits, sm_count, split_kernel_arguments, split_outputs
 from .triton_codes import E8M0_DECODE_PTX, e8m0_bf16
 
 async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
@@ -361,13 +361,13 @@ def _decode_split_kernel(
         gl.store(partial_lse_ptr + base, gl.where(l > 0, m + gl.log2(l), float("-inf")), mask=head < GROUP)
 
 
-def decode_attention(out, q, kv: PagedKV, fmt: KVRecipe, sm_scale: float) -> None:
+def decode_attention(out, q, kv: PagedKV, fmt: KVRecipe, sm_scale: float, lse=None) -> None:
     """The Gluon kernel; call it only where supported(q, kv.kv_heads, fmt) (decode.py does)."""
     batch, hq, _ = q.shape
     hkv = kv.kv_heads
     tiles = triton.cdiv(max(kv.max_len, 1), BLOCK_N)
     tiles_per_split = triton.cdiv(tiles, splits_for(batch, hkv, kv.max_len, q.device))
-    splits = triton.cdiv(tiles, tiles_per_split)  # none left empty
+    splits = launch_splits(triton.cdiv(tiles, tiles_per_split), lse)  # none left empty, unless for lse
     partial_out, partial_lse = split_outputs(out, splits)
     args, constants = split_kernel_arguments(q, kv, partial_out, partial_lse, fmt.v, sm_scale,
                                              tiles_per_split * BLOCK_N)
@@ -375,4 +375,4 @@ def decode_attention(out, q, kv: PagedKV, fmt: KVRecipe, sm_scale: float) -> Non
         *args, **constants, GROUP_PAD=group_pad(hq // hkv), N=BLOCK_N, NUM_SPLITS=splits, STAGES=STAGES,
         num_warps=_NUM_WARPS.value,
     )
-    merge_splits(partial_out, partial_lse, out, splits)
+    merge_splits(partial_out, partial_lse, out, splits, lse)

@@ -3,7 +3,8 @@ imports neither).
 
 Both kernels give each (sequence, KV head, split) program a slice of the context and write a
 partial output and its log-sum-exp per split (split_outputs); one split writes `out` itself, more
-are combined by _merge_splits_kernel (merge_splits). They take the same leading arguments
+are combined by _merge_splits_kernel (merge_splits), which also writes the final log-sum-exp when
+the caller asks for it (launch_splits gives such calls at least two splits). They take the same leading arguments
 (split_kernel_arguments) and read q in the same permuted key-column order (key_pair).
 """
 
@@ -47,6 +48,14 @@ def split_outputs(out: torch.Tensor, splits: int) -> tuple[torch.Tensor, torch.T
             torch.empty((batch, hq, splits), dtype=torch.float32, device=out.device))
 
 
+def launch_splits(splits: int, lse) -> int:
+    """Splits to launch: `splits`, or 2 when the caller wants the log-sum-exp (`lse` not None) of a
+    one-split launch. The kernels store a split's log-sum-exp only when there is a merge (a lone
+    split writes `out` itself), and the merge kernel is what writes `lse`. The added split starts
+    where the first one's positions end, past every sequence, so it is empty and weighs nothing."""
+    return 2 if lse is not None and splits == 1 else splits
+
+
 def split_kernel_arguments(q, kv: PagedKV, partial_out, partial_lse, fmt: FP4Format, sm_scale,
                            positions_per_split):
     """What both split kernels take up to GROUP: the positional arguments and the shared
@@ -66,9 +75,10 @@ def split_kernel_arguments(q, kv: PagedKV, partial_out, partial_lse, fmt: FP4For
 
 
 @triton.jit
-def _merge_splits_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                         SPLITS_PER_STEP: tl.constexpr):
-    """One (sequence, query head): combine the splits' partial outputs by their log-sum-exps.
+def _merge_splits_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, lse_ptr, D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                         SPLITS_PER_STEP: tl.constexpr, HAS_LSE: tl.constexpr):
+    """One (sequence, query head): combine the splits' partial outputs by their log-sum-exps (base
+    2), and with HAS_LSE store the total's in natural log (-inf when no split saw a position).
 
     Splits are read SPLITS_PER_STEP at a time with a running maximum, so the registers a program
     needs stay the same however many splits a short batch gets."""
@@ -92,13 +102,19 @@ def _merge_splits_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, D: tl.conste
         top = new_top
     out = acc / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + row * D + dims, out.to(out_ptr.dtype.element_ty))
+    if HAS_LSE:
+        lse_total = tl.where(total > 0, (top + tl.log2(tl.where(total > 0, total, 1.0))) * 0.6931471805599453,
+                             float("-inf"))
+        tl.store(lse_ptr + row + tl.arange(0, 1), lse_total)
 
 
-def merge_splits(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: torch.Tensor, splits: int) -> None:
-    """Combine the splits of split_outputs into `out` (one split wrote it already)."""
+def merge_splits(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: torch.Tensor, splits: int,
+                 lse: torch.Tensor | None = None) -> None:
+    """Combine the splits of split_outputs into `out` (one split wrote it already), and write the
+    natural log-sum-exp into `lse` [B, Hq] float32 when given (launch_splits: then splits > 1)."""
     if splits > 1:
         batch, hq, d = out.shape
         _merge_splits_kernel[(batch * hq,)](
-            partial_out, partial_lse, out, D=d, NUM_SPLITS=splits,
-            SPLITS_PER_STEP=min(_MERGE_SPLITS_PER_STEP, triton.next_power_of_2(splits)),
+            partial_out, partial_lse, out, out if lse is None else lse, D=d, NUM_SPLITS=splits,
+            SPLITS_PER_STEP=min(_MERGE_SPLITS_PER_STEP, triton.next_power_of_2(splits)), HAS_LSE=lse is not None,
         )

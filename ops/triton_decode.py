@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .formats import Element, KVRecipe
 from .paged_kv import PagedKV
-from .split_decode import key_pair, merge_splits, sm_count, split_kernel_arguments, split_outputs
+from .split_decode import key_pair, launch_splits, merge_splits, sm_count, split_kernel_arguments, split_outputs
 from .triton_codes import block_scales, decode_packed
 from .triton_kernels import hardware_casts, usable_global_scale
 
@@ -225,7 +225,7 @@ def triton_num_splits(batch: int, kv_heads: int, max_len: int, device: torch.dev
     return max(1, min(wanted, triton.cdiv(max_len, min_positions)))
 
 
-def decode_attention(out, q, kv: PagedKV, fmt: KVRecipe, sm_scale: float) -> None:
+def decode_attention(out, q, kv: PagedKV, fmt: KVRecipe, sm_scale: float, lse=None) -> None:
     """The Triton kernel: every CUDA GPU from SM80, every accepted head_dim, group size and
     recipe (decode.decode_attention runs gluon_decode's instead where that one serves the call)."""
     kv, k_fp8 = kv_for_kernels(kv, fmt)
@@ -240,6 +240,7 @@ def decode_attention(out, q, kv: PagedKV, fmt: KVRecipe, sm_scale: float) -> Non
     launch = DECODE_LAUNCH[d]
     splits = triton_num_splits(batch, hkv, kv.max_len, q.device, launch.waves)
     positions_per_split = triton.cdiv(triton.cdiv(max(kv.max_len, 1), splits), launch.block_n) * launch.block_n
+    splits = launch_splits(splits, lse)
     partial_out, partial_lse = split_outputs(out, splits)
     args, constants = split_kernel_arguments(q, kv, partial_out, partial_lse, fmt.v, sm_scale, positions_per_split)
     _decode_split_kernel[(batch, hkv, splits)](
@@ -248,6 +249,6 @@ def decode_attention(out, q, kv: PagedKV, fmt: KVRecipe, sm_scale: float) -> Non
         K_FP8=k_fp8,
         num_warps=launch.num_warps, maxnreg=launch.max_registers, num_stages=launch.num_stages,
     )
-    merge_splits(partial_out, partial_lse, out, splits)
+    merge_splits(partial_out, partial_lse, out, splits, lse)
     if on_interpreter:
         final_out.copy_(out)

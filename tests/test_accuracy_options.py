@@ -100,7 +100,8 @@ def _attention(q, k, v, scale):
                          ids=["rotate", "smooth", "rotate+smooth"])
 def test_decode_equals_attention_over_the_values_read_back(backend_name, recipe, options):
     """decode_attention of the transformed cache (q rotated in, output rotated back; the K mean
-    left to softmax) equals attention over what `read` gives back (rotated back, mean added)."""
+    left to softmax) equals attention over what `read` gives back (rotated back, mean added); so
+    does its log-sum-exp (the K mean's shift of the scores added back)."""
     device = "cpu" if backend_name == "eager" else TRITON_DEVICE
     k, v = _outlier_kv(21, mean_scale=8.0)
     k, v = k.to(device), v.to(device)
@@ -114,11 +115,14 @@ def test_decode_equals_attention_over_the_values_read_back(backend_name, recipe,
     with forced_backend(backend_name):
         out = layer.decode(q, table, lens, 8)
         given = torch.empty_like(out)
-        assert layer.decode(q, table, lens, 8, out=given) is given
+        lse = torch.empty(q.shape[:2], device=device)
+        assert layer.decode(q, table, lens, 8, out=given, lse=lse) is given
         k_back, v_back = layer.read(slots, torch.float32)
     expected = _attention(q[0].float(), k_back, v_back, D ** -0.5)
     torch.testing.assert_close(out[0].double(), expected, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(given, out)
+    scores = torch.einsum("hd,thd->ht", q[0].double(), k_back.double().repeat_interleave(2, 1)) * D ** -0.5
+    torch.testing.assert_close(lse[0].double(), torch.logsumexp(scores, -1), atol=2e-2, rtol=2e-3)
     # and it is attention over (nearly) the original K/V: the transforms are undone
     assert (out[0].double() - _attention(q[0].float(), k, v, D ** -0.5)).norm() < 0.25 * expected.norm()
 

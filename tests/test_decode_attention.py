@@ -12,7 +12,7 @@ from torch._dynamo.utils import counters
 import torch_fp4kv
 from conftest import RECIPES, TRITON_DEVICE, requires_cuda
 from torch_fp4kv import FP4KVCache
-from torch_fp4kv.ops import eager, get_format, get_kv_recipe
+from torch_fp4kv.ops import eager, get_kv_recipe
 from torch_fp4kv.ops.paged_kv import PagedKV
 
 
@@ -46,12 +46,28 @@ def _problem(recipe, batch=3, hq=8, hkv=2, d=64, page_size=16, max_pages=4, seq_
 
 
 def _assert_triton_matches_eager(args, force_backend):
-    """The same call with each backend forced (force_backend(name) sets TORCH_FP4KV_BACKEND)."""
-    force_backend("eager")
-    expected = torch_fp4kv.decode_attention(*args)
-    force_backend("triton")
-    actual = torch_fp4kv.decode_attention(*args)
+    """The same call with each backend forced (force_backend(name) sets TORCH_FP4KV_BACKEND), both
+    the output and the log-sum-exp."""
+    results = []
+    for name in ("eager", "triton"):
+        force_backend(name)
+        lse = torch.empty(args[0].shape[:2], dtype=torch.float32, device=args[0].device)
+        results.append((torch_fp4kv.decode_attention(*args, lse=lse), lse))
+        without_lse = torch_fp4kv.decode_attention(*args)
+        torch.testing.assert_close(without_lse, results[-1][0], atol=0, rtol=0)  # lse changes nothing else
+    (expected, expected_lse), (actual, actual_lse) = results
     torch.testing.assert_close(actual.float(), expected.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(actual_lse, expected_lse, atol=2e-2, rtol=2e-2)
+
+
+def _merged(first, second):
+    """Two (out, lse) attentions over disjoint parts of a context -> the attention over both."""
+    (out_1, lse_1), (out_2, lse_2) = first, second
+    total = torch.logaddexp(lse_1, lse_2)
+    seen = total > float("-inf")
+    w_1 = torch.where(seen, torch.exp(lse_1 - total), 0.0)[..., None]
+    w_2 = torch.where(seen, torch.exp(lse_2 - total), 0.0)[..., None]
+    return out_1.float() * w_1 + out_2.float() * w_2, total
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_eager_reference_equals_sdpa_over_the_dequantized_cache(recipe):
@@ -65,6 +81,56 @@ def test_eager_reference_equals_sdpa_over_the_dequantized_cache(recipe):
         expected = F.scaled_dot_product_attention(q[b : b + 1, :, None].float(), k.transpose(0, 1)[None],
                                                   v.transpose(0, 1)[None], enable_gqa=True)
         torch.testing.assert_close(out[b].float(), expected[0, :, 0], atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_eager_lse_is_the_logsumexp_of_the_scaled_scores(recipe):
+    (q, k_data, k_scales, v_data, v_scales, table, lens, page, _, k_g, v_g), _ = _problem(recipe, seq_lens=[5, 64, 0])
+    lse = torch.empty(q.shape[:2])
+    torch_fp4kv.decode_attention(q, k_data, k_scales, v_data, v_scales, table, lens, page, recipe, k_g, v_g,
+                                 sm_scale=0.3, lse=lse)
+    for b in range(q.shape[0]):
+        slots = eager.paged_slots(table[b : b + 1], page)[0, : int(lens[b])]
+        k = torch_fp4kv.gather_dequantize(k_data, k_scales, slots, recipe, k_g, torch.float32)  # [n, Hkv, D]
+        scores = torch.einsum("hd,nhd->hn", q[b].float(), k.repeat_interleave(q.shape[1] // k.shape[1], 1)) * 0.3
+        torch.testing.assert_close(lse[b], torch.logsumexp(scores, -1), atol=1e-4, rtol=1e-5)
+    assert torch.isneginf(lse[2]).all()  # an empty sequence
+
+
+@pytest.mark.parametrize("backend_name", ["eager", "triton"])
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_merging_two_halves_of_the_context_equals_one_call(backend, backend_name, recipe):
+    """Pages [0, P/2) and [P/2, P) as two calls, merged by their log-sum-exps, equal one call over
+    all P pages (ragged lengths: some second halves are empty, one sequence is empty)."""
+    backend(backend_name)
+    max_pages, page = 8, 16
+    (q, k_data, k_scales, v_data, v_scales, table, lens, _, recipe_, k_g, v_g), _ = _problem(
+        recipe, batch=4, max_pages=max_pages, page_size=page, seq_lens=[128, 70, 33, 0], device=TRITON_DEVICE)
+    half = max_pages // 2 * page
+    parts = []
+    for part_table, part_lens in ((table[:, : max_pages // 2], lens.clamp(max=half)),
+                                  (table[:, max_pages // 2 :], (lens - half).clamp(min=0))):
+        lse = torch.empty(q.shape[:2], device=q.device)
+        out = torch_fp4kv.decode_attention(q, k_data, k_scales, v_data, v_scales, part_table.contiguous(),
+                                           part_lens.int(), page, recipe_, k_g, v_g, lse=lse)
+        parts.append((out, lse))
+    lse = torch.empty(q.shape[:2], device=q.device)
+    whole = torch_fp4kv.decode_attention(q, k_data, k_scales, v_data, v_scales, table, lens, page, recipe_, k_g, v_g,
+                                         lse=lse)
+    merged_out, merged_lse = _merged(*parts)
+    torch.testing.assert_close(merged_out, whole.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(merged_lse, lse, atol=1e-4, rtol=1e-5)
+    assert torch.isneginf(lse[3]).all() and torch.equal(whole[3], torch.zeros_like(whole[3]))
+
+
+def test_triton_one_split_still_returns_the_lse(backend, monkeypatch):
+    """A launch of one split writes `out` itself and stores no log-sum-exp; asked for one, it runs
+    an empty second split and the merge (split_decode.launch_splits)."""
+    from torch_fp4kv.ops import triton_decode
+
+    monkeypatch.setattr(triton_decode, "triton_num_splits", lambda *args: 1)
+    args, _ = _problem("nvfp4", batch=3, seq_lens=[64, 1, 0], device=TRITON_DEVICE)
+    _assert_triton_matches_eager(args, backend)
 
 
 def test_every_accepted_head_dim_has_a_launch_shape():
@@ -103,6 +169,9 @@ def test_opcheck(recipe, page_size, hq, hkv, d):
     k_data, k_scales, v_data, v_scales, table, lens, page, recipe_, k_g, v_g = rest
     torch.library.opcheck(torch.ops.fp4kv.decode_attention.default,
                           (out, q, k_data, k_scales, v_data, v_scales, table, lens, page, recipe_, d ** -0.5, k_g, v_g))
+    torch.library.opcheck(torch.ops.fp4kv.decode_attention.default,
+                          (out, q, k_data, k_scales, v_data, v_scales, table, lens, page, recipe_, d ** -0.5, k_g, v_g,
+                           torch.empty(q.shape[:2])))
 
 
 CASES = [  # (batch, hq, hkv, d, page_size, max_pages, seq_lens)
@@ -153,10 +222,16 @@ def test_writes_into_out_and_rejects_bad_arguments():
         (dict(page_size=3), ValueError, "not a whole number of pages of 3"),
         (dict(out=out[:, :4]), ValueError, "out must be a"),
         (dict(sm_scale=1), TypeError, "sm_scale must be a float"),
+        (dict(lse=torch.empty(q.shape[:2], dtype=torch.float16)), TypeError, "lse must have dtype float32"),
+        (dict(lse=torch.empty(q.shape)), ValueError, "lse must be a float32 tensor of shape"),
+        (dict(lse=torch.empty(q.shape[1], q.shape[0]).t()), ValueError, "lse must be contiguous"),
+        (dict(lse=q[:, :, 0].float().tolist()), TypeError, "lse must be a torch.Tensor"),
     ]
     for change, error, text in bad:
+        before = out.clone()
         with pytest.raises(error, match=text):
-            torch_fp4kv.decode_attention(**{**call, **change})
+            torch_fp4kv.decode_attention(**{**call, **change, "out": change.get("out", out)})
+        assert torch.equal(out, before)  # nothing written
 
 
 def test_compiles_fullgraph_without_recompiling_for_new_lengths():
@@ -228,7 +303,8 @@ HOPPER_CASES = [  # (batch, hq, hkv, d, page_size, max_pages, seq_lens)
 @pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("case", HOPPER_CASES, ids=[f"b{c[0]}-hq{c[1]}-hkv{c[2]}-d{c[3]}-page{c[4]}" for c in HOPPER_CASES])
 def test_gluon_and_triton_kernels_match_eager_on_hopper(recipe, case):
-    """Both CUDA kernels, called directly (the op picks Gluon for these shapes on SM90)."""
+    """Both CUDA kernels, called directly (the op picks Gluon for these shapes on SM90), with and
+    without the log-sum-exp."""
     from torch_fp4kv.ops import gluon_decode, triton_decode
 
     batch, hq, hkv, d, page, max_pages, lens = case
@@ -239,13 +315,18 @@ def test_gluon_and_triton_kernels_match_eager_on_hopper(recipe, case):
     kernels = [eager.decode_attention, triton_decode.decode_attention]
     if gluon_decode.supported(q, hkv, get_kv_recipe(recipe)):
         kernels.append(gluon_decode.decode_attention)
+    lses = []
     for kernel in kernels:
-        out = torch.empty_like(q)
+        out, with_lse, lse = torch.empty_like(q), torch.empty_like(q), torch.empty(q.shape[:2], device="cuda")
         kv = PagedKV(k_data, k_scales, v_data, v_scales, table, seq_lens, page, k_g, v_g)
         kernel(out, q, kv, get_kv_recipe(recipe), d ** -0.5)
+        kernel(with_lse, q, kv, get_kv_recipe(recipe), d ** -0.5, lse)
+        torch.testing.assert_close(with_lse, out, atol=0, rtol=0)
         outputs.append(out.float())
-    for actual in outputs[1:]:
+        lses.append(lse)
+    for actual, lse in zip(outputs[1:], lses[1:]):
         torch.testing.assert_close(actual, outputs[0], atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(lse, lses[0], atol=2e-2, rtol=2e-2)
 
 
 @requires_cuda

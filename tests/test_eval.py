@@ -62,6 +62,48 @@ def test_options_in_both_protocols_on_a_tiny_model():
         accuracy.calibrations_for(model, settings, None)
 
 
+def test_sink_and_recent_options_parse():
+    assert accuracy.parse_cache("nvfp4+rot+smooth+sink4+recent128") == (
+        "nvfp4", {"rotate": True, "smooth_k": True, "sink_tokens": 4, "recent_tokens": 128})
+    assert accuracy.parse_cache("mxfp4+recent8") == ("mxfp4", {"recent_tokens": 8})
+    for bad in ("nvfp4+sink", "nvfp4+sink0", "nvfp4+recent-3", "nvfp4+sink4+sink2", "nvfp4+recentx"):
+        with pytest.raises(ValueError, match="recipes: "):
+            accuracy.parse_cache(bad)
+    assert not accuracy.needs_calibration("nvfp4+sink4")
+
+
+@pytest.mark.parametrize("arch", ["smollm2", "gemma3"])
+def test_sinks_and_recent_covering_the_window_are_full_precision(arch):
+    """recent_tokens as long as the window: both protocols attend every key in full precision, so
+    their figures are full precision's (the decode protocol up to float rounding: its FP4 share
+    is empty and weighs 0)."""
+    model = models.random_model(models.tiny_config(arch))
+    windows = torch.randint(3, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    settings = accuracy.settings_for(["nvfp4+sink2+recent24"], ["window", "decode"])
+    with torch.inference_mode():
+        totals = accuracy.window_metrics(model, windows, settings, batch_size=2, bar=_NoBar())
+    full, window, decode = (totals[s].summary() for s in settings)
+    assert window["perplexity"] == pytest.approx(full["perplexity"], rel=1e-5) and window["kl"] < 1e-6
+    assert decode["perplexity"] == pytest.approx(full["perplexity"], rel=1e-5) and decode["kl"] < 1e-6
+
+
+@pytest.mark.parametrize("arch", ["smollm2", "gemma3"])
+def test_sink_and_recent_protocols_agree_on_a_tiny_model(arch):
+    """nvfp4+rot+smooth with 2 sinks and a ring of 5 (Gemma: window 8, so its sliding layers'
+    FP4 range rotates): the window protocol's per-(query, key) choice of precision is what the
+    cache does token by token; both are closer to full precision than without the options."""
+    model = models.random_model(models.tiny_config(arch))
+    windows = torch.randint(3, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    calib = torch.randint(3, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+    settings = accuracy.settings_for(["nvfp4+rot+smooth", "nvfp4+rot+smooth+sink2+recent5"], ["window", "decode"])
+    with torch.inference_mode():
+        calibrations = accuracy.calibrations_for(model, settings, calib)
+        totals = accuracy.window_metrics(model, windows, settings, 2, _NoBar(), calibrations)
+    _, window, window_opt, decode, decode_opt = (totals[s].summary() for s in settings)
+    assert abs(decode_opt["kl"] - window_opt["kl"]) < 0.1 * window_opt["kl"]
+    assert window_opt["kl"] < window["kl"] and decode_opt["kl"] < decode["kl"]
+
+
 def test_greedy_agreement_counts_up_to_the_first_difference():
     totals = accuracy.Totals()
     reference = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
@@ -116,9 +158,12 @@ def test_bytes_per_token():
     assert accuracy.kv_bytes_per_token(model, "full") == 3 * 2 * 256 * 4
     assert accuracy.kv_bytes_per_token(model, "nvfp4") == 3 * 2 * (128 + 16)
     assert accuracy.kv_bytes_per_token(model, "mxfp4") == 3 * 2 * (128 + 8)
+    # sinks and ring: (4 + 128) tokens in fp32, averaged over 4096
+    assert accuracy.kv_bytes_per_token(model, "nvfp4+sink4+recent128") == 3 * 2 * (128 + 16) + 132 * 3 * 2 * 256 * 4 / 4096
     pytest.importorskip("optimum.quanto")
-    # quanto int4: 4 groups of 64 values per head, each 32 bytes of codes + fp32 scale and shift
-    assert accuracy.kv_bytes_per_token(model, accuracy.ANCHOR) == 3 * 2 * 4 * (32 + 8)
+    # quanto int4: 4 groups of 64 values per head, each 32 bytes of codes + fp32 scale and shift, and its
+    # residual of 128 fp32 tokens averaged over 4096
+    assert accuracy.kv_bytes_per_token(model, accuracy.ANCHOR) == 3 * 2 * 4 * (32 + 8) + 128 * 3 * 2 * 256 * 4 / 4096
 
 
 def test_readme_eval_commands_parse():

@@ -34,16 +34,21 @@ def _reference_attention(q, keys, values, positions, q_pos, window, scaling):
     return torch.einsum("hn,nhd->hd", weights, v)
 
 
+FULL_PRECISION = [(0, 0), (2, 3), (0, 1), (3, 0), (1, 30)]  # (sink_tokens, recent_tokens)
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("window", [None, 6])
-def test_layer_stores_real_tokens_and_attends_by_position(recipe, window):
+@pytest.mark.parametrize("sinks, recent", FULL_PRECISION)
+def test_layer_stores_real_tokens_and_attends_by_position(recipe, window, sinks, recent):
     """A decode step, prefill chunks with left padding, decode steps past the window: every real
     query's output equals attention over the tokens it may see, earlier chunks' keys/values
     dequantized and its own chunk's in full precision (decode: all dequantized); padded queries
-    give zeros."""
+    give zeros. With sinks/recent: a sequence's first `sinks` positions and the last `recent` (in
+    a decode step, counting its own token; in a prefill, before the chunk) in full precision."""
     torch.manual_seed(0)
     batch, hkv, hq, d, scaling = 2, 1, 2, 64, 0.125
-    layer = FP4CacheLayer(recipe, max_cache_len=24, sliding_window=window)
+    layer = FP4CacheLayer(recipe, max_cache_len=24, sliding_window=window, sink_tokens=sinks, recent_tokens=recent)
     seen = [[] for _ in range(batch)]  # per sequence: (position, k, v, k_fp4, v_fp4) of real tokens
     pads = torch.tensor([[False, False, True, True, True, True, True],  # sequence 0: two left pads
                          [True] * 7])
@@ -67,7 +72,8 @@ def test_layer_stores_real_tokens_and_attends_by_position(recipe, window):
                     assert torch.equal(out[b, :, t], torch.zeros(hq, d))
                     continue
                 q_pos = chunk_start[b] + int(real[b, : t + 1].sum()) - 1
-                in_chunk = [tokens > 1 and p >= chunk_start[b] for p, *_ in seen[b]]
+                fresh = chunk_start[b] - recent if tokens > 1 else q_pos + 1 - recent  # ring from here on
+                in_chunk = [(tokens > 1 and p >= chunk_start[b]) or p < sinks or p >= fresh for p, *_ in seen[b]]
                 keys = torch.stack([s[1] if own else s[3] for s, own in zip(seen[b], in_chunk)])
                 values = torch.stack([s[2] if own else s[4] for s, own in zip(seen[b], in_chunk)])
                 expected = _reference_attention(q[b, :, t], keys, values, [s[0] for s in seen[b]], q_pos,
@@ -111,13 +117,13 @@ def _register_reference(recipe: str) -> str:
     return name
 
 
-def _generate(model, attn: str, ids, new_tokens: int, fp4_recipe=None, attention_mask=None):
-    """Greedy tokens and logits; with an FP4Cache of `fp4_recipe` sized for the call, or transformers'
-    default DynamicCache."""
+def _generate(model, attn: str, ids, new_tokens: int, fp4_recipe=None, attention_mask=None, **options):
+    """Greedy tokens and logits; with an FP4Cache of `fp4_recipe` (and `options`) sized for the call,
+    or transformers' default DynamicCache."""
     model.set_attn_implementation(attn)
     kwargs = {}
     if fp4_recipe is not None:
-        kwargs["past_key_values"] = FP4Cache(model.config, ids.shape[1] + new_tokens, fp4_recipe)
+        kwargs["past_key_values"] = FP4Cache(model.config, ids.shape[1] + new_tokens, fp4_recipe, **options)
     out = model.generate(ids, attention_mask=attention_mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                          do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0, **kwargs)
     return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, 1)
@@ -179,21 +185,37 @@ def test_chunked_prefill_then_decode_matches_reference(arch):
     assert (fp4 - ref).abs().mean() < 0.02
 
 
+@pytest.mark.parametrize("options", [{}, {"sink_tokens": 2, "recent_tokens": 3}], ids=["plain", "sink2-recent3"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_left_padded_batch_generates_what_each_prompt_does_alone(arch):
+def test_left_padded_batch_generates_what_each_prompt_does_alone(arch, options):
     """Prompts of 5, 9 and 13 tokens, left padded in one batch: padding is never stored or attended,
     and positions count real tokens only, so each row equals its prompt run alone (for Gemma, also
-    after its 8-token window slid over where the padding would be)."""
+    after its 8-token window slid over where the padding would be); with full-precision sinks and
+    recent ring too."""
     model = models.random_model(models.tiny_config(arch))
     prompts = [torch.randint(3, 256, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 9, 13)]
     width = max(len(p) for p in prompts)
     ids = torch.stack([torch.cat((torch.zeros(width - len(p), dtype=torch.long), p)) for p in prompts])
     mask = torch.stack([torch.arange(width) >= width - len(p) for p in prompts]).long()
-    batch_tokens, batch_logits = _generate(model, "fp4kv", ids, 12, "nvfp4", mask)
+    batch_tokens, batch_logits = _generate(model, "fp4kv", ids, 12, "nvfp4", mask, **options)
     for row, prompt in enumerate(prompts):
-        alone, alone_logits = _generate(model, "fp4kv", prompt[None], 12, "nvfp4")
+        alone, alone_logits = _generate(model, "fp4kv", prompt[None], 12, "nvfp4", **options)
         assert torch.equal(batch_tokens[row], alone[0])
         torch.testing.assert_close(batch_logits[row], alone_logits[0], atol=1e-2, rtol=0)  # fp16 decode noise
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_recent_ring_covering_the_context_is_full_precision(arch):
+    """recent_tokens as long as the whole run: every decode step attends in full precision only
+    (decode_attention's share is empty and weighs 0), so generate gives full precision's logits;
+    sinks change nothing then. With a shorter ring, the FP4 part shows."""
+    model = models.random_model(models.tiny_config(arch))
+    ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    _, full_logits = _generate(model, "sdpa", ids, 10)
+    _, ring_logits = _generate(model, "fp4kv", ids, 10, "nvfp4", sink_tokens=4, recent_tokens=22)
+    torch.testing.assert_close(ring_logits, full_logits, atol=1e-4, rtol=1e-4)
+    _, short_logits = _generate(model, "fp4kv", ids, 10, "nvfp4", sink_tokens=4, recent_tokens=2)
+    assert (short_logits - full_logits).abs().max() > 1e-3
 
 
 def test_memory_against_static_cache():
@@ -203,6 +225,10 @@ def test_memory_against_static_cache():
     sizes = kv_cache_bytes(config, max_cache_len=4096, batch_size=2, recipe="nvfp4")
     slots = 2 * (15 * 512 + 3 * 4096)
     assert sizes == {"fp4": slots * 2 * 144 + 18 * 8, "static": slots * 2 * 512}
+    # Sinks and ring in bf16, per sequence and layer: 4 + 128 tokens x K and V x 256 dims x 2 bytes.
+    with_full = kv_cache_bytes(config, max_cache_len=4096, batch_size=2, recipe="nvfp4", sink_tokens=4,
+                               recent_tokens=128)
+    assert with_full["fp4"] == sizes["fp4"] + 2 * 18 * (4 + 128) * 2 * 256 * 2
 
 
 def test_bad_arguments():
@@ -214,6 +240,10 @@ def test_bad_arguments():
         FP4Cache(config, 16, recipe="int4")
     with pytest.raises(ValueError, match="max_cache_len"):
         FP4Cache(config, 0)
+    with pytest.raises(ValueError, match="sink_tokens must be an int >= 0"):
+        FP4Cache(config, 16, sink_tokens=-1)
+    with pytest.raises(ValueError, match="recent_tokens must be an int >= 0"):
+        FP4Cache(config, 16, recent_tokens=2.0)
     model = models.random_model(config, attn_implementation="fp4kv")
     with pytest.raises(TypeError, match="needs an FP4Cache"):
         model.generate(torch.ones(1, 4, dtype=torch.long), max_new_tokens=2)  # a DynamicCache

@@ -272,12 +272,15 @@ def test_method_decode_attention_reads_its_layer():
     q = torch.randn(2, 2 * H, D, dtype=torch.bfloat16)
     table = torch.arange(32, dtype=torch.int32).view(2, 16)
     lens = torch.tensor([16, 9], dtype=torch.int32)
-    out = method.decode_attention(1, q, table, lens, page_size=1)
+    lse = torch.empty(2, 2 * H)
+    out = method.decode_attention(1, q, table, lens, page_size=1, lse=lse)
     for b, n in enumerate(lens.tolist()):
         k_seq, v_seq = method.dequantize_prev_kv(1, table[b, :n], torch.float32)
         expected = F.scaled_dot_product_attention(q[b, :, None].float(), k_seq.transpose(0, 1), v_seq.transpose(0, 1),
                                                   enable_gqa=True)[:, 0]
         torch.testing.assert_close(out[b].float(), expected, atol=1e-2, rtol=1e-2)
+        scores = torch.einsum("hd,nhd->hn", q[b].float(), k_seq.repeat_interleave(2, 1)) * D ** -0.5
+        torch.testing.assert_close(lse[b], torch.logsumexp(scores, -1), atol=1e-4, rtol=1e-5)
     assert not torch.equal(out, method.decode_attention(0, q, table, lens, page_size=1))
 
 

@@ -13,8 +13,15 @@ continuation that matches full precision's before the first difference. Two prot
 
 An FP4 cache may carry accuracy options as suffixes of its recipe: `nvfp4+rot` (Hadamard rotation
 of K and V), `nvfp4+smooth` (per-channel K means subtracted, calibrated with the global scales on
-text apart from the scored windows), `nvfp4+k8` (K in FP8 E4M3), combined in any order
-(`nvfp4+rot+smooth+k8`); both protocols honour them.
+text apart from the scored windows), `nvfp4+k8` (K in FP8 E4M3), and `+sinkS` / `+recentR` (a
+query attends the first S positions and the last R, its own included, in full precision),
+combined in any order, e.g. `nvfp4+rot+smooth+k8` or `nvfp4+rot+smooth+sink4+recent128`; both
+protocols honour them (the window protocol picks, per query and key, the full-precision or the
+round-tripped score and value).
+
+Bytes per token count what a token's K and V take over all layers, plus the full-precision tokens
+a sequence keeps on top (the sinks and ring, quanto's residual of 128) spread over a context of
+AVERAGED_OVER tokens.
 
 The anchor users pick today, transformers' `QuantizedCache` with the quanto backend at its
 defaults (int4, groups of 64, the last 128 tokens kept in full precision), runs in "decode"; for
@@ -39,19 +46,42 @@ FULL = "full"
 REFERENCE_ATTENTION = "sdpa"
 # recipe suffix -> FP4Cache / method keyword
 OPTIONS = {"rot": "rotate", "smooth": "smooth_k", K_FP8_SUFFIX.removeprefix("+"): "k_fp8"}
+# recipe suffix followed by a count -> FP4Cache keyword
+COUNTED_OPTIONS = {"sink": "sink_tokens", "recent": "recent_tokens"}
+# The context over which full-precision tokens kept per sequence are spread in bytes per token.
+AVERAGED_OVER = 4096
 
 
-def parse_cache(name: str) -> tuple[str, dict[str, bool]]:
-    """"nvfp4+rot+smooth" -> ("nvfp4", {"rotate": True, "smooth_k": True}); ValueError if unknown."""
+def _option(suffix: str) -> tuple[str, bool | int] | None:
+    if suffix in OPTIONS:
+        return OPTIONS[suffix], True
+    for prefix, keyword in COUNTED_OPTIONS.items():
+        count = suffix.removeprefix(prefix)
+        if suffix.startswith(prefix) and count.isdigit() and int(count) > 0:
+            return keyword, int(count)
+    return None
+
+
+def parse_cache(name: str) -> tuple[str, dict[str, bool | int]]:
+    """"nvfp4+rot+smooth+sink4+recent128" -> ("nvfp4", {"rotate": True, "smooth_k": True,
+    "sink_tokens": 4, "recent_tokens": 128}); ValueError if unknown or repeated."""
     recipe, *suffixes = name.split("+")
-    if recipe not in FORMATS or any(s not in OPTIONS for s in suffixes) or len(set(suffixes)) != len(suffixes):
+    options = [_option(s) for s in suffixes]
+    keywords = [o[0] for o in options if o is not None]
+    if recipe not in FORMATS or None in options or len(set(keywords)) != len(keywords):
         raise ValueError(f"recipes: {name!r} is neither an FP4 recipe {sorted(FORMATS)} (with optional "
-                         f"suffixes {', '.join('+' + o for o in OPTIONS)}) nor {ANCHOR!r}")
-    return recipe, {OPTIONS[s]: True for s in suffixes}
+                         f"suffixes {', '.join('+' + o for o in OPTIONS)}, "
+                         f"{', '.join('+' + o + 'N' for o in COUNTED_OPTIONS)}) nor {ANCHOR!r}")
+    return recipe, dict(options)
 
 
 def needs_calibration(name: str) -> bool:
     return name not in (ANCHOR, FULL) and parse_cache(name)[1].get("smooth_k", False)
+
+
+def _transforms(options: dict) -> dict:
+    """The options that change what is quantized (calibrate takes these)."""
+    return {keyword: on for keyword, on in options.items() if keyword in OPTIONS.values()}
 
 
 @dataclass(frozen=True)
@@ -106,18 +136,23 @@ class Totals:
 
 def kv_bytes_per_token(model, cache: str) -> float:
     """Bytes of K and V one token takes over all layers (before any window limit): FP4 from the
-    format table; quanto measured on its own tensors; full precision in the model's dtype."""
+    format table; quanto measured on its own tensors; full precision in the model's dtype. Caches
+    that keep some tokens of each sequence in full precision on top (quanto's residual, FP4's sinks
+    and recent ring) add those tokens' full-precision bytes / AVERAGED_OVER."""
     config = model.config.get_text_config(decoder=True)
     layers, heads, head_dim = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+    full = 2 * layers * heads * head_dim * model.dtype.itemsize
     if cache == FULL:
-        return 2 * layers * heads * head_dim * model.dtype.itemsize
+        return full
     if cache == ANCHOR:
         tokens = 1024
-        quantized = QuantoQuantizedLayer()._quantize(torch.randn(1, heads, tokens, head_dim, dtype=model.dtype), axis=0)
-        return 2 * layers * _tensor_bytes(quantized) / tokens
+        layer = QuantoQuantizedLayer()
+        quantized = layer._quantize(torch.randn(1, heads, tokens, head_dim, dtype=model.dtype), axis=0)
+        return 2 * layers * _tensor_bytes(quantized) / tokens + layer.residual_length * full / AVERAGED_OVER
     recipe, options = parse_cache(cache)
     kv = get_kv_recipe(recipe + (K_FP8_SUFFIX if options.get("k_fp8") else ""))
-    return layers * kv.bytes_per_token(heads, head_dim)
+    kept = options.get("sink_tokens", 0) + options.get("recent_tokens", 0)
+    return layers * kv.bytes_per_token(heads, head_dim) + kept * full / AVERAGED_OVER
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> int:
@@ -172,7 +207,7 @@ def calibrations_for(model, settings: list[Setting], calib_windows: torch.Tensor
         if calib_windows is None:
             raise ValueError(f"{setting.cache} needs calibration text (calib_windows)")
         recipe, options = parse_cache(setting.cache)
-        found[setting.cache] = calibrate(model, calib_windows, recipe, **options)
+        found[setting.cache] = calibrate(model, calib_windows, recipe, **_transforms(options))
     model.set_attn_implementation(REFERENCE_ATTENTION)
     return found
 

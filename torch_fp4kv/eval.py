@@ -39,7 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--recipes", type=_list, default=[*sorted(FORMATS), accuracy.ANCHOR],
                         help=f"comma-separated FP4 recipes and/or {accuracy.ANCHOR} (default: all); a recipe may "
                              f"carry accuracy options: +rot (Hadamard rotation of K/V), +smooth (calibrated K "
-                             f"means subtracted), +k8 (K in FP8 E4M3), e.g. nvfp4+rot+smooth+k8")
+                             f"means subtracted), +k8 (K in FP8 E4M3), +sinkN / +recentN (each sequence's first N "
+                             f"/ last N positions attended in full precision), e.g. "
+                             f"nvfp4+rot+smooth+k8 or nvfp4+rot+smooth+sink4+recent128")
     parser.add_argument("--calib-tokens", type=int, default=1024,
                         help="tokens of the text after the scored ones that +smooth recipes calibrate on")
     parser.add_argument("--protocols", type=_list, default=list(accuracy.PROTOCOLS), help="window,decode")
@@ -82,11 +84,12 @@ def cut_prompts(text_ids: list[int], prefix: list[int], count: int, length: int,
 
 def format_table(rows: list[dict]) -> str:
     reference = next(r for r in rows if r["protocol"] == "reference")
-    lines = [f"{'protocol':9s} {'KV cache':16s} {'bytes/token':>11s} {'vs full':>8s} {'perplexity':>10s} "
+    width = max(16, *(len(r["cache"]) for r in rows))
+    lines = [f"{'protocol':9s} {'KV cache':{width}s} {'bytes/token':>11s} {'vs full':>8s} {'perplexity':>10s} "
              f"{'Δ ppl':>7s} {'KL (nats)':>9s} {'greedy':>7s}"]
     for r in rows:
         delta = r["perplexity"] - reference["perplexity"]
-        lines.append(f"{r['protocol']:9s} {r['cache']:16s} {r['bytes_per_token']:11.0f} "
+        lines.append(f"{r['protocol']:9s} {r['cache']:{width}s} {r['bytes_per_token']:11.0f} "
                      f"{r['bytes_per_token'] / reference['bytes_per_token']:8.3f} {r['perplexity']:10.3f} "
                      f"{delta:+7.3f} {r['kl']:9.4f} {r['greedy_agreement']:7.3f}")
     return "\n".join(lines)
@@ -118,9 +121,9 @@ def main(argv=None) -> int:
     with tqdm(total=total, desc="forward passes", disable=args.no_progress, file=sys.stderr) as bar:
         rows = accuracy.evaluate(model, windows, prompts, settings, args.new_tokens, args.batch, bar, calib_windows)
     print(format_table(rows))
-    print("bytes/token: K and V of one token over all layers; quanto keeps its last 128 tokens in full "
-          "precision on top. greedy: share of each continuation equal to full precision's before the "
-          "first difference.")
+    print(f"bytes/token: K and V of one token over all layers, plus the tokens a sequence keeps in full "
+          f"precision on top (quanto's last 128, +sink/+recent's) averaged over {accuracy.AVERAGED_OVER} tokens. "
+          f"greedy: share of each continuation equal to full precision's before the first difference.")
     if args.json:
         import transformers
 

@@ -118,22 +118,32 @@ class FP4KVLayerCache(nn.Module):
             out.append(decode(ops.dequantize(data, scales, recipe, g, torch.float32)).to(x.dtype))
         return out[0], out[1]
 
-    def decode(self, q, block_table, seq_lens, page_size: int, sm_scale: float | None = None, out=None):
-        """Attention of one new token per sequence, q [B, Hq, D], over its paged context read in FP4."""
-        if self.rotation is None:  # a K mean needs nothing here: softmax cancels q·k_mean
-            return ops.decode_attention(q, self.k_data, self.k_scales, self.v_data, self.v_scales, block_table,
-                                        seq_lens, page_size, self.recipe, self.k_global_scale, self.v_global_scale,
-                                        sm_scale, out)
+    def decode(self, q, block_table, seq_lens, page_size: int, sm_scale: float | None = None, out=None, lse=None):
+        """Attention of one new token per sequence, q [B, Hq, D], over its paged context read in FP4.
+
+        `lse` [B, Hq] float32, when given, receives the natural log-sum-exp of the scores of the
+        keys as given (`fp4kv.decode_attention`'s), so the result merges with attention over other
+        keys. Softmax alone cancels a K mean (q·(k - μ) = q·k - q·μ for every position), the
+        log-sum-exp does not: it gets sm_scale · q·μ back."""
         if sm_scale is None:
             sm_scale = q.shape[-1] ** -0.5
-        rotated_q = (q.float() @ self.rotation).to(q.dtype)
-        rotated = ops.decode_attention(rotated_q, self.k_data, self.k_scales, self.v_data, self.v_scales, block_table,
+        if self.rotation is None:
+            out = ops.decode_attention(q, self.k_data, self.k_scales, self.v_data, self.v_scales, block_table,
                                        seq_lens, page_size, self.recipe, self.k_global_scale, self.v_global_scale,
-                                       sm_scale, None if out is None else torch.empty_like(out))
-        result = (rotated.float() @ self.rotation).to(rotated.dtype)
-        if out is None:
-            return result
-        out.copy_(result)
+                                       sm_scale, out, lse)
+        else:
+            rotated_q = (q.float() @ self.rotation).to(q.dtype)
+            rotated = ops.decode_attention(rotated_q, self.k_data, self.k_scales, self.v_data, self.v_scales,
+                                           block_table, seq_lens, page_size, self.recipe, self.k_global_scale,
+                                           self.v_global_scale, sm_scale, None if out is None else torch.empty_like(out),
+                                           lse)
+            result = (rotated.float() @ self.rotation).to(rotated.dtype)
+            out = result if out is None else out.copy_(result)
+        if lse is not None and self.k_mean is not None:
+            batch, hq, d = q.shape
+            hkv = self.k_mean.shape[0]
+            q_mean = torch.einsum("bgrd,gd->bgr", q.float().view(batch, hkv, hq // hkv, d), self.k_mean)
+            lse.add_(sm_scale * q_mean.reshape(batch, hq))
         return out
 
     def extend(self, q, cu_seqlens_q, block_table, seq_lens, page_size: int, sm_scale: float | None = None, out=None):

@@ -131,9 +131,10 @@ class TableFP4KVMethod(FP4KVCacheQuantMethod):
         return AttentionRead.NATIVE_FP4 if phase in ("decode", "extend") else read
 
     def decode_attention(self, layer_id: int, q, block_table, seq_lens, page_size: int,
-                         sm_scale: float | None = None, out=None):
-        """Decode attention of q [B, Hq, D] over layer `layer_id`'s paged FP4 cache, read directly."""
-        return self.layer(layer_id).decode(q, block_table, seq_lens, page_size, sm_scale, out)
+                         sm_scale: float | None = None, out=None, lse=None):
+        """Decode attention of q [B, Hq, D] over layer `layer_id`'s paged FP4 cache, read directly;
+        `lse` [B, Hq] float32 receives its log-sum-exp (FP4KVLayerCache.decode)."""
+        return self.layer(layer_id).decode(q, block_table, seq_lens, page_size, sm_scale, out, lse)
 
     def extend_attention(self, layer_id: int, q, cu_seqlens_q, block_table, seq_lens, page_size: int,
                          sm_scale: float | None = None, out=None):

@@ -11,6 +11,20 @@ tokens take slots in order of their position, modulo the capacity: full layers n
 longer input raises), sliding layers are rings holding the last `window` tokens (attention is
 permutation invariant once RoPE is in the keys). Padding is never stored. The page table of
 `fp4kv.decode_attention` is each sequence's range cut in pages.
+
+Full-precision sinks and recent window (`sink_tokens` S, `recent_tokens` R): a sequence's first S
+positions and its last R are attended in full precision, the rest from FP4. Each layer keeps, per
+sequence, S sink slots and a ring of R slots (position p at p mod R) in the compute dtype, besides
+the FP4 slots, which hold the positions from S on (position p at FP4 slot (p - S) mod capacity).
+A decode step runs `fp4kv.decode_attention` over the FP4 positions that are neither sinks nor in
+the ring, with its log-sum-exp, runs attention over [sinks; ring] (masked by position) in
+PyTorch, and merges the two by their log-sum-exps: no data-dependent shapes or Python branches.
+Full layers read the FP4 positions [S, L - R) of a sequence of L tokens through the usual page
+table; sliding layers (a ring of `window` FP4 slots) read [max(S, L - window), L - R) through a
+token table (pages of one slot) rotated on the device every step. On sliding layers the sinks
+count only while the window still holds them (the model's window rule is kept: a sink is not an
+extra key). A prefill chunk attends to itself in full precision, as without the options, and to
+the cached sinks and ring in full precision and the rest of the cache in FP4.
 """
 
 from __future__ import annotations
@@ -24,7 +38,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and
 from ..layer_cache import FP4KVLayerCache
 from ..methods import TableFP4KVMethod, _per_layer, get_fp4_kv_cache_quant_method
 from ..ops.checks import DECODE_HEAD_DIMS, MAX_PAGE_SIZE
-from .positional import positional_attention
+from .positional import attention_with_lse, merge_attention, positional_attention
 
 ATTENTION_NAME = "fp4kv"
 # decode_attention takes bf16/fp16 queries; fp32 models decode with fp16 queries (10 mantissa
@@ -51,15 +65,34 @@ def _token_major(states: torch.Tensor) -> torch.Tensor:
     return states.transpose(1, 2).reshape(b * t, h, d)
 
 
+def _write_slots(buffer: torch.Tensor, states: torch.Tensor, slot: torch.Tensor, write: torch.Tensor) -> None:
+    """buffer[b, :, slot[b, t]] = states[b, :, t] where write[b, t], in place; buffer [B, H, N, D],
+    states [B, H, T, D], slot/write [B, T], the written slots of a row distinct. Static shapes, no
+    host sync: each slot takes the token that names it, or keeps its value."""
+    batch, heads, slots, dim = buffer.shape
+    hit = write[:, :, None] & (slot[:, :, None] == torch.arange(slots, device=slot.device))  # [B, T, N]
+    source = hit.int().argmax(1)  # [B, N]: the token written to each slot (0 where none)
+    new = states.gather(2, source[:, None, :, None].expand(batch, heads, slots, dim)).to(buffer.dtype)
+    buffer.copy_(torch.where(hit.any(1)[:, None, :, None], new, buffer))
+
+
+def _count(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    return value
+
+
 class FP4CacheLayer(CacheLayerMixin):
     """One attention layer's FP4 cache: `capacity` slots per sequence, in FP4 with block scales."""
 
     is_compileable = True
 
     def __init__(self, recipe: str, max_cache_len: int, sliding_window: int | None = None, *,
-                 rotate: bool = False, smooth_k: bool = False, k_fp8: bool = False, calibration: dict | None = None):
+                 rotate: bool = False, smooth_k: bool = False, k_fp8: bool = False, calibration: dict | None = None,
+                 sink_tokens: int = 0, recent_tokens: int = 0):
         """`calibration`: this layer's entries of a calibration state dict (`layers.0.k_mean`, ...;
-        `layer_calibration` cuts them from a model's)."""
+        `layer_calibration` cuts them from a model's). `sink_tokens`, `recent_tokens`: positions
+        attended in full precision at each sequence's start and end (module docstring)."""
         super().__init__()
         self.recipe = recipe
         self.options = {"rotate": rotate, "smooth_k": smooth_k, "k_fp8": k_fp8}
@@ -68,7 +101,12 @@ class FP4CacheLayer(CacheLayerMixin):
         self.window = sliding_window
         self.is_sliding = sliding_window is not None
         self.capacity = min(sliding_window, max_cache_len) if self.is_sliding else max_cache_len
-        self.page_size = _page_size(self.capacity)
+        self.sinks = _count(sink_tokens, "sink_tokens")
+        # A sliding layer never attends more than its window: a longer ring would hold nothing seen.
+        self.recent = min(_count(recent_tokens, "recent_tokens"), self.capacity)
+        self.full_precision = self.sinks > 0 or self.recent > 0
+        # A sliding layer's FP4 range starts anywhere in its ring: a token table, rotated each step.
+        self.page_size = 1 if self.is_sliding and self.full_precision else _page_size(self.capacity)
         # Positions seen, padding included (what get_seq_length reports, as StaticLayer does).
         self.cumulative_length = torch.tensor(0, dtype=torch.int64)
         self.holds_tokens = False  # lets the first prefill skip reading an empty prefix
@@ -91,8 +129,12 @@ class FP4CacheLayer(CacheLayerMixin):
         self.slot_base = torch.arange(batch, device=device) * self.capacity
         self.real_tokens = torch.zeros(batch, dtype=torch.int64, device=device)  # per sequence, never capped
         self.cumulative_length = self.cumulative_length.to(device)
+        # Full precision, in the states' dtype: sinks [B, H, S, D] and the ring [B, H, R, D] (empty
+        # without the options).
+        self.full_buffers = tuple(torch.zeros(batch, heads, n, head_dim, dtype=key_states.dtype, device=device)
+                                  for n in (self.sinks, self.sinks, self.recent, self.recent))
         if not torch.compiler.is_compiling():  # fixed addresses: CUDA graphs replay on them
-            for tensor in (*self.fp4.buffers(), self.block_table, self.slot_base, self.real_tokens,
+            for tensor in (*self.fp4.buffers(), *self.full_buffers, self.block_table, self.slot_base, self.real_tokens,
                            self.cumulative_length):
                 torch._dynamo.mark_static_address(tensor)
         self.is_initialized = True
@@ -118,42 +160,96 @@ class FP4CacheLayer(CacheLayerMixin):
         before = self.real_tokens
         positions = before[:, None] + real.cumsum(1) - 1  # of the new tokens, in their sequence
         after = before + real.sum(1)
-        # The ring keeps the last `capacity` tokens; older ones in this chunk are not stored, so no
-        # two tokens of one call share a slot.
-        kept = real & (positions >= after[:, None] - self.capacity)
-        loc = torch.where(kept, self.slot_base[:, None] + positions % self.capacity, -1).flatten()
+        # FP4 holds the positions from `sinks` on, the last `capacity` of them; older ones in this
+        # chunk are not stored, so no two tokens of one call share a slot.
+        kept = real & (positions >= after[:, None] - self.capacity) & (positions >= self.sinks)
+        loc = torch.where(kept, self.slot_base[:, None] + (positions - self.sinks) % self.capacity, -1).flatten()
         if tokens == 1:
-            return self._decode(query, keys, values, loc, after, scaling)
+            return self._decode(query, keys, values, loc, positions, real, after, scaling)
         key_pos, key_real = positions, real
         if self.holds_tokens:
             prefix_k, prefix_v, prefix_pos = self._read_prefix(query.dtype)
             keys, values = torch.cat((prefix_k, keys), 2), torch.cat((prefix_v, values), 2)
             key_pos, key_real = torch.cat((prefix_pos, positions), 1), torch.cat((prefix_pos >= 0, real), 1)
-        self._store(loc, keys[:, :, -tokens:], values[:, :, -tokens:], after)
+        self._store(loc, keys[:, :, -tokens:], values[:, :, -tokens:], positions, real, after)
         return positional_attention(query, keys, values, positions, real, key_pos, key_real, scaling, self.window)
 
-    def _store(self, loc, keys, values, after) -> None:
+    def _store(self, loc, keys, values, positions, real, after) -> None:
         self.fp4.store(loc, _token_major(keys), _token_major(values))
+        if self.full_precision:
+            sink_k, sink_v, ring_k, ring_v = self.full_buffers
+            is_sink = real & (positions < self.sinks)
+            recent = real & (positions >= after[:, None] - self.recent)  # the chunk's last R at most
+            ring_slot = positions % max(self.recent, 1)
+            for buffer, states in ((sink_k, keys), (sink_v, values)):
+                _write_slots(buffer, states, positions, is_sink)
+            for buffer, states in ((ring_k, keys), (ring_v, values)):
+                _write_slots(buffer, states, ring_slot, recent)
         self.real_tokens.copy_(after)
         self.holds_tokens = True
 
-    def _decode(self, query, keys, values, loc, after, scaling):
-        self._store(loc, keys, values, after)
-        seq_lens = self.real_tokens.clamp(max=self.capacity).to(torch.int32)
+    def _decode(self, query, keys, values, loc, positions, real, after, scaling):
+        self._store(loc, keys, values, positions, real, after)
         q = query[:, :, 0]
         q_dtype = _DECODE_QUERY_DTYPE.get(q.dtype, q.dtype)
-        out = self.fp4.decode(q.to(q_dtype).contiguous(), self.block_table, seq_lens, self.page_size, scaling)
-        return out.to(query.dtype)[:, :, None]
+        q_fp4 = q.to(q_dtype).contiguous()
+        if not self.full_precision:
+            seq_lens = self.real_tokens.clamp(max=self.capacity).to(torch.int32)
+            out = self.fp4.decode(q_fp4, self.block_table, seq_lens, self.page_size, scaling)
+            return out.to(query.dtype)[:, :, None]
+        block_table, seq_lens = self._fp4_range()
+        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+        fp4_out = self.fp4.decode(q_fp4, block_table, seq_lens, self.page_size, scaling, lse=lse)
+        full_k, full_v, full_pos = self._full_precision_entries()
+        visible = full_pos >= 0
+        if self.is_sliding:  # the window rule: query - key < window
+            visible &= self.real_tokens[:, None] - 1 - full_pos < self.capacity
+        full = attention_with_lse(q, full_k, full_v, visible, scaling)
+        return merge_attention((fp4_out, lse), full).to(query.dtype)[:, :, None]
+
+    def _fp4_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The page table and lengths that make decode_attention read each sequence's FP4 positions
+        that are neither sinks nor in the recent ring: [S, L - R) on full layers (FP4 slot p - S,
+        the usual table), [max(S, L - window), L - R) on sliding ones (a token table from the slot
+        of its first position, around the ring)."""
+        length = self.real_tokens
+        if not self.is_sliding:
+            return self.block_table, (length - self.recent - self.sinks).clamp(min=0).to(torch.int32)
+        first = (length - self.capacity).clamp(min=self.sinks)
+        seq_lens = (length - self.recent - first).clamp(min=0).to(torch.int32)
+        offsets = (first[:, None] - self.sinks + torch.arange(self.capacity, device=self.device)) % self.capacity
+        return (self.slot_base[:, None] + offsets).to(torch.int32), seq_lens
+
+    def _full_precision_entries(self):
+        """Sinks and ring, K and V [B, Hkv, S + R, D], with the position each entry holds, -1 where
+        it holds none (a sink the ring holds too counts once, from the ring)."""
+        sink_k, sink_v, ring_k, ring_v = self.full_buffers
+        length = self.real_tokens[:, None]
+        sink_pos = torch.arange(self.sinks, device=self.device)[None, :]
+        sink_pos = torch.where(sink_pos < length - self.recent, sink_pos, -1)
+        last = length - 1
+        ring_pos = last - torch.remainder(last - torch.arange(self.recent, device=self.device), max(self.recent, 1))
+        positions = torch.cat((sink_pos.expand(self.batch_size, -1), ring_pos.clamp(min=-1)), 1)
+        return torch.cat((sink_k, ring_k), 2), torch.cat((sink_v, ring_v), 2), positions
 
     def _read_prefix(self, dtype):
-        """Every slot of every sequence dequantized ([B, Hkv, capacity, D]) with the position of the
-        token it holds (-1: empty). Slot j of a ring holds the latest position = j mod capacity."""
+        """What a prefill chunk attends to besides itself: K/V [B, Hkv, N, D] with the position each
+        entry holds (-1: none). Every FP4 slot, dequantized (slot j of a ring holds the latest
+        position = j mod capacity, counted from `sinks`), then, with the options, the sinks and
+        ring in full precision in place of the FP4 copies of those positions."""
         slots = torch.arange(self.batch_size * self.capacity, device=self.device)
         k, v = self.fp4.read(slots, dtype)
         shape = (self.batch_size, self.capacity, self.num_heads, self.head_dim)
-        last = self.real_tokens[:, None] - 1
-        positions = last - torch.remainder(last - torch.arange(self.capacity, device=self.device), self.capacity)
-        return k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2), positions
+        k, v = k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
+        last = (self.real_tokens[:, None] - self.sinks).clamp(min=0) - 1  # FP4 coordinates
+        held = last - torch.remainder(last - torch.arange(self.capacity, device=self.device), self.capacity)
+        positions = torch.where(held >= 0, held + self.sinks, -1)
+        if not self.full_precision:
+            return k, v, positions
+        positions = torch.where(positions < self.real_tokens[:, None] - self.recent, positions, -1)
+        full_k, full_v, full_pos = self._full_precision_entries()
+        return (torch.cat((k, full_k.to(dtype)), 2), torch.cat((v, full_v.to(dtype)), 2),
+                torch.cat((positions, full_pos), 1))
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """transformers asks before building masks; the "fp4kv" mask function does not use them."""
@@ -177,8 +273,9 @@ class FP4CacheLayer(CacheLayerMixin):
         raise NotImplementedError("FP4Cache does not support beam search (reordering sequences)")
 
     def kv_bytes(self) -> int:
-        """Bytes of this layer's K/V storage: FP4 data, block scales and global scales."""
-        return sum(b.numel() * b.element_size() for b in self.fp4.buffers())
+        """Bytes of this layer's K/V storage: FP4 data, block scales, global scales, and the
+        full-precision sinks and ring."""
+        return sum(b.numel() * b.element_size() for b in (*self.fp4.buffers(), *self.full_buffers))
 
 
 def layer_calibration(state: dict | None, layer_idx: int) -> dict | None:
@@ -216,11 +313,15 @@ class FP4Cache(Cache):
     Accuracy options (see `TableFP4KVMethod`): `rotate=True` keeps K/V Hadamard-rotated,
     `smooth_k=True` subtracts a per-channel K mean, `k_fp8=True` keeps K in FP8 E4M3 (V in the
     recipe); `calibration` is a state dict from `torch_fp4kv.hf.calibrate` with the same options
-    (K means, global scales; without it the means are zero and the global scales 1).
+    (K means, global scales; without it the means are zero and the global scales 1). `sink_tokens`
+    S and `recent_tokens` R: each sequence's first S and last R positions are attended in full
+    precision (the states' dtype) from per-sequence buffers allocated with the cache, the rest from
+    FP4 (module docstring: how, and on sliding layers).
     """
 
     def __init__(self, config, max_cache_len: int, recipe: str = "nvfp4", *, rotate: bool = False,
-                 smooth_k: bool = False, k_fp8: bool = False, calibration: dict | None = None):
+                 smooth_k: bool = False, k_fp8: bool = False, calibration: dict | None = None,
+                 sink_tokens: int = 0, recent_tokens: int = 0):
         if not isinstance(max_cache_len, int) or max_cache_len < 1:
             raise ValueError(f"max_cache_len must be a positive int, got {max_cache_len!r}")
         method = get_fp4_kv_cache_quant_method(recipe, rotate=rotate, smooth_k=smooth_k, k_fp8=k_fp8)
@@ -233,7 +334,8 @@ class FP4Cache(Cache):
                              f"model.set_attn_implementation({ATTENTION_NAME!r})); it runs "
                              f"{text_config._attn_implementation!r}")
         super().__init__(layers=_fp4_layers(text_config, max_cache_len, recipe, rotate=rotate, smooth_k=smooth_k,
-                                            k_fp8=k_fp8, calibration=calibration))
+                                            k_fp8=k_fp8, calibration=calibration, sink_tokens=sink_tokens,
+                                            recent_tokens=recent_tokens))
         self.recipe = recipe
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
@@ -253,15 +355,17 @@ class FP4Cache(Cache):
 
 
 def kv_cache_bytes(config, max_cache_len: int, batch_size: int, recipe: str = "nvfp4",
-                   dtype: torch.dtype = torch.bfloat16, *, k_fp8: bool = False) -> dict[str, int]:
-    """K/V bytes of an FP4Cache (with K in FP8 when k_fp8) and of transformers' StaticCache in
-    `dtype` for the same model, batch and length, both allocated on the meta device (nothing is
-    really allocated)."""
+                   dtype: torch.dtype = torch.bfloat16, *, k_fp8: bool = False, sink_tokens: int = 0,
+                   recent_tokens: int = 0) -> dict[str, int]:
+    """K/V bytes of an FP4Cache (with K in FP8 when k_fp8, and its full-precision sinks and ring in
+    `dtype`) and of transformers' StaticCache in `dtype` for the same model, batch and length, both
+    allocated on the meta device (nothing is really allocated)."""
     text_config = config.get_text_config(decoder=True)
     heads, head_dim = text_config.num_key_value_heads, text_config.head_dim
     static = StaticCache(config=text_config, max_cache_len=max_cache_len)
     static.early_initialization(batch_size, heads, head_dim, dtype, torch.device("meta"))
-    fp4 = Cache(layers=_fp4_layers(text_config, max_cache_len, recipe, k_fp8=k_fp8))
+    fp4 = Cache(layers=_fp4_layers(text_config, max_cache_len, recipe, k_fp8=k_fp8, sink_tokens=sink_tokens,
+                                   recent_tokens=recent_tokens))
     fp4.early_initialization(batch_size, heads, head_dim, dtype, torch.device("meta"))
     static_bytes = sum(t.numel() * t.element_size() for layer in static.layers for t in (layer.keys, layer.values))
     return {"fp4": sum(layer.kv_bytes() for layer in fp4.layers), "static": static_bytes}

@@ -30,3 +30,32 @@ def positional_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
                                          attn_mask=visible[:, None], scale=scaling,
                                          enable_gqa=query.shape[1] != key.shape[1])
     return out * query_real[:, None, :, None].to(out.dtype)
+
+
+def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor,
+                       scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query token per sequence, query [B, Hq, D], over key/value [B, Hkv, N, D] where visible
+    [B, N]: (out [B, Hq, D] float32, lse [B, Hq] float32), lse the natural log-sum-exp of the scaled
+    scores, fp4kv.decode_attention's convention (-inf, and zeros out, where nothing is visible)."""
+    batch, hq, d = query.shape
+    hkv = key.shape[1]
+    q = query.float().view(batch, hkv, hq // hkv, d)
+    scores = torch.einsum("bgrd,bgnd->bgrn", q, key.float()) * scaling
+    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    weights = torch.where(lse[..., None] > float("-inf"), torch.exp(scores - lse[..., None]), 0.0)
+    out = torch.einsum("bgrn,bgnd->bgrd", weights, value.float())
+    return out.reshape(batch, hq, d), lse.reshape(batch, hq)
+
+
+def merge_attention(first: tuple[torch.Tensor, torch.Tensor],
+                    second: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Two attentions (out [B, Hq, D], lse [B, Hq]) of one query over disjoint sets of keys -> the
+    attention over their union (float32): each output weighted by its share of the total softmax
+    mass, exp(lse_i - logaddexp(lse_1, lse_2)); zeros where neither set had a key."""
+    (out_1, lse_1), (out_2, lse_2) = first, second
+    total = torch.logaddexp(lse_1, lse_2)
+    seen = total > float("-inf")
+    w_1 = torch.where(seen, torch.exp(lse_1 - total), 0.0)
+    w_2 = torch.where(seen, torch.exp(lse_2 - total), 0.0)
+    return out_1.float() * w_1[..., None] + out_2.float() * w_2[..., None]
