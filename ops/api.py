@@ -106,8 +106,12 @@ def decode_attention(
         out = torch.empty_like(q)
     kv = PagedKV(k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, k_global_scale, v_global_scale)
     fmt = checks.decode_attention_args(out, q, kv, recipe, sm_scale, lse)
-    torch.ops.fp4kv.decode_attention(out, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens,
-                                     page_size, fmt.name, sm_scale, k_global_scale, v_global_scale, lse)
+    cache = (k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, fmt.name, sm_scale,
+             k_global_scale, v_global_scale)
+    if lse is None:
+        torch.ops.fp4kv.decode_attention(out, q, *cache)
+    else:
+        torch.ops.fp4kv.decode_attention_with_lse(out, lse, q, *cache)
     return out
 
 

@@ -126,7 +126,16 @@ def _(data, scales, loc, recipe, global_scale=None, dtype=torch.bfloat16):
     return _gathered_like(data, loc, checks.gather_dequantize_args(data, scales, loc, recipe, global_scale, dtype), dtype)
 
 
-@torch.library.custom_op("fp4kv::decode_attention", mutates_args=("out", "lse"))
+def _decode_attention(out, lse, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, recipe,
+                      sm_scale, k_global_scale, v_global_scale) -> None:
+    kv = PagedKV(k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, k_global_scale, v_global_scale)
+    fmt = checks.decode_attention_args(out, q, kv, recipe, sm_scale, lse)
+    if q.numel() == 0:
+        return
+    kernels_for("decode_attention", fmt, q.device, q.dtype).decode_attention(out, q, kv, fmt, sm_scale, lse)
+
+
+@torch.library.custom_op("fp4kv::decode_attention", mutates_args=("out",))
 def decode_attention(
     out: Tensor,
     q: Tensor,
@@ -141,22 +150,49 @@ def decode_attention(
     sm_scale: float,
     k_global_scale: Optional[Tensor] = None,
     v_global_scale: Optional[Tensor] = None,
-    lse: Optional[Tensor] = None,
 ) -> None:
     """out [B, Hq, D] = attention of q [B, Hq, D] over each sequence's paged FP4 K/V, read directly
-    (K in FP8 E4M3 with a "+k8" recipe, as quantize_and_store); lse [B, Hq] float32, when given, =
-    the natural log-sum-exp of the scaled scores (-inf for an empty sequence), so attentions over
-    disjoint parts of a context can be merged."""
-    kv = PagedKV(k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, k_global_scale, v_global_scale)
-    fmt = checks.decode_attention_args(out, q, kv, recipe, sm_scale, lse)
-    if q.numel() == 0:
-        return
-    kernels_for("decode_attention", fmt, q.device, q.dtype).decode_attention(out, q, kv, fmt, sm_scale, lse)
+    (K in FP8 E4M3 with a "+k8" recipe, as quantize_and_store)."""
+    _decode_attention(out, None, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, recipe,
+                      sm_scale, k_global_scale, v_global_scale)
 
 
 @decode_attention.register_fake
 def _(out, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, recipe, sm_scale,
-      k_global_scale=None, v_global_scale=None, lse=None):
+      k_global_scale=None, v_global_scale=None):
+    kv = PagedKV(k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, k_global_scale, v_global_scale)
+    checks.decode_attention_args(out, q, kv, recipe, sm_scale)
+
+
+# A separate op rather than an optional `lse` on decode_attention: before torch 2.13 a mutated
+# argument left at its default breaks the op's version-counter kernel (it indexes the arguments
+# given), so every mutated argument here is required.
+@torch.library.custom_op("fp4kv::decode_attention_with_lse", mutates_args=("out", "lse"))
+def decode_attention_with_lse(
+    out: Tensor,
+    lse: Tensor,
+    q: Tensor,
+    k_data: Tensor,
+    k_scales: Tensor,
+    v_data: Tensor,
+    v_scales: Tensor,
+    block_table: Tensor,
+    seq_lens: Tensor,
+    page_size: int,
+    recipe: str,
+    sm_scale: float,
+    k_global_scale: Optional[Tensor] = None,
+    v_global_scale: Optional[Tensor] = None,
+) -> None:
+    """decode_attention, and lse [B, Hq] float32 = the natural log-sum-exp of the scaled scores
+    (-inf for an empty sequence), so attentions over disjoint parts of a context can be merged."""
+    _decode_attention(out, lse, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, recipe,
+                      sm_scale, k_global_scale, v_global_scale)
+
+
+@decode_attention_with_lse.register_fake
+def _(out, lse, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, recipe, sm_scale,
+      k_global_scale=None, v_global_scale=None):
     kv = PagedKV(k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, k_global_scale, v_global_scale)
     checks.decode_attention_args(out, q, kv, recipe, sm_scale, lse)
 

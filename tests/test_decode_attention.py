@@ -169,9 +169,9 @@ def test_opcheck(recipe, page_size, hq, hkv, d):
     k_data, k_scales, v_data, v_scales, table, lens, page, recipe_, k_g, v_g = rest
     torch.library.opcheck(torch.ops.fp4kv.decode_attention.default,
                           (out, q, k_data, k_scales, v_data, v_scales, table, lens, page, recipe_, d ** -0.5, k_g, v_g))
-    torch.library.opcheck(torch.ops.fp4kv.decode_attention.default,
-                          (out, q, k_data, k_scales, v_data, v_scales, table, lens, page, recipe_, d ** -0.5, k_g, v_g,
-                           torch.empty(q.shape[:2])))
+    torch.library.opcheck(torch.ops.fp4kv.decode_attention_with_lse.default,
+                          (out, torch.empty(q.shape[:2]), q, k_data, k_scales, v_data, v_scales, table, lens, page,
+                           recipe_, d ** -0.5, k_g, v_g))
 
 
 CASES = [  # (batch, hq, hkv, d, page_size, max_pages, seq_lens)

@@ -8,7 +8,8 @@ import torch_fp4kv  # noqa: F401  (registers the ops)
 from conftest import INPUT_DTYPES, OUTPUT_DTYPES, RECIPES, assert_same_bytes, global_scale_for, random_kv
 from torch_fp4kv.ops import FORMATS, eager
 
-OPS = ("quantize", "dequantize", "quantize_and_store", "gather_dequantize", "decode_attention")
+OPS = ("quantize", "dequantize", "quantize_and_store", "gather_dequantize", "decode_attention",
+       "decode_attention_with_lse")
 SHAPES = [(0, 2, 64), (3, 1, 64), (5, 2, 128), (2, 3, 256), (4, 2, 16), (4, 2, 32)]
 
 
@@ -54,6 +55,15 @@ def test_opcheck_dequantize_and_gather(recipe, dtype):
         torch.library.opcheck(torch.ops.fp4kv.dequantize.default, (data, scales, recipe, g, dtype))
         loc = torch.tensor([1, -1, t + 1, 0, 99][: t], dtype=torch.int64)
         torch.library.opcheck(torch.ops.fp4kv.gather_dequantize.default, (data, scales, loc, recipe, g, dtype))
+
+
+def test_mutated_arguments_have_no_default():
+    """Before torch 2.13 a mutated argument left at its default breaks an op's version-counter
+    kernel (it indexes the arguments given): every argument an op writes is required."""
+    for op in OPS:
+        for argument in getattr(torch.ops.fp4kv, op).default._schema.arguments:
+            if argument.alias_info is not None and argument.alias_info.is_write:
+                assert not argument.has_default_value(), (op, argument.name)
 
 
 class TestSchemas(TestCase):
