@@ -136,6 +136,7 @@ def test_triton_decode_reads_fp8_keys_like_eager(backend, recipe, d, hq, hkv, pa
                                                                    else a for a in args))
     torch.testing.assert_close(actual.cpu().float(), expected.float(), atol=2e-2, rtol=2e-2)
     # eager itself: SDPA over the dequantized cache
+    backend("eager")
     n = int(lens[0])
     slots = eager.paged_slots(table[:1], page)[0, :n]
     kk = torch_fp4kv.gather_dequantize(k_data, k_scales, slots, FP8, kg, torch.float32)
