@@ -135,6 +135,38 @@ def value_tile(data_ptr, scales_ptr, rows, valid, D: tl.constexpr, BS: tl.conste
 
 
 @triton.jit
+def query_pairs(q_ptr, q_cols, ok, D: tl.constexpr, dtype: tl.constexpr):
+    """q's even and odd elements [D/2, columns] in key_pair order (the key tiles' columns), as the
+    tiles' type; q_cols: each column's element offset in q, ok: which columns are real."""
+    key_pairs = key_pair(tl.arange(0, D // 2), D)
+    q_even = tl.load(q_ptr + q_cols + 2 * key_pairs[:, None], mask=ok[None, :], other=0.0).to(dtype)
+    q_odd = tl.load(q_ptr + q_cols + 2 * key_pairs[:, None] + 1, mask=ok[None, :], other=0.0).to(dtype)
+    return q_even, q_odd
+
+
+@triton.jit
+def global_scales(sm_scale, k_g_ptr, v_g_ptr, HAS_G: tl.constexpr):
+    """(the scores' scale: sm_scale times K's global scale, in base 2 for exp2; V's global scale)."""
+    if HAS_G:
+        k_g = usable_global_scale(tl.load(k_g_ptr))
+        v_g = usable_global_scale(tl.load(v_g_ptr))
+    else:
+        k_g = 1.0
+        v_g = 1.0
+    return sm_scale * k_g * 1.4426950408889634, v_g
+
+
+@triton.jit
+def paged_rows(block_table_ptr, b, max_pages, num_pages, pos, valid, PAGE: tl.constexpr, HKV: tl.constexpr,
+               kv_head):
+    """Positions `pos` of sequence b -> (readable, cache rows of kv_head). A page id outside the
+    cache reads as zero keys and values (eager's gather_dequantize rule): not readable."""
+    page = tl.load(block_table_ptr + b.to(tl.int64) * max_pages + pos // PAGE, mask=valid, other=0)
+    in_cache = valid & (page >= 0) & (page < num_pages)
+    return in_cache, (page.to(tl.int64) * PAGE + pos % PAGE) * HKV + kv_head
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, k_data_ptr, k_scales_ptr, v_data_ptr, v_scales_ptr, k_g_ptr, v_g_ptr,
     block_table_ptr, seq_lens_ptr, partial_out_ptr, partial_lse_ptr,
@@ -165,17 +197,8 @@ def _decode_split_kernel(
     # bank-conflicted; as V^T p both are wgmma.
     heads = kv_head * GROUP + tl.arange(0, GROUP_PAD)
     head_ok = tl.arange(0, GROUP_PAD) < GROUP
-    key_pairs = key_pair(tl.arange(0, D // 2), D)
-    q_cols = (b * HQ + heads).to(tl.int64)[None, :] * D
-    q_even = tl.load(q_ptr + q_cols + 2 * key_pairs[:, None], mask=head_ok[None, :], other=0.0).to(dtype)
-    q_odd = tl.load(q_ptr + q_cols + 2 * key_pairs[:, None] + 1, mask=head_ok[None, :], other=0.0).to(dtype)
-    if HAS_G:
-        k_g = usable_global_scale(tl.load(k_g_ptr))
-        v_g = usable_global_scale(tl.load(v_g_ptr))
-    else:
-        k_g = 1.0
-        v_g = 1.0
-    score_scale = sm_scale * k_g * 1.4426950408889634  # softmax in base 2
+    q_even, q_odd = query_pairs(q_ptr, (b * HQ + heads).to(tl.int64)[None, :] * D, head_ok, D, dtype)
+    score_scale, v_g = global_scales(sm_scale, k_g_ptr, v_g_ptr, HAS_G)
 
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_acc = tl.zeros([BLOCK_N, GROUP_PAD], tl.float32)  # softmax denominators, per position until the end
@@ -183,10 +206,7 @@ def _decode_split_kernel(
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         valid = pos < end
-        page = tl.load(block_table_ptr + b.to(tl.int64) * max_pages + pos // PAGE, mask=valid, other=0)
-        # A page id outside the cache reads as zero keys and values (eager's gather_dequantize rule).
-        in_cache = valid & (page >= 0) & (page < num_pages)
-        rows = (page.to(tl.int64) * PAGE + pos % PAGE) * HKV + kv_head
+        in_cache, rows = paged_rows(block_table_ptr, b, max_pages, num_pages, pos, valid, PAGE, HKV, kv_head)
         k_even, k_odd = key_tiles(k_data_ptr, k_scales_ptr, rows, in_cache, D, BS, E4M3_SCALES, FP32_TILES, HW_FP8,
                                   K_FP8, dtype)
         scores = tl.dot(k_even, q_even) + tl.dot(k_odd, q_odd)  # [BLOCK_N, GROUP_PAD]

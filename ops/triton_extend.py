@@ -25,9 +25,9 @@ import triton.language as tl
 
 from .formats import KVRecipe
 from .paged_kv import PagedKV
-from .split_decode import key_pair, merge_splits, sm_count, split_kernel_arguments, split_outputs
-from .triton_decode import key_tiles, kv_for_kernels, value_tile
-from .triton_kernels import hardware_casts, usable_global_scale
+from .split_decode import merge_splits, sm_count, split_kernel_arguments, split_outputs
+from .triton_decode import global_scales, key_tiles, kv_for_kernels, paged_rows, query_pairs, value_tile
+from .triton_kernels import hardware_casts
 
 
 class ExtendLaunch(NamedTuple):
@@ -122,17 +122,8 @@ def _extend_split_kernel(
     start = split * positions_per_split
     end = tl.minimum(start + positions_per_split, kv_end)
 
-    key_pairs = key_pair(tl.arange(0, D // 2), D)
-    q_cols = (row.to(tl.int64) * HQ + head)[None, :] * D
-    q_even = tl.load(q_ptr + q_cols + 2 * key_pairs[:, None], mask=col_ok[None, :], other=0.0).to(dtype)
-    q_odd = tl.load(q_ptr + q_cols + 2 * key_pairs[:, None] + 1, mask=col_ok[None, :], other=0.0).to(dtype)
-    if HAS_G:
-        k_g = usable_global_scale(tl.load(k_g_ptr))
-        v_g = usable_global_scale(tl.load(v_g_ptr))
-    else:
-        k_g = 1.0
-        v_g = 1.0
-    score_scale = sm_scale * k_g * 1.4426950408889634  # softmax in base 2
+    q_even, q_odd = query_pairs(q_ptr, (row.to(tl.int64) * HQ + head)[None, :] * D, col_ok, D, dtype)
+    score_scale, v_g = global_scales(sm_scale, k_g_ptr, v_g_ptr, HAS_G)
 
     m = tl.full([M], float("-inf"), tl.float32)
     l = tl.zeros([M], tl.float32)
@@ -140,10 +131,7 @@ def _extend_split_kernel(
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         valid = pos < end
-        page = tl.load(block_table_ptr + b_safe.to(tl.int64) * max_pages + pos // PAGE, mask=valid, other=0)
-        # A page id outside the cache reads as zero keys and values (eager's gather_dequantize rule).
-        in_cache = valid & (page >= 0) & (page < num_pages)
-        rows = (page.to(tl.int64) * PAGE + pos % PAGE) * HKV + kv_head
+        in_cache, rows = paged_rows(block_table_ptr, b_safe, max_pages, num_pages, pos, valid, PAGE, HKV, kv_head)
         k_even, k_odd = key_tiles(k_data_ptr, k_scales_ptr, rows, in_cache, D, BS, E4M3_SCALES, FP32_TILES, HW_FP8,
                                   K_FP8, dtype)
         scores = tl.dot(k_even, q_even) + tl.dot(k_odd, q_odd)  # [BLOCK_N, M]
