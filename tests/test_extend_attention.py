@@ -191,6 +191,46 @@ def test_triton_unsorted_offsets_match_eager(backend):
         _assert_triton_matches_eager((q, torch.tensor(offsets, dtype=torch.int32, device=q.device), *rest), backend)
 
 
+def _column(x: torch.Tensor) -> torch.Tensor:
+    """x as every other column of a wider tensor: the strided metadata engines pass."""
+    wide = torch.full((*x.shape[:-1], 2 * x.shape[-1]) if x.dim() > 1 else (x.shape[0], 2), 7, dtype=x.dtype,
+                      device=x.device)
+    if x.dim() > 1:
+        wide[:, 1::2] = x
+        return wide[:, 1::2]
+    wide[:, 1] = x
+    return wide[:, 1]
+
+
+@pytest.mark.parametrize("recipe", ["nvfp4", "mxfp4+k8"])
+def test_engine_made_metadata(backend, recipe):
+    """Page ids outside the cache inside a sequence read as zero K/V, and strided block_table,
+    seq_lens and cu_seqlens_q give what their contiguous copies give, on eager and Triton."""
+    q, cu, k_data, k_scales, v_data, v_scales, table, lens, *rest = _problem(recipe, [3, 5], [40, 30],
+                                                                             device=TRITON_DEVICE)
+    spare_page = (set(range(k_data.shape[0] // rest[0])) - set(table.flatten().tolist())).pop()  # in no sequence
+    table = table.clone()
+    table[0, 1], table[1, 0] = -1, 2**31 - 1
+    cache = (k_data, k_scales, v_data, v_scales)
+    results = {}
+    for name in ("eager", "triton"):
+        backend(name)
+        contiguous = torch_fp4kv.extend_attention(q, cu, *cache, table, lens, *rest)
+        strided = torch_fp4kv.extend_attention(q, _column(cu), *cache, _column(table), _column(lens), *rest)
+        assert torch.equal(strided, contiguous), name
+        results[name] = contiguous
+    torch.testing.assert_close(results["triton"].float(), results["eager"].float(), atol=2e-2, rtol=2e-2)
+    # eager: a page outside the cache reads as a page of zero codes and zero scale bytes
+    backend("eager")
+    zeroed_table = table.clone()
+    zeroed_table[0, 1] = zeroed_table[1, 0] = spare_page
+    zeroed = [x.clone() for x in cache]
+    for x in zeroed:
+        x[spare_page * rest[0]:(spare_page + 1) * rest[0]] = 0
+    expected = torch_fp4kv.extend_attention(q, cu, *zeroed, zeroed_table, lens, *rest)
+    torch.testing.assert_close(results["eager"], expected, atol=0, rtol=0)
+
+
 @settings(max_examples=10, deadline=None)
 @given(recipe=st.sampled_from(RECIPES), batch=st.integers(1, 3), hkv=st.integers(1, 2),
        group=st.sampled_from([1, 3, 4, 8]), d=st.sampled_from([64, 128, 256]), page_size=st.sampled_from([1, 16]),
