@@ -519,38 +519,50 @@ def plot(rows: list[Row], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _device_defaults(device: torch.device) -> dict:
+    """The defaults of the sized arguments on `device` (absent from the parsed args unless given)."""
+    if device.type == "cuda":
+        return {"tokens": 32768, "backends": [Backend.TRITON.value, Backend.FLASHINFER.value],
+                "decode_batches": [1, 8, 32, 128], "decode_contexts": [1024, 8192, 32768],
+                "decode_shapes": sorted(MODEL_SHAPES), "extend_cases": [(32, 8192, 4), (8, 8192, 512)]}
+    return {"tokens": 256, "backends": [b.value for b in Backend], "decode_batches": [1, 2], "decode_contexts": [256],
+            "decode_shapes": [], "extend_cases": [(2, 256, 4), (1, 256, 64)]}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     on_gpu = torch.cuda.is_available()
     parser.add_argument("--device", default="cuda" if on_gpu else "cpu", help="where to run (cuda when there is a GPU)")
-    parser.add_argument("--tokens", type=int, default=32768 if on_gpu else 256,
-                        help="K/V tokens per op (32768 with a GPU, 256 without)")
+    # The sizes and rows below default by --device: real sizes on a GPU, small ones on CPU, where
+    # the ops run their reference kernels only to show that everything runs.
+    parser.add_argument("--tokens", type=int, default=argparse.SUPPRESS, help="K/V tokens per op (32768 on a GPU, 256 on CPU)")
     parser.add_argument("--heads", type=int, default=8, help="KV heads per token")
     parser.add_argument("--head-dim", type=int, default=128, help="elements per head")
     parser.add_argument("--recipes", nargs="+", default=sorted(FORMATS), choices=sorted(FORMATS), help="formats to time")
     parser.add_argument("--out-dtype", default="bfloat16", choices=sorted(_OUT_DTYPES),
                         help="what dequantize and gather_dequantize write")
-    parser.add_argument("--backends", nargs="+", default=[b.value for b in Backend], choices=[b.value for b in Backend],
-                        help="backends to time, each where it can run")
-    parser.add_argument("--decode-batches", type=int, nargs="*", default=[1, 8, 32, 128] if on_gpu else [1, 2],
-                        help="sequences per decode step ([1, 8, 32, 128] with a GPU, [1, 2] without)")
-    parser.add_argument("--decode-contexts", type=int, nargs="*", default=[1024, 8192, 32768] if on_gpu else [256],
-                        help="context lengths of the decode rows ([1024, 8192, 32768] with a GPU, [256] without)")
-    parser.add_argument("--decode-shapes", nargs="*", default=sorted(MODEL_SHAPES) if on_gpu else [],
-                        choices=sorted(MODEL_SHAPES),
-                        help="model-shape decode rows, each at its own batch x context (all with a GPU, none"
-                             " without): " + ", ".join(f"{n} {s} {b}x{c}" for n, (s, b, c) in MODEL_SHAPES.items()))
-    parser.add_argument("--extend-cases", type=parse_extend_case, nargs="*",
-                        default=[(32, 8192, 4), (8, 8192, 512)] if on_gpu else [(2, 256, 4), (1, 256, 64)],
-                        metavar="BATCHxPREFIX+NEW",
+    parser.add_argument("--backends", nargs="+", default=argparse.SUPPRESS, choices=[b.value for b in Backend],
+                        help="backends to time, each where it can run (on a GPU its fast ones, triton and flashinfer: "
+                             "eager is the reference; on CPU all)")
+    parser.add_argument("--decode-batches", type=int, nargs="*", default=argparse.SUPPRESS,
+                        help="sequences per decode step ([1, 8, 32, 128] on a GPU, [1, 2] on CPU)")
+    parser.add_argument("--decode-contexts", type=int, nargs="*", default=argparse.SUPPRESS,
+                        help="context lengths of the decode rows ([1024, 8192, 32768] on a GPU, [256] on CPU)")
+    parser.add_argument("--decode-shapes", nargs="*", default=argparse.SUPPRESS, choices=sorted(MODEL_SHAPES),
+                        help="model-shape decode rows, each at its own batch x context (all on a GPU, none on CPU): "
+                             + ", ".join(f"{n} {s} {b}x{c}" for n, (s, b, c) in MODEL_SHAPES.items()))
+    parser.add_argument("--extend-cases", type=parse_extend_case, nargs="*", default=argparse.SUPPRESS, metavar="BATCHxPREFIX+NEW",
                         help="extend-attention rows: sequences x cached prefix + new tokens each, e.g. 32x8192+4 "
-                             "(speculative verification) and 8x8192+512 (chunked prefill), the defaults with a GPU "
-                             "(2x256+4 and 1x256+64 without); none: no extend rows")
+                             "(speculative verification) and 8x8192+512 (chunked prefill), the defaults on a GPU "
+                             "(2x256+4 and 1x256+64 on CPU); none: no extend rows")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--plot", metavar="PATH", help="also write a PNG bar chart of x copy (needs matplotlib and a GPU)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    for name, value in _device_defaults(device).items():
+        if not hasattr(args, name):
+            setattr(args, name, value)
     torch.manual_seed(0)
     copy_gbs, rows = run(args.tokens, args.heads, args.head_dim, args.recipes, args.backends, device,
                          _OUT_DTYPES[args.out_dtype])
