@@ -134,6 +134,15 @@ def value_tile(data_ptr, scales_ptr, rows, valid, D: tl.constexpr, BS: tl.conste
     return tl.reshape(tl.join(even, odd), (N, D))
 
 
+def tile_dtype(fp32_tiles: bool, e4m3_scales: bool):
+    """The type key and value tiles decode to (decode_packed): float32 on the interpreter, else
+    the 16-bit type that holds every code times its block scale exactly (fp16 under E4M3 scales,
+    bf16 under E8M0 ones)."""
+    if fp32_tiles:
+        return tl.float32
+    return tl.float16 if e4m3_scales else tl.bfloat16
+
+
 @triton.jit
 def query_pairs(q_ptr, q_cols, ok, D: tl.constexpr, dtype: tl.constexpr):
     """q's even and odd elements [D/2, columns] in key_pair order (the key tiles' columns), as the
@@ -164,6 +173,23 @@ def paged_rows(block_table_ptr, b, max_pages, num_pages, pos, valid, PAGE: tl.co
     page = tl.load(block_table_ptr + b.to(tl.int64) * max_pages + pos // PAGE, mask=valid, other=0)
     in_cache = valid & (page >= 0) & (page < num_pages)
     return in_cache, (page.to(tl.int64) * PAGE + pos % PAGE) * HKV + kv_head
+
+
+@triton.jit
+def causal_scores(k_data_ptr, k_scales_ptr, block_table_ptr, b, max_pages, num_pages, kv_head, pos, valid, query_pos,
+                  q_even, q_odd, score_scale, D: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr, HKV: tl.constexpr,
+                  E4M3_SCALES: tl.constexpr, FP32_TILES: tl.constexpr, HW_FP8: tl.constexpr, K_FP8: tl.constexpr,
+                  dtype: tl.constexpr):
+    """Scores [positions, columns] of the key positions `pos` of sequence b against the query
+    columns (query_pairs), in base 2; -inf where a position is not `valid` or lies after the
+    column's query_pos (extend's causal rule). Also (readable, cache rows) of the positions, for
+    their values."""
+    in_cache, rows = paged_rows(block_table_ptr, b, max_pages, num_pages, pos, valid, PAGE, HKV, kv_head)
+    k_even, k_odd = key_tiles(k_data_ptr, k_scales_ptr, rows, in_cache, D, BS, E4M3_SCALES, FP32_TILES, HW_FP8,
+                              K_FP8, dtype)
+    scores = tl.dot(k_even, q_even) + tl.dot(k_odd, q_odd)
+    visible = valid[:, None] & (pos[:, None] <= query_pos[None, :])
+    return tl.where(visible, scores * score_scale, float("-inf")), in_cache, rows
 
 
 @triton.jit

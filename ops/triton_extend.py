@@ -13,6 +13,9 @@ lengths, so a verify step of a fixed token count is one CUDA graph: program i of
 its sequence and tile from cu_seqlens_q (the rows eager.extend_rows gives), and there are at most
 cdiv(T, tile) + B + 2 tiles (two more segments: the rows before the first sequence and after the
 last one, which get zeros). Split-K over the context and the merge are split_decode's.
+
+Verification (a few tokens per sequence) goes to triton_verify where the Hopper decode kernel can
+serve it: that route writes every sequence's first T // B rows, and this kernel skips them.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_verify
 from .formats import KVRecipe
 from .paged_kv import PagedKV
 from .split_decode import merge_splits, sm_count, split_kernel_arguments, split_outputs
-from .triton_decode import global_scales, key_tiles, kv_for_kernels, paged_rows, query_pairs, value_tile
+from .triton_decode import causal_scores, global_scales, kv_for_kernels, query_pairs, value_tile
 from .triton_kernels import hardware_casts
 
 
@@ -39,13 +43,14 @@ class ExtendLaunch(NamedTuple):
 
 # (head_dim, largest M: tokens x padded query heads per tile) -> launch shape. The first row of a
 # head_dim serves narrow tiles (verification: a few tokens, M 16), the second the rest (chunks).
-# D=128: the fastest of a sweep on the H200 (block_n 64/128 x warps 4/8 x stages 2/3 x waves 2/4,
-# docs/performance.md); D=64 and 256: untimed starting points taken from the decode kernel's.
+# D=128: the fastest of sweeps on the H200 (block_n 64/128 x warps 4/8 x stages 2/3 x waves 2/4, and
+# M 64/128 for chunks: docs/performance.md); D=64 and 256: untimed starting points taken from the
+# decode kernel's.
 EXTEND_LAUNCH = {
     (64, 16): ExtendLaunch(block_n=128, num_warps=4, num_stages=3, waves=4),
     (64, 128): ExtendLaunch(block_n=64, num_warps=8, num_stages=3, waves=2),
     (128, 16): ExtendLaunch(block_n=128, num_warps=4, num_stages=3, waves=2),
-    (128, 128): ExtendLaunch(block_n=128, num_warps=8, num_stages=2, waves=2),
+    (128, 64): ExtendLaunch(block_n=128, num_warps=4, num_stages=2, waves=2),
     (256, 16): ExtendLaunch(block_n=128, num_warps=4, num_stages=3, waves=4),
     (256, 64): ExtendLaunch(block_n=64, num_warps=8, num_stages=2, waves=2),
 }
@@ -78,7 +83,7 @@ def _pick(values, lanes, lane):
 def _extend_split_kernel(
     q_ptr, k_data_ptr, k_scales_ptr, v_data_ptr, v_scales_ptr, k_g_ptr, v_g_ptr,
     block_table_ptr, seq_lens_ptr, partial_out_ptr, partial_lse_ptr,
-    sm_scale, max_pages, num_pages, positions_per_split, cu_ptr, batch, tokens,
+    sm_scale, max_pages, num_pages, positions_per_split, cu_ptr, batch, tokens, routed,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr,
     E4M3_SCALES: tl.constexpr, HAS_G: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, SEGMENTS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
@@ -102,7 +107,8 @@ def _extend_split_kernel(
     tiles = (hi - lo + BLOCK_T - 1) // BLOCK_T
     tiles_end = tl.cumsum(tiles, 0)
     segment = tl.sum((tiles_end <= tile).to(tl.int32), axis=0)  # SEGMENTS_PAD past the last tile
-    first_row = _pick(lo, lanes, segment) + (tile - _pick(tiles_end - tiles, lanes, segment)) * BLOCK_T
+    segment_start = _pick(lo, lanes, segment)
+    first_row = segment_start + (tile - _pick(tiles_end - tiles, lanes, segment)) * BLOCK_T
     end_row = _pick(hi, lanes, segment)
     b = segment - 1
     is_sequence = (segment >= 1) & (segment <= batch)
@@ -116,7 +122,9 @@ def _extend_split_kernel(
     col = tl.arange(0, M)
     row = first_row + col // GROUP_PAD
     head = kv_head * GROUP + col % GROUP_PAD
-    col_ok = (row < end_row) & (col % GROUP_PAD < GROUP)
+    # A sequence's first `routed` rows are triton_verify's (already written): not computed here.
+    not_routed = tl.where(is_sequence, row >= segment_start + routed, True)
+    col_ok = (row < end_row) & (col % GROUP_PAD < GROUP) & not_routed
     query_pos = tl.where(col_ok & is_sequence, diagonal + row, -1)
     kv_end = tl.minimum(kv_len, tl.max(query_pos, axis=0) + 1)
     start = split * positions_per_split
@@ -131,12 +139,9 @@ def _extend_split_kernel(
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         valid = pos < end
-        in_cache, rows = paged_rows(block_table_ptr, b_safe, max_pages, num_pages, pos, valid, PAGE, HKV, kv_head)
-        k_even, k_odd = key_tiles(k_data_ptr, k_scales_ptr, rows, in_cache, D, BS, E4M3_SCALES, FP32_TILES, HW_FP8,
-                                  K_FP8, dtype)
-        scores = tl.dot(k_even, q_even) + tl.dot(k_odd, q_odd)  # [BLOCK_N, M]
-        visible = valid[:, None] & (pos[:, None] <= query_pos[None, :])
-        scores = tl.where(visible, scores * score_scale, float("-inf"))
+        scores, in_cache, rows = causal_scores(  # [BLOCK_N, M]
+            k_data_ptr, k_scales_ptr, block_table_ptr, b_safe, max_pages, num_pages, kv_head, pos, valid, query_pos,
+            q_even, q_odd, score_scale, D, BS, PAGE, HKV, E4M3_SCALES, FP32_TILES, HW_FP8, K_FP8, dtype)
         m_new = tl.maximum(m, tl.max(scores, axis=0))
         m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)  # a column that has seen nothing yet
         alpha = tl.exp2(m - m_safe)
@@ -191,14 +196,19 @@ def extend_attention(out, q, cu_seqlens_q, kv: PagedKV, fmt: KVRecipe, sm_scale:
     if on_interpreter:
         out = torch.empty_like(q)
     block_t, group_pad, launch = extend_tiles(tokens, batch, hq, hkv, d)
-    busy_tiles = batch * triton.cdiv(triton.cdiv(tokens, max(batch, 1)), block_t)
-    splits = extend_num_splits(busy_tiles * hkv, kv.max_len, q.device, launch.waves)
+    routed = triton_verify.routed_tokens(q, batch, hkv, fmt)
+    if routed:  # every row, unless a sequence has more than `routed`: one split for those few
+        triton_verify.extend_attention(out, q, cu_seqlens_q, kv, fmt, sm_scale, routed)
+        splits = 1
+    else:
+        busy_tiles = batch * triton.cdiv(triton.cdiv(tokens, max(batch, 1)), block_t)
+        splits = extend_num_splits(busy_tiles * hkv, kv.max_len, q.device, launch.waves)
     positions_per_split = triton.cdiv(triton.cdiv(max(kv.max_len, 1), splits), launch.block_n) * launch.block_n
     partial_out, partial_lse = split_outputs(out, splits)
     args, constants = split_kernel_arguments(q, kv, partial_out, partial_lse, fmt.v, sm_scale, positions_per_split)
     segments = batch + 2
     _extend_split_kernel[(triton.cdiv(tokens, block_t) + segments, hkv, splits)](
-        *args, cu_seqlens_q.contiguous(), batch, tokens, **constants, GROUP_PAD=group_pad, BLOCK_T=block_t,
+        *args, cu_seqlens_q.contiguous(), batch, tokens, routed, **constants, GROUP_PAD=group_pad, BLOCK_T=block_t,
         SEGMENTS_PAD=triton.next_power_of_2(segments), BLOCK_N=launch.block_n, NUM_SPLITS=splits,
         FP32_TILES=on_interpreter, HW_FP8=hardware_casts(q.device)[1], K_FP8=k_fp8,
         num_warps=launch.num_warps, num_stages=launch.num_stages,

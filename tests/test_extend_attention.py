@@ -280,3 +280,54 @@ def test_verification_captured_in_a_cuda_graph_with_changing_lengths():
         q.normal_()
         graph.replay()
         torch.testing.assert_close(out, torch_fp4kv.extend_attention(q, cu, *cache), atol=0, rtol=0)
+
+
+@pytest.fixture
+def verify_route(monkeypatch):
+    """Route every sequence's first T // B rows through triton_verify (a decode over the prefix
+    plus the tail kernel) whatever the device; unpatched only the SM90 Gluon decode takes it."""
+    from torch_fp4kv.ops import triton_verify
+
+    monkeypatch.setattr(triton_verify, "routed_tokens", lambda q, batch, kv_heads, fmt: q.shape[0] // max(batch, 1))
+
+
+VERIFY_CASES = [  # (new tokens per sequence, seq_lens, hq, hkv, d, page_size, padding rows)
+    ([4, 4, 4], [40, 4, 64], 8, 2, 64, 16, 0),  # verification; one sequence is all new tokens
+    ([2, 2], [300, 700], 4, 1, 128, 16, 0),  # prefixes over several splits of the decode
+    ([1, 3, 0], [70, 3, 0], 4, 1, 128, 1, 2),  # n = 2: the 3-token sequence's last row is the extend kernel's
+    ([3, 5], [9, 2], 6, 2, 64, 5, 0),  # rows before position 0 see nothing; n = 4 leaves one row over
+]
+
+
+@pytest.mark.parametrize("recipe", RECIPES + K8_RECIPES)
+@pytest.mark.parametrize("case", VERIFY_CASES, ids=[f"new{c[0]}-lens{c[1]}-page{c[5]}" for c in VERIFY_CASES])
+def test_verify_route_matches_eager(backend, verify_route, recipe, case):
+    new, lens, hq, hkv, d, page, padding = case
+    args = _problem(recipe, new, lens, hq, hkv, d, page, device=TRITON_DEVICE, padding=padding)
+    _assert_triton_matches_eager(args, backend)
+
+
+def test_verify_route_with_unsorted_offsets_and_engine_made_metadata(backend, verify_route):
+    q, cu, k_data, k_scales, v_data, v_scales, table, lens, *rest = _problem("nvfp4", [3, 3, 3], [20, 30, 2],
+                                                                             device=TRITON_DEVICE, padding=3)
+    table = table.clone()
+    table[1, 0] = -1
+    cache = (k_data, k_scales, v_data, v_scales)
+    for offsets in ([0, 3, 6, 9], [0, 6, 3, 9], [-4, 2, 40, 5], [2, 2, 2, 2]):
+        cu = torch.tensor(offsets, dtype=torch.int32, device=q.device)
+        _assert_triton_matches_eager((q, cu, *cache, table, lens, *rest), backend)
+        backend("triton")
+        strided = torch_fp4kv.extend_attention(q, _column(cu), *cache, _column(table), _column(lens), *rest)
+        assert torch.equal(strided, torch_fp4kv.extend_attention(q, cu, *cache, table, lens, *rest))
+
+
+def test_verify_route_is_taken_from_shapes_where_the_hopper_decode_serves():
+    """T // B new tokens times the group within the Gluon kernel's 16 rows, on SM90 only."""
+    from torch_fp4kv.ops import triton_verify
+
+    q = torch.empty(128, 32, 128, device=TRITON_DEVICE)  # 32 sequences x 4 tokens, 32/8 heads
+    on_hopper = TRITON_DEVICE == "cuda" and torch.cuda.get_device_capability() == (9, 0)
+    assert triton_verify.routed_tokens(q, 32, 8, get_kv_recipe("nvfp4")) == (4 if on_hopper else 0)
+    assert triton_verify.routed_tokens(q, 16, 8, get_kv_recipe("nvfp4")) == 0  # 8 x 4 rows: too many
+    assert triton_verify.routed_tokens(q, 32, 8, get_kv_recipe("nvfp4+k8")) == 0  # Gluon reads FP4 keys only
+    assert triton_verify.routed_tokens(q[:0], 32, 8, get_kv_recipe("nvfp4")) == 0
