@@ -36,6 +36,7 @@ _ONE_SIXTH = tl.constexpr(0.1666666716337204)  # 1/6 rounded to float32
 class Launch(NamedTuple):
     elements: int  # per program and tensor
     num_warps: int
+    max_registers: int | None = None  # per thread (Triton's maxnreg); None: the compiler's choice
 
 
 QUANTIZE_LAUNCH = Launch(elements=1024, num_warps=1)
@@ -432,6 +433,7 @@ def _launch_quantize(k, v, k_data, v_data, k_scales, v_scales, k_g, v_g, loc, fm
         D=d, BS=fmt.block_size, SCALE_RULE=int(fmt.scale_rule), TIES_AWAY=fmt.ties_away,
         SCALE_NAN_BYTE=fmt.scale_nan_byte, HAS_G=has_g, SCATTER=loc is not None, DUPLICATES=duplicates, ROWS=rows,
         IN_KIND=_IN_KINDS[k.dtype][0], WITH_V=with_v, num_warps=QUANTIZE_LAUNCH.num_warps,
+        maxnreg=QUANTIZE_LAUNCH.max_registers,
     )
 
 
