@@ -23,7 +23,8 @@ from typing import Callable
 
 import torch
 
-from .ops import FORMATS, decode_attention, dequantize, eager, gather_dequantize, quantize, quantize_and_store
+from .ops import (FORMATS, KV_RECIPES, decode_attention, dequantize, eager, extend_attention, gather_dequantize,
+                  get_kv_recipe, quantize, quantize_and_store)
 from .ops.backends import Backend, forced_backend, installed, unavailable_reason
 from .ops.checks import OUTPUT_DTYPES
 
@@ -66,8 +67,10 @@ def _column(values, width: int = 2) -> torch.Tensor:
     return table[:, 1]
 
 
-def _global_scale(recipe: str, value: float = 0.37):
-    return torch.tensor([value]) if FORMATS[recipe].has_global_scale else None
+def _global_scale(fmt, value: float = 0.37):
+    """A global scale tensor where the format (a FORMATS name or a format) has one, else None."""
+    fmt = FORMATS[fmt] if isinstance(fmt, str) else fmt
+    return torch.tensor([value]) if fmt.has_global_scale else None
 
 
 def _on(device, *tensors):
@@ -77,16 +80,17 @@ def _on(device, *tensors):
 def store_engine_slots(recipe: str, tokens: int = 7, heads: int = 2, head_dim: int = 64, slots: int = 12,
                        loc=(3, -1, 5, 3, 12, 7, 5)) -> Scenario:
     """K and V sliced from a fused QKV tensor, stored at a sliced loc with -1 padding, a slot past
-    the end, and duplicate slots (the last token naming a slot wins)."""
+    the end, and duplicate slots (the last token naming a slot wins). `recipe`: a KV_RECIPES name."""
     name = f"store/{recipe}/T{tokens}xH{heads}xD{head_dim}"
+    kv = get_kv_recipe(recipe)
 
     def inputs():
         g = _random(name)
         qkv = _kv(g, (tokens, 3 * heads * head_dim)).view(tokens, 3, heads, head_dim)
-        block = FORMATS[recipe].block_size
-        caches = [_random_bytes(g, (slots, heads, last)) for last in (head_dim // 2, head_dim // 2,
-                                                                      head_dim // block, head_dim // block)]
-        return [*caches, _column(list(loc)), qkv[:, 1], qkv[:, 2], _global_scale(recipe), _global_scale(recipe, 2.5)]
+        caches = [_random_bytes(g, (slots, heads, width)) for width in (
+            kv.k.data_width(head_dim), kv.v.data_width(head_dim), kv.k.scales_width(head_dim),
+            kv.v.scales_width(head_dim))]
+        return [*caches, _column(list(loc)), qkv[:, 1], qkv[:, 2], _global_scale(kv.k), _global_scale(kv.v, 2.5)]
 
     def call(k_data, v_data, k_scales, v_scales, loc_, k, v, kg, vg):
         quantize_and_store(k_data, v_data, k_scales, v_scales, loc_, k, v, recipe, kg, vg)
@@ -159,31 +163,44 @@ def range_edges(recipe: str, dtype: torch.dtype) -> Scenario:
     return Scenario(name, "dequantize", recipe, dtype, inputs, call)
 
 
+def _paged_cache(g: torch.Generator, recipe: str, batch: int, kv_heads: int, head_dim: int, page_size: int,
+                 max_pages: int, k_global_scale: float):
+    """A cache of `batch * max_pages` pages in a KV recipe's formats, and a page table sliced from a
+    wider one with page ids -1, past the end and huge inside the sequences (read as zero keys and
+    values): [k_data, k_scales, v_data, v_scales], table, k and v global scales."""
+    kv = get_kv_recipe(recipe)
+    pages = batch * max_pages
+    cache = []
+    for fmt in (kv.k, kv.v):
+        cache += eager.quantize(_kv(g, (pages * page_size, kv_heads, head_dim)), fmt)
+    wide = torch.full((batch, 2 * max_pages), 7, dtype=torch.int32)
+    wide[:, 1::2] = torch.randperm(pages, generator=g)[: batch * max_pages].view(batch, max_pages).int()
+    wide[0, 1], wide[1 % batch, -1] = -1, 2**31 - 1  # inside their sequences (lengths below)
+    if max_pages > 1:
+        wide[-1, 3] = pages
+    return cache, wide[:, 1::2], _global_scale(kv.k, k_global_scale), _global_scale(kv.v, 0.02)
+
+
+def _lengths(g: torch.Generator, batch: int, longest: int, low: int = 1) -> torch.Tensor:
+    """seq_lens (a strided view) with a full sequence, one past the table and, from 3 sequences, an empty one."""
+    lengths = torch.randint(low, longest + 1, (batch,), generator=g, dtype=torch.int32)
+    lengths[0], lengths[-1] = longest, longest + 9
+    if batch > 2:
+        lengths[1] = 0
+    return torch.stack((lengths, lengths), 1).flatten()[::2]
+
+
 def decode_engine_metadata(recipe: str, head_dim: int, batch: int = 4, q_heads: int = 8, kv_heads: int = 2,
                            page_size: int = 16, max_pages: int = 4, k_global_scale: float = 0.03) -> Scenario:
-    """Decode with a page table sliced from a wider one, strided seq_lens, page ids -1, past the
-    end and huge inside the sequences (read as zero keys and values), and lengths 0 and past the table."""
+    """Decode over _paged_cache's engine-made page table, with strided seq_lens of lengths 0 and past
+    the table. `recipe`: a KV_RECIPES name."""
     name = f"decode/{recipe}/D{head_dim}/B{batch}xHq{q_heads}xHkv{kv_heads}xP{page_size}/kg{k_global_scale}"
 
     def inputs():
         g = _random(name)
-        pages = batch * max_pages
-        k_data, k_scales = eager.quantize(_kv(g, (pages * page_size, kv_heads, head_dim)), FORMATS[recipe])
-        v_data, v_scales = eager.quantize(_kv(g, (pages * page_size, kv_heads, head_dim)), FORMATS[recipe])
-        wide = torch.full((batch, 2 * max_pages), 7, dtype=torch.int32)
-        wide[:, 1::2] = torch.randperm(pages, generator=g)[: batch * max_pages].view(batch, max_pages).int()
-        wide[0, 1], wide[1 % batch, -1] = -1, 2**31 - 1  # inside their sequences (lengths below)
-        if max_pages > 1:
-            wide[-1, 3] = pages
-        lengths = torch.randint(1, max_pages * page_size + 1, (batch,), generator=g, dtype=torch.int32)
-        lengths[0], lengths[-1] = max_pages * page_size, max_pages * page_size + 9
-        if batch > 2:
-            lengths[1] = 0
-        seq_lens = torch.stack((lengths, lengths), 1).flatten()[::2]
-        q = _kv(g, (batch, q_heads, head_dim))
-        kg = torch.tensor([k_global_scale]) if FORMATS[recipe].has_global_scale else None
-        vg = torch.tensor([0.02]) if FORMATS[recipe].has_global_scale else None
-        return [q, k_data, k_scales, v_data, v_scales, wide[:, 1::2], seq_lens, kg, vg]
+        cache, table, kg, vg = _paged_cache(g, recipe, batch, kv_heads, head_dim, page_size, max_pages, k_global_scale)
+        seq_lens = _lengths(g, batch, max_pages * page_size)
+        return [_kv(g, (batch, q_heads, head_dim)), *cache, table, seq_lens, kg, vg]
 
     def call(*args):
         return [decode_attention(*args[:7], page_size, recipe, *args[7:])]
@@ -191,17 +208,42 @@ def decode_engine_metadata(recipe: str, head_dim: int, batch: int = 4, q_heads: 
     return Scenario(name, "decode_attention", recipe, torch.bfloat16, inputs, call, exact=False)
 
 
+def extend_engine_metadata(recipe: str, head_dim: int, new_tokens=(3, 4, 0, 2), q_heads: int = 8, kv_heads: int = 2,
+                           page_size: int = 16, max_pages: int = 4, padding: int = 2) -> Scenario:
+    """extend_attention over _paged_cache's page table: strided cu_seqlens_q and seq_lens, a sequence
+    with no new tokens, `padding` rows of q no sequence owns, lengths 0 and past the table. With as
+    many new tokens per sequence as rows / sequences (e.g. (4, 4, 4, 4), padding 0), it is the
+    speculative-verification shape (on SM90 the decode route of ops/triton_verify.py)."""
+    batch = len(new_tokens)
+    name = f"extend/{recipe}/D{head_dim}/new{'-'.join(map(str, new_tokens))}+{padding}xHq{q_heads}xHkv{kv_heads}xP{page_size}"
+
+    def inputs():
+        g = _random(name)
+        cache, table, kg, vg = _paged_cache(g, recipe, batch, kv_heads, head_dim, page_size, max_pages, 0.03)
+        seq_lens = _lengths(g, batch, max_pages * page_size, low=max(new_tokens))
+        offsets = torch.tensor([0, *torch.tensor(new_tokens).cumsum(0).tolist()], dtype=torch.int32)
+        q = _kv(g, (sum(new_tokens) + padding, q_heads, head_dim))
+        return [q, _column(offsets), *cache, table, seq_lens, kg, vg]
+
+    def call(q, cu, *args):
+        return [extend_attention(q, cu, *args[:6], page_size, recipe, *args[6:])]
+
+    return Scenario(name, "extend_attention", recipe, torch.bfloat16, inputs, call, exact=False)
+
+
 def scenarios() -> list[Scenario]:
     """The fixed set `python -m torch_fp4kv.check` runs (and the tests parametrize over)."""
     found = []
     for recipe in FORMATS:
-        found.append(store_engine_slots(recipe))
         for dtype in OUTPUT_DTYPES:
             found += [gather_head_slice(recipe, dtype), dequantize_row_view(recipe, dtype)]
         for dtype in (torch.float16, torch.float32, torch.bfloat16):
             found.append(range_edges(recipe, dtype))
+    for recipe in KV_RECIPES:  # each FP4 recipe, and each with FP8 keys ("+k8")
+        found.append(store_engine_slots(recipe))
         for head_dim in (64, 128, 256):
             found.append(decode_engine_metadata(recipe, head_dim))
+        found += [extend_engine_metadata(recipe, 64), extend_engine_metadata(recipe, 128, (4, 4, 4, 4), padding=0)]
     for value in (-1.0, 0.0, float("nan"), float("inf")):
         found += [unusable_global_scale("quantize", value), unusable_global_scale("dequantize", value)]
     found.append(decode_engine_metadata("nvfp4", 128, k_global_scale=-1.0))
@@ -210,9 +252,12 @@ def scenarios() -> list[Scenario]:
 
 def random_scenario(rng: random.Random) -> Scenario:
     """One scenario with random sizes and metadata, for the soak."""
-    recipe = rng.choice(sorted(FORMATS))
     head_dim = rng.choice((64, 128, 256))
-    kind = rng.choice(("store", "gather", "dequantize", "decode"))
+    kind = rng.choice(("store", "gather", "dequantize", "decode", "extend"))
+    if kind in ("store", "decode", "extend"):
+        recipe = rng.choice(sorted(KV_RECIPES))
+    else:
+        recipe = rng.choice(sorted(FORMATS))
     if kind == "store":
         tokens, slots = rng.randint(1, 300), rng.randint(1, 400)
         loc = [rng.randint(-2, slots + 2) for _ in range(tokens)]
@@ -225,8 +270,14 @@ def random_scenario(rng: random.Random) -> Scenario:
     if kind == "dequantize":
         return dequantize_row_view(recipe, dtype, rng.randint(1, 500), rng.randint(2, 8), head_dim)
     kv_heads = rng.choice((1, 2, 4, 8))
-    return decode_engine_metadata(recipe, head_dim, rng.randint(2, 12), kv_heads * rng.choice((1, 2, 3, 4, 8, 16)),
-                                  kv_heads, rng.choice((1, 5, 16, 64)), rng.randint(1, 24))
+    q_heads = kv_heads * rng.choice((1, 2, 3, 4, 8, 16))
+    batch, page_size, max_pages = rng.randint(2, 12), rng.choice((1, 5, 16, 64)), rng.randint(1, 24)
+    if kind == "decode":
+        return decode_engine_metadata(recipe, head_dim, batch, q_heads, kv_heads, page_size, max_pages)
+    uniform = rng.choice((1, 2, 4, 8))  # a verify step: every sequence the same count, or a ragged batch
+    new_tokens = [uniform] * batch if rng.random() < 0.5 else [rng.randint(0, 40) for _ in range(batch)]
+    return extend_engine_metadata(recipe, head_dim, tuple(new_tokens), q_heads, kv_heads, page_size,
+                                  max(max_pages, -(-max(new_tokens) // page_size)), rng.randint(0, 3))
 
 
 def backends_for(scenario: Scenario, device: torch.device) -> dict[Backend, str | None]:
