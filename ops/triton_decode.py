@@ -200,17 +200,12 @@ def _decode_split_kernel(
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr,
     E4M3_SCALES: tl.constexpr, HAS_G: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, FP32_TILES: tl.constexpr, HW_FP8: tl.constexpr,
-    K_FP8: tl.constexpr,
+    K_FP8: tl.constexpr, dtype: tl.constexpr,
 ):
+    """One (sequence, KV head, split); dtype: the tiles' type (tile_dtype)."""
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    if FP32_TILES:  # the type decode_packed builds
-        dtype = tl.float32
-    elif E4M3_SCALES:
-        dtype = tl.float16
-    else:
-        dtype = tl.bfloat16
     seq_len = tl.load(seq_lens_ptr + b)
     seq_len = tl.minimum(seq_len, max_pages * PAGE)
     start = split * positions_per_split
@@ -292,7 +287,7 @@ def decode_attention(out, q, kv: PagedKV, fmt: KVRecipe, sm_scale: float, lse=No
     _decode_split_kernel[(batch, hkv, splits)](
         *args, **constants, GROUP_PAD=max(_MIN_GROUP, triton.next_power_of_2(hq // hkv)),
         BLOCK_N=launch.block_n, NUM_SPLITS=splits, FP32_TILES=on_interpreter, HW_FP8=hardware_casts(q.device)[1],
-        K_FP8=k_fp8,
+        K_FP8=k_fp8, dtype=tile_dtype(on_interpreter, constants["E4M3_SCALES"]),
         num_warps=launch.num_warps, maxnreg=launch.max_registers, num_stages=launch.num_stages,
     )
     merge_splits(partial_out, partial_lse, out, splits, lse)

@@ -30,7 +30,7 @@ from . import triton_verify
 from .formats import KVRecipe
 from .paged_kv import PagedKV
 from .split_decode import merge_splits, sm_count, split_kernel_arguments, split_outputs
-from .triton_decode import causal_scores, global_scales, kv_for_kernels, query_pairs, value_tile
+from .triton_decode import causal_scores, global_scales, kv_for_kernels, query_pairs, tile_dtype, value_tile
 from .triton_kernels import hardware_casts
 
 
@@ -87,17 +87,12 @@ def _extend_split_kernel(
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr,
     E4M3_SCALES: tl.constexpr, HAS_G: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, SEGMENTS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    FP32_TILES: tl.constexpr, HW_FP8: tl.constexpr, K_FP8: tl.constexpr,
+    FP32_TILES: tl.constexpr, HW_FP8: tl.constexpr, K_FP8: tl.constexpr, dtype: tl.constexpr,
 ):
+    """One (tile of a segment's rows, KV head, split); dtype: the tiles' type (triton_decode.tile_dtype)."""
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    if FP32_TILES:  # the type decode_packed builds
-        dtype = tl.float32
-    elif E4M3_SCALES:
-        dtype = tl.float16
-    else:
-        dtype = tl.bfloat16
 
     # Segments: lane 0 the rows before the first sequence, lane b + 1 sequence b, lane B + 1 the
     # rows after the last; each segment's tiles numbered in order along axis 0.
@@ -211,6 +206,7 @@ def extend_attention(out, q, cu_seqlens_q, kv: PagedKV, fmt: KVRecipe, sm_scale:
         *args, cu_seqlens_q.contiguous(), batch, tokens, routed, **constants, GROUP_PAD=group_pad, BLOCK_T=block_t,
         SEGMENTS_PAD=triton.next_power_of_2(segments), BLOCK_N=launch.block_n, NUM_SPLITS=splits,
         FP32_TILES=on_interpreter, HW_FP8=hardware_casts(q.device)[1], K_FP8=k_fp8,
+        dtype=tile_dtype(on_interpreter, constants["E4M3_SCALES"]),
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     merge_splits(partial_out, partial_lse, out, splits)
