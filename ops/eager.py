@@ -193,11 +193,29 @@ def paged_slots(block_table: torch.Tensor, page_size: int) -> torch.Tensor:
     return (block_table.long()[:, :, None] * page_size + offsets).flatten(1)
 
 
-def decode_attention(out, q, kv: PagedKV, fmt: KVRecipe, sm_scale: float, lse=None) -> None:
-    """One query token per sequence against its paged FP4 context: gather, dequantize, SDPA.
+def masked_attention(scores: torch.Tensor, visible: torch.Tensor, values: torch.Tensor):
+    """Softmax attention over the visible positions alone: (out [..., R, D], lse [..., R]).
 
-    Positions at or past seq_lens[b] are masked; a sequence of length 0 attends to nothing and
-    gets zeros (and a log-sum-exp of -inf)."""
+    scores [..., R, L] (scaled, float32), visible [..., R, L] (broadcastable), values [..., L, D]
+    (float32). A position a row does not see never reaches it, whatever it holds: multiplying a
+    masked value by its zero weight would turn a stale NaN into a NaN row (0 x NaN = NaN), so
+    values enter the sum with their non-finite entries zeroed, and a non-finite value reaches
+    exactly the rows that see it, in its own dimensions, as NaN. A row that sees nothing gets
+    zeros and a log-sum-exp of -inf."""
+    scores = scores.masked_fill(~visible, float("-inf"))
+    sees = visible.any(-1, keepdim=True)
+    weights = torch.where(sees, torch.softmax(scores, dim=-1), 0.0)  # nothing visible: zeros, not NaN
+    finite = torch.isfinite(values)
+    out = weights @ torch.where(finite, values, 0.0)
+    reached = (visible.to(values.dtype) @ (~finite).to(values.dtype)) > 0
+    return torch.where(reached, float("nan"), out), torch.logsumexp(scores, dim=-1)
+
+
+def decode_attention(out, q, kv: PagedKV, fmt: KVRecipe, sm_scale: float, lse=None) -> None:
+    """One query token per sequence against its paged FP4 context: gather, dequantize, attend.
+
+    Positions at or past seq_lens[b] are masked (masked_attention: whatever they hold); a
+    sequence of length 0 attends to nothing and gets zeros (and a log-sum-exp of -inf)."""
     b, hq, d = q.shape
     hkv = kv.kv_heads
     slots = paged_slots(kv.block_table, kv.page_size)  # [B, L]
@@ -207,13 +225,10 @@ def decode_attention(out, q, kv: PagedKV, fmt: KVRecipe, sm_scale: float, lse=No
     v = gather_dequantize(kv.v_data, kv.v_scales, flat, fmt.v, kv.v_global_scale, torch.float32).view(b, length, hkv, d)
     visible = torch.arange(length, device=q.device)[None, :] < kv.seq_lens[:, None].long()  # [B, L]
     scores = torch.einsum("bgrd,blgd->bgrl", q.float().view(b, hkv, hq // hkv, d), k) * sm_scale
-    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
-    has_context = visible.any(-1)[:, None, None, None]
-    weights = torch.where(has_context, torch.softmax(scores, dim=-1), 0.0)  # length 0: zeros, not NaN
-    result = torch.einsum("bgrl,blgd->bgrd", weights, v).reshape(b, hq, d)
-    out.copy_(result.to(out.dtype))
+    result, result_lse = masked_attention(scores, visible[:, None, None, :], v.transpose(1, 2))
+    out.copy_(result.reshape(b, hq, d).to(out.dtype))
     if lse is not None:
-        lse.copy_(torch.logsumexp(scores, dim=-1).reshape(b, hq))
+        lse.copy_(result_lse.reshape(b, hq))
 
 
 def extend_rows(cu_seqlens_q: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,9 +263,7 @@ def extend_attention(out, q, cu_seqlens_q, kv: PagedKV, fmt: KVRecipe, sm_scale:
         position = kv.seq_lens[b].long() - cu_seqlens_q[b + 1].long() + rows
         visible = owned[:, None] & (keys[None, :] <= position[:, None]) & (keys[None, :] < kv.seq_lens[b].long())
         scores = torch.einsum("tgrd,lgd->tgrl", queries, k) * sm_scale
-        scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
-        sees = visible.any(-1)[:, None, None, None]
-        weights = torch.where(sees, torch.softmax(scores, dim=-1), 0.0)  # no visible position: zeros, not NaN
-        # where, not +=: another sequence's NaN values (times weight 0) must not reach these rows.
-        result = torch.where(owned[:, None, None, None], torch.einsum("tgrl,lgd->tgrd", weights, v), result)
+        attended, _ = masked_attention(scores, visible[:, None, None, :], v.transpose(0, 1))
+        # where, not +=: rows of other sequences are not this one's to write.
+        result = torch.where(owned[:, None, None, None], attended, result)
     out.copy_(result.reshape(tokens, hq, d).to(out.dtype))

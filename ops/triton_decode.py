@@ -192,6 +192,37 @@ def causal_scores(k_data_ptr, k_scales_ptr, block_table_ptr, b, max_pages, num_p
     return tl.where(visible, scores * score_scale, float("-inf")), in_cache, rows
 
 
+NAN_GROUPS = tl.constexpr(16)  # value columns are flagged in 16 groups of D/16: each inside one FP4 block
+
+
+@triton.jit
+def drop_unseen_values(v, pos, valid, query_pos, dtype: tl.constexpr):
+    """A value tile [N, D] that some query columns see only in part (query_pos [M]: each column's
+    last visible position) -> (v with its NaN entries zeroed, [NAN_GROUPS, M] count of the NaN entries
+    each column sees, per group of D/16 value columns).
+
+    A position a column does not see has weight 0 there, and 0 x NaN = NaN: zeroed, a stale NaN
+    (a later token's, a page's past seq_lens) reaches no column that does not see it, and the
+    count marks the outputs of the columns that do (see nan_where_seen; eager.masked_attention
+    is the rule). In the cache a NaN fills a whole block, so a group's flag is its columns'."""
+    N: tl.constexpr = v.shape[0]
+    D: tl.constexpr = v.shape[1]
+    broken = v != v
+    broken_groups = tl.max(tl.reshape(broken.to(dtype), (N, NAN_GROUPS, D // NAN_GROUPS)), axis=2)
+    visible = valid[:, None] & (pos[:, None] <= query_pos[None, :])
+    seen = tl.dot(tl.trans(broken_groups), visible.to(dtype))
+    return tl.where(broken, 0.0, v).to(v.dtype), seen
+
+
+@triton.jit
+def nan_where_seen(out, seen):
+    """out [D, M] with NaN in every group of value columns a column saw a NaN in (drop_unseen_values)."""
+    D: tl.constexpr = out.shape[0]
+    M: tl.constexpr = out.shape[1]
+    hit = tl.reshape(tl.broadcast_to(tl.expand_dims(seen > 0, 1), (NAN_GROUPS, D // NAN_GROUPS, M)), (D, M))
+    return tl.where(hit, float("nan"), out)
+
+
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_data_ptr, k_scales_ptr, v_data_ptr, v_scales_ptr, k_g_ptr, v_g_ptr,

@@ -30,7 +30,8 @@ from . import triton_verify
 from .formats import KVRecipe
 from .paged_kv import PagedKV
 from .split_decode import merge_splits, sm_count, split_kernel_arguments, split_outputs
-from .triton_decode import causal_scores, global_scales, kv_for_kernels, query_pairs, tile_dtype, value_tile
+from .triton_decode import (NAN_GROUPS, causal_scores, drop_unseen_values, global_scales, kv_for_kernels,
+                            nan_where_seen, query_pairs, tile_dtype, value_tile)
 from .triton_kernels import hardware_casts
 
 
@@ -77,6 +78,33 @@ def _segment_bounds(cu_ptr, lanes, batch, tokens, SHIFT: tl.constexpr):
 @triton.jit
 def _pick(values, lanes, lane):
     return tl.sum(tl.where(lanes == lane, values, 0), axis=0)
+
+
+@triton.jit
+def _attend_tile(n0, end, query_pos, q_even, q_odd, score_scale, m, l, acc, seen, k_data_ptr, k_scales_ptr,
+                 v_data_ptr, v_scales_ptr, block_table_ptr, b, max_pages, num_pages, kv_head, D: tl.constexpr,
+                 BS: tl.constexpr, PAGE: tl.constexpr, HKV: tl.constexpr, E4M3_SCALES: tl.constexpr,
+                 BLOCK_N: tl.constexpr, FP32_TILES: tl.constexpr, HW_FP8: tl.constexpr, K_FP8: tl.constexpr,
+                 dtype: tl.constexpr, DIAGONAL: tl.constexpr):
+    """The online softmax's step over positions [n0, n0 + BLOCK_N) (below `end`): (m, l, acc, seen)
+    updated. DIAGONAL: some columns do not see every position, so the values go through
+    drop_unseen_values first."""
+    pos = n0 + tl.arange(0, BLOCK_N)
+    valid = pos < end
+    scores, in_cache, rows = causal_scores(  # [BLOCK_N, M]
+        k_data_ptr, k_scales_ptr, block_table_ptr, b, max_pages, num_pages, kv_head, pos, valid, query_pos,
+        q_even, q_odd, score_scale, D, BS, PAGE, HKV, E4M3_SCALES, FP32_TILES, HW_FP8, K_FP8, dtype)
+    m_new = tl.maximum(m, tl.max(scores, axis=0))
+    m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)  # a column that has seen nothing yet
+    alpha = tl.exp2(m - m_safe)
+    p = tl.exp2(scores - m_safe[None, :])
+    l = l * alpha + tl.sum(p, axis=0)
+    v = value_tile(v_data_ptr, v_scales_ptr, rows, in_cache, D, BS, E4M3_SCALES, FP32_TILES, HW_FP8)
+    if DIAGONAL:
+        v, seen_here = drop_unseen_values(v, pos, valid, query_pos, dtype)
+        seen += seen_here
+    acc = tl.dot(tl.trans(v), p.to(dtype), acc * alpha[None, :])
+    return m_new, l, acc, seen
 
 
 @triton.jit
@@ -131,27 +159,28 @@ def _extend_split_kernel(
     m = tl.full([M], float("-inf"), tl.float32)
     l = tl.zeros([M], tl.float32)
     acc = tl.zeros([D, M], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)
-        valid = pos < end
-        scores, in_cache, rows = causal_scores(  # [BLOCK_N, M]
-            k_data_ptr, k_scales_ptr, block_table_ptr, b_safe, max_pages, num_pages, kv_head, pos, valid, query_pos,
-            q_even, q_odd, score_scale, D, BS, PAGE, HKV, E4M3_SCALES, FP32_TILES, HW_FP8, K_FP8, dtype)
-        m_new = tl.maximum(m, tl.max(scores, axis=0))
-        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)  # a column that has seen nothing yet
-        alpha = tl.exp2(m - m_safe)
-        p = tl.exp2(scores - m_safe[None, :])
-        l = l * alpha + tl.sum(p, axis=0)
-        v = value_tile(v_data_ptr, v_scales_ptr, rows, in_cache, D, BS, E4M3_SCALES, FP32_TILES, HW_FP8)
-        acc = tl.dot(tl.trans(v), p.to(dtype), acc * alpha[None, :])
-        m = m_new
+    seen = tl.zeros([NAN_GROUPS, M], tl.float32)  # NaN values each column sees (drop_unseen_values)
+    # Tiles below every column's query position are seen whole by all of them; from the first tile
+    # that reaches one, some column may not see a position another one does (the diagonal).
+    first_unseen = tl.min(tl.where(col_ok & is_sequence, query_pos, kv_end), axis=0) + 1
+    diagonal_start = start + tl.maximum(tl.minimum(first_unseen, end) - start, 0) // BLOCK_N * BLOCK_N
+    for n0 in range(start, diagonal_start, BLOCK_N):
+        m, l, acc, seen = _attend_tile(
+            n0, end, query_pos, q_even, q_odd, score_scale, m, l, acc, seen, k_data_ptr, k_scales_ptr, v_data_ptr,
+            v_scales_ptr, block_table_ptr, b_safe, max_pages, num_pages, kv_head, D, BS, PAGE, HKV, E4M3_SCALES,
+            BLOCK_N, FP32_TILES, HW_FP8, K_FP8, dtype, False)
+    for n0 in range(diagonal_start, end, BLOCK_N):
+        m, l, acc, seen = _attend_tile(
+            n0, end, query_pos, q_even, q_odd, score_scale, m, l, acc, seen, k_data_ptr, k_scales_ptr, v_data_ptr,
+            v_scales_ptr, block_table_ptr, b_safe, max_pages, num_pages, kv_head, D, BS, PAGE, HKV, E4M3_SCALES,
+            BLOCK_N, FP32_TILES, HW_FP8, K_FP8, dtype, True)
 
     # This split's partial output (out itself with one split) and its log-sum-exp in base 2; rows
     # that saw nothing write zeros and -inf, which the merge weighs 0.
     safe_l = tl.where(l > 0, l / v_g, 1.0)
     base = (row.to(tl.int64) * HQ + head) * NUM_SPLITS + split
     tl.store(partial_out_ptr + base[None, :] * D + tl.arange(0, D)[:, None],
-             (acc / safe_l[None, :]).to(partial_out_ptr.dtype.element_ty), mask=col_ok[None, :])
+             nan_where_seen(acc / safe_l[None, :], seen).to(partial_out_ptr.dtype.element_ty), mask=col_ok[None, :])
     if NUM_SPLITS > 1:
         lse = tl.where(l > 0, m + tl.log2(l), float("-inf"))
         tl.store(partial_lse_ptr + base, lse, mask=col_ok)

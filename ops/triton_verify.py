@@ -25,7 +25,8 @@ from . import decode, eager
 from .formats import KVRecipe
 from .paged_kv import PagedKV
 from .split_decode import split_kernel_arguments
-from .triton_decode import causal_scores, global_scales, kv_for_kernels, query_pairs, tile_dtype, value_tile
+from .triton_decode import (causal_scores, drop_unseen_values, global_scales, kv_for_kernels, nan_where_seen, query_pairs,
+                            tile_dtype, value_tile)
 from .triton_kernels import hardware_casts
 
 _MIN_SIDE = 16  # tensor-core tiles need a side of at least 16
@@ -82,7 +83,8 @@ def _verify_tail_kernel(
     p = tl.exp2(scores - m_safe[None, :])
     l = tl.sum(p, axis=0)
     v = value_tile(v_data_ptr, v_scales_ptr, rows, in_cache, D, BS, E4M3_SCALES, FP32_TILES, HW_FP8)
-    tail = tl.dot(tl.trans(v), p.to(dtype)) * (v_g / tl.where(l > 0, l, 1.0))[None, :]  # [D, M]
+    v, seen = drop_unseen_values(v, pos, valid, query_pos, dtype)  # every tail tile is a diagonal one
+    tail = nan_where_seen(tl.dot(tl.trans(v), p.to(dtype)) * (v_g / tl.where(l > 0, l, 1.0))[None, :], seen)  # [D, M]
     tail_lse = tl.where(l > 0, m + tl.log2(l), float("-inf"))
 
     # Merge with the prefix's part by the two log-sum-exps (base 2); a part that saw nothing weighs 0.

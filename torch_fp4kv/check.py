@@ -25,6 +25,7 @@ import torch
 
 from .ops import (FORMATS, KV_RECIPES, decode_attention, dequantize, eager, extend_attention, gather_dequantize,
                   get_kv_recipe, quantize, quantize_and_store)
+from .ops.formats import E4M3_NAN_BYTE, Element
 from .ops.backends import Backend, forced_backend, installed, unavailable_reason
 from .ops.checks import OUTPUT_DTYPES
 
@@ -181,6 +182,24 @@ def _paged_cache(g: torch.Generator, recipe: str, batch: int, kv_heads: int, hea
     return cache, wide[:, 1::2], _global_scale(kv.k, k_global_scale), _global_scale(kv.v, 0.02)
 
 
+def _poison(cache: list[torch.Tensor], recipe: str, table: torch.Tensor, page_size: int, positions) -> None:
+    """Make the K and V of the given (sequence, position) pairs NaN in the cache, every head: FP4
+    through the NaN scale byte, FP8 keys through the NaN data byte. Pairs whose page id is outside
+    the cache are skipped (those positions read as zeros)."""
+    kv = get_kv_recipe(recipe)
+    slots_per_cache = cache[0].shape[0]
+    for b, pos in positions:
+        page = int(table[b, pos // page_size])
+        slot = page * page_size + pos % page_size
+        if not 0 <= slot < slots_per_cache or not 0 <= page:
+            continue
+        for (data, scales), fmt in (((cache[0], cache[1]), kv.k), ((cache[2], cache[3]), kv.v)):
+            if fmt.element is Element.E4M3:
+                data[slot] = E4M3_NAN_BYTE
+            else:
+                scales.view(torch.uint8)[slot] = fmt.scale_nan_byte
+
+
 def _lengths(g: torch.Generator, batch: int, longest: int, low: int = 1) -> torch.Tensor:
     """seq_lens (a strided view) with a full sequence, one past the table and, from 3 sequences, an empty one."""
     lengths = torch.randint(low, longest + 1, (batch,), generator=g, dtype=torch.int32)
@@ -191,15 +210,21 @@ def _lengths(g: torch.Generator, batch: int, longest: int, low: int = 1) -> torc
 
 
 def decode_engine_metadata(recipe: str, head_dim: int, batch: int = 4, q_heads: int = 8, kv_heads: int = 2,
-                           page_size: int = 16, max_pages: int = 4, k_global_scale: float = 0.03) -> Scenario:
+                           page_size: int = 16, max_pages: int = 4, k_global_scale: float = 0.03,
+                           stale_nan: bool = False) -> Scenario:
     """Decode over _paged_cache's engine-made page table, with strided seq_lens of lengths 0 and past
-    the table. `recipe`: a KV_RECIPES name."""
-    name = f"decode/{recipe}/D{head_dim}/B{batch}xHq{q_heads}xHkv{kv_heads}xP{page_size}/kg{k_global_scale}"
+    the table. `recipe`: a KV_RECIPES name. stale_nan: every position past a sequence's length
+    holds NaN keys and values (pages reused without clearing), which no output may show."""
+    name = (f"decode/{recipe}/D{head_dim}/B{batch}xHq{q_heads}xHkv{kv_heads}xP{page_size}/kg{k_global_scale}"
+            + ("/stale-nan" if stale_nan else ""))
 
     def inputs():
         g = _random(name)
         cache, table, kg, vg = _paged_cache(g, recipe, batch, kv_heads, head_dim, page_size, max_pages, k_global_scale)
         seq_lens = _lengths(g, batch, max_pages * page_size)
+        if stale_nan:
+            _poison(cache, recipe, table, page_size,
+                    [(b, p) for b in range(batch) for p in range(int(seq_lens[b]), max_pages * page_size)])
         return [_kv(g, (batch, q_heads, head_dim)), *cache, table, seq_lens, kg, vg]
 
     def call(*args):
@@ -209,18 +234,26 @@ def decode_engine_metadata(recipe: str, head_dim: int, batch: int = 4, q_heads: 
 
 
 def extend_engine_metadata(recipe: str, head_dim: int, new_tokens=(3, 4, 0, 2), q_heads: int = 8, kv_heads: int = 2,
-                           page_size: int = 16, max_pages: int = 4, padding: int = 2) -> Scenario:
+                           page_size: int = 16, max_pages: int = 4, padding: int = 2,
+                           stale_nan: bool = False) -> Scenario:
     """extend_attention over _paged_cache's page table: strided cu_seqlens_q and seq_lens, a sequence
     with no new tokens, `padding` rows of q no sequence owns, lengths 0 and past the table. With as
     many new tokens per sequence as rows / sequences (e.g. (4, 4, 4, 4), padding 0), it is the
-    speculative-verification shape (on SM90 the decode route of ops/triton_verify.py)."""
+    speculative-verification shape (on SM90 the decode route of ops/triton_verify.py). stale_nan:
+    the positions past each sequence's length and its last new token hold NaN keys and values; the
+    rows before that token must not show it."""
     batch = len(new_tokens)
-    name = f"extend/{recipe}/D{head_dim}/new{'-'.join(map(str, new_tokens))}+{padding}xHq{q_heads}xHkv{kv_heads}xP{page_size}"
+    name = (f"extend/{recipe}/D{head_dim}/new{'-'.join(map(str, new_tokens))}+{padding}xHq{q_heads}xHkv{kv_heads}"
+            f"xP{page_size}" + ("/stale-nan" if stale_nan else ""))
 
     def inputs():
         g = _random(name)
         cache, table, kg, vg = _paged_cache(g, recipe, batch, kv_heads, head_dim, page_size, max_pages, 0.03)
         seq_lens = _lengths(g, batch, max_pages * page_size, low=max(new_tokens))
+        if stale_nan:
+            last_new = [(b, int(seq_lens[b]) - 1) for b in range(batch) if new_tokens[b] and seq_lens[b] > 0]
+            stale = [(b, p) for b in range(batch) for p in range(int(seq_lens[b]), max_pages * page_size)]
+            _poison(cache, recipe, table, page_size, [(b, p) for b, p in last_new if p < max_pages * page_size] + stale)
         offsets = torch.tensor([0, *torch.tensor(new_tokens).cumsum(0).tolist()], dtype=torch.int32)
         q = _kv(g, (sum(new_tokens) + padding, q_heads, head_dim))
         return [q, _column(offsets), *cache, table, seq_lens, kg, vg]
@@ -244,6 +277,9 @@ def scenarios() -> list[Scenario]:
         for head_dim in (64, 128, 256):
             found.append(decode_engine_metadata(recipe, head_dim))
         found += [extend_engine_metadata(recipe, 64), extend_engine_metadata(recipe, 128, (4, 4, 4, 4), padding=0)]
+        found += [decode_engine_metadata(recipe, 128, stale_nan=True),
+                  extend_engine_metadata(recipe, 64, stale_nan=True),
+                  extend_engine_metadata(recipe, 128, (4, 4, 4, 4), padding=0, stale_nan=True)]
     for value in (-1.0, 0.0, float("nan"), float("inf")):
         found += [unusable_global_scale("quantize", value), unusable_global_scale("dequantize", value)]
     found.append(decode_engine_metadata("nvfp4", 128, k_global_scale=-1.0))
@@ -272,12 +308,14 @@ def random_scenario(rng: random.Random) -> Scenario:
     kv_heads = rng.choice((1, 2, 4, 8))
     q_heads = kv_heads * rng.choice((1, 2, 3, 4, 8, 16))
     batch, page_size, max_pages = rng.randint(2, 12), rng.choice((1, 5, 16, 64)), rng.randint(1, 24)
+    stale_nan = rng.random() < 0.25
     if kind == "decode":
-        return decode_engine_metadata(recipe, head_dim, batch, q_heads, kv_heads, page_size, max_pages)
+        return decode_engine_metadata(recipe, head_dim, batch, q_heads, kv_heads, page_size, max_pages,
+                                      stale_nan=stale_nan)
     uniform = rng.choice((1, 2, 4, 8))  # a verify step: every sequence the same count, or a ragged batch
     new_tokens = [uniform] * batch if rng.random() < 0.5 else [rng.randint(0, 40) for _ in range(batch)]
     return extend_engine_metadata(recipe, head_dim, tuple(new_tokens), q_heads, kv_heads, page_size,
-                                  max(max_pages, -(-max(new_tokens) // page_size)), rng.randint(0, 3))
+                                  max(max_pages, -(-max(new_tokens) // page_size)), rng.randint(0, 3), stale_nan)
 
 
 def backends_for(scenario: Scenario, device: torch.device) -> dict[Backend, str | None]:

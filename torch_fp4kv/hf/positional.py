@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..ops.eager import masked_attention
+
 
 def positional_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          query_pos: torch.Tensor, query_real: torch.Tensor,
@@ -20,16 +22,25 @@ def positional_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     (int), real flags [B, T] / [B, S] (bool). Returns [B, Hq, T, D]; padded queries get zeros.
 
     A padded query may see no key at all, which SDPA turns into NaN, so it is let see every key and
-    its (finite) output is zeroed afterwards. A real query always sees at least itself.
-    """
+    its output is replaced by zeros afterwards. A real query always sees at least itself.
+
+    Whatever an entry a query does not see holds (a stale NaN of a reused cache) never reaches it,
+    as in ops.eager.masked_attention: SDPA adds its mask to the scores, and NaN + -inf is NaN, so
+    it gets keys and values with their non-finite entries zeroed, and a query that sees one gets
+    NaN where IEEE arithmetic puts it (a key: the whole row; a value: its dimensions)."""
     visible = key_real[:, None, :] & (key_pos[:, None, :] <= query_pos[:, :, None])
     if window is not None:
         visible &= query_pos[:, :, None] - key_pos[:, None, :] < window
+    key_finite, value_finite = torch.isfinite(key), torch.isfinite(value)
+    seen = visible[:, None].to(value.dtype)  # [B, 1, T, S]
+    reached = (seen @ (~value_finite).to(value.dtype) + seen @ (~key_finite.all(-1, keepdim=True)).to(value.dtype)) > 0
+    group = query.shape[1] // key.shape[1]
     visible |= ~query_real[:, :, None]
-    out = F.scaled_dot_product_attention(query, key.to(query.dtype), value.to(query.dtype),
-                                         attn_mask=visible[:, None], scale=scaling,
-                                         enable_gqa=query.shape[1] != key.shape[1])
-    return out * query_real[:, None, :, None].to(out.dtype)
+    out = F.scaled_dot_product_attention(query, torch.where(key_finite, key, 0).to(query.dtype),
+                                         torch.where(value_finite, value, 0).to(query.dtype),
+                                         attn_mask=visible[:, None], scale=scaling, enable_gqa=group != 1)
+    out = torch.where(reached.repeat_interleave(group, 1), float("nan"), out)
+    return torch.where(query_real[:, None, :, None], out, 0.0)
 
 
 def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor,
@@ -41,10 +52,7 @@ def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     hkv = key.shape[1]
     q = query.float().view(batch, hkv, hq // hkv, d)
     scores = torch.einsum("bgrd,bgnd->bgrn", q, key.float()) * scaling
-    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
-    lse = torch.logsumexp(scores, -1)
-    weights = torch.where(lse[..., None] > float("-inf"), torch.exp(scores - lse[..., None]), 0.0)
-    out = torch.einsum("bgrn,bgnd->bgrd", weights, value.float())
+    out, lse = masked_attention(scores, visible[:, None, None, :], value.float())
     return out.reshape(batch, hq, d), lse.reshape(batch, hq)
 
 
