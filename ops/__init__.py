@@ -5,6 +5,7 @@ This layer never imports from the rest of torch_fp4kv; importing it registers th
 
 from . import library  # noqa: F401  (registers torch.ops.fp4kv.*)
 from .backends import ENV_VAR as BACKEND_ENV_VAR, Backend, select_backend
+from .debug import ENV_VAR as DEBUG_ENV_VAR, debug_checks
 from .formats import (FORMATS, FP8_E4M3, K_FP8_SUFFIX, KV_RECIPES, TENSOR_FORMATS, FP4Format, FP4KVCacheRecipe,
                       KVRecipe, ScaleRule, get_format, get_kv_recipe)
 from .api import decode_attention, dequantize, extend_attention, gather_dequantize, quantize, quantize_and_store
@@ -12,6 +13,7 @@ from .api import decode_attention, dequantize, extend_attention, gather_dequanti
 __all__ = [
     "BACKEND_ENV_VAR",
     "Backend",
+    "DEBUG_ENV_VAR",
     "FORMATS",
     "FP8_E4M3",
     "K_FP8_SUFFIX",
@@ -21,6 +23,7 @@ __all__ = [
     "FP4Format",
     "FP4KVCacheRecipe",
     "ScaleRule",
+    "debug_checks",
     "decode_attention",
     "dequantize",
     "extend_attention",

@@ -150,9 +150,9 @@ def extend_attention(
     int32 counts each sequence's tokens including its new ones; the cache arguments and `recipe`
     are decode_attention's (a "+k8" recipe: FP8 E4M3 keys). Causal: the new token i of n sits at
     position seq_lens[b] - n + i and sees positions 0 to that one. Offsets are device data and are
-    not checked (no host sync); every value has a result (eager.extend_rows): rows that no
-    sequence owns (past cu_seqlens_q[B]: padding) and rows that see no position get zeros. Writes
-    into `out` when given and returns it.
+    not checked (no host sync; TORCH_FP4KV_DEBUG=1 checks them, debug.py); every value has a result
+    (eager.extend_rows): rows that no sequence owns (past cu_seqlens_q[B]: padding) and rows that
+    see no position get zeros. Writes into `out` when given and returns it.
     """
     sm_scale, out = _attention_defaults(q, sm_scale, out)
     kv = PagedKV(k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, k_global_scale, v_global_scale)

@@ -8,6 +8,9 @@ What the checks cannot see, because it lives in tensor values on the device, eve
 handles by one rule instead (README, "Input contract"): slots outside the cache are skipped on
 store and read as zeros; page ids outside the cache read as zero keys and values; duplicate slots
 in one store: the last token wins; a global scale that is not finite and > 0 gives NaN.
+With `TORCH_FP4KV_DEBUG=1` the real kernels also check the index values (slots, page ids,
+seq_lens, cu_seqlens_q; debug.py) and raise a ValueError naming the first bad one before anything
+is written: a host sync at every call, what an engine author turns on while integrating.
 Layouts: activations, `loc`, `seq_lens`, `block_table` and the packed inputs of dequantize and
 gather_dequantize may have any strides; cache buffers that are written (quantize_and_store) or read
 by decode_attention must be contiguous.

@@ -2,7 +2,8 @@
 
 Each op is a `torch.library.custom_op`: opaque to torch.compile (one call in the graph, no graph
 break), with a fake kernel that gives output metadata during tracing. The real kernel checks the
-arguments, then runs the backend the selection table picks (see backends.py).
+arguments (and, in debug mode, the index values: debug.py), then runs the backend the selection
+table picks (see backends.py).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import checks
+from . import checks, debug
 from .backends import kernels_for
 from .formats import FP4Format
 from .paged_kv import PagedKV
@@ -87,6 +88,8 @@ def quantize_and_store(
     fmt = checks.quantize_and_store_args(
         k_data, v_data, k_scales, v_scales, loc, k, v, recipe, k_global_scale, v_global_scale
     )
+    if debug.enabled(k_data.device):
+        debug.loc_values(loc, k_data.shape[0])
     if k.shape[0] == 0:
         return
     kernels_for("quantize_and_store", fmt, k.device, k.dtype).quantize_and_store(
@@ -114,6 +117,8 @@ def gather_dequantize(
 ) -> Tensor:
     """Dequantize cache slots loc [T] -> [T, H, D]; out-of-range slots read as zeros."""
     fmt = checks.gather_dequantize_args(data, scales, loc, recipe, global_scale, dtype)
+    if debug.enabled(data.device):
+        debug.loc_values(loc, data.shape[0])
     if loc.shape[0] == 0 or data.shape[1] == 0:
         return _gathered_like(data, loc, fmt, dtype)
     return kernels_for("gather_dequantize", fmt, data.device, dtype).gather_dequantize(
@@ -130,6 +135,8 @@ def _decode_attention(out, lse, q, k_data, k_scales, v_data, v_scales, block_tab
                       sm_scale, k_global_scale, v_global_scale) -> None:
     kv = PagedKV(k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, k_global_scale, v_global_scale)
     fmt = checks.decode_attention_args(out, q, kv, recipe, sm_scale, lse)
+    if debug.enabled(q.device):
+        debug.paged_kv_values(kv)
     if q.numel() == 0:
         return
     kernels_for("decode_attention", fmt, q.device, q.dtype).decode_attention(out, q, kv, fmt, sm_scale, lse)
@@ -218,6 +225,9 @@ def extend_attention(
     over its paged FP4 K/V (the new tokens' K/V stored there first), read directly."""
     kv = PagedKV(k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, k_global_scale, v_global_scale)
     fmt = checks.extend_attention_args(out, q, cu_seqlens_q, kv, recipe, sm_scale)
+    if debug.enabled(q.device):
+        debug.paged_kv_values(kv)
+        debug.cu_seqlens_q_values(cu_seqlens_q, q.shape[0], seq_lens)
     if q.numel() == 0:
         return
     kernels_for("extend_attention", fmt, q.device, q.dtype).extend_attention(out, q, cu_seqlens_q, kv, fmt, sm_scale)
