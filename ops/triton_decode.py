@@ -208,7 +208,7 @@ def drop_unseen_values(v, pos, valid, query_pos, dtype: tl.constexpr):
     N: tl.constexpr = v.shape[0]
     D: tl.constexpr = v.shape[1]
     broken = v != v
-    broken_groups = tl.max(tl.reshape(broken.to(dtype), (N, NAN_GROUPS, D // NAN_GROUPS)), axis=2)
+    broken_groups = tl.max(tl.reshape(broken.to(tl.int32), (N, NAN_GROUPS, D // NAN_GROUPS)), axis=2).to(dtype)
     visible = valid[:, None] & (pos[:, None] <= query_pos[None, :])
     seen = tl.dot(tl.trans(broken_groups), visible.to(dtype))
     return tl.where(broken, 0.0, v).to(v.dtype), seen

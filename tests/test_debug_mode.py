@@ -100,8 +100,9 @@ def test_engine_made_metadata_passes_and_gives_the_same_results(backend):
     results = {}
     for on in (True, False):
         torch.manual_seed(0)
+        layer = _cache(device)  # filled on the CPU, by the selection table's backend
         with forced_backend(backend), debug_checks(on):
-            results[on] = _engine_step(_cache(device), device)
+            results[on] = _engine_step(layer, device)
     for checked, unchecked in zip(results[True], results[False]):
         assert_same_bytes(checked, unchecked)
 
