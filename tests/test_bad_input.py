@@ -57,7 +57,7 @@ STORE_CASES = [
                            v_data=lambda a: torch.zeros(SLOTS, H + 1, D // 2, dtype=torch.uint8),
                            k_scales=lambda a: torch.zeros(SLOTS, H + 1, D // 16, dtype=torch.uint8),
                            v_scales=lambda a: torch.zeros(SLOTS, H + 1, D // 16, dtype=torch.uint8)),
-     ValueError, "k_data has [H, D/2]"),
+     ValueError, "k of [H, D] = (2, 64) does not fit k_data of [H, D/2] = (3, 32)"),
     ("k_data non-contiguous", _with(k_data=lambda a: a["k_data"].transpose(0, 1).contiguous().transpose(0, 1)),
      ValueError, "k_data must be contiguous"),
     ("head_dim not a block multiple", _with(k=lambda a: a["k"][..., :40], v=lambda a: a["v"][..., :40]),
