@@ -72,7 +72,7 @@ def gather_dequantize(
     return torch.ops.fp4kv.gather_dequantize(data, scales, loc, fmt.name, global_scale, dtype)
 
 
-def _attention_defaults(q, sm_scale, out):
+def attention_defaults(q, sm_scale, out):
     """sm_scale 1/sqrt(D) and a fresh `out` like q where not given (a q that is no tensor is left
     to the argument checks, which name it)."""
     if isinstance(q, Tensor):
@@ -109,7 +109,7 @@ def decode_attention(
     an empty sequence), flash-attention's convention: two calls over disjoint parts of a context
     merge into one with weights exp(lse_i - logaddexp(lse_1, lse_2)).
     """
-    sm_scale, out = _attention_defaults(q, sm_scale, out)
+    sm_scale, out = attention_defaults(q, sm_scale, out)
     kv = PagedKV(k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, k_global_scale, v_global_scale)
     fmt = checks.decode_attention_args(out, q, kv, recipe, sm_scale, lse)
     cache = (k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, fmt.name, sm_scale,
@@ -154,7 +154,7 @@ def extend_attention(
     (eager.extend_rows): rows that no sequence owns (past cu_seqlens_q[B]: padding) and rows that
     see no position get zeros. Writes into `out` when given and returns it.
     """
-    sm_scale, out = _attention_defaults(q, sm_scale, out)
+    sm_scale, out = attention_defaults(q, sm_scale, out)
     kv = PagedKV(k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, k_global_scale, v_global_scale)
     fmt = checks.extend_attention_args(out, q, cu_seqlens_q, kv, recipe, sm_scale)
     torch.ops.fp4kv.extend_attention(out, q, cu_seqlens_q, k_data, k_scales, v_data, v_scales, block_table, seq_lens,

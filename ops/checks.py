@@ -18,6 +18,8 @@ by decode_attention must be contiguous.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .formats import FP4Format, KVRecipe, ScaleRule, get_format, get_kv_recipe
@@ -26,6 +28,27 @@ from .paged_kv import PagedKV
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 OUTPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)
 LOC_DTYPES = (torch.int32, torch.int64)
+
+
+class ArgNames(NamedTuple):
+    """What the checks call the arguments an adapter renames (the SGLang port: `k_buffer` for
+    k_data, ...), so that its errors name the arguments its caller passed. The defaults are the
+    ops' own names."""
+
+    k_data: str = "k_data"
+    v_data: str = "v_data"
+    k_scales: str = "k_scales"
+    v_scales: str = "v_scales"
+    k: str = "k"
+    v: str = "v"
+    k_global_scale: str = "k_global_scale"
+    v_global_scale: str = "v_global_scale"
+    x: str = "x"
+    data: str = "data"
+    scales: str = "scales"
+
+
+OP_NAMES = ArgNames()
 
 
 def _names(dtypes) -> str:
@@ -96,20 +119,25 @@ def activation(x, name: str, fmt: FP4Format) -> None:
     head_dim(x.shape[-1], fmt, name)
 
 
-def packed(data, scales, fmt: FP4Format, data_name: str, scales_name: str) -> None:
-    """data [..., D/2] (FP4) or [..., D] (FP8) uint8, and scales [..., D/block] uint8 (or
-    float8_e4m3fn for nvfp4; [..., 0] for FP8)."""
+def packed_data(data, fmt: FP4Format, data_name: str) -> None:
+    """data [..., D/2] (FP4) or [..., D] (FP8) uint8, for a valid head_dim D."""
     tensor(data, data_name)
-    tensor(scales, scales_name)
     dtype_in(data, data_name, (torch.uint8,))
-    scale_dtypes = (torch.uint8, torch.float8_e4m3fn) if fmt.scale_rule is ScaleRule.E4M3_AMAX_OVER_6G else (torch.uint8,)
-    dtype_in(scales, scales_name, scale_dtypes)
     if data.dim() < 1:
         raise ValueError(f"{data_name} must have at least one dimension (packed head_dim last)")
+    head_dim(fmt.head_dim_of(data.shape[-1]), fmt, data_name)
+
+
+def packed(data, scales, fmt: FP4Format, data_name: str, scales_name: str) -> None:
+    """data [..., D/2] (FP4) or [..., D] (FP8) uint8, and scales [..., D/block] uint8 (or
+    float8_e4m3fn for nvfp4; [..., 0] for FP8). The data is checked first: scales are judged
+    against it."""
+    packed_data(data, fmt, data_name)
+    tensor(scales, scales_name)
+    scale_dtypes = (torch.uint8, torch.float8_e4m3fn) if fmt.scale_rule is ScaleRule.E4M3_AMAX_OVER_6G else (torch.uint8,)
+    dtype_in(scales, scales_name, scale_dtypes)
     same_device(scales, scales_name, data, data_name)
-    d = fmt.head_dim_of(data.shape[-1])
-    head_dim(d, fmt, data_name)
-    expected = (*data.shape[:-1], fmt.scales_width(d))
+    expected = (*data.shape[:-1], fmt.scales_width(fmt.head_dim_of(data.shape[-1])))
     if tuple(scales.shape) != expected:
         raise ValueError(f"{scales_name} must have shape {expected} to match {data_name}; got {tuple(scales.shape)}")
 
@@ -130,67 +158,96 @@ def loc(loc_, reference: torch.Tensor, reference_name: str, num_tokens: int | No
     same_device(loc_, "loc", reference, reference_name)
 
 
-def cache(data, scales, fmt: FP4Format, prefix: str) -> None:
-    """A cache is data [slots, H, D/2] (FP8: [slots, H, D]) and scales [slots, H, D/block], contiguous."""
-    data_name, scales_name = f"{prefix}_data", f"{prefix}_scales"
+def cache_data(data, fmt: FP4Format, data_name: str) -> None:
+    """A cache's data buffer [slots, H, D/2] (FP8: [slots, H, D]) uint8."""
     tensor(data, data_name)
     rank(data, data_name, 3, f"[slots, H, {fmt.data_layout}]")
+    packed_data(data, fmt, data_name)
+
+
+def cache(data, scales, fmt: FP4Format, data_name: str, scales_name: str) -> None:
+    """A cache is data [slots, H, D/2] (FP8: [slots, H, D]) and scales [slots, H, D/block], contiguous."""
+    cache_data(data, fmt, data_name)
     packed(data, scales, fmt, data_name, scales_name)
     for x, name in ((data, data_name), (scales, scales_name)):
         if not x.is_contiguous():
             raise ValueError(f"{name} must be contiguous (cache buffers are written in place)")
 
 
-def kv_cache(k_data, k_scales, v_data, v_scales, kv: KVRecipe) -> None:
+def cache_tokens(x, name: str, data: torch.Tensor, data_name: str, fmt: FP4Format) -> None:
+    """x [..., H, D], an activation of the heads and head_dim that a checked cache data buffer
+    [slots, H, D/2] (FP8: [slots, H, D]) holds, on its device."""
+    activation(x, name, fmt)
+    if x.dim() < 2:
+        raise ValueError(f"{name} must be [..., H, D]; got shape {tuple(x.shape)}")
+    expected = (x.shape[-2], fmt.data_width(x.shape[-1]))
+    if tuple(data.shape[1:]) != expected:
+        raise ValueError(f"{name} of [H, D] = {tuple(x.shape[-2:])} does not fit {data_name} of "
+                         f"[H, {fmt.data_layout}] = {tuple(data.shape[1:])} ({fmt.name} needs {expected})")
+    same_device(x, name, data, data_name)
+
+
+def kv_cache(k_data, k_scales, v_data, v_scales, kv: KVRecipe, names: ArgNames = OP_NAMES) -> None:
     """One layer's K and V caches: each valid in its format, the same slots, heads and head_dim,
     all on k_data's device."""
-    cache(k_data, k_scales, kv.k, "k")
-    cache(v_data, v_scales, kv.v, "v")
-    for other, name in ((v_data, "v_data"), (k_scales, "k_scales"), (v_scales, "v_scales")):
-        same_device(other, name, k_data, "k_data")
+    cache(k_data, k_scales, kv.k, names.k_data, names.k_scales)
+    cache(v_data, v_scales, kv.v, names.v_data, names.v_scales)
+    for other, name in ((v_data, names.v_data), (k_scales, names.k_scales), (v_scales, names.v_scales)):
+        same_device(other, name, k_data, names.k_data)
     k_shape = (*k_data.shape[:2], kv.k.head_dim_of(k_data.shape[2]))
     v_shape = (*v_data.shape[:2], kv.v.head_dim_of(v_data.shape[2]))
     if v_shape != k_shape:
-        raise ValueError(f"v_data has shape {tuple(v_data.shape)} but k_data has {tuple(k_data.shape)}: "
-                         f"[slots, H, D] = {v_shape} in {kv.v.name} against {k_shape} in {kv.k.name}")
+        raise ValueError(f"{names.v_data} has shape {tuple(v_data.shape)} but {names.k_data} has "
+                         f"{tuple(k_data.shape)}: [slots, H, D] = {v_shape} in {kv.v.name} against {k_shape} in "
+                         f"{kv.k.name}")
 
 
 # ---- one check per op -------------------------------------------------------------------------
 
 
-def quantize_args(x, recipe_, g) -> FP4Format:
+def quantize_args(x, recipe_, g, names: ArgNames = OP_NAMES) -> FP4Format:
     fmt = recipe(recipe_)
-    activation(x, "x", fmt)
-    global_scale(g, "global_scale", fmt, x, "x")
+    activation(x, names.x, fmt)
+    global_scale(g, "global_scale", fmt, x, names.x)
     return fmt
 
 
-def dequantize_args(data, scales, recipe_, g, dtype) -> FP4Format:
+def dequantize_args(data, scales, recipe_, g, dtype, names: ArgNames = OP_NAMES) -> FP4Format:
     fmt = recipe(recipe_)
-    packed(data, scales, fmt, "data", "scales")
-    global_scale(g, "global_scale", fmt, data, "data")
+    packed(data, scales, fmt, names.data, names.scales)
+    global_scale(g, "global_scale", fmt, data, names.data)
     output_dtype(dtype)
     return fmt
 
 
-def quantize_and_store_args(k_data, v_data, k_scales, v_scales, loc_, k, v, recipe_, kg, vg) -> KVRecipe:
-    kv = kv_recipe(recipe_)
-    kv_cache(k_data, k_scales, v_data, v_scales, kv)
-    for x, name, fmt in ((k, "k", kv.k), (v, "v", kv.v)):
+def store_data_args(k_data, v_data, k, v, kv: KVRecipe, names: ArgNames = OP_NAMES) -> None:
+    """k, v [T, H, D] and the data buffers they go into, each buffer judged by its tensor and
+    before any scales are: a buffer that does not fit is named, not the scales that match it."""
+    for x, name, fmt in ((k, names.k, kv.k), (v, names.v, kv.v)):
         activation(x, name, fmt)
         rank(x, name, 3, "[T, H, D]")
-        same_device(x, name, k_data, "k_data")
     if v.shape != k.shape:
-        raise ValueError(f"v has shape {tuple(v.shape)} but k has {tuple(k.shape)}")
+        raise ValueError(f"{names.v} has shape {tuple(v.shape)} but {names.k} has {tuple(k.shape)}")
     if v.dtype != k.dtype:
-        raise TypeError(f"v has dtype {_names([v.dtype])} but k has {_names([k.dtype])}; pass both in one dtype")
-    expected = (k.shape[1], kv.k.data_width(k.shape[2]))
-    if tuple(k_data.shape[1:]) != expected:
-        raise ValueError(f"k_data has [H, {kv.k.data_layout}] = {tuple(k_data.shape[1:])} but k needs {expected} "
-                         f"({kv.k.name})")
-    loc(loc_, k_data, "k_data", num_tokens=k.shape[0])
-    global_scale(kg, "k_global_scale", kv.k, k_data, "k_data")
-    global_scale(vg, "v_global_scale", kv.v, k_data, "k_data")
+        raise TypeError(f"{names.v} has dtype {_names([v.dtype])} but {names.k} has {_names([k.dtype])}; "
+                        "pass both in one dtype")
+    for data, data_name, x, name, fmt in ((k_data, names.k_data, k, names.k, kv.k),
+                                          (v_data, names.v_data, v, names.v, kv.v)):
+        cache_data(data, fmt, data_name)
+        cache_tokens(x, name, data, data_name, fmt)
+    if v_data.shape[0] != k_data.shape[0]:
+        raise ValueError(f"{names.v_data} has shape {tuple(v_data.shape)} but {names.k_data} has "
+                         f"{tuple(k_data.shape)}: {v_data.shape[0]} slots against {k_data.shape[0]}")
+
+
+def quantize_and_store_args(k_data, v_data, k_scales, v_scales, loc_, k, v, recipe_, kg, vg,
+                            names: ArgNames = OP_NAMES) -> KVRecipe:
+    kv = kv_recipe(recipe_)
+    store_data_args(k_data, v_data, k, v, kv, names)
+    kv_cache(k_data, k_scales, v_data, v_scales, kv, names)
+    loc(loc_, k_data, names.k_data, num_tokens=k.shape[0])
+    global_scale(kg, names.k_global_scale, kv.k, k_data, names.k_data)
+    global_scale(vg, names.v_global_scale, kv.v, k_data, names.k_data)
     return kv
 
 

@@ -4,6 +4,8 @@ The Python API (`torch_fp4kv.quantize_and_store`, ...) checks everything; the ra
 `torch.ops.fp4kv.*` entry points check the same inside the kernel, except argument *types*, which
 the dispatcher rejects first (a RuntimeError that names the argument)."""
 
+import re
+
 import pytest
 import torch
 
@@ -57,7 +59,7 @@ STORE_CASES = [
                            v_data=lambda a: torch.zeros(SLOTS, H + 1, D // 2, dtype=torch.uint8),
                            k_scales=lambda a: torch.zeros(SLOTS, H + 1, D // 16, dtype=torch.uint8),
                            v_scales=lambda a: torch.zeros(SLOTS, H + 1, D // 16, dtype=torch.uint8)),
-     ValueError, "k_data has [H, D/2]"),
+     ValueError, "k of [H, D] = (2, 64) does not fit k_data of [H, D/2] = (3, 32)"),
     ("k_data non-contiguous", _with(k_data=lambda a: a["k_data"].transpose(0, 1).contiguous().transpose(0, 1)),
      ValueError, "k_data must be contiguous"),
     ("head_dim not a block multiple", _with(k=lambda a: a["k"][..., :40], v=lambda a: a["v"][..., :40]),
@@ -160,3 +162,141 @@ def test_raw_op_checks_inside_the_kernel_before_writing():
     assert torch.equal(args["k_data"], before)
     with pytest.raises(RuntimeError, match="global_scale"):
         torch.ops.fp4kv.quantize(torch.ones(2, 16), "nvfp4", 2.0)
+
+
+# ---- accuracy options never bypass the checks ----------------------------------------------------
+# With rotate, smooth_k or k_fp8 the layer cache transforms its inputs (casts, broadcasts against the
+# K mean, matmuls with the rotation) around the ops; a bad input must still get the ops' error, naming
+# the argument, before the cache or its calibration state changes.
+
+OPTION_SETS = [dict(rotate=rotate, smooth_k=smooth, k_fp8=fp8)
+               for rotate in (False, True) for smooth in (False, True) for fp8 in (False, True)]
+
+
+def _option_id(options):
+    return "+".join(name for name, on in options.items() if on) or "plain"
+
+
+def _calibrated_method(options, recipe="nvfp4"):
+    """One layer, every slot stored after a calibration, so that any write or recalibration shows."""
+    method = torch_fp4kv.get_fp4_kv_cache_quant_method(recipe, **options)
+    method.create_buffers(SLOTS, H, D, 1, "cpu")
+    k, v = torch.randn(SLOTS, H, D) * 3 + 1, torch.randn(SLOTS, H, D)
+    method.calibrate(0, k, v)
+    method.quantize_and_store(0, torch.arange(SLOTS), k, v)
+    return method
+
+
+def _layer_state(method):
+    return {name: tensor.clone() for name, tensor in method.layer(0).state_dict().items()}
+
+
+def _assert_state_unchanged(method, before):
+    after = method.layer(0).state_dict()
+    assert set(after) == set(before)
+    for name, tensor in before.items():
+        assert torch.equal(after[name].view(torch.uint8), tensor.view(torch.uint8)), f"{name} changed"
+
+
+def _bf16(*shape):
+    return torch.randn(shape, dtype=torch.bfloat16)
+
+
+def _loc():
+    return torch.tensor([1, 5, 2])
+
+
+TABLE, LENS = torch.tensor([[0, 1], [1, 0]], dtype=torch.int32), torch.tensor([5, 3], dtype=torch.int32)
+CU_SEQLENS = torch.tensor([0, 2, 3], dtype=torch.int32)
+
+
+def _decode(q, **kwargs):
+    return lambda m: m.decode_attention(0, q, TABLE, LENS, 4, **kwargs)
+
+
+def _extend(q, **kwargs):
+    return lambda m: m.extend_attention(0, q, CU_SEQLENS, TABLE, LENS, 4, **kwargs)
+
+
+# (case id, call on a method, error type, the argument the message must name)
+OPTION_CASES = [
+    ("store k [T, 1, D]", lambda m: m.quantize_and_store(0, _loc(), _bf16(T, 1, D), _bf16(T, H, D)), ValueError, "k"),
+    ("store int32 k, v", lambda m: m.quantize_and_store(0, _loc(), *(torch.ones(T, H, D, dtype=torch.int32),) * 2),
+     TypeError, "k"),
+    ("store float64 k, v", lambda m: m.quantize_and_store(0, _loc(), *(torch.ones(T, H, D, dtype=torch.float64),) * 2),
+     TypeError, "k"),
+    ("store head_dim 32", lambda m: m.quantize_and_store(0, _loc(), _bf16(T, H, 32), _bf16(T, H, 32)), ValueError, "k"),
+    ("store v float16", lambda m: m.quantize_and_store(0, _loc(), _bf16(T, H, D), _bf16(T, H, D).half()),
+     TypeError, "v"),
+    ("store loc float", lambda m: m.quantize_and_store(0, _loc().float(), _bf16(T, H, D), _bf16(T, H, D)),
+     TypeError, "loc"),
+    ("read dtype int32", lambda m: m.dequantize_prev_kv(0, _loc(), torch.int32), TypeError, "dtype"),
+    ("roundtrip k [T, 1, D]", lambda m: m.layer(0).roundtrip(_bf16(T, 1, D), _bf16(T, H, D)), ValueError, "k"),
+    ("roundtrip int32 v", lambda m: m.layer(0).roundtrip(_bf16(T, H, D), torch.ones(T, H, D, dtype=torch.int32)),
+     TypeError, "v"),
+    ("calibrate k [T, 2H, D/2]", lambda m: m.calibrate(0, torch.randn(T, 2 * H, D // 2), torch.randn(T, H, D)),
+     ValueError, "k"),
+    ("calibrate v head_dim 32", lambda m: m.calibrate(0, torch.randn(T, H, D), torch.randn(T, H, 32)), ValueError, "v"),
+    ("calibrate no tokens", lambda m: m.calibrate(0, torch.randn(0, H, D), torch.randn(0, H, D)), ValueError, "k"),
+    ("decode q head_dim 128", _decode(_bf16(2, H, 128)), ValueError, "q"),
+    ("decode q float32", _decode(torch.randn(2, H, D)), TypeError, "q"),
+    ("decode out float32", _decode(_bf16(2, H, D), out=torch.empty(2, H, D)), ValueError, "out"),
+    ("decode out rows", _decode(_bf16(2, H, D), out=_bf16(1, H, D)), ValueError, "out"),
+    ("extend q head_dim 128", _extend(_bf16(T, H, 128)), ValueError, "q"),
+    ("extend out float32", _extend(_bf16(T, H, D), out=torch.empty(T, H, D)), ValueError, "out"),
+    ("extend out rows", _extend(_bf16(T, H, D), out=_bf16(T - 1, H, D)), ValueError, "out"),
+]
+
+
+@pytest.mark.parametrize("options", OPTION_SETS, ids=_option_id)
+@pytest.mark.parametrize("call, error, name", [c[1:] for c in OPTION_CASES], ids=[c[0] for c in OPTION_CASES])
+def test_options_check_before_transforming_or_writing(options, call, error, name):
+    method = _calibrated_method(options)
+    before = _layer_state(method)
+    with pytest.raises(error) as info:
+        call(method)
+    assert re.search(rf"(^|[^\w.]){name}\b", str(info.value)), str(info.value)
+    assert type(info.value) is error, repr(info.value)
+    _assert_state_unchanged(method, before)
+
+
+# (recipe, options, state dict of one good entry and one bad one, the entry the message names)
+BAD_LOADS = [
+    ("nvfp4", dict(smooth_k=True), {"layers.0.k_mean": torch.ones(H, D), "layers.0.k_scale": torch.ones(2),
+                                    "layers.0.v_scale": torch.ones(1)}, "k_scale"),
+    ("nvfp4", dict(smooth_k=True, k_fp8=True), {"layers.0.k_mean": torch.ones(H, D), "layers.0.k_scale": 0.5,
+                                                "layers.0.v_scale": torch.ones(1, 3)}, "v_scale"),
+    ("blockfp4", dict(smooth_k=True, k_fp8=True), {"layers.0.k_mean": torch.ones(H, D),
+                                                   "layers.0.k_scale": torch.ones(2)}, "k_scale"),
+    ("nvfp4", dict(smooth_k=True), {"layers.0.k_scale": 0.5, "layers.0.v_scale": 0.5,
+                                    "layers.0.k_mean": torch.ones(H + 1, D)}, "k_mean"),
+]
+
+
+@pytest.mark.parametrize("recipe, options, state, name", BAD_LOADS)
+def test_load_scales_from_model_checks_every_entry_before_writing(recipe, options, state, name):
+    method = _calibrated_method(options, recipe)
+    before = _layer_state(method)
+    with pytest.raises(ValueError, match=name):
+        method.load_scales_from_model(state)
+    _assert_state_unchanged(method, before)
+
+
+@pytest.mark.parametrize("k_scale, v_scale, error, text", [
+    (2.0, torch.ones(3), ValueError, r"v_scale must have one element; got shape \(3,\)"),
+    ("2.0", 1.0, TypeError, "k_scale must be a number or a tensor, got str"),
+])
+def test_set_global_scales_checks_both_before_writing(k_scale, v_scale, error, text):
+    method = _calibrated_method({})
+    before = _layer_state(method)
+    with pytest.raises(error, match=text):
+        method.set_global_scales(0, k_scale, v_scale)
+    _assert_state_unchanged(method, before)
+
+
+def test_set_k_mean_names_a_value_that_is_no_tensor():
+    method = _calibrated_method(dict(smooth_k=True))
+    before = _layer_state(method)
+    with pytest.raises(TypeError, match="k_mean must be a number or a tensor, got str"):
+        method.set_k_mean(0, "zeros")
+    _assert_state_unchanged(method, before)

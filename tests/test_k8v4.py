@@ -166,12 +166,13 @@ def _store_args(recipe="nvfp4+k8", **changes):
 
 @pytest.mark.parametrize("changes, error, text", [
     (dict(k_data=torch.zeros(8, 2, 32, dtype=torch.uint8)), ValueError,
-     "[slots, H, D] = (8, 2, 64) in nvfp4 against (8, 2, 32) in fp8_e4m3"),
+     "k of [H, D] = (2, 64) does not fit k_data of [H, D] = (2, 32) (fp8_e4m3 needs (2, 64))"),
     (dict(k_data=torch.zeros(8, 2, 32, dtype=torch.uint8), v_data=torch.zeros(8, 2, 16, dtype=torch.uint8),
-          v_scales=torch.zeros(8, 2, 2, dtype=torch.uint8)), ValueError, "k_data has [H, D] = (2, 32)"),
+          v_scales=torch.zeros(8, 2, 2, dtype=torch.uint8)), ValueError, "does not fit k_data of [H, D] = (2, 32)"),
     (dict(k_data=torch.zeros(8, 2, 64, dtype=torch.float8_e4m3fn)), TypeError, "k_data must have dtype uint8"),
     (dict(k_scales=torch.zeros(8, 2, 4, dtype=torch.uint8)), ValueError, "k_scales must have shape (8, 2, 0)"),
-    (dict(v_data=torch.zeros(8, 2, 64, dtype=torch.uint8)), ValueError, "v_scales must have shape (8, 2, 8)"),
+    (dict(v_data=torch.zeros(8, 2, 64, dtype=torch.uint8)), ValueError,
+     "v of [H, D] = (2, 64) does not fit v_data of [H, D/2] = (2, 64) (nvfp4 needs (2, 32))"),
     (dict(recipe="nvfp4+k4"), ValueError, "recipe='nvfp4+k4' is not a known recipe"),
     (dict(recipe="fp8_e4m3"), ValueError, "recipe='fp8_e4m3' is not a known recipe"),
     (dict(k_global_scale=0.5), TypeError, "k_global_scale must be a float32 tensor"),

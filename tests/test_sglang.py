@@ -2,6 +2,7 @@
 (its unit tests, test/srt/test_fp4_kv_cache_quant_method.py, and its KV pool, mem_cache/memory_pool.py),
 checked against the primary API byte for byte."""
 
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -451,3 +452,114 @@ def test_sglang_style_pool_sized_stored_and_read_for_prefill(recipe):
             k_ref, v_ref = primary.dequantize_prev_kv(local, req_to_token[req, :end - begin], FP8)
             assert_same_bytes(pool.dq_k_buffer[begin:end], k_ref)
             assert_same_bytes(pool.dq_v_buffer[begin:end], v_ref)
+
+
+# ---- errors name SGLang's arguments --------------------------------------------------------------
+
+
+def _store_call(recipe, **changes):
+    """A quantize_and_store call on a fresh pool layer with `changes` to its arguments; returns the
+    method, the call's arguments and the pool's buffers."""
+    m = _sglang_method(recipe, num_layers=1)
+    bufs = m.create_buffers(8, H, D, 1, "cpu")
+    args = dict(k_buffer=bufs["k_buffer"][0], v_buffer=bufs["v_buffer"][0], k_scale_buffer=bufs["k_scale_buffer"][0],
+                v_scale_buffer=bufs["v_scale_buffer"][0], loc=torch.arange(2), cache_k=random_kv((2, H, D)),
+                cache_v=random_kv((2, H, D)))
+    if recipe == "nvfp4":
+        args.update(k_scale=torch.ones(1), v_scale=torch.ones(1))
+    args.update({name: value(args) if callable(value) else value for name, value in changes.items()})
+    return m, args, [bufs[name][0] for name in ("k_buffer", "v_buffer", "k_scale_buffer", "v_scale_buffer")]
+
+
+# (case id, recipe, changes to the store's arguments, error, SGLang's name, a name the message must not use)
+SGLANG_STORE_CASES = [
+    ("k_scale float64", "nvfp4", dict(k_scale=torch.ones(1, dtype=torch.float64)), TypeError, "k_scale",
+     "k_global_scale"),
+    ("v_scale shape", "nvfp4", dict(v_scale=torch.ones(2)), ValueError, "v_scale", "v_global_scale"),
+    ("cache_k int32", "nvfp4", dict(cache_k=lambda a: a["cache_k"].int()), TypeError, "cache_k", "k"),
+    ("cache_v shape", "blockfp4", dict(cache_v=lambda a: a["cache_v"][:, :1]), ValueError, "cache_v", "v"),
+    *((f"k_buffer [size, H, D] {recipe}", recipe, dict(k_buffer=torch.zeros(8, H, D, dtype=torch.uint8)), ValueError,
+       "k_buffer", "k_scale_buffer") for recipe in SGLANG_RECIPES),
+    *((f"v_buffer short {recipe}", recipe, dict(v_buffer=lambda a: a["v_buffer"][:4]), ValueError, "v_buffer",
+       "v_scale_buffer") for recipe in SGLANG_RECIPES),
+    ("k_buffer int8", "blockfp4", dict(k_buffer=lambda a: a["k_buffer"].view(torch.int8)), TypeError, "k_buffer",
+     "k_data"),
+    ("v_scale_buffer float", "nvfp4", dict(v_scale_buffer=lambda a: a["v_scale_buffer"].float()), TypeError,
+     "v_scale_buffer", "v_scales"),
+    ("v_scale_buffer width", "blockfp4", dict(v_scale_buffer=lambda a: a["v_scale_buffer"][:, :4].contiguous()),
+     ValueError, "v_scale_buffer", "v_scales"),
+]
+
+
+@pytest.mark.parametrize("recipe, changes, error, name, internal", [c[1:] for c in SGLANG_STORE_CASES],
+                         ids=[c[0] for c in SGLANG_STORE_CASES])
+def test_store_errors_name_sglangs_arguments(recipe, changes, error, name, internal):
+    m, args, layer = _store_call(recipe, **changes)
+    with pytest.raises(error) as info:
+        m.quantize_and_store(**args)
+    message = str(info.value)
+    assert re.search(rf"\b{name}\b", message), message
+    assert not re.search(rf"\b{internal}\b", message), message
+    assert not any(t.any() for t in layer)
+
+
+def _prev_kv_args(recipe):
+    data, scales = torch_fp4kv.quantize(random_kv((3, H, D)), recipe)
+    sglang_scales = scales.flatten(1) if recipe == "blockfp4" else scales
+    return dict(k_fp4=data, k_scales=sglang_scales, v_fp4=data.clone(), v_scales=sglang_scales.clone(), layer_id=0)
+
+
+# (case id, recipe, changes to dequantize_prev_kv's arguments, error, SGLang's name, a name not to use)
+PREV_KV_CASES = [
+    ("k_fp4 int8", "nvfp4", dict(k_fp4=lambda a: a["k_fp4"].view(torch.int8)), TypeError, "k_fp4", "data"),
+    ("v_scales width", "nvfp4", dict(v_scales=lambda a: a["v_scales"][..., :2]), ValueError, "v_scales", "scales"),
+    ("v_fp4 head_dim", "blockfp4", dict(v_fp4=lambda a: a["v_fp4"][..., :4]), ValueError, "v_fp4", "v_scales"),
+    ("k_scales float", "blockfp4", dict(k_scales=lambda a: a["k_scales"].float()), TypeError, "k_scales", "scales"),
+]
+
+
+@pytest.mark.parametrize("recipe, changes, error, name, internal", [c[1:] for c in PREV_KV_CASES],
+                         ids=[c[0] for c in PREV_KV_CASES])
+def test_dequantize_prev_kv_errors_name_sglangs_arguments(recipe, changes, error, name, internal):
+    args = _prev_kv_args(recipe)
+    args.update({key: value(args) for key, value in changes.items()})
+    with pytest.raises(error) as info:
+        _sglang_method(recipe).dequantize_prev_kv(**args)
+    assert re.search(rf"\b{name}\b", str(info.value)), str(info.value)
+    assert not re.search(rf"\b{internal}\b", str(info.value)), str(info.value)
+
+
+UTIL_CASES = [
+    ("nvfp4 tensor int32", lambda: NVFP4KVQuantizeUtil.quantize(torch.ones(1, H, D, dtype=torch.int32), 1.0),
+     TypeError, "tensor", "x"),
+    ("nvfp4 global_scale float64", lambda: NVFP4KVQuantizeUtil.quantize(random_kv((1, H, D)), torch.ones(1).double()),
+     TypeError, "global_scale", "x"),
+    ("nvfp4 block_scales width", lambda: NVFP4KVQuantizeUtil.dequantize(
+        *torch_fp4kv.quantize(random_kv((1, H, D)), "nvfp4")[:1], torch.zeros(1, H, 2, dtype=torch.uint8), 1.0),
+     ValueError, "block_scales", "scales"),
+    ("nvfp4 quant_tensor int8", lambda: NVFP4KVQuantizeUtil.dequantize(
+        torch.zeros(1, H, D // 2, dtype=torch.int8), torch.zeros(1, H, D // 16, dtype=torch.uint8), 1.0),
+     TypeError, "quant_tensor", "data"),
+    ("blockfp4 tensor head_dim", lambda: BlockFP4KVQuantizeUtil.batched_quantize(random_kv((1, H, 40))),
+     ValueError, "tensor", "x"),
+    ("blockfp4 quant_tensor int8", lambda: BlockFP4KVQuantizeUtil.batched_dequantize(
+        torch.zeros(1, H, D // 2, dtype=torch.int8), torch.zeros(1, H * D // 16, dtype=torch.uint8)),
+     TypeError, "quant_tensor", "scale_factors"),
+    ("blockfp4 scale_factors float", lambda: BlockFP4KVQuantizeUtil.batched_dequantize(
+        torch.zeros(1, H, D // 2, dtype=torch.uint8), torch.zeros(1, H * D // 16)),
+     TypeError, "scale_factors", "scales"),
+]
+
+
+@pytest.mark.parametrize("call, error, name, internal", [c[1:] for c in UTIL_CASES], ids=[c[0] for c in UTIL_CASES])
+def test_tensor_util_errors_name_sglangs_arguments(call, error, name, internal):
+    with pytest.raises(error) as info:
+        call()
+    assert re.search(rf"\b{name}\b", str(info.value)), str(info.value)
+    assert not re.search(rf"\b{internal}\b", str(info.value)), str(info.value)
+
+
+@pytest.mark.parametrize("num_layers", [-1, 0, 2.0])
+def test_nvfp4_method_rejects_a_bad_layer_count(num_layers):
+    with pytest.raises(ValueError, match=rf"num_layers must be an int >= 1, got {num_layers}"):
+        NVFP4KVMethod(num_layers, "cpu")

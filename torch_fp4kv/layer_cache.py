@@ -13,6 +13,10 @@ Two optional accuracy transforms run in PyTorch around the ops, so every backend
 - K smoothing: a calibrated per-head, per-channel mean `k_mean` [H, D] is subtracted from K before
   storing. Attention needs no correction (q·(k - μ) = q·k - q·μ, a constant over positions, which
   softmax cancels); reads add μ back.
+
+The transforms cast, broadcast and multiply, so they would accept what the ops reject (int keys,
+one head for H, a float32 `out` for bf16 q) or fail with torch's own errors. Every call therefore
+runs the op's argument check on the arguments as given before transforming them.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ import torch
 from torch import nn
 
 from . import ops
+from .ops import checks
+from .ops.api import attention_defaults
+from .ops.paged_kv import PagedKV
 
 
 def hadamard(n: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
@@ -89,11 +96,34 @@ class FP4KVLayerCache(nn.Module):
 
     decode_v = encode_v  # the rotation is an involution
 
+    def check_tokens(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [..., H, D] of this cache's heads and head_dim, on its device (the ops' activation
+        checks against the cache, for calls that take tokens without slots)."""
+        kv = ops.get_kv_recipe(self.recipe)
+        checks.cache_tokens(k, "k", self.k_data, "k_data", kv.k)
+        checks.cache_tokens(v, "v", self.v_data, "v_data", kv.v)
+
+    def _rotated(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., D] times the rotation, in x's dtype (the rotation is its own inverse)."""
+        return (x.float() @ self.rotation).to(x.dtype)
+
+    def _paged(self, block_table, seq_lens, page_size) -> PagedKV:
+        """The paged cache as the attention checks take it."""
+        return PagedKV(self.k_data, self.k_scales, self.v_data, self.v_scales, block_table, seq_lens, page_size,
+                       self.k_global_scale, self.v_global_scale)
+
+    def _attention_cache_args(self, kv: PagedKV) -> tuple:
+        """The cache arguments of ops.decode_attention and ops.extend_attention, in their order."""
+        return (kv.k_data, kv.k_scales, kv.v_data, kv.v_scales, kv.block_table, kv.seq_lens, kv.page_size,
+                self.recipe, kv.k_global_scale, kv.v_global_scale)
+
     # ---- the ops ----
 
     def store(self, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Quantize k, v [T, H, D] into slots loc [T]."""
         if self.transformed:
+            checks.quantize_and_store_args(self.k_data, self.v_data, self.k_scales, self.v_scales, loc, k, v,
+                                           self.recipe, self.k_global_scale, self.v_global_scale)
             k, v = self.encode_k(k), self.encode_v(v).float()
         ops.quantize_and_store(
             self.k_data, self.v_data, self.k_scales, self.v_scales, loc, k, v, self.recipe,
@@ -102,7 +132,10 @@ class FP4KVLayerCache(nn.Module):
 
     def read(self, loc: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
         """Slots loc [T] as (k, v) [T, H, D] in dtype."""
-        raw = torch.float32 if self.transformed else dtype
+        raw = dtype
+        if self.transformed:  # read in float32, cast to dtype after decoding
+            checks.output_dtype(dtype)
+            raw = torch.float32
         k = ops.gather_dequantize(self.k_data, self.k_scales, loc, self.k_recipe, self.k_global_scale, raw)
         v = ops.gather_dequantize(self.v_data, self.v_scales, loc, self.v_recipe, self.v_global_scale, raw)
         if self.transformed:
@@ -111,6 +144,7 @@ class FP4KVLayerCache(nn.Module):
 
     def roundtrip(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v [..., H, D] as this cache would give them back (quantized and dequantized, no slots)."""
+        self.check_tokens(k, v)
         out = []
         for x, encode, decode, g, recipe in ((k, self.encode_k, self.decode_k, self.k_global_scale, self.k_recipe),
                                              (v, self.encode_v, self.decode_v, self.v_global_scale, self.v_recipe)):
@@ -125,20 +159,14 @@ class FP4KVLayerCache(nn.Module):
         keys as given (`fp4kv.decode_attention`'s), so the result merges with attention over other
         keys. Softmax alone cancels a K mean (q·(k - μ) = q·k - q·μ for every position), the
         log-sum-exp does not: it gets sm_scale · q·μ back."""
-        if sm_scale is None:
-            sm_scale = q.shape[-1] ** -0.5
+        sm_scale, out = attention_defaults(q, sm_scale, out)
+        kv = self._paged(block_table, seq_lens, page_size)
+        checks.decode_attention_args(out, q, kv, self.recipe, sm_scale, lse)
+        cache = self._attention_cache_args(kv)
         if self.rotation is None:
-            out = ops.decode_attention(q, self.k_data, self.k_scales, self.v_data, self.v_scales, block_table,
-                                       seq_lens, page_size, self.recipe, self.k_global_scale, self.v_global_scale,
-                                       sm_scale, out, lse)
+            ops.decode_attention(q, *cache, sm_scale, out, lse)
         else:
-            rotated_q = (q.float() @ self.rotation).to(q.dtype)
-            rotated = ops.decode_attention(rotated_q, self.k_data, self.k_scales, self.v_data, self.v_scales,
-                                           block_table, seq_lens, page_size, self.recipe, self.k_global_scale,
-                                           self.v_global_scale, sm_scale, None if out is None else torch.empty_like(out),
-                                           lse)
-            result = (rotated.float() @ self.rotation).to(rotated.dtype)
-            out = result if out is None else out.copy_(result)
+            out.copy_(self._rotated(ops.decode_attention(self._rotated(q), *cache, sm_scale, None, lse)))
         if lse is not None and self.k_mean is not None:
             batch, hq, d = q.shape
             hkv = self.k_mean.shape[0]
@@ -148,17 +176,12 @@ class FP4KVLayerCache(nn.Module):
 
     def extend(self, q, cu_seqlens_q, block_table, seq_lens, page_size: int, sm_scale: float | None = None, out=None):
         """Attention of several new tokens per sequence, q [T, Hq, D] (rows cu_seqlens_q[b] to
-        cu_seqlens_q[b + 1]), stored in the cache already, causal over them, reading the cache in FP4."""
-        if self.rotation is None:  # a K mean needs nothing here: softmax cancels q·k_mean
-            return ops.extend_attention(q, cu_seqlens_q, self.k_data, self.k_scales, self.v_data, self.v_scales,
-                                        block_table, seq_lens, page_size, self.recipe, self.k_global_scale,
-                                        self.v_global_scale, sm_scale, out)
-        rotated_q = (q.float() @ self.rotation).to(q.dtype)
-        rotated = ops.extend_attention(rotated_q, cu_seqlens_q, self.k_data, self.k_scales, self.v_data, self.v_scales,
-                                       block_table, seq_lens, page_size, self.recipe, self.k_global_scale,
-                                       self.v_global_scale, sm_scale if sm_scale is not None else q.shape[-1] ** -0.5)
-        result = (rotated.float() @ self.rotation).to(rotated.dtype)
-        if out is None:
-            return result
-        out.copy_(result)
-        return out
+        cu_seqlens_q[b + 1]), stored in the cache already, causal over them, reading the cache in FP4.
+        A K mean needs nothing here: softmax cancels q·k_mean."""
+        sm_scale, out = attention_defaults(q, sm_scale, out)
+        kv = self._paged(block_table, seq_lens, page_size)
+        checks.extend_attention_args(out, q, cu_seqlens_q, kv, self.recipe, sm_scale)
+        cache = self._attention_cache_args(kv)
+        if self.rotation is None:
+            return ops.extend_attention(q, cu_seqlens_q, *cache, sm_scale, out)
+        return out.copy_(self._rotated(ops.extend_attention(self._rotated(q), cu_seqlens_q, *cache, sm_scale)))

@@ -213,8 +213,12 @@ class TableFP4KVMethod(FP4KVCacheQuantMethod):
         per-head, per-channel mean when smoothing, then each global scale the formats have, amax
         of what is quantized (after smoothing and rotation) over the format's `calibration_amax`
         (NVFP4 448 * 6, FP8 keys 448), so the largest value lands at the top of the format's range.
-        Runs on the device, no host sync."""
+        Runs on the device, no host sync. The samples are checked before anything is set."""
         layer = self.layer(layer_id)
+        layer.check_tokens(k, v)
+        for x, name in ((k, "k"), (v, "v")):
+            if x.shape[:-2].numel() == 0:  # a mean and an amax need a sample
+                raise ValueError(f"{name} holds no tokens to calibrate on; got shape {tuple(x.shape)}")
         if self.smooth_k:
             layer.k_mean.copy_(k.detach().float().reshape(-1, *layer.k_mean.shape).mean(0))
         if layer.transformed:
@@ -226,13 +230,18 @@ class TableFP4KVMethod(FP4KVCacheQuantMethod):
 
     def set_k_mean(self, layer_id: int, k_mean) -> None:
         """Write a layer's K mean [H, D] in place (needs smooth_k=True)."""
+        value = self._k_mean_value(layer_id, k_mean)
+        self.layer(layer_id).k_mean.copy_(value)
+
+    def _k_mean_value(self, layer_id: int, k_mean) -> torch.Tensor:
+        """k_mean as a float32 tensor of the layer's K mean shape [H, D], checked before it is written."""
         mean = self.layer(layer_id).k_mean
         if mean is None:
             raise ValueError(f"{type(self).__name__} was created without smooth_k=True: it keeps no K mean")
-        k_mean = torch.as_tensor(k_mean, dtype=torch.float32)
+        k_mean = _float32(k_mean, "k_mean")
         if k_mean.shape != mean.shape:
             raise ValueError(f"k_mean must have shape {tuple(mean.shape)} ([H, D]); got {tuple(k_mean.shape)}")
-        mean.copy_(k_mean)
+        return k_mean
 
     def calibration_state_dict(self) -> dict[str, torch.Tensor]:
         """What `calibrate` set, keyed `layers.{i}.k_mean` / `layers.{i}.k_scale` / `layers.{i}.v_scale`
@@ -247,24 +256,32 @@ class TableFP4KVMethod(FP4KVCacheQuantMethod):
         return state
 
     def load_scales_from_model(self, source) -> int:
-        """Load `k_mean` entries ([H, D], ModelOpt-style keys such as `model.layers.3.self_attn.k_mean`)
-        of a state dict when smoothing, and `k_scale` entries where K alone has a global scale (FP8
-        keys beside blockfp4/mxfp4; NVFP4 reads both scales itself). Returns how many layers were set."""
+        """Load per-layer calibration from a state dict (ModelOpt-style keys such as
+        `model.layers.3.self_attn.k_mean`; the layer is the number after `layers.`): `k_mean`
+        entries [H, D] when smoothing, and `k_scale` entries where K alone has a global scale (FP8
+        keys beside blockfp4/mxfp4). NVFP4 reads `k_scale`/`v_scale` as its two global scales, from
+        a model's attention modules too. Every entry is checked before any is written, so a bad one
+        changes nothing. Returns how many layers were set."""
+        updates = self._scale_updates(source)
+        for (layer_id, buffer), value in updates.items():
+            getattr(self.layer(layer_id), buffer).copy_(value)
+        return len({layer_id for layer_id, _ in updates})
+
+    def _scale_updates(self, source) -> dict[tuple[int, str], torch.Tensor]:
+        """What load_scales_from_model writes, by (layer, layer-cache buffer), each value checked."""
         if not isinstance(source, Mapping):
-            return 0
-        found = {}
+            return {}
+        updates = {}
         if self.smooth_k:
-            found = _per_layer(source, "k_mean")
-            self._check_layers(found)
-            for layer_id, mean in found.items():
-                self.set_k_mean(layer_id, mean)
+            means = _per_layer(source, "k_mean")
+            self._check_layers(means)
+            updates.update({(i, "k_mean"): self._k_mean_value(i, mean) for i, mean in means.items()})
         if self.kv_recipe.k.has_global_scale and not self.kv_recipe.v.has_global_scale:
             k_scales = _per_layer(source, "k_scale")
             self._check_layers(k_scales)
-            for layer_id, k_scale in k_scales.items():
-                self.layer(layer_id).k_global_scale.copy_(torch.as_tensor(k_scale, dtype=torch.float32).reshape(1))
-            found = {**found, **k_scales}
-        return len(found)
+            updates.update({(i, "k_global_scale"): _global_scale_value(scale, f"layer {i}'s k_scale")
+                            for i, scale in k_scales.items()})
+        return updates
 
     def _check_layers(self, found: Mapping[int, object]) -> None:
         layer_num = len(self._buffers().k_data)
@@ -298,21 +315,39 @@ class NVFP4KVMethod(TableFP4KVMethod):
     prev_kv_dtype = torch.float8_e4m3fn
 
     def set_global_scales(self, layer_id: int, k_scale, v_scale) -> None:
-        """Write a layer's global scales in place (tensors stay where CUDA graphs captured them)."""
-        for target, value in zip(self.global_scales(layer_id), (k_scale, v_scale)):
-            target.copy_(torch.as_tensor(value, dtype=torch.float32).reshape(1))
+        """Write a layer's global scales in place (tensors stay where CUDA graphs captured them);
+        both are checked before either is written."""
+        values = _global_scale_value(k_scale, "k_scale"), _global_scale_value(v_scale, "v_scale")
+        for target, value in zip(self.global_scales(layer_id), values):
+            target.copy_(value)
 
-    def load_scales_from_model(self, source) -> int:
-        """Read `k_scale`/`v_scale` as each layer's global scale, from an `nn.Module` (attention
-        modules holding both attributes, in module order) or a state dict (ModelOpt-style keys
-        such as `model.layers.3.self_attn.k_scale`; the layer is the number after `layers.`), and
-        `k_mean` entries when smoothing. Returns how many layers got scales or means."""
+    def _scale_updates(self, source) -> dict[tuple[int, str], torch.Tensor]:
+        """`k_scale`/`v_scale` as each layer's global scales, from an `nn.Module` (attention
+        modules holding both attributes, in module order) or a state dict, besides the entries
+        every table method reads."""
         pairs = _scales_from_module(source) if isinstance(source, nn.Module) else _scales_from_state_dict(source)
         self._check_layers(pairs)
-        means = super().load_scales_from_model(source)
+        updates = super()._scale_updates(source)
         for layer_id, (k_scale, v_scale) in pairs.items():
-            self.set_global_scales(layer_id, k_scale, v_scale)
-        return max(len(pairs), means)
+            updates[layer_id, "k_global_scale"] = _global_scale_value(k_scale, f"layer {layer_id}'s k_scale")
+            updates[layer_id, "v_global_scale"] = _global_scale_value(v_scale, f"layer {layer_id}'s v_scale")
+        return updates
+
+
+def _float32(value, name: str) -> torch.Tensor:
+    """A number, nested list or tensor as a float32 tensor; anything else is a TypeError naming it."""
+    try:
+        return torch.as_tensor(value, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}") from error
+
+
+def _global_scale_value(value, name: str) -> torch.Tensor:
+    """A global scale (a number or a one-element tensor) as float32 [1], checked before it is written."""
+    scale = _float32(value, name)
+    if scale.numel() != 1:
+        raise ValueError(f"{name} must have one element; got shape {tuple(scale.shape)}")
+    return scale.reshape(1)
 
 
 def _scales_from_module(model: nn.Module) -> dict[int, tuple]:

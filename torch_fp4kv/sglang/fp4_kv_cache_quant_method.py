@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..ops.checks import head_dim as check_head_dim, rank, tensor as check_tensor
+from ..ops import checks
+from ..ops.checks import ArgNames, rank, tensor as check_tensor
 from ..ops.formats import E2M1_MAX
 from .kvfp4_tensor import as_global_scale, unflatten_scales
 
@@ -29,6 +30,17 @@ __all__ = [
 
 # Prefill reads earlier tokens as FP8 E4M3, the input of FlashInfer's FP8 prefill kernels.
 PREFILL_DTYPE = torch.float8_e4m3fn
+
+# SGLang's argument names, for the ops' checks.
+STORE_NAMES = ArgNames(k_data="k_buffer", v_data="v_buffer", k_scales="k_scale_buffer", v_scales="v_scale_buffer",
+                       k="cache_k", v="cache_v", k_global_scale="k_scale", v_global_scale="v_scale")
+PREV_KV_NAMES = {prefix: ArgNames(data=f"{prefix}_fp4", scales=f"{prefix}_scales") for prefix in "kv"}
+
+
+def _check_count(value, name: str) -> None:
+    """A count of slots, heads or layers: an int >= 1 (tensors are allocated with it)."""
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 class FP4KVCacheQuantMethod(abc.ABC):
@@ -77,14 +89,18 @@ class _TableMethod(FP4KVCacheQuantMethod):
     # SGLang keeps NVFP4 scales per head, [size, H, D/16], block-FP4 ones per token, [size, H*D/16].
     scales_per_token: ClassVar[bool]
 
+    @property
+    def fmt(self) -> ops.FP4Format:
+        """The format table row named `name`."""
+        return ops.get_format(self.name)
+
     def needs_dequant_workspace(self) -> bool:
         return True
 
     def create_buffers(self, size: int, head_num: int, head_dim: int, layer_num: int, device) -> dict:
         for name, value in (("size", size), ("head_num", head_num), ("layer_num", layer_num)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        check_head_dim(head_dim, ops.get_format(self.name), "head_dim")
+            _check_count(value, name)
+        checks.head_dim(head_dim, self.fmt, "head_dim")
         blocks = head_dim // self.SCALE_BLOCK_SIZE
         scale_shape = (size, head_num * blocks) if self.scales_per_token else (size, head_num, blocks)
 
@@ -103,13 +119,13 @@ class _TableMethod(FP4KVCacheQuantMethod):
 
     def compute_cell_size(self, head_num: int, head_dim: int, num_layers: int, kv_size: int) -> int:
         """Every layer's packed K+V and scales, plus one FP8 K+V workspace row shared by all layers."""
-        fp4_bytes = num_layers * ops.get_format(self.name).bytes_per_token(head_num, head_dim)
+        fp4_bytes = num_layers * self.fmt.bytes_per_token(head_num, head_dim)
         workspace_bytes = 2 * head_num * head_dim * PREFILL_DTYPE.itemsize
         return (fp4_bytes + workspace_bytes) * kv_size
 
-    def _op_scales(self, scales, name: str, data) -> Tensor:
+    def _op_scales(self, scales, name: str, data, data_name: str) -> Tensor:
         """A scale tensor as the ops take it, [..., H, D/16]; writes through it reach `scales`."""
-        return unflatten_scales(scales, name, data) if self.scales_per_token else scales
+        return unflatten_scales(scales, name, data, data_name, self.fmt) if self.scales_per_token else scales
 
     def _store_global_scales(self, k_scale, v_scale, device) -> tuple[Optional[Tensor], Optional[Tensor]]:
         return None, None  # block-FP4 has no global scale; SGLang ignores k_scale / v_scale here
@@ -119,12 +135,15 @@ class _TableMethod(FP4KVCacheQuantMethod):
 
     def quantize_and_store(self, k_buffer, v_buffer, k_scale_buffer, v_scale_buffer, loc, cache_k, cache_v,
                            k_scale=None, v_scale=None) -> None:
-        """Slots outside the buffers (e.g. -1 padding) are skipped; every argument is checked first."""
-        for x, name in ((k_buffer, "k_buffer"), (v_buffer, "v_buffer")):
-            rank(check_tensor(x, name), name, 3, "[size, H, D/2]")
-        k_scales = self._op_scales(k_scale_buffer, "k_scale_buffer", k_buffer)
-        v_scales = self._op_scales(v_scale_buffer, "v_scale_buffer", v_buffer)
+        """Slots outside the buffers (e.g. -1 padding) are skipped; every argument is checked first,
+        under SGLang's names, the K/V buffers before the scale buffers that are judged against them."""
+        kv = ops.get_kv_recipe(self.name)
+        checks.store_data_args(k_buffer, v_buffer, cache_k, cache_v, kv, STORE_NAMES)
+        k_scales = self._op_scales(k_scale_buffer, "k_scale_buffer", k_buffer, "k_buffer")
+        v_scales = self._op_scales(v_scale_buffer, "v_scale_buffer", v_buffer, "v_buffer")
         k_g, v_g = self._store_global_scales(k_scale, v_scale, k_buffer.device)
+        checks.quantize_and_store_args(k_buffer, v_buffer, k_scales, v_scales, loc, cache_k, cache_v, self.name,
+                                       k_g, v_g, STORE_NAMES)
         ops.quantize_and_store(k_buffer, v_buffer, k_scales, v_scales, loc, cache_k, cache_v, self.name, k_g, v_g)
 
     def dequantize_prev_kv(self, k_fp4, k_scales, v_fp4, v_scales, layer_id: int) -> tuple[Tensor, Tensor]:
@@ -132,8 +151,10 @@ class _TableMethod(FP4KVCacheQuantMethod):
         k_g, v_g = self._layer_global_scales(layer_id)
         read = []
         for data, scales, g, prefix in ((k_fp4, k_scales, k_g, "k"), (v_fp4, v_scales, v_g, "v")):
-            rank(check_tensor(data, f"{prefix}_fp4"), f"{prefix}_fp4", 3, "[T, H, D/2]")
-            scales = self._op_scales(scales, f"{prefix}_scales", data)
+            names = PREV_KV_NAMES[prefix]
+            rank(check_tensor(data, names.data), names.data, 3, "[T, H, D/2]")
+            scales = self._op_scales(scales, names.scales, data, names.data)
+            checks.dequantize_args(data, scales, self.name, g, PREFILL_DTYPE, names)
             read.append(ops.dequantize(data, scales, self.name, g, PREFILL_DTYPE))
         return read[0], read[1]
 
@@ -146,6 +167,7 @@ class NVFP4KVMethod(_TableMethod):
     scales_per_token = False
 
     def __init__(self, num_layers: int, device, sm_version: int = 120):
+        _check_count(num_layers, "num_layers")
         self.num_layers = num_layers
         self.device = device
         self.sm_version = sm_version

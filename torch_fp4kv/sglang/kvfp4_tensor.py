@@ -11,7 +11,8 @@ import enum
 import torch
 
 from .. import ops
-from ..ops.checks import rank, tensor as check_tensor
+from ..ops import checks
+from ..ops.checks import ArgNames, rank, tensor as check_tensor
 from ..ops.formats import E2M1_MAX
 
 __all__ = ["E2M1_MAX", "BlockFP4KVQuantizeUtil", "FP4KVCacheRecipe", "KVFP4QuantizeUtil", "NVFP4KVQuantizeUtil"]
@@ -40,6 +41,13 @@ def as_global_scale(value, name: str, device: torch.device) -> torch.Tensor:
     return value.unsqueeze(0) if value.dim() == 0 else value
 
 
+# The utilities' argument names, for the ops' checks.
+QUANTIZE_NAMES = ArgNames(x="tensor")
+NVFP4_DEQUANTIZE_NAMES = ArgNames(data="quant_tensor", scales="block_scales")
+BLOCK_FP4_DEQUANTIZE_NAMES = ArgNames(data="quant_tensor", scales="scale_factors")
+NVFP4, BLOCK_FP4 = ops.get_format("nvfp4"), ops.get_format("blockfp4")
+
+
 def _batched(x, name: str, layout: str) -> None:
     check_tensor(x, name)
     rank(x, name, 3, layout)
@@ -55,7 +63,8 @@ class NVFP4KVQuantizeUtil:
         global scale as a float32 tensor)."""
         _batched(tensor, "tensor", "[B, M, N]")
         global_scale = as_global_scale(global_scale, "global_scale", tensor.device)
-        data, scales = ops.quantize(tensor, "nvfp4", global_scale)
+        checks.quantize_args(tensor, NVFP4.name, global_scale, QUANTIZE_NAMES)
+        data, scales = ops.quantize(tensor, NVFP4.name, global_scale)
         return data, scales.view(torch.float8_e4m3fn), global_scale
 
     @staticmethod
@@ -64,7 +73,8 @@ class NVFP4KVQuantizeUtil:
         """(data [B, M, N/2], block scales [B, M, N/16] uint8 or float8_e4m3fn) -> [B, M, N]."""
         _batched(quant_tensor, "quant_tensor", "[B, M, N/2]")
         global_scale = as_global_scale(global_scale, "global_scale", quant_tensor.device)
-        return ops.dequantize(quant_tensor, block_scales, "nvfp4", global_scale, dtype)
+        checks.dequantize_args(quant_tensor, block_scales, NVFP4.name, global_scale, dtype, NVFP4_DEQUANTIZE_NAMES)
+        return ops.dequantize(quant_tensor, block_scales, NVFP4.name, global_scale, dtype)
 
 
 class BlockFP4KVQuantizeUtil:
@@ -75,7 +85,8 @@ class BlockFP4KVQuantizeUtil:
     def batched_quantize(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, M, N] -> (data uint8 [B, M, N/2], scale factors uint8 [B, M*N/16])."""
         _batched(tensor, "tensor", "[B, M, N]")
-        data, scales = ops.quantize(tensor, "blockfp4")
+        checks.quantize_args(tensor, BLOCK_FP4.name, None, QUANTIZE_NAMES)
+        data, scales = ops.quantize(tensor, BLOCK_FP4.name)
         return data, scales.flatten(1)
 
     @staticmethod
@@ -83,22 +94,26 @@ class BlockFP4KVQuantizeUtil:
                            dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """(data [B, M, N/2], scale factors [B, M*N/16]) -> [B, M, N] in dtype."""
         _batched(quant_tensor, "quant_tensor", "[B, M, N/2]")
-        scales = unflatten_scales(scale_factors, "scale_factors", quant_tensor)
-        return ops.dequantize(quant_tensor, scales, "blockfp4", None, dtype)
+        scales = unflatten_scales(scale_factors, "scale_factors", quant_tensor, "quant_tensor", BLOCK_FP4)
+        checks.dequantize_args(quant_tensor, scales, BLOCK_FP4.name, None, dtype, BLOCK_FP4_DEQUANTIZE_NAMES)
+        return ops.dequantize(quant_tensor, scales, BLOCK_FP4.name, None, dtype)
 
 
 # SGLang's name for the block-16 utility before its NVFP4 support was added.
 KVFP4QuantizeUtil = BlockFP4KVQuantizeUtil
 
 
-def unflatten_scales(scales, name: str, data: torch.Tensor) -> torch.Tensor:
+def unflatten_scales(scales, name: str, data: torch.Tensor, data_name: str, fmt: ops.FP4Format) -> torch.Tensor:
     """SGLang's per-row scales [rows, M*N/16] as the ops take them, [rows, M, N/16] (a view,
-    so writes through it land in `scales`). `data` is the matching packed data [rows, M, N/2]."""
+    so writes through it land in `scales`). `data` is the matching packed data [rows, M, N/2],
+    checked here first: the scales are judged against it."""
+    checks.packed_data(data, fmt, data_name)
     check_tensor(scales, name)
     rows, heads = data.shape[0], data.shape[1]
-    if scales.dim() != 2 or scales.shape[0] != rows or scales.shape[1] % heads:
-        raise ValueError(f"{name} must be 2-D [{rows}, {heads} * N/16] to match {tuple(data.shape)}; "
-                         f"got shape {tuple(scales.shape)}")
+    width = heads * fmt.scales_width(fmt.head_dim_of(data.shape[-1]))
+    if tuple(scales.shape) != (rows, width):
+        raise ValueError(f"{name} must be 2-D [{rows}, {heads} * N/{fmt.block_size}] = {(rows, width)} to match "
+                         f"{data_name} {tuple(data.shape)}; got shape {tuple(scales.shape)}")
     if not scales.is_contiguous():
         raise ValueError(f"{name} must be contiguous (it is read and written through a view)")
-    return scales.view(rows, heads, scales.shape[1] // heads)
+    return scales.view(rows, heads, width // heads)
