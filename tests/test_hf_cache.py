@@ -37,18 +37,27 @@ def _reference_attention(q, keys, values, positions, q_pos, window, scaling):
 FULL_PRECISION = [(0, 0), (2, 3), (0, 1), (3, 0), (1, 30)]  # (sink_tokens, recent_tokens)
 
 
+# (sliding_window, max_cache_len): a full layer; one that overflows (19 real tokens; a 7-token chunk
+# straddles its end); a ring.
+LAYERS = [(None, 24), (None, 6), (6, 24)]
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
-@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize("window, max_cache_len", LAYERS)
 @pytest.mark.parametrize("sinks, recent", FULL_PRECISION)
-def test_layer_stores_real_tokens_and_attends_by_position(recipe, window, sinks, recent):
+def test_layer_stores_real_tokens_and_attends_by_position(recipe, window, max_cache_len, sinks, recent):
     """A decode step, prefill chunks with left padding, decode steps past the window: every real
     query's output equals attention over the tokens it may see, earlier chunks' keys/values
     dequantized and its own chunk's in full precision (decode: all dequantized); padded queries
     give zeros. With sinks/recent: a sequence's first `sinks` positions and the last `recent` (in
-    a decode step, counting its own token; in a prefill, before the chunk) in full precision."""
+    a decode step, counting its own token; in a prefill, before the chunk) in full precision.
+    Past max_cache_len a full layer holds the first max_cache_len positions (the later ones are
+    neither stored nor attended, by any query) and counts `recent` back from its last held one."""
     torch.manual_seed(0)
     batch, hkv, hq, d, scaling = 2, 1, 2, 64, 0.125
-    layer = FP4CacheLayer(recipe, max_cache_len=24, sliding_window=window, sink_tokens=sinks, recent_tokens=recent)
+    layer = FP4CacheLayer(recipe, max_cache_len=max_cache_len, sliding_window=window, sink_tokens=sinks,
+                          recent_tokens=recent)
+    held = max_cache_len if window is None else float("inf")  # a full layer holds only the positions below
     seen = [[] for _ in range(batch)]  # per sequence: (position, k, v, k_fp4, v_fp4) of real tokens
     pads = torch.tensor([[False, False, True, True, True, True, True],  # sequence 0: two left pads
                          [True] * 7])
@@ -72,11 +81,13 @@ def test_layer_stores_real_tokens_and_attends_by_position(recipe, window, sinks,
                     assert torch.equal(out[b, :, t], torch.zeros(hq, d))
                     continue
                 q_pos = chunk_start[b] + int(real[b, : t + 1].sum()) - 1
-                fresh = chunk_start[b] - recent if tokens > 1 else q_pos + 1 - recent  # ring from here on
-                in_chunk = [(tokens > 1 and p >= chunk_start[b]) or p < sinks or p >= fresh for p, *_ in seen[b]]
-                keys = torch.stack([s[1] if own else s[3] for s, own in zip(seen[b], in_chunk)])
-                values = torch.stack([s[2] if own else s[4] for s, own in zip(seen[b], in_chunk)])
-                expected = _reference_attention(q[b, :, t], keys, values, [s[0] for s in seen[b]], q_pos,
+                end = min(chunk_start[b] if tokens > 1 else q_pos + 1, held)
+                fresh = end - recent  # ring from here on
+                attended = [s for s in seen[b] if s[0] < held]
+                in_chunk = [(tokens > 1 and p >= chunk_start[b]) or p < sinks or p >= fresh for p, *_ in attended]
+                keys = torch.stack([s[1] if own else s[3] for s, own in zip(attended, in_chunk)])
+                values = torch.stack([s[2] if own else s[4] for s, own in zip(attended, in_chunk)])
+                expected = _reference_attention(q[b, :, t], keys, values, [s[0] for s in attended], q_pos,
                                                 window, scaling)
                 # Decode runs in fp16 (the op's q and output), prefill in fp32.
                 tolerance = 4e-3 if tokens == 1 else 1e-5

@@ -7,10 +7,10 @@ Static like transformers' `StaticCache`: every buffer is allocated once (on the 
 
 Layout, per layer: one contiguous range of `capacity` slots per sequence (`max_cache_len` for
 full-attention layers, the window for sliding ones) in an `FP4KVLayerCache`. A sequence's real
-tokens take slots in order of their position, modulo the capacity: full layers never wrap (a
-longer input raises), sliding layers are rings holding the last `window` tokens (attention is
-permutation invariant once RoPE is in the keys). Padding is never stored. The page table of
-`fp4kv.decode_attention` is each sequence's range cut in pages.
+tokens take slots in order of their position, modulo the capacity: full layers never wrap (past
+the end, positions are dropped: `FP4Cache`'s docstring), sliding layers are rings holding the
+last `window` tokens (attention is permutation invariant once RoPE is in the keys). Padding is
+never stored. The page table of `fp4kv.decode_attention` is each sequence's range cut in pages.
 
 Full-precision sinks and recent window (`sink_tokens` S, `recent_tokens` R): a sequence's first S
 positions and its last R are attended in full precision, the rest from FP4. Each layer keeps, per
@@ -160,26 +160,38 @@ class FP4CacheLayer(CacheLayerMixin):
         before = self.real_tokens
         positions = before[:, None] + real.cumsum(1) - 1  # of the new tokens, in their sequence
         after = before + real.sum(1)
-        # FP4 holds the positions from `sinks` on, the last `capacity` of them; older ones in this
-        # chunk are not stored, so no two tokens of one call share a slot.
-        kept = real & (positions >= after[:, None] - self.capacity) & (positions >= self.sinks)
+        held_after = self._held_length(after)[:, None]
+        held = real & (positions < held_after)
+        # FP4 holds the held positions from `sinks` on, the last `capacity` of them; older ones in
+        # this chunk are not stored, so no two tokens of one call share a slot.
+        kept = held & (positions >= held_after - self.capacity) & (positions >= self.sinks)
         loc = torch.where(kept, self.slot_base[:, None] + (positions - self.sinks) % self.capacity, -1).flatten()
         if tokens == 1:
-            return self._decode(query, keys, values, loc, positions, real, after, scaling)
-        key_pos, key_real = positions, real
+            return self._decode(query, keys, values, loc, positions, held, after, scaling)
+        key_pos, key_real = positions, held
         if self.holds_tokens:
             prefix_k, prefix_v, prefix_pos = self._read_prefix(query.dtype)
             keys, values = torch.cat((prefix_k, keys), 2), torch.cat((prefix_v, values), 2)
-            key_pos, key_real = torch.cat((prefix_pos, positions), 1), torch.cat((prefix_pos >= 0, real), 1)
-        self._store(loc, keys[:, :, -tokens:], values[:, :, -tokens:], positions, real, after)
+            key_pos, key_real = torch.cat((prefix_pos, positions), 1), torch.cat((prefix_pos >= 0, held), 1)
+        self._store(loc, keys[:, :, -tokens:], values[:, :, -tokens:], positions, held, after)
         return positional_attention(query, keys, values, positions, real, key_pos, key_real, scaling, self.window)
 
-    def _store(self, loc, keys, values, positions, real, after) -> None:
+    def _held_length(self, length: torch.Tensor) -> torch.Tensor:
+        """How many of a sequence's first `length` positions this layer holds: all on a sliding
+        layer (a ring: the window rule hides what it overwrote), the first `capacity` on a full
+        one, which never wraps: later positions are dropped, neither stored nor attended, so a
+        compiled step past max_cache_len (where FP4Cache cannot check) overwrites nothing."""
+        return length if self.is_sliding else length.clamp(max=self.capacity)
+
+    def _store(self, loc, keys, values, positions, held, after) -> None:
+        """Write the new tokens: FP4 at `loc` (-1: none); with the options, the `held` ones among
+        the first S into the sinks and among the last R held into the ring. real_tokens becomes
+        `after`, never capped: positions keep counting past a full layer's end."""
         self.fp4.store(loc, _token_major(keys), _token_major(values))
         if self.full_precision:
             sink_k, sink_v, ring_k, ring_v = self.full_buffers
-            is_sink = real & (positions < self.sinks)
-            recent = real & (positions >= after[:, None] - self.recent)  # the chunk's last R at most
+            is_sink = held & (positions < self.sinks)
+            recent = held & (positions >= self._held_length(after)[:, None] - self.recent)  # the chunk's last R at most
             ring_slot = positions % max(self.recent, 1)
             for buffer, states in ((sink_k, keys), (sink_v, values)):
                 _write_slots(buffer, states, positions, is_sink)
@@ -188,8 +200,8 @@ class FP4CacheLayer(CacheLayerMixin):
         self.real_tokens.copy_(after)
         self.holds_tokens = True
 
-    def _decode(self, query, keys, values, loc, positions, real, after, scaling):
-        self._store(loc, keys, values, positions, real, after)
+    def _decode(self, query, keys, values, loc, positions, held, after, scaling):
+        self._store(loc, keys, values, positions, held, after)
         q = query[:, :, 0]
         q_dtype = _DECODE_QUERY_DTYPE.get(q.dtype, q.dtype)
         q_fp4 = q.to(q_dtype).contiguous()
@@ -212,7 +224,7 @@ class FP4CacheLayer(CacheLayerMixin):
         that are neither sinks nor in the recent ring: [S, L - R) on full layers (FP4 slot p - S,
         the usual table), [max(S, L - window), L - R) on sliding ones (a token table from the slot
         of its first position, around the ring)."""
-        length = self.real_tokens
+        length = self._held_length(self.real_tokens)
         if not self.is_sliding:
             return self.block_table, (length - self.recent - self.sinks).clamp(min=0).to(torch.int32)
         first = (length - self.capacity).clamp(min=self.sinks)
@@ -224,7 +236,7 @@ class FP4CacheLayer(CacheLayerMixin):
         """Sinks and ring, K and V [B, Hkv, S + R, D], with the position each entry holds, -1 where
         it holds none (a sink the ring holds too counts once, from the ring)."""
         sink_k, sink_v, ring_k, ring_v = self.full_buffers
-        length = self.real_tokens[:, None]
+        length = self._held_length(self.real_tokens)[:, None]
         sink_pos = torch.arange(self.sinks, device=self.device)[None, :]
         sink_pos = torch.where(sink_pos < length - self.recent, sink_pos, -1)
         last = length - 1
@@ -241,12 +253,13 @@ class FP4CacheLayer(CacheLayerMixin):
         k, v = self.fp4.read(slots, dtype)
         shape = (self.batch_size, self.capacity, self.num_heads, self.head_dim)
         k, v = k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
-        last = (self.real_tokens[:, None] - self.sinks).clamp(min=0) - 1  # FP4 coordinates
-        held = last - torch.remainder(last - torch.arange(self.capacity, device=self.device), self.capacity)
-        positions = torch.where(held >= 0, held + self.sinks, -1)
+        length = self._held_length(self.real_tokens)[:, None]
+        last = (length - self.sinks).clamp(min=0) - 1  # FP4 coordinates
+        slot_pos = last - torch.remainder(last - torch.arange(self.capacity, device=self.device), self.capacity)
+        positions = torch.where(slot_pos >= 0, slot_pos + self.sinks, -1)
         if not self.full_precision:
             return k, v, positions
-        positions = torch.where(positions < self.real_tokens[:, None] - self.recent, positions, -1)
+        positions = torch.where(positions < length - self.recent, positions, -1)
         full_k, full_v, full_pos = self._full_precision_entries()
         return (torch.cat((k, full_k.to(dtype)), 2), torch.cat((v, full_v.to(dtype)), 2),
                 torch.cat((positions, full_pos), 1))
@@ -317,6 +330,17 @@ class FP4Cache(Cache):
     S and `recent_tokens` R: each sequence's first S and last R positions are attended in full
     precision (the states' dtype) from per-sequence buffers allocated with the cache, the rest from
     FP4 (module docstring: how, and on sliding layers).
+
+    Past `max_cache_len`: outside `torch.compile`, an update that would take the cache past
+    `max_cache_len` positions raises a ValueError before anything is written (the count is read on
+    the host: one sync per step, on layer 0). A compiled step cannot check without a host sync or
+    a graph break, so there the overflow is defined instead: a full-attention layer keeps each
+    sequence's first `max_cache_len` real positions and drops the later ones (not stored, and not
+    attended by any query, its own included), so every later query attends those first positions
+    (sinks and recent ring included, the ring then holding the last positions kept); nothing is
+    overwritten. Sliding layers keep their ring of the last `window` positions, as always.
+    `get_seq_length()` keeps counting, so `int(cache.get_seq_length()) > max_cache_len` after a
+    compiled loop tells that positions were dropped.
     """
 
     def __init__(self, config, max_cache_len: int, recipe: str = "nvfp4", *, rotate: bool = False,
