@@ -88,7 +88,8 @@ def _attend_tile(n0, end, query_pos, q_even, q_odd, score_scale, m, l, acc, seen
                  dtype: tl.constexpr, DIAGONAL: tl.constexpr):
     """The online softmax's step over positions [n0, n0 + BLOCK_N) (below `end`): (m, l, acc, seen)
     updated. DIAGONAL: some columns do not see every position, so the values go through
-    drop_unseen_values first."""
+    drop_unseen_values first and `seen` counts the NaN values seen; otherwise `seen` is passed
+    through untouched."""
     pos = n0 + tl.arange(0, BLOCK_N)
     valid = pos < end
     scores, in_cache, rows = causal_scores(  # [BLOCK_N, M]
@@ -159,17 +160,18 @@ def _extend_split_kernel(
     m = tl.full([M], float("-inf"), tl.float32)
     l = tl.zeros([M], tl.float32)
     acc = tl.zeros([D, M], tl.float32)
-    seen = tl.zeros([NAN_GROUPS, M], tl.float32)  # NaN values each column sees (drop_unseen_values)
     # Tiles below every column's query position are seen whole by all of them; from the first tile
-    # that reaches one, some column may not see a position another one does (the diagonal).
+    # that reaches one, some column may not see a position another one does (the diagonal: one or
+    # two tiles a program, run unpipelined so the main loop keeps its registers and stages).
     first_unseen = tl.min(tl.where(col_ok & is_sequence, query_pos, kv_end), axis=0) + 1
     diagonal_start = start + tl.maximum(tl.minimum(first_unseen, end) - start, 0) // BLOCK_N * BLOCK_N
     for n0 in range(start, diagonal_start, BLOCK_N):
-        m, l, acc, seen = _attend_tile(
-            n0, end, query_pos, q_even, q_odd, score_scale, m, l, acc, seen, k_data_ptr, k_scales_ptr, v_data_ptr,
+        m, l, acc, _ = _attend_tile(
+            n0, end, query_pos, q_even, q_odd, score_scale, m, l, acc, 0.0, k_data_ptr, k_scales_ptr, v_data_ptr,
             v_scales_ptr, block_table_ptr, b_safe, max_pages, num_pages, kv_head, D, BS, PAGE, HKV, E4M3_SCALES,
             BLOCK_N, FP32_TILES, HW_FP8, K_FP8, dtype, False)
-    for n0 in range(diagonal_start, end, BLOCK_N):
+    seen = tl.zeros([NAN_GROUPS, M], tl.float32)  # NaN values each column sees (drop_unseen_values)
+    for n0 in tl.range(diagonal_start, end, BLOCK_N, num_stages=1):
         m, l, acc, seen = _attend_tile(
             n0, end, query_pos, q_even, q_odd, score_scale, m, l, acc, seen, k_data_ptr, k_scales_ptr, v_data_ptr,
             v_scales_ptr, block_table_ptr, b_safe, max_pages, num_pages, kv_head, D, BS, PAGE, HKV, E4M3_SCALES,
