@@ -31,6 +31,7 @@ from .ops import (
     quantize,
     quantize_and_store,
 )
+from .options import KVCacheOptions
 
 __all__ = [
     "AttentionRead",
@@ -42,6 +43,7 @@ __all__ = [
     "FP4KVCacheQuantMethod",
     "FP4KVCacheRecipe",
     "FP4KVLayerCache",
+    "KVCacheOptions",
     "MXFP4KVMethod",
     "NVFP4KVMethod",
     "TableFP4KVMethod",
