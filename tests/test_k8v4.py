@@ -343,7 +343,7 @@ def test_store_read_and_decode_compile_fullgraph():
     def step(loc, k, v, q):
         layer.store(loc, k, v)
         k_back, _ = layer.read(loc, torch.float32)
-        return k_back, layer.decode(q, table, lens, 16)
+        return k_back, layer.decode_attention(q, table, lens, 16)
 
     args = (torch.arange(20), torch.randn(20, 2, 64), torch.randn(20, 2, 64), torch.randn(1, 4, 64, dtype=torch.bfloat16))
     compiled = torch.compile(step, fullgraph=True)(*args)
