@@ -16,7 +16,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask  # noq
 from conftest import RECIPES, requires_cuda  # noqa: E402
 from torch_fp4kv import KVCacheOptions, models  # noqa: E402
 from torch_fp4kv.hf import FP4Cache, FP4CacheLayer, kv_cache_bytes  # noqa: E402
-from torch_fp4kv.hf.attention import roundtrip  # noqa: E402
+from torch_fp4kv.hf.simulate import roundtrip  # noqa: E402
 
 ARCHS = ["smollm2", "gemma3"]
 

@@ -264,7 +264,7 @@ def _register_k8_reference(recipe: str) -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-    from torch_fp4kv.hf.attention import roundtrip
+    from torch_fp4kv.hf.simulate import roundtrip
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         new = query.shape[2]
