@@ -313,7 +313,7 @@ def test_eval_window_protocol_with_k8():
     pytest.importorskip("transformers")
     from torch_fp4kv import accuracy, models
 
-    assert accuracy.parse_cache("nvfp4+rot+k8") == ("nvfp4", {"rotate": True, "k_fp8": True})
+    assert accuracy.parse_cache("nvfp4+rot+k8") == ("nvfp4", torch_fp4kv.KVCacheOptions(rotate=True, k_fp8=True))
     model = models.random_model(models.tiny_config("smollm2"))
     config = model.config.get_text_config(decoder=True)
     assert accuracy.kv_bytes_per_token(model, "nvfp4+smooth+k8") == config.num_hidden_layers * KV_RECIPES[
