@@ -137,7 +137,7 @@ class FP4KVPoolLayer(DeviceOnlyBuffers):
         return v.float() @ self.rotation if self.rotation is not None else v
 
     restore_v = encode_v  # the rotation is an involution
-    # Former names, kept as aliases for one release (`decode` now names attention only).
+    # Former names, kept as aliases for one release.
     decode_k = restore_k
     decode_v = restore_v
 

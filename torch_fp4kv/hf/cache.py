@@ -343,7 +343,7 @@ class FP4Cache(Cache):
             raise ValueError(f"max_cache_len must be a positive int, got {max_cache_len!r}")
         method, self.options = KVCacheOptions.resolve(recipe, rotate=rotate, smooth_k=smooth_k, k_fp8=k_fp8,
                                                       sink_tokens=sink_tokens, recent_tokens=recent_tokens)
-        table_format(method)
+        table_format(method)  # checks that its layer caches come from the format table
         self.recipe = self.options.spell(method)
         text_config = config.get_text_config(decoder=True)
         if text_config._attn_implementation != ATTENTION_NAME:
