@@ -19,8 +19,8 @@ def main() -> None:
     torch.manual_seed(0)
 
     tokens, heads, head_dim, slots = 64, 8, 128, 1024
-    cache = torch_fp4kv.FP4KVCache(args.recipe, size=slots, head_num=heads, head_dim=head_dim, layer_num=1,
-                                   device=args.device)
+    cache = torch_fp4kv.FP4KVPool(args.recipe, size=slots, head_num=heads, head_dim=head_dim, layer_num=1,
+                                  device=args.device)
     layer = cache.layers[0]
     k = torch.randn(tokens, heads, head_dim, dtype=torch.bfloat16, device=args.device)
     v = torch.randn(tokens, heads, head_dim, dtype=torch.bfloat16, device=args.device)

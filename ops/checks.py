@@ -76,6 +76,12 @@ def same_device(x: torch.Tensor, name: str, reference: torch.Tensor, reference_n
         raise ValueError(f"{name} is on {x.device} but {reference_name} is on {reference.device}")
 
 
+def count(value, name: str, minimum: int) -> None:
+    """A count that sizes something (slots, heads, layers, tokens): an int >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
 def head_dim(d: int, fmt: FP4Format, name: str) -> None:
     if d % fmt.head_dim_multiple() != 0 or d == 0:
         raise ValueError(

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import RECIPES, RMSE_BOUND, TRITON_DEVICE, assert_same_bytes
-from torch_fp4kv import FP4KVCache, get_fp4_kv_cache_quant_method, ops
+from torch_fp4kv import FP4KVPool, get_fp4_kv_cache_quant_method, ops
 from torch_fp4kv.layer_cache import hadamard
 from torch_fp4kv.ops.backends import forced_backend
 
@@ -79,7 +79,7 @@ def _paged(method, k, v, page_size=8):
     """Store k, v [T, H, D] of one sequence into pages 3, 0, 2, ... of a fresh cache."""
     tokens = k.shape[0]
     pages = -(-tokens // page_size)
-    cache = FP4KVCache(method, size=(pages + 2) * page_size, head_num=H, head_dim=D, layer_num=1, device=k.device)
+    cache = FP4KVPool(method, size=(pages + 2) * page_size, head_num=H, head_dim=D, layer_num=1, device=k.device)
     table = torch.randperm(pages + 2)[:pages].to(torch.int32)[None].to(k.device)
     slots = (table[0, torch.arange(tokens) // page_size].long() * page_size + torch.arange(tokens, device=k.device) % page_size)
     cache.layers[0].store(slots, k, v)
@@ -113,10 +113,10 @@ def test_decode_equals_attention_over_the_values_read_back(backend_name, recipe,
         assert layer.k_mean.abs().max() > 1
     q = (0.1 * torch.randn(1, 2 * H, D, device=device)).to(torch.float16)  # logits of a few units
     with forced_backend(backend_name):
-        out = layer.decode(q, table, lens, 8)
+        out = layer.decode_attention(q, table, lens, 8)
         given = torch.empty_like(out)
         lse = torch.empty(q.shape[:2], device=device)
-        assert layer.decode(q, table, lens, 8, out=given, lse=lse) is given
+        assert layer.decode_attention(q, table, lens, 8, out=given, lse=lse) is given
         k_back, v_back = layer.read(slots, torch.float32)
     expected = _attention(q[0].float(), k_back, v_back, D ** -0.5)
     torch.testing.assert_close(out[0].double(), expected, atol=2e-2, rtol=2e-2)
@@ -142,7 +142,7 @@ def test_smoothing_leaves_softmax_unchanged_and_changes_the_bytes(recipe):
             method.calibrate(0, k, v)
             torch.testing.assert_close(layer.k_mean, k.mean(0))
             layer.store(slots, k, v)
-        outs[smooth] = layer.decode(q, table, lens, 8)[0].double()
+        outs[smooth] = layer.decode_attention(q, table, lens, 8)[0].double()
         k_bytes[smooth] = layer.k_data[slots].clone()
         # a mean of zero is no smoothing at all: the same bytes
     assert not torch.equal(k_bytes[False], k_bytes[True])
@@ -218,9 +218,9 @@ def test_fp4cache_with_options_matches_attention_over_the_transformed_round_trip
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-    from torch_fp4kv import models
+    from torch_fp4kv import FP4KVPoolLayer, KVCacheOptions, models
+    from torch_fp4kv.calibration import load_calibration
     from torch_fp4kv.hf import FP4Cache, calibrate, layer_calibration
-    from torch_fp4kv.hf.attention import _layer_cache
 
     model = models.random_model(models.tiny_config(arch))
     calib_ids = torch.randint(3, 256, (2, 32), generator=torch.Generator().manual_seed(7))
@@ -236,8 +236,9 @@ def test_fp4cache_with_options_matches_attention_over_the_transformed_round_trip
     def attention(module, query, key, value, attention_mask, **kwargs):  # the cached part rounded
         index = module.layer_idx
         if index not in reference_layers:
-            reference_layers[index] = _layer_cache("nvfp4", key.shape[1], key.shape[3], key.device,
-                                                   layer_calibration(state, index), **options)
+            reference_layers[index] = FP4KVPoolLayer.allocate("nvfp4", KVCacheOptions(**options), 1, key.shape[1],
+                                                              key.shape[3], key.device)
+            load_calibration([reference_layers[index]], layer_calibration(state, index))
         new = query.shape[2]
         cached = key.shape[2] if new == 1 else key.shape[2] - new
         k, v = reference_layers[index].roundtrip(key[:, :, :cached].transpose(1, 2), value[:, :, :cached].transpose(1, 2))
@@ -283,14 +284,14 @@ def test_options_compile_fullgraph_without_recompiles():
 
     def make():
         method = get_fp4_kv_cache_quant_method("nvfp4", rotate=True, smooth_k=True)
-        cache = FP4KVCache(method, size=32, head_num=H, head_dim=D, layer_num=1)
+        cache = FP4KVPool(method, size=32, head_num=H, head_dim=D, layer_num=1)
         method.set_k_mean(0, torch.randn(H, D))
         return cache.layers[0]
 
     def step(layer, loc, k, v, q, table, lens):
         layer.store(loc, k, v)
         k_back, _ = layer.read(loc, torch.float32)
-        return layer.decode(q, table, lens, 8), k_back
+        return layer.decode_attention(q, table, lens, 8), k_back
 
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")

@@ -212,8 +212,10 @@ def test_registry_and_cache_reject_nonsense():
     with pytest.raises(TypeError, match="name must be a non-empty str"):
         torch_fp4kv.register_fp4_kv_cache_quant_method("")
     for head_dim in (0, -16):
-        with pytest.raises(ValueError, match=rf"head_dim must be a positive multiple of 16 \(the nvfp4 block size\); got {head_dim}"):
-            torch_fp4kv.FP4KVCache("nvfp4", 8, 2, head_dim, 1)
+        with pytest.raises(ValueError, match=rf"head_dim must be an int >= 1, got {head_dim}"):
+            torch_fp4kv.FP4KVPool("nvfp4", 8, 2, head_dim, 1)
+    with pytest.raises(ValueError, match="head_dim: head_dim 24 is not a positive multiple of the nvfp4 block size 16"):
+        torch_fp4kv.FP4KVPool("nvfp4", 8, 2, 24, 1)
     method = torch_fp4kv.get_fp4_kv_cache_quant_method("nvfp4")
     method.create_buffers(8, 2, 64, 3, "cpu")
     for layer_id in (-1, 3):

@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from torch_fp4kv import accuracy, models  # noqa: E402
+from torch_fp4kv import KVCacheOptions, accuracy, models  # noqa: E402
 from torch_fp4kv.eval import cut_prompts, parse_args, token_windows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,10 +35,11 @@ def test_settings_and_their_errors():
 
 
 def test_recipe_options_parse_and_calibrate():
-    assert accuracy.parse_cache("nvfp4+rot+smooth") == ("nvfp4", {"rotate": True, "smooth_k": True})
-    assert accuracy.parse_cache("mxfp4") == ("mxfp4", {})
-    for bad in ("nvfp4+rotate", "nvfp4+rot+rot", "fp3+rot"):
-        with pytest.raises(ValueError, match="recipes: "):
+    assert accuracy.parse_cache("nvfp4+rot+smooth") == ("nvfp4", KVCacheOptions(rotate=True, smooth_k=True))
+    assert accuracy.parse_cache("mxfp4") == ("mxfp4", KVCacheOptions())
+    for bad, why in (("nvfp4+rotate", r"\+rotate is not an option"), ("nvfp4+rot+rot", r"spells \+rot twice"),
+                     ("fp3+rot", "'fp3' is not an FP4 recipe")):
+        with pytest.raises(ValueError, match=f"recipes: .*{why}"):
             accuracy.settings_for([bad], ["window"])
     assert accuracy.needs_calibration("nvfp4+smooth") and not accuracy.needs_calibration("nvfp4+rot")
     parse_args(["--recipes", "nvfp4,nvfp4+rot,nvfp4+rot+smooth", "--calib-tokens", "64"])
@@ -64,8 +65,8 @@ def test_options_in_both_protocols_on_a_tiny_model():
 
 def test_sink_and_recent_options_parse():
     assert accuracy.parse_cache("nvfp4+rot+smooth+sink4+recent128") == (
-        "nvfp4", {"rotate": True, "smooth_k": True, "sink_tokens": 4, "recent_tokens": 128})
-    assert accuracy.parse_cache("mxfp4+recent8") == ("mxfp4", {"recent_tokens": 8})
+        "nvfp4", KVCacheOptions(rotate=True, smooth_k=True, sink_tokens=4, recent_tokens=128))
+    assert accuracy.parse_cache("mxfp4+recent8") == ("mxfp4", KVCacheOptions(recent_tokens=8))
     for bad in ("nvfp4+sink", "nvfp4+sink0", "nvfp4+recent-3", "nvfp4+sink4+sink2", "nvfp4+recentx"):
         with pytest.raises(ValueError, match="recipes: "):
             accuracy.parse_cache(bad)

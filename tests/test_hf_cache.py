@@ -14,9 +14,9 @@ from transformers import AttentionInterface, DynamicCache  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface, eager_mask  # noqa: E402
 
 from conftest import RECIPES, requires_cuda  # noqa: E402
-from torch_fp4kv import models  # noqa: E402
+from torch_fp4kv import KVCacheOptions, models  # noqa: E402
 from torch_fp4kv.hf import FP4Cache, FP4CacheLayer, kv_cache_bytes  # noqa: E402
-from torch_fp4kv.hf.attention import roundtrip  # noqa: E402
+from torch_fp4kv.hf.simulate import roundtrip  # noqa: E402
 
 ARCHS = ["smollm2", "gemma3"]
 
@@ -227,6 +227,44 @@ def test_recent_ring_covering_the_context_is_full_precision(arch):
     torch.testing.assert_close(ring_logits, full_logits, atol=1e-4, rtol=1e-4)
     _, short_logits = _generate(model, "fp4kv", ids, 10, "nvfp4", sink_tokens=4, recent_tokens=2)
     assert (short_logits - full_logits).abs().max() > 1e-3
+
+
+FULL_SPELLING = "nvfp4+rot+smooth+k8+sink4+recent128"
+FULL_KEYWORDS = dict(rotate=True, smooth_k=True, k_fp8=True, sink_tokens=4, recent_tokens=128)
+
+
+def test_recipe_string_spells_the_keyword_options():
+    """FP4Cache takes the eval's recipe strings: the whole grammar equals the keyword form, the two
+    may be mixed where they agree, and a contradiction is a ValueError."""
+    config = models.tiny_config("gemma3")
+    config._attn_implementation = "fp4kv"
+    spelled, keywords = FP4Cache(config, 16, FULL_SPELLING), FP4Cache(config, 16, "nvfp4", **FULL_KEYWORDS)
+    mixed = FP4Cache(config, 16, "nvfp4+rot+k8+recent128", smooth_k=True, sink_tokens=4, rotate=True)
+    for cache in (keywords, mixed):
+        assert (cache.recipe, cache.options) == (spelled.recipe, spelled.options) == (
+            FULL_SPELLING, KVCacheOptions(**FULL_KEYWORDS))
+        for layer, other in zip(cache.layers, spelled.layers):
+            assert (layer.recipe, layer.options, layer.sinks, layer.recent, layer.capacity) == (
+                other.recipe, other.options, other.sinks, other.recent, other.capacity)
+    assert FP4Cache(config, 16, "nvfp4+rot").options == KVCacheOptions(rotate=True)
+    with pytest.raises(ValueError, match=r"rotate=False contradicts the recipe's \+rot"):
+        FP4Cache(config, 16, "nvfp4+rot", rotate=False)
+    with pytest.raises(ValueError, match=r"\+rotate is not an option"):
+        FP4Cache(config, 16, "nvfp4+rotate")
+    with pytest.raises(ValueError, match="unknown FP4 KV cache method 'int4'"):
+        FP4Cache(config, 16, "int4+rot")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_recipe_string_generates_what_the_keywords_do(arch):
+    model = models.random_model(models.tiny_config(arch))
+    ids = torch.randint(3, 256, (2, 6), generator=torch.Generator().manual_seed(5))
+    options = dict(FULL_KEYWORDS, recent_tokens=3, sink_tokens=2)
+    _, by_keywords = _generate(model, "fp4kv", ids, 6, "nvfp4", **options)
+    _, spelled = _generate(model, "fp4kv", ids, 6, "nvfp4+rot+smooth+k8+sink2+recent3")
+    assert torch.equal(spelled, by_keywords)
+    assert kv_cache_bytes(model.config, 16, 2, "nvfp4+k8+sink2") == kv_cache_bytes(model.config, 16, 2, "nvfp4",
+                                                                                   k_fp8=True, sink_tokens=2)
 
 
 def test_memory_against_static_cache():

@@ -264,7 +264,7 @@ def _register_k8_reference(recipe: str) -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-    from torch_fp4kv.hf.attention import roundtrip
+    from torch_fp4kv.hf.simulate import roundtrip
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         new = query.shape[2]
@@ -313,7 +313,7 @@ def test_eval_window_protocol_with_k8():
     pytest.importorskip("transformers")
     from torch_fp4kv import accuracy, models
 
-    assert accuracy.parse_cache("nvfp4+rot+k8") == ("nvfp4", {"rotate": True, "k_fp8": True})
+    assert accuracy.parse_cache("nvfp4+rot+k8") == ("nvfp4", torch_fp4kv.KVCacheOptions(rotate=True, k_fp8=True))
     model = models.random_model(models.tiny_config("smollm2"))
     config = model.config.get_text_config(decoder=True)
     assert accuracy.kv_bytes_per_token(model, "nvfp4+smooth+k8") == config.num_hidden_layers * KV_RECIPES[
@@ -343,7 +343,7 @@ def test_store_read_and_decode_compile_fullgraph():
     def step(loc, k, v, q):
         layer.store(loc, k, v)
         k_back, _ = layer.read(loc, torch.float32)
-        return k_back, layer.decode(q, table, lens, 16)
+        return k_back, layer.decode_attention(q, table, lens, 16)
 
     args = (torch.arange(20), torch.randn(20, 2, 64), torch.randn(20, 2, 64), torch.randn(1, 4, 64, dtype=torch.bfloat16))
     compiled = torch.compile(step, fullgraph=True)(*args)

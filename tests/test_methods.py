@@ -1,4 +1,4 @@
-"""Strategies, registry, factory and cache module (SGLang's own interface: test_sglang.py)."""
+"""Strategies, registry, factory and the engine pool (SGLang's own interface: test_sglang.py)."""
 
 import pytest
 import torch
@@ -9,11 +9,13 @@ import torch_fp4kv
 from conftest import RECIPES, assert_same_bytes, random_kv
 from torch_fp4kv import (
     FP4_KV_CACHE_QUANT_REGISTRY,
-    BlockFP4KVMethod,
-    FP4KVCache,
+    BlockFP4Method,
     FP4KVCacheQuantMethod,
-    MXFP4KVMethod,
-    NVFP4KVMethod,
+    FP4KVPool,
+    FP4KVPoolLayer,
+    KVCacheOptions,
+    MXFP4Method,
+    NVFP4Method,
     get_fp4_kv_cache_quant_method,
     register_fp4_kv_cache_quant_method,
 )
@@ -22,7 +24,7 @@ SIZE, H, D, LAYERS = 16, 2, 64, 3
 
 
 def test_registry_maps_names_to_methods():
-    assert FP4_KV_CACHE_QUANT_REGISTRY == {"nvfp4": NVFP4KVMethod, "blockfp4": BlockFP4KVMethod, "mxfp4": MXFP4KVMethod}
+    assert FP4_KV_CACHE_QUANT_REGISTRY == {"nvfp4": NVFP4Method, "blockfp4": BlockFP4Method, "mxfp4": MXFP4Method}
     for name, cls in FP4_KV_CACHE_QUANT_REGISTRY.items():
         method = get_fp4_kv_cache_quant_method(name)
         assert type(method) is cls and method.fmt.name == name
@@ -37,7 +39,7 @@ def test_register_third_party_method(monkeypatch):
     monkeypatch.setattr(torch_fp4kv.methods, "FP4_KV_CACHE_QUANT_REGISTRY", dict(FP4_KV_CACHE_QUANT_REGISTRY))
 
     @register_fp4_kv_cache_quant_method("nvfp4_bf16_prefill")
-    class NVFP4WithBF16Prefill(NVFP4KVMethod):
+    class NVFP4WithBF16Prefill(NVFP4Method):
         prev_kv_dtype = torch.bfloat16
 
     method = get_fp4_kv_cache_quant_method("nvfp4_bf16_prefill")
@@ -77,30 +79,32 @@ def test_create_buffers_and_exact_cell_size(recipe):
 
 def test_cell_size_matches_the_design_table():
     # 2 tensors x H x (D/2 + D/block) per layer; D=128: 72 bytes per head per tensor.
-    assert BlockFP4KVMethod().compute_cell_size(head_num=8, head_dim=128, layer_num=1) == 2 * 8 * 72
-    assert MXFP4KVMethod().compute_cell_size(head_num=8, head_dim=128, layer_num=1) == 2 * 8 * 68
+    assert BlockFP4Method().compute_cell_size(head_num=8, head_dim=128, layer_num=1) == 2 * 8 * 72
+    assert MXFP4Method().compute_cell_size(head_num=8, head_dim=128, layer_num=1) == 2 * 8 * 68
     # NVFP4 adds one layer's FP8 workspace, shared by all layers.
-    assert NVFP4KVMethod().compute_cell_size(head_num=8, head_dim=128, layer_num=4) == 4 * 2 * 8 * 72 + 2 * 8 * 128
+    assert NVFP4Method().compute_cell_size(head_num=8, head_dim=128, layer_num=4) == 4 * 2 * 8 * 72 + 2 * 8 * 128
 
 
 def test_create_buffers_rejects_bad_sizes():
-    with pytest.raises(ValueError, match=r"head_dim must be a positive multiple of 32 \(the mxfp4 block size\); got 48"):
-        MXFP4KVMethod().create_buffers(SIZE, H, 48, 1, "cpu")
-    with pytest.raises(ValueError, match="layer_num must be >= 1"):
-        BlockFP4KVMethod().create_buffers(SIZE, H, D, 0, "cpu")
+    with pytest.raises(ValueError, match="head_dim: head_dim 48 is not a positive multiple of the mxfp4 block size 32"):
+        MXFP4Method().create_buffers(SIZE, H, 48, 1, "cpu")
+    with pytest.raises(ValueError, match="layer_num must be an int >= 1, got 0"):
+        BlockFP4Method().create_buffers(SIZE, H, D, 0, "cpu")
+    with pytest.raises(ValueError, match="size must be an int >= 1, got 0"):
+        BlockFP4Method().create_buffers(0, H, D, 1, "cpu")
 
 
 def test_using_a_method_before_create_buffers_says_so():
     with pytest.raises(RuntimeError, match="call create_buffers"):
-        NVFP4KVMethod().quantize_and_store(0, torch.arange(1), torch.randn(1, H, D), torch.randn(1, H, D))
+        NVFP4Method().quantize_and_store(0, torch.arange(1), torch.randn(1, H, D), torch.randn(1, H, D))
 
 
 def test_nvfp4_global_scales_are_float32_device_tensors_default_one():
-    buffers = NVFP4KVMethod().create_buffers(SIZE, H, D, LAYERS, "cpu")
+    buffers = NVFP4Method().create_buffers(SIZE, H, D, LAYERS, "cpu")
     for scales in (buffers.k_global_scales, buffers.v_global_scales):
         assert len(scales) == LAYERS
         assert all(s.dtype == torch.float32 and s.shape == (1,) and s.item() == 1.0 for s in scales)
-    assert BlockFP4KVMethod().create_buffers(SIZE, H, D, 1, "cpu").k_global_scales is None
+    assert BlockFP4Method().create_buffers(SIZE, H, D, 1, "cpu").k_global_scales is None
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -119,7 +123,7 @@ def test_store_and_dequantize_prev_kv_match_the_ops(recipe):
 
 
 def test_nvfp4_prev_kv_lands_in_the_fp8_workspace():
-    method = NVFP4KVMethod()
+    method = NVFP4Method()
     buffers = method.create_buffers(SIZE, H, D, LAYERS, "cpu")
     loc = torch.tensor([4, 1, 2])
     method.quantize_and_store(2, loc, random_kv((3, H, D)), random_kv((3, H, D)))
@@ -133,7 +137,7 @@ def test_nvfp4_prev_kv_lands_in_the_fp8_workspace():
 
 
 def test_calibrate_sets_amax_over_448_times_6():
-    method = NVFP4KVMethod()
+    method = NVFP4Method()
     method.create_buffers(SIZE, H, D, LAYERS, "cpu")
     k, v = torch.randn(10, H, D), torch.randn(10, H, D) * 100
     method.calibrate(1, k, v)
@@ -144,7 +148,7 @@ def test_calibrate_sets_amax_over_448_times_6():
 
 
 def test_calibrated_scale_avoids_saturation():
-    method = NVFP4KVMethod()
+    method = NVFP4Method()
     method.create_buffers(SIZE, H, D, 1, "cpu")
     k = torch.randn(4, H, D) * 1e4  # far above 448 * 6: saturates with global scale 1.0
     loc = torch.arange(4)
@@ -165,7 +169,7 @@ class _Attention(nn.Module):
 
 def test_load_scales_from_model_attention_modules():
     model = nn.Sequential(*(nn.Sequential(nn.Linear(2, 2), _Attention(0.5 + i, 2.0 + i)) for i in range(LAYERS)))
-    method = NVFP4KVMethod()
+    method = NVFP4Method()
     method.create_buffers(SIZE, H, D, LAYERS, "cpu")
     assert method.load_scales_from_model(model) == LAYERS
     assert [tuple(s.item() for s in method.global_scales(i)) for i in range(LAYERS)] == [(0.5, 2.0), (1.5, 3.0), (2.5, 4.0)]
@@ -179,7 +183,7 @@ def test_load_scales_from_modelopt_state_dict():
         "model.layers.0.self_attn.k_scale": torch.tensor(4.0),
         "model.layers.0.self_attn.v_scale": torch.tensor(8.0),
     }
-    method = NVFP4KVMethod()
+    method = NVFP4Method()
     buffers = method.create_buffers(SIZE, H, D, LAYERS, "cpu")
     before = [s.data_ptr() for s in buffers.k_global_scales]
     assert method.load_scales_from_model(state) == 2
@@ -189,7 +193,7 @@ def test_load_scales_from_modelopt_state_dict():
 
 
 def test_load_scales_errors():
-    method = NVFP4KVMethod()
+    method = NVFP4Method()
     method.create_buffers(SIZE, H, D, 1, "cpu")
     with pytest.raises(ValueError, match="no model.layers.0.attn.v_scale"):
         method.load_scales_from_model({"model.layers.0.attn.k_scale": torch.tensor(1.0)})
@@ -197,14 +201,16 @@ def test_load_scales_errors():
         method.load_scales_from_model({"layers.5.k_scale": torch.tensor(1.0), "layers.5.v_scale": torch.tensor(1.0)})
     with pytest.raises(TypeError, match="source must be an nn.Module or a state dict"):
         method.load_scales_from_model([1.0, 2.0])
-    assert BlockFP4KVMethod().load_scales_from_model({}) == 0
+    plain = BlockFP4Method()
+    plain.create_buffers(SIZE, H, D, 1, "cpu")
+    assert plain.load_scales_from_model({"layers.0.k_scale": 2.0, "layers.0.v_scale": 2.0}) == 0  # none to set
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_cache_module_and_its_method_share_one_cache(recipe):
     """What the method stores, the module's buffers hold and its layer reads, and the other way
     round; the module's state dict carries the cache."""
-    cache = FP4KVCache(recipe, SIZE, H, D, LAYERS)
+    cache = FP4KVPool(recipe, SIZE, H, D, LAYERS)
     layer = cache.layers[1]
     k, v = random_kv((4, H, D)), random_kv((4, H, D))
     loc = torch.tensor([1, 5, 2, 11])
@@ -227,15 +233,15 @@ def test_cache_module_needs_a_table_method():
     class Opaque(FP4KVCacheQuantMethod):
         create_buffers = quantize_and_store = dequantize_prev_kv = compute_cell_size = None
 
-    with pytest.raises(TypeError, match="method must be a TableFP4KVMethod"):
-        FP4KVCache(Opaque(), SIZE, H, D, 1)
+    with pytest.raises(TypeError, match="method must be a TableFP4Method"):
+        FP4KVPool(Opaque(), SIZE, H, D, 1)
 
 
 def test_method_scales_follow_the_cache_module_when_it_moves():
     """Calibration and scale loading write the tensors the stores use, also after a device move:
     on the tensors left behind they would fail (a meta value cannot be copied to the CPU), or on
     a GPU, silently change nothing the stores read."""
-    cache = FP4KVCache("nvfp4", SIZE, H, D, 1).to("meta")
+    cache = FP4KVPool("nvfp4", SIZE, H, D, 1).to("meta")
     method = cache.method
     k = torch.randn(4, H, D, device="meta")
     method.calibrate(0, k, k)
@@ -247,9 +253,87 @@ def test_method_scales_follow_the_cache_module_when_it_moves():
 
 
 def test_cache_module_keeps_global_scales_float32_under_dtype_casts():
-    cache = FP4KVCache("nvfp4", SIZE, H, D, 1).to(torch.bfloat16)
+    cache = FP4KVPool("nvfp4", SIZE, H, D, 1).to(torch.bfloat16)
     assert cache.layers[0].k_global_scale.dtype == torch.float32
     assert cache.layers[0].k_data.dtype == torch.uint8
+    assert cache.workspace.k.dtype == torch.float8_e4m3fn  # the prefill kernels' input stays FP8
+
+
+@pytest.mark.parametrize("spelling", ["nvfp4", "nvfp4+rot+smooth+k8", "mxfp4+smooth"])
+def test_pool_and_its_method_stay_one_set_of_tensors_after_to(spelling):
+    """The layer modules own the tensors: the method's buffers lists, its layers and the pool's
+    modules are the same tensors, before and after `.to()` (also the FP8 prefill workspace)."""
+    pool = FP4KVPool(spelling, SIZE, H, D, LAYERS)
+
+    def same_tensors():
+        buffers = pool.method.buffers
+        for i, layer in enumerate(pool.layers):
+            assert pool.method.layer(i) is layer
+            for listed, owned in ((buffers.k_data, layer.k_data), (buffers.v_scales, layer.v_scales),
+                                  (buffers.k_global_scales, layer.k_global_scale), (buffers.k_means, layer.k_mean)):
+                assert listed is None and owned is None or listed[i] is owned
+        assert buffers.rotation is pool.layers[0].rotation
+        if pool.workspace is not None:
+            assert buffers.dequant_workspace == (pool.workspace.k, pool.workspace.v)
+
+    same_tensors()
+    pool.to("meta")
+    same_tensors()
+    buffers = pool.method.buffers
+    moved = [*buffers.k_data, *buffers.v_data, *(buffers.dequant_workspace or ())]
+    assert all(t.device.type == "meta" for t in moved)
+    k = torch.randn(4, H, D, device="meta")
+    pool.method.quantize_and_store(1, torch.arange(4, device="meta"), k, k)
+    assert pool.method.dequantize_prev_kv(1, torch.arange(4, device="meta"))[0].device.type == "meta"
+
+
+def test_pool_and_methods_take_options_spelled_or_whole():
+    pool = FP4KVPool("nvfp4+rot+k8", SIZE, H, D, 1)
+    assert pool.method.options == KVCacheOptions(rotate=True, k_fp8=True)
+    assert pool.layers[0].recipe == "nvfp4+k8" and pool.layers[0].rotation is not None
+    whole = get_fp4_kv_cache_quant_method("mxfp4", options=KVCacheOptions(smooth_k=True))
+    assert isinstance(whole, MXFP4Method) and whole.options == KVCacheOptions(smooth_k=True)
+    assert get_fp4_kv_cache_quant_method("nvfp4+rot", smooth_k=True).options == KVCacheOptions(rotate=True,
+                                                                                              smooth_k=True)
+    with pytest.raises(ValueError, match=r"rotate=False contradicts the recipe's \+rot"):
+        get_fp4_kv_cache_quant_method("nvfp4+rot", rotate=False)
+    with pytest.raises(ValueError, match="a method keeps every token in FP4"):
+        get_fp4_kv_cache_quant_method("nvfp4+sink4")
+    with pytest.raises(ValueError, match="unknown FP4 KV cache method 'int4'"):
+        get_fp4_kv_cache_quant_method("int4+rot")
+
+
+def test_layer_factory_checks_its_sizes():
+    layer = FP4KVPoolLayer.allocate("nvfp4", KVCacheOptions(k_fp8=True, smooth_k=True), 8, H, D)
+    assert layer.recipe == "nvfp4+k8" and layer.k_data.shape == (8, H, D) and layer.v_data.shape == (8, H, D // 2)
+    assert layer.k_mean.shape == (H, D) and layer.k_global_scale.item() == layer.v_global_scale.item() == 1.0
+    with pytest.raises(ValueError, match="slots must be an int >= 1"):
+        FP4KVPoolLayer.allocate("nvfp4", KVCacheOptions(), 0, H, D)
+    with pytest.raises(ValueError, match="a layer cache keeps every token in FP4"):
+        FP4KVPoolLayer.allocate("nvfp4", KVCacheOptions(recent_tokens=4), 8, H, D)
+    with pytest.raises(ValueError, match="fmt='fp3' is not a known recipe"):
+        FP4KVPoolLayer.allocate("fp3", KVCacheOptions(), 8, H, D)
+
+
+def test_former_names_still_work():
+    """Deprecated aliases, kept for one release: the same classes and methods under the old names."""
+    assert torch_fp4kv.FP4KVCache is FP4KVPool and torch_fp4kv.FP4KVLayerCache is FP4KVPoolLayer
+    assert torch_fp4kv.NVFP4KVMethod is NVFP4Method and torch_fp4kv.BlockFP4KVMethod is BlockFP4Method
+    assert torch_fp4kv.MXFP4KVMethod is MXFP4Method and torch_fp4kv.TableFP4KVMethod is torch_fp4kv.TableFP4Method
+    pool = torch_fp4kv.FP4KVCache("nvfp4", 32, H, D, 1)
+    method = torch_fp4kv.NVFP4KVMethod(rotate=True)
+    method.create_buffers(32, H, D, 1, "cpu")
+    layer = method.layer(0)
+    assert isinstance(pool.layers[0], torch_fp4kv.FP4KVLayerCache)
+    k = torch.randn(32, H, D)
+    layer.store(torch.arange(32), k, k)
+    q = torch.randn(1, H, D, dtype=torch.bfloat16)
+    table, lens = torch.arange(2, dtype=torch.int32)[None], torch.tensor([32], dtype=torch.int32)
+    torch.testing.assert_close(layer.decode(q, table, lens, 16), layer.decode_attention(q, table, lens, 16))
+    cu = torch.tensor([0, 1], dtype=torch.int32)
+    torch.testing.assert_close(layer.extend(q, cu, table, lens, 16), layer.extend_attention(q, cu, table, lens, 16))
+    torch.testing.assert_close(layer.decode_k(k), layer.restore_k(k))
+    torch.testing.assert_close(layer.decode_v(k), layer.restore_v(k))
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -264,7 +348,7 @@ def test_methods_say_how_attention_reads_them(recipe):
 
 def test_method_decode_attention_reads_its_layer():
     """Attention over layer 1's cache, as its own dequantized K/V give it; layer 0 differs."""
-    method = NVFP4KVMethod()
+    method = NVFP4Method()
     method.create_buffers(32, H, D, 2, "cpu")
     method.set_global_scales(1, 0.01, 0.02)
     k, v = torch.randn(32, H, D), torch.randn(32, H, D)

@@ -11,13 +11,11 @@ continuation that matches full precision's before the first difference. Two prot
   `fp4kv.decode_attention`). Greedy continuations: `generate` with the cache (the prompt is
   prefilled, attending to itself in full precision; the continuation is decoded from FP4).
 
-An FP4 cache may carry accuracy options as suffixes of its recipe: `nvfp4+rot` (Hadamard rotation
-of K and V), `nvfp4+smooth` (per-channel K means subtracted, calibrated with the global scales on
-text apart from the scored windows), `nvfp4+k8` (K in FP8 E4M3), and `+sinkS` / `+recentR` (a
-query attends the first S positions and the last R, its own included, in full precision),
-combined in any order, e.g. `nvfp4+rot+smooth+k8` or `nvfp4+rot+smooth+sink4+recent128`; both
-protocols honour them (the window protocol picks, per query and key, the full-precision or the
-round-tripped score and value).
+An FP4 cache may carry accuracy options as suffixes of its recipe (`torch_fp4kv.options`' grammar,
+e.g. `nvfp4+rot+smooth+k8` or `nvfp4+rot+smooth+sink4+recent128`); `+smooth` caches are
+calibrated, with the global scales, on text apart from the scored windows. Both protocols honour
+the options (the window protocol, `hf/simulate.py`, picks per query and key the full-precision or
+the round-tripped score and value).
 
 Bytes per token count what a token's K and V take over all layers, plus the full-precision tokens
 a sequence keeps on top (the sinks and ring, quanto's residual of 128) spread over a context of
@@ -38,50 +36,34 @@ from transformers import QuantizedCache
 from transformers.cache_utils import Cache, QuantoQuantizedLayer
 
 from .hf import ATTENTION_NAME, FP4Cache, calibrate, roundtrip_attention
-from .ops import FORMATS, K_FP8_SUFFIX, get_kv_recipe
+from .ops import FORMATS, get_kv_recipe
+from .options import SUFFIXES_HELP, KVCacheOptions
 
 PROTOCOLS = ("window", "decode")
 ANCHOR = "quanto-int4"
 FULL = "full"
 REFERENCE_ATTENTION = "sdpa"
-# recipe suffix -> FP4Cache / method keyword
-OPTIONS = {"rot": "rotate", "smooth": "smooth_k", K_FP8_SUFFIX.removeprefix("+"): "k_fp8"}
-# recipe suffix followed by a count -> FP4Cache keyword
-COUNTED_OPTIONS = {"sink": "sink_tokens", "recent": "recent_tokens"}
 # The context over which full-precision tokens kept per sequence are spread in bytes per token.
 AVERAGED_OVER = 4096
 
 
-def _option(suffix: str) -> tuple[str, bool | int] | None:
-    if suffix in OPTIONS:
-        return OPTIONS[suffix], True
-    for prefix, keyword in COUNTED_OPTIONS.items():
-        count = suffix.removeprefix(prefix)
-        if suffix.startswith(prefix) and count.isdigit() and int(count) > 0:
-            return keyword, int(count)
-    return None
-
-
-def parse_cache(name: str) -> tuple[str, dict[str, bool | int]]:
-    """"nvfp4+rot+smooth+sink4+recent128" -> ("nvfp4", {"rotate": True, "smooth_k": True,
-    "sink_tokens": 4, "recent_tokens": 128}); ValueError if unknown or repeated."""
-    recipe, *suffixes = name.split("+")
-    options = [_option(s) for s in suffixes]
-    keywords = [o[0] for o in options if o is not None]
-    if recipe not in FORMATS or None in options or len(set(keywords)) != len(keywords):
-        raise ValueError(f"recipes: {name!r} is neither an FP4 recipe {sorted(FORMATS)} (with optional "
-                         f"suffixes {', '.join('+' + o for o in OPTIONS)}, "
-                         f"{', '.join('+' + o + 'N' for o in COUNTED_OPTIONS)}) nor {ANCHOR!r}")
-    return recipe, dict(options)
+def parse_cache(name: str) -> tuple[str, KVCacheOptions]:
+    """"nvfp4+rot+smooth+sink4+recent128" -> ("nvfp4", KVCacheOptions(rotate=True, smooth_k=True,
+    sink_tokens=4, recent_tokens=128)): an FP4 format and its options; ValueError otherwise."""
+    try:
+        fmt, options = KVCacheOptions.parse(name)
+    except ValueError as bad:
+        reason = str(bad)
+    else:
+        if fmt in FORMATS:
+            return fmt, options
+        reason = f"{fmt!r} is not an FP4 recipe"
+    raise ValueError(f"recipes: {name!r} is neither an FP4 recipe {sorted(FORMATS)} (with optional suffixes "
+                     f"{SUFFIXES_HELP}) nor {ANCHOR!r}: {reason}")
 
 
 def needs_calibration(name: str) -> bool:
-    return name not in (ANCHOR, FULL) and parse_cache(name)[1].get("smooth_k", False)
-
-
-def _transforms(options: dict) -> dict:
-    """The options that change what is quantized (calibrate takes these)."""
-    return {keyword: on for keyword, on in options.items() if keyword in OPTIONS.values()}
+    return name not in (ANCHOR, FULL) and parse_cache(name)[1].smooth_k
 
 
 @dataclass(frozen=True)
@@ -149,10 +131,10 @@ def kv_bytes_per_token(model, cache: str) -> float:
         layer = QuantoQuantizedLayer()
         quantized = layer._quantize(torch.randn(1, heads, tokens, head_dim, dtype=model.dtype), axis=0)
         return 2 * layers * _tensor_bytes(quantized) / tokens + layer.residual_length * full / AVERAGED_OVER
-    recipe, options = parse_cache(cache)
-    kv = get_kv_recipe(recipe + (K_FP8_SUFFIX if options.get("k_fp8") else ""))
-    kept = options.get("sink_tokens", 0) + options.get("recent_tokens", 0)
-    return layers * kv.bytes_per_token(heads, head_dim) + kept * full / AVERAGED_OVER
+    fmt, options = parse_cache(cache)
+    kv_recipe = get_kv_recipe(options.kv_recipe(fmt))
+    kept = options.sink_tokens + options.recent_tokens
+    return layers * kv_recipe.bytes_per_token(heads, head_dim) + kept * full / AVERAGED_OVER
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> int:
@@ -170,8 +152,7 @@ def _window_logprobs(model, windows: torch.Tensor, attention: str) -> torch.Tens
 
 
 def _roundtrip_attention(cache: str, calibrations: dict) -> str:
-    recipe, options = parse_cache(cache)
-    return roundtrip_attention(recipe, calibration=calibrations.get(cache), **options)
+    return roundtrip_attention(cache, calibration=calibrations.get(cache))
 
 
 def _new_cache(model, setting: Setting, length: int, calibrations: dict):
@@ -180,8 +161,7 @@ def _new_cache(model, setting: Setting, length: int, calibrations: dict):
         model.set_attn_implementation(REFERENCE_ATTENTION if setting.cache == ANCHOR else ATTENTION_NAME)
         if setting.cache == ANCHOR:
             return _quanto_cache(model.config)
-        recipe, options = parse_cache(setting.cache)
-        return FP4Cache(model.config, length, recipe, calibration=calibrations.get(setting.cache), **options)
+        return FP4Cache(model.config, length, setting.cache, calibration=calibrations.get(setting.cache))
     model.set_attn_implementation(REFERENCE_ATTENTION if setting.cache == FULL
                                   else _roundtrip_attention(setting.cache, calibrations))
     return None
@@ -206,8 +186,7 @@ def calibrations_for(model, settings: list[Setting], calib_windows: torch.Tensor
             continue
         if calib_windows is None:
             raise ValueError(f"{setting.cache} needs calibration text (calib_windows)")
-        recipe, options = parse_cache(setting.cache)
-        found[setting.cache] = calibrate(model, calib_windows, recipe, **_transforms(options))
+        found[setting.cache] = calibrate(model, calib_windows, setting.cache)
     model.set_attn_implementation(REFERENCE_ATTENTION)
     return found
 

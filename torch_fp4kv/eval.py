@@ -20,6 +20,7 @@ import torch
 
 from . import accuracy, models
 from .ops import FORMATS
+from .options import SUFFIXES_HELP
 
 DEFAULT_TEXT = "/usr/share/common-licenses/GPL-3"
 
@@ -38,10 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--window", type=int, default=512, help="tokens per window")
     parser.add_argument("--recipes", type=_list, default=[*sorted(FORMATS), accuracy.ANCHOR],
                         help=f"comma-separated FP4 recipes and/or {accuracy.ANCHOR} (default: all); a recipe may "
-                             f"carry accuracy options: +rot (Hadamard rotation of K/V), +smooth (calibrated K "
-                             f"means subtracted), +k8 (K in FP8 E4M3), +sinkN / +recentN (each sequence's first N "
-                             f"/ last N positions attended in full precision), e.g. "
-                             f"nvfp4+rot+smooth+k8 or nvfp4+rot+smooth+sink4+recent128")
+                             f"carry accuracy options: {SUFFIXES_HELP}, e.g. nvfp4+rot+smooth+k8 or "
+                             f"nvfp4+rot+smooth+sink4+recent128")
     parser.add_argument("--calib-tokens", type=int, default=1024,
                         help="tokens of the text after the scored ones that +smooth recipes calibrate on")
     parser.add_argument("--protocols", type=_list, default=list(accuracy.PROTOCOLS), help="window,decode")

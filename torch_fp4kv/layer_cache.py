@@ -1,8 +1,10 @@
-"""One layer's FP4 K/V cache as an `nn.Module`: the op calls that store, read and attend over it.
+"""One layer's FP4 K/V cache as an `nn.Module`, the owner of its tensors: the op calls that store,
+read and attend over it, and `FP4KVPoolLayer.allocate`, the one place a layer cache is built.
 
 Its tensors are module buffers with fixed addresses, which is what torch.compile's CUDA-graph
-trees need to replay decode steps without copying the cache. Both the strategies (methods.py)
-and the whole-model cache (cache.py) go through it.
+trees need to replay decode steps without copying the cache. The strategies (methods.py), the
+engine pool (pool.py), transformers' FP4Cache layers (hf/cache.py) and the eval's simulation
+(hf/simulate.py) all go through it.
 
 Two optional accuracy transforms run in PyTorch around the ops, so every backend honours them:
 
@@ -28,6 +30,7 @@ from . import ops
 from .ops import checks
 from .ops.api import attention_defaults
 from .ops.paged_kv import PagedKV
+from .options import KVCacheOptions
 
 
 def hadamard(n: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
@@ -43,34 +46,71 @@ def hadamard(n: int, dtype: torch.dtype = torch.float32, device=None) -> torch.T
     return (h / n ** 0.5).to(dtype=dtype, device=device)
 
 
-class FP4KVLayerCache(nn.Module):
-    """One layer's K/V cache: data [slots, H, D/2], scales [slots, H, D/block] (FP8 keys, recipe
-    "<recipe>+k8": [slots, H, D] and [slots, H, 0]), global scales, and optionally a rotation [D, D]
-    and a K mean [H, D] (float32). `recipe` is a KV_RECIPES name."""
+class DeviceOnlyBuffers(nn.Module):
+    """A module whose buffers named in `DEVICE_ONLY` follow `.to(device)` but keep their dtype:
+    Module.to(dtype) casts every floating buffer, and the ops need these in the dtype they have."""
 
-    def __init__(self, recipe: str, k_data, v_data, k_scales, v_scales, k_global_scale=None, v_global_scale=None,
-                 rotation=None, k_mean=None):
-        super().__init__()
-        self.recipe = recipe
-        kv = ops.get_kv_recipe(recipe)
-        self.k_recipe, self.v_recipe = kv.k.name, kv.v.name  # what the one-tensor ops take
-        for name, tensor in (("k_data", k_data), ("v_data", v_data), ("k_scales", k_scales), ("v_scales", v_scales),
-                             ("k_global_scale", k_global_scale), ("v_global_scale", v_global_scale),
-                             ("rotation", rotation), ("k_mean", k_mean)):
-            self.register_buffer(name, tensor)
-
-    _FLOAT32_BUFFERS = ("k_global_scale", "v_global_scale", "rotation", "k_mean")
+    DEVICE_ONLY: tuple[str, ...] = ()
 
     def _apply(self, fn, recurse=True):
-        # Module.to(dtype) casts every floating buffer; the ops need the global scales in float32,
-        # and rounding them (or the rotation and mean) to bf16 would change the cache's values.
-        # Follow device moves only.
-        kept = {name: getattr(self, name) for name in self._FLOAT32_BUFFERS}
+        kept = {name: getattr(self, name) for name in self.DEVICE_ONLY}
         super()._apply(fn, recurse)
         for name, original in kept.items():
             if original is not None:
                 setattr(self, name, original.to(fn(original).device))
         return self
+
+
+class FP4KVPoolLayer(DeviceOnlyBuffers):
+    """One layer of an engine's FP4 KV pool: data [slots, H, D/2], scales [slots, H, D/block] (FP8
+    keys, recipe "<recipe>+k8": [slots, H, D] and [slots, H, 0]), global scales, and optionally a
+    rotation [D, D] and a K mean [H, D] (float32). `recipe` is a KV_RECIPES name. Build one with
+    `allocate`. (transformers' per-layer cache, `hf.FP4CacheLayer`, keeps its FP4 slots in one.)
+
+    `FP4KVLayerCache` is this class's former name, kept as an alias for one release."""
+
+    # The ops need the global scales in float32, and rounding them (or the rotation and mean) to
+    # bf16 would change the cache's values.
+    DEVICE_ONLY = ("k_global_scale", "v_global_scale", "rotation", "k_mean")
+
+    def __init__(self, recipe: str, k_data, v_data, k_scales, v_scales, k_global_scale=None, v_global_scale=None,
+                 rotation=None, k_mean=None):
+        super().__init__()
+        self.recipe = recipe
+        kv_recipe = ops.get_kv_recipe(recipe)
+        self.k_recipe, self.v_recipe = kv_recipe.k.name, kv_recipe.v.name  # what the one-tensor ops take
+        for name, tensor in (("k_data", k_data), ("v_data", v_data), ("k_scales", k_scales), ("v_scales", v_scales),
+                             ("k_global_scale", k_global_scale), ("v_global_scale", v_global_scale),
+                             ("rotation", rotation), ("k_mean", k_mean)):
+            self.register_buffer(name, tensor)
+
+    @classmethod
+    def allocate(cls, fmt: str, options: KVCacheOptions, slots: int, heads: int, head_dim: int,
+                 device=None) -> FP4KVPoolLayer:
+        """A zeroed cache of `slots` token slots for FP4 format `fmt` with `options` (rotate,
+        smooth_k, k_fp8): global scales 1, K mean 0 until calibrated. Every size is checked here."""
+        if options.full_precision:
+            raise ValueError(f"options: a layer cache keeps every token in FP4; sink_tokens / recent_tokens "
+                             f"are FP4Cache's (got {options})")
+        for name, value in (("slots", slots), ("heads", heads), ("head_dim", head_dim)):
+            checks.count(value, name, minimum=1)
+        kv_recipe = ops.get_kv_recipe(options.kv_recipe(ops.get_format(fmt, "fmt").name))
+        for part in (kv_recipe.k, kv_recipe.v):
+            checks.head_dim(head_dim, part, "head_dim")
+        if options.rotate and head_dim & (head_dim - 1):
+            raise ValueError(f"head_dim must be a power of two with rotate=True; got {head_dim}")
+
+        def zeros(width: int) -> torch.Tensor:
+            return torch.zeros(slots, heads, width, dtype=torch.uint8, device=device)
+
+        def global_scale(part: ops.FP4Format) -> torch.Tensor | None:
+            return torch.ones(1, dtype=torch.float32, device=device) if part.has_global_scale else None
+
+        k, v = kv_recipe.k, kv_recipe.v
+        return cls(kv_recipe.name, zeros(k.data_width(head_dim)), zeros(v.data_width(head_dim)),
+                   zeros(k.scales_width(head_dim)), zeros(v.scales_width(head_dim)), global_scale(k), global_scale(v),
+                   hadamard(head_dim, device=device) if options.rotate else None,
+                   torch.zeros(heads, head_dim, device=device) if options.smooth_k else None)
 
     @property
     def transformed(self) -> bool:
@@ -85,23 +125,28 @@ class FP4KVLayerCache(nn.Module):
             x = x - self.k_mean
         return x @ self.rotation if self.rotation is not None else x
 
-    def decode_k(self, k: torch.Tensor) -> torch.Tensor:
+    def restore_k(self, k: torch.Tensor) -> torch.Tensor:
+        """Keys as given back from what was quantized (encode_k undone): k @ rotation + k_mean."""
         x = k.float()
         if self.rotation is not None:
             x = x @ self.rotation  # symmetric and orthogonal: its own inverse
         return x + self.k_mean if self.k_mean is not None else x
 
     def encode_v(self, v: torch.Tensor) -> torch.Tensor:
+        """What is quantized for values [..., H, D]: v @ rotation."""
         return v.float() @ self.rotation if self.rotation is not None else v
 
-    decode_v = encode_v  # the rotation is an involution
+    restore_v = encode_v  # the rotation is an involution
+    # Former names, kept as aliases for one release.
+    decode_k = restore_k
+    decode_v = restore_v
 
     def check_tokens(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [..., H, D] of this cache's heads and head_dim, on its device (the ops' activation
         checks against the cache, for calls that take tokens without slots)."""
-        kv = ops.get_kv_recipe(self.recipe)
-        checks.cache_tokens(k, "k", self.k_data, "k_data", kv.k)
-        checks.cache_tokens(v, "v", self.v_data, "v_data", kv.v)
+        kv_recipe = ops.get_kv_recipe(self.recipe)
+        checks.cache_tokens(k, "k", self.k_data, "k_data", kv_recipe.k)
+        checks.cache_tokens(v, "v", self.v_data, "v_data", kv_recipe.v)
 
     def _rotated(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., D] times the rotation, in x's dtype (the rotation is its own inverse)."""
@@ -139,20 +184,21 @@ class FP4KVLayerCache(nn.Module):
         k = ops.gather_dequantize(self.k_data, self.k_scales, loc, self.k_recipe, self.k_global_scale, raw)
         v = ops.gather_dequantize(self.v_data, self.v_scales, loc, self.v_recipe, self.v_global_scale, raw)
         if self.transformed:
-            k, v = self.decode_k(k).to(dtype), self.decode_v(v).to(dtype)
+            k, v = self.restore_k(k).to(dtype), self.restore_v(v).to(dtype)
         return k, v
 
     def roundtrip(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v [..., H, D] as this cache would give them back (quantized and dequantized, no slots)."""
         self.check_tokens(k, v)
         out = []
-        for x, encode, decode, g, recipe in ((k, self.encode_k, self.decode_k, self.k_global_scale, self.k_recipe),
-                                             (v, self.encode_v, self.decode_v, self.v_global_scale, self.v_recipe)):
+        for x, encode, restore, g, recipe in ((k, self.encode_k, self.restore_k, self.k_global_scale, self.k_recipe),
+                                              (v, self.encode_v, self.restore_v, self.v_global_scale, self.v_recipe)):
             data, scales = ops.quantize(encode(x), recipe, g)
-            out.append(decode(ops.dequantize(data, scales, recipe, g, torch.float32)).to(x.dtype))
+            out.append(restore(ops.dequantize(data, scales, recipe, g, torch.float32)).to(x.dtype))
         return out[0], out[1]
 
-    def decode(self, q, block_table, seq_lens, page_size: int, sm_scale: float | None = None, out=None, lse=None):
+    def decode_attention(self, q, block_table, seq_lens, page_size: int, sm_scale: float | None = None, out=None,
+                         lse=None):
         """Attention of one new token per sequence, q [B, Hq, D], over its paged context read in FP4.
 
         `lse` [B, Hq] float32, when given, receives the natural log-sum-exp of the scores of the
@@ -174,7 +220,8 @@ class FP4KVLayerCache(nn.Module):
             lse.add_(sm_scale * q_mean.reshape(batch, hq))
         return out
 
-    def extend(self, q, cu_seqlens_q, block_table, seq_lens, page_size: int, sm_scale: float | None = None, out=None):
+    def extend_attention(self, q, cu_seqlens_q, block_table, seq_lens, page_size: int, sm_scale: float | None = None,
+                         out=None):
         """Attention of several new tokens per sequence, q [T, Hq, D] (rows cu_seqlens_q[b] to
         cu_seqlens_q[b + 1]), stored in the cache already, causal over them, reading the cache in FP4.
         A K mean needs nothing here: softmax cancels q·k_mean."""
@@ -185,3 +232,10 @@ class FP4KVLayerCache(nn.Module):
         if self.rotation is None:
             return ops.extend_attention(q, cu_seqlens_q, *cache, sm_scale, out)
         return out.copy_(self._rotated(ops.extend_attention(self._rotated(q), cu_seqlens_q, *cache, sm_scale)))
+
+    # Former names, kept as aliases for one release.
+    decode = decode_attention
+    extend = extend_attention
+
+
+FP4KVLayerCache = FP4KVPoolLayer  # former name, kept as an alias for one release

@@ -2,14 +2,17 @@
 
 An engine's KV pool asks a method for its buffers, then calls it to store new tokens and to read
 earlier ones back. Each method is one row of the format table (`torch_fp4kv.ops.FORMATS`) plus
-what is particular to it (NVFP4's per-layer global scales and FP8 prefill workspace).
+what is particular to it (NVFP4's per-layer global scales and FP8 prefill workspace). Its layer
+caches (`FP4KVPoolLayer`, one per layer) own the tensors; `buffers` lists them.
+
+`torch_fp4kv.sglang` has classes of the same shape under SGLang's own names and signatures
+(`sglang.NVFP4KVMethod(num_layers, device)`, buffers handed in per call): a port for SGLang code.
 """
 
 from __future__ import annotations
 
 import abc
 import enum
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable, ClassVar
@@ -17,8 +20,11 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
-from .layer_cache import FP4KVLayerCache, hadamard
-from .ops import K_FP8_SUFFIX, FP4Format, FP4KVCacheRecipe, KVRecipe, get_format, get_kv_recipe
+from .calibration import (calibrate_layer, calibration_state_dict, calibration_updates, check_layers,
+                          global_scale_value, k_mean_value, write_updates)
+from .layer_cache import DeviceOnlyBuffers, FP4KVPoolLayer
+from .ops import FP4Format, FP4KVCacheRecipe, KVRecipe, checks, get_format, get_kv_recipe
+from .options import KVCacheOptions
 
 
 class AttentionRead(enum.Enum):
@@ -30,7 +36,8 @@ class AttentionRead(enum.Enum):
 
 @dataclass
 class FP4KVBuffers:
-    """Everything one KV pool allocates. Lists are indexed by layer."""
+    """Everything one KV pool allocates, as lists indexed by layer: a view of the layer caches,
+    which own the tensors (read it again after moving them)."""
 
     k_data: list[torch.Tensor]  # uint8 [size, H, D/2] (k_fp8: K [size, H, D])
     v_data: list[torch.Tensor]
@@ -42,17 +49,31 @@ class FP4KVBuffers:
     v_global_scales: list[torch.Tensor] | None = None
     # One layer's K and V dequantized for prefill kernels ([size, H, D]); None if unused.
     dequant_workspace: tuple[torch.Tensor, torch.Tensor] | None = None
-    # float32 [D, D] normalized Hadamard shared by every layer (rotate=True); None if unused.
+    # float32 [D, D] normalized Hadamard (rotate=True; every layer holds the same one); None if unused.
     rotation: torch.Tensor | None = None
     # float32 [H, D] per layer, K's calibrated channel means (smooth_k=True); None if unused.
     k_means: list[torch.Tensor] | None = None
 
 
+class DequantWorkspace(DeviceOnlyBuffers):
+    """K and V [slots, H, D] that `dequantize_prev_kv` fills for prefill kernels, shared by every
+    layer. A module so that the pool's `.to()` moves it with the layers; it keeps its dtype (the
+    kernels' input). Not part of a state dict."""
+
+    DEVICE_ONLY = ("k", "v")
+
+    def __init__(self, slots: int, heads: int, head_dim: int, dtype: torch.dtype, device=None):
+        super().__init__()
+        for name in self.DEVICE_ONLY:
+            self.register_buffer(name, torch.zeros(slots, heads, head_dim, dtype=dtype, device=device),
+                                 persistent=False)
+
+
 class FP4KVCacheQuantMethod(abc.ABC):
     """One way of keeping a KV cache in FP4. Create buffers first; the method keeps them."""
 
-    def __init__(self) -> None:
-        self.buffers: FP4KVBuffers | None = None
+    # What create_buffers allocated (table methods compute it from their layer caches).
+    buffers: FP4KVBuffers | None = None
 
     @abc.abstractmethod
     def create_buffers(self, size: int, head_num: int, head_dim: int, layer_num: int, device) -> FP4KVBuffers:
@@ -88,25 +109,32 @@ class FP4KVCacheQuantMethod(abc.ABC):
         return 0
 
 
-class TableFP4KVMethod(FP4KVCacheQuantMethod):
-    """A method driven entirely by one row of the format table; subclasses name the recipe."""
+class TableFP4Method(FP4KVCacheQuantMethod):
+    """A method driven entirely by one row of the format table; subclasses name the recipe.
+
+    `TableFP4KVMethod` is this class's former name, kept as an alias for one release."""
 
     recipe: ClassVar[FP4KVCacheRecipe]
     # Dtype `dequantize_prev_kv` returns by default; a workspace is allocated when it is FP8.
     prev_kv_dtype: ClassVar[torch.dtype] = torch.bfloat16
 
-    def __init__(self, rotate: bool = False, smooth_k: bool = False, k_fp8: bool = False) -> None:
-        """rotate: store each head's K and V rotated by a normalized Hadamard matrix (head_dim a
-        power of two). smooth_k: subtract a per-layer, per-head, per-channel K mean before storing
-        (zeros until `calibrate` or `load_scales_from_model` sets it). Both run in PyTorch around
-        the ops (FP4KVLayerCache), on every backend. k_fp8: keep K in FP8 E4M3 under a per-layer
-        global scale (the ops' "<recipe>+k8"; V stays in the recipe): keys are the half whose
-        rounding costs small models the most accuracy."""
-        super().__init__()
-        for name, value in (("rotate", rotate), ("smooth_k", smooth_k), ("k_fp8", k_fp8)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {value!r}")
-        self.rotate, self.smooth_k, self.k_fp8 = rotate, smooth_k, k_fp8
+    def __init__(self, rotate: bool | None = None, smooth_k: bool | None = None, k_fp8: bool | None = None, *,
+                 options: KVCacheOptions | None = None) -> None:
+        """`options` (KVCacheOptions), or its fields as keywords (None: as `options` has it; a
+        keyword that contradicts it is a ValueError). rotate: store each head's K and V rotated by
+        a normalized Hadamard matrix (head_dim a power of two). smooth_k: subtract a per-layer,
+        per-head, per-channel K mean before storing (zeros until `calibrate` or
+        `load_scales_from_model` sets it). Both run in PyTorch around the ops (FP4KVPoolLayer), on
+        every backend. k_fp8: keep K in FP8 E4M3 under a per-layer global scale (the ops'
+        "<recipe>+k8"; V stays in the recipe): keys are the half whose rounding costs small models
+        the most accuracy. A method keeps every token in FP4: sink_tokens / recent_tokens are
+        FP4Cache's."""
+        self.options = (options or KVCacheOptions()).merged(rotate=rotate, smooth_k=smooth_k, k_fp8=k_fp8)
+        if self.options.full_precision:
+            raise ValueError(f"options: a method keeps every token in FP4; sink_tokens / recent_tokens are "
+                             f"FP4Cache's (got {self.options})")
+        self._layers: list[FP4KVPoolLayer] | None = None
+        self.workspace: DequantWorkspace | None = None
 
     @property
     def fmt(self) -> FP4Format:
@@ -116,7 +144,7 @@ class TableFP4KVMethod(FP4KVCacheQuantMethod):
     @property
     def kv_recipe(self) -> KVRecipe:
         """K's and V's formats, named as the ops take them ("nvfp4" or "nvfp4+k8")."""
-        return get_kv_recipe(self.fmt.name + (K_FP8_SUFFIX if self.k_fp8 else ""))
+        return get_kv_recipe(self.options.kv_recipe(self.fmt.name))
 
     def needs_global_scale(self) -> bool:
         return self.kv_recipe.k.has_global_scale or self.kv_recipe.v.has_global_scale
@@ -133,14 +161,14 @@ class TableFP4KVMethod(FP4KVCacheQuantMethod):
     def decode_attention(self, layer_id: int, q, block_table, seq_lens, page_size: int,
                          sm_scale: float | None = None, out=None, lse=None):
         """Decode attention of q [B, Hq, D] over layer `layer_id`'s paged FP4 cache, read directly;
-        `lse` [B, Hq] float32 receives its log-sum-exp (FP4KVLayerCache.decode)."""
-        return self.layer(layer_id).decode(q, block_table, seq_lens, page_size, sm_scale, out, lse)
+        `lse` [B, Hq] float32 receives its log-sum-exp (FP4KVPoolLayer.decode_attention)."""
+        return self.layer(layer_id).decode_attention(q, block_table, seq_lens, page_size, sm_scale, out, lse)
 
     def extend_attention(self, layer_id: int, q, cu_seqlens_q, block_table, seq_lens, page_size: int,
                          sm_scale: float | None = None, out=None):
         """Attention of new tokens q [T, Hq, D] (rows cu_seqlens_q[b]:cu_seqlens_q[b + 1], their K/V
         stored already) over layer `layer_id`'s paged FP4 cache, causal, read directly."""
-        return self.layer(layer_id).extend(q, cu_seqlens_q, block_table, seq_lens, page_size, sm_scale, out)
+        return self.layer(layer_id).extend_attention(q, cu_seqlens_q, block_table, seq_lens, page_size, sm_scale, out)
 
     def compute_cell_size(self, head_num: int, head_dim: int, layer_num: int) -> int:
         cell = layer_num * self.kv_recipe.bytes_per_token(head_num, head_dim)
@@ -149,59 +177,49 @@ class TableFP4KVMethod(FP4KVCacheQuantMethod):
         return cell
 
     def create_buffers(self, size: int, head_num: int, head_dim: int, layer_num: int, device) -> FP4KVBuffers:
-        fmt, kv = self.fmt, self.kv_recipe
-        if head_dim < 1 or head_dim % fmt.block_size:
-            raise ValueError(f"head_dim must be a positive multiple of {fmt.block_size} (the {fmt.name} block size); "
-                             f"got {head_dim}")
+        """One FP4KVPoolLayer per layer (FP4KVPoolLayer.allocate), and the FP8 prefill workspace when
+        the method has one; returns them as `buffers` lists."""
         for name, value in (("size", size), ("head_num", head_num), ("layer_num", layer_num)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-
-        def per_layer(last_dim: int) -> list[torch.Tensor]:
-            return [torch.zeros(size, head_num, last_dim, dtype=torch.uint8, device=device) for _ in range(layer_num)]
-
-        def scalars() -> list[torch.Tensor]:
-            return [torch.ones(1, dtype=torch.float32, device=device) for _ in range(layer_num)]
-
-        if self.rotate and head_dim & (head_dim - 1):
-            raise ValueError(f"head_dim must be a power of two with rotate=True; got {head_dim}")
-        workspace = None
+            checks.count(value, name, minimum=1)
+        self._layers = [FP4KVPoolLayer.allocate(self.fmt.name, self.options, size, head_num, head_dim, device)
+                        for _ in range(layer_num)]
         if self.needs_dequant_workspace():
-            workspace = tuple(torch.zeros(size, head_num, head_dim, dtype=self.prev_kv_dtype, device=device) for _ in "kv")
-        b = self.buffers = FP4KVBuffers(
-            k_data=per_layer(kv.k.data_width(head_dim)),
-            v_data=per_layer(kv.v.data_width(head_dim)),
-            k_scales=per_layer(kv.k.scales_width(head_dim)),
-            v_scales=per_layer(kv.v.scales_width(head_dim)),
-            store_dtype=torch.uint8,
-            k_global_scales=scalars() if kv.k.has_global_scale else None,
-            v_global_scales=scalars() if kv.v.has_global_scale else None,
-            dequant_workspace=workspace,
-            rotation=hadamard(head_dim, device=device) if self.rotate else None,
-            k_means=[torch.zeros(head_num, head_dim, device=device) for _ in range(layer_num)] if self.smooth_k else None,
-        )
-        k_g, v_g = b.k_global_scales or [None] * layer_num, b.v_global_scales or [None] * layer_num
-        means = b.k_means or [None] * layer_num
-        self._layers = [FP4KVLayerCache(kv.name, b.k_data[i], b.v_data[i], b.k_scales[i], b.v_scales[i], k_g[i], v_g[i],
-                                        b.rotation, means[i])
-                        for i in range(layer_num)]
-        return b
-
-    def _buffers(self) -> FP4KVBuffers:
-        if self.buffers is None:
-            raise RuntimeError(f"{type(self).__name__}: call create_buffers() first")
+            self.workspace = DequantWorkspace(size, head_num, head_dim, self.prev_kv_dtype, device)
         return self.buffers
 
-    def layer(self, layer_id: int) -> FP4KVLayerCache:
-        """Layer `layer_id`'s cache as a module over the method's own buffers (no copies)."""
-        self._buffers()
-        if not 0 <= layer_id < len(self._layers):  # no negative indexing: -1 is an engine's bug, not "the last"
-            raise IndexError(f"layer_id {layer_id} is out of range for {len(self._layers)} layers")
-        return self._layers[layer_id]
+    @property
+    def buffers(self) -> FP4KVBuffers | None:
+        """Every layer's tensors as lists, read from the layer caches that own them (so after a
+        pool's `.to()` they are the moved tensors); None before create_buffers."""
+        if self._layers is None:
+            return None
+        layers = self._layers
+
+        def each(name: str) -> list[torch.Tensor] | None:
+            tensors = [getattr(layer, name) for layer in layers]
+            return None if tensors[0] is None else tensors
+
+        return FP4KVBuffers(
+            k_data=each("k_data"), v_data=each("v_data"), k_scales=each("k_scales"), v_scales=each("v_scales"),
+            store_dtype=torch.uint8, k_global_scales=each("k_global_scale"), v_global_scales=each("v_global_scale"),
+            dequant_workspace=None if self.workspace is None else (self.workspace.k, self.workspace.v),
+            rotation=layers[0].rotation, k_means=each("k_mean"))
+
+    def _created_layers(self) -> list[FP4KVPoolLayer]:
+        if self._layers is None:
+            raise RuntimeError(f"{type(self).__name__}: call create_buffers() first")
+        return self._layers
+
+    def layer(self, layer_id: int) -> FP4KVPoolLayer:
+        """Layer `layer_id`'s cache: the module that owns its tensors, which every call goes through."""
+        layers = self._created_layers()
+        if not 0 <= layer_id < len(layers):  # no negative indexing: -1 is an engine's bug, not "the last"
+            raise IndexError(f"layer_id {layer_id} is out of range for {len(layers)} layers")
+        return layers[layer_id]
 
     def global_scales(self, layer_id: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The layer's (K, V) global scales: the tensors its stores and reads use, which the scale
-        setters write in place (taken from the layer module, so they follow it if it moves)."""
+        setters write in place."""
         layer = self.layer(layer_id)
         return layer.k_global_scale, layer.v_global_scale
 
@@ -209,95 +227,43 @@ class TableFP4KVMethod(FP4KVCacheQuantMethod):
         self.layer(layer_id).store(loc, k, v)
 
     def calibrate(self, layer_id: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Calibrate a layer from sample K/V [..., H, D] (e.g. a pass over text), in place: K's
-        per-head, per-channel mean when smoothing, then each global scale the formats have, amax
-        of what is quantized (after smoothing and rotation) over the format's `calibration_amax`
-        (NVFP4 448 * 6, FP8 keys 448), so the largest value lands at the top of the format's range.
-        Runs on the device, no host sync. The samples are checked before anything is set."""
-        layer = self.layer(layer_id)
-        layer.check_tokens(k, v)
-        for x, name in ((k, "k"), (v, "v")):
-            if x.shape[:-2].numel() == 0:  # a mean and an amax need a sample
-                raise ValueError(f"{name} holds no tokens to calibrate on; got shape {tuple(x.shape)}")
-        if self.smooth_k:
-            layer.k_mean.copy_(k.detach().float().reshape(-1, *layer.k_mean.shape).mean(0))
-        if layer.transformed:
-            k, v = layer.encode_k(k.detach()), layer.encode_v(v.detach())
-        tiny = torch.finfo(torch.float32).tiny
-        for target, x, fmt in zip(self.global_scales(layer_id), (k, v), (self.kv_recipe.k, self.kv_recipe.v)):
-            if target is not None:
-                target.copy_((x.detach().abs().amax().float() / fmt.calibration_amax).clamp(min=tiny).reshape(1))
+        """Calibrate a layer from sample K/V [..., H, D] in place (calibration.calibrate_layer: K's
+        mean when smoothing, the global scales of what is quantized)."""
+        calibrate_layer(self.layer(layer_id), k, v)
 
     def set_k_mean(self, layer_id: int, k_mean) -> None:
         """Write a layer's K mean [H, D] in place (needs smooth_k=True)."""
-        value = self._k_mean_value(layer_id, k_mean)
-        self.layer(layer_id).k_mean.copy_(value)
-
-    def _k_mean_value(self, layer_id: int, k_mean) -> torch.Tensor:
-        """k_mean as a float32 tensor of the layer's K mean shape [H, D], checked before it is written."""
-        mean = self.layer(layer_id).k_mean
-        if mean is None:
-            raise ValueError(f"{type(self).__name__} was created without smooth_k=True: it keeps no K mean")
-        k_mean = _float32(k_mean, "k_mean")
-        if k_mean.shape != mean.shape:
-            raise ValueError(f"k_mean must have shape {tuple(mean.shape)} ([H, D]); got {tuple(k_mean.shape)}")
-        return k_mean
+        layer = self.layer(layer_id)
+        value = k_mean_value(layer, k_mean)
+        layer.k_mean.copy_(value)
 
     def calibration_state_dict(self) -> dict[str, torch.Tensor]:
         """What `calibrate` set, keyed `layers.{i}.k_mean` / `layers.{i}.k_scale` / `layers.{i}.v_scale`
         (ModelOpt's scale names): `torch.save` it, and give it to `load_scales_from_model` later."""
-        state = {}
-        for i in range(len(self._buffers().k_data)):
-            layer = self.layer(i)
-            for key, tensor in (("k_scale", layer.k_global_scale), ("v_scale", layer.v_global_scale),
-                                ("k_mean", layer.k_mean)):
-                if tensor is not None:
-                    state[f"layers.{i}.{key}"] = tensor.detach().clone()
-        return state
+        return calibration_state_dict(self._created_layers())
 
     def load_scales_from_model(self, source) -> int:
-        """Load per-layer calibration from a state dict (ModelOpt-style keys such as
-        `model.layers.3.self_attn.k_mean`; the layer is the number after `layers.`): `k_mean`
-        entries [H, D] when smoothing, and `k_scale` entries where K alone has a global scale (FP8
-        keys beside blockfp4/mxfp4). NVFP4 reads `k_scale`/`v_scale` as its two global scales, from
-        a model's attention modules too. Every entry is checked before any is written, so a bad one
-        changes nothing. Returns how many layers were set."""
-        updates = self._scale_updates(source)
-        for (layer_id, buffer), value in updates.items():
-            getattr(self.layer(layer_id), buffer).copy_(value)
-        return len({layer_id for layer_id, _ in updates})
+        """Load per-layer calibration from a state dict (calibration.py: ModelOpt-style keys such as
+        `model.layers.3.self_attn.k_mean`): `k_mean` entries [H, D] when smoothing, and `k_scale` /
+        `v_scale` entries for the global scales the formats have. NVFP4 reads them from a model's
+        attention modules too. Every entry is checked before any is written, so a bad one changes
+        nothing. Returns how many layers were set."""
+        return write_updates(self._created_layers(), self._scale_updates(source))
 
     def _scale_updates(self, source) -> dict[tuple[int, str], torch.Tensor]:
         """What load_scales_from_model writes, by (layer, layer-cache buffer), each value checked."""
         if not isinstance(source, Mapping):
             return {}
-        updates = {}
-        if self.smooth_k:
-            means = _per_layer(source, "k_mean")
-            self._check_layers(means)
-            updates.update({(i, "k_mean"): self._k_mean_value(i, mean) for i, mean in means.items()})
-        if self.kv_recipe.k.has_global_scale and not self.kv_recipe.v.has_global_scale:
-            k_scales = _per_layer(source, "k_scale")
-            self._check_layers(k_scales)
-            updates.update({(i, "k_global_scale"): _global_scale_value(scale, f"layer {i}'s k_scale")
-                            for i, scale in k_scales.items()})
-        return updates
-
-    def _check_layers(self, found: Mapping[int, object]) -> None:
-        layer_num = len(self._buffers().k_data)
-        for layer_id in found:
-            if not 0 <= layer_id < layer_num:
-                raise ValueError(f"scales found for layer {layer_id}, but the cache has {layer_num} layers")
+        return calibration_updates(self._created_layers(), source)
 
     def dequantize_prev_kv(self, layer_id: int, loc: torch.Tensor, dtype: torch.dtype | None = None):
         """(k, v) [T, H, D] of slots `loc`. In the method's FP8 workspace when it has one and
         `dtype` is left at the default; otherwise freshly allocated in `dtype`."""
         dtype = dtype or self.prev_kv_dtype
         k, v = self.layer(layer_id).read(loc, dtype)
-        b = self._buffers()
-        if b.dequant_workspace is None or dtype != self.prev_kv_dtype:
+        if self.workspace is None or dtype != self.prev_kv_dtype:
             return k, v
-        k_ws, v_ws = b.dequant_workspace
+        k_ws, v_ws = self.workspace.k, self.workspace.v
         if loc.shape[0] > k_ws.shape[0]:
             raise ValueError(f"loc has {loc.shape[0]} slots but the dequant workspace holds {k_ws.shape[0]}")
         k_ws[: loc.shape[0]].copy_(k)
@@ -305,10 +271,13 @@ class TableFP4KVMethod(FP4KVCacheQuantMethod):
         return k_ws[: loc.shape[0]], v_ws[: loc.shape[0]]
 
 
-class NVFP4KVMethod(TableFP4KVMethod):
+class NVFP4Method(TableFP4Method):
     """NVFP4: E4M3 block scales plus per-layer FP32 global scales for K and V (default 1.0).
 
     Prefill reads earlier tokens through an FP8 E4M3 workspace (the input of FP8 prefill kernels).
+    Not `torch_fp4kv.sglang.NVFP4KVMethod`, the SGLang port (constructed with num_layers and
+    device, handed one layer's buffers per call). `NVFP4KVMethod` is this class's former name,
+    kept as an alias for one release.
     """
 
     recipe = FP4KVCacheRecipe.NVFP4
@@ -317,87 +286,54 @@ class NVFP4KVMethod(TableFP4KVMethod):
     def set_global_scales(self, layer_id: int, k_scale, v_scale) -> None:
         """Write a layer's global scales in place (tensors stay where CUDA graphs captured them);
         both are checked before either is written."""
-        values = _global_scale_value(k_scale, "k_scale"), _global_scale_value(v_scale, "v_scale")
+        values = global_scale_value(k_scale, "k_scale"), global_scale_value(v_scale, "v_scale")
         for target, value in zip(self.global_scales(layer_id), values):
             target.copy_(value)
 
     def _scale_updates(self, source) -> dict[tuple[int, str], torch.Tensor]:
-        """`k_scale`/`v_scale` as each layer's global scales, from an `nn.Module` (attention
-        modules holding both attributes, in module order) or a state dict, besides the entries
-        every table method reads."""
-        pairs = _scales_from_module(source) if isinstance(source, nn.Module) else _scales_from_state_dict(source)
-        self._check_layers(pairs)
-        updates = super()._scale_updates(source)
-        for layer_id, (k_scale, v_scale) in pairs.items():
-            updates[layer_id, "k_global_scale"] = _global_scale_value(k_scale, f"layer {layer_id}'s k_scale")
-            updates[layer_id, "v_global_scale"] = _global_scale_value(v_scale, f"layer {layer_id}'s v_scale")
-        return updates
+        """From an `nn.Module`: `k_scale`/`v_scale` of its attention modules (those holding both, in
+        module order) as each layer's global scales. From a state dict: every entry a table method
+        reads, each `k_scale` with its `v_scale`."""
+        if isinstance(source, nn.Module):
+            holders = [m for m in source.modules() if hasattr(m, "k_scale") and hasattr(m, "v_scale")]
+            check_layers(range(len(holders)), len(self._created_layers()))
+            return {(i, f"{name}_global_scale"): global_scale_value(getattr(m, f"{name}_scale"),
+                                                                    f"layer {i}'s {name}_scale")
+                    for i, m in enumerate(holders) for name in "kv"}
+        if not isinstance(source, Mapping):
+            raise TypeError(f"source must be an nn.Module or a state dict, got {type(source).__name__}")
+        for key in source:
+            if key.endswith(".k_scale") and f"{key.removesuffix('.k_scale')}.v_scale" not in source:
+                raise ValueError(f"state dict has {key} but no {key.removesuffix('.k_scale')}.v_scale")
+        return super()._scale_updates(source)
 
 
-def _float32(value, name: str) -> torch.Tensor:
-    """A number, nested list or tensor as a float32 tensor; anything else is a TypeError naming it."""
-    try:
-        return torch.as_tensor(value, dtype=torch.float32)
-    except (TypeError, ValueError, RuntimeError) as error:
-        raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}") from error
+class BlockFP4Method(TableFP4Method):
+    """Block-16 FP4 with power-of-two (E8M0) scales and no global scale: SGLang's FP4MXBlock16.
 
-
-def _global_scale_value(value, name: str) -> torch.Tensor:
-    """A global scale (a number or a one-element tensor) as float32 [1], checked before it is written."""
-    scale = _float32(value, name)
-    if scale.numel() != 1:
-        raise ValueError(f"{name} must have one element; got shape {tuple(scale.shape)}")
-    return scale.reshape(1)
-
-
-def _scales_from_module(model: nn.Module) -> dict[int, tuple]:
-    holders = [m for m in model.modules() if hasattr(m, "k_scale") and hasattr(m, "v_scale")]
-    return {i: (m.k_scale, m.v_scale) for i, m in enumerate(holders)}
-
-
-_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-def _scales_from_state_dict(state: Mapping) -> dict[int, tuple]:
-    if not isinstance(state, Mapping):
-        raise TypeError(f"source must be an nn.Module or a state dict, got {type(state).__name__}")
-    found: dict[int, dict[str, object]] = {}
-    prefixes = sorted({key[: -len(".k_scale")] for key in state if key.endswith(".k_scale")})
-    for order, prefix in enumerate(prefixes):
-        if f"{prefix}.v_scale" not in state:
-            raise ValueError(f"state dict has {prefix}.k_scale but no {prefix}.v_scale")
-        match = _LAYER_INDEX.search(prefix + ".")
-        layer_id = int(match.group(1)) if match else order
-        found[layer_id] = {"k": state[f"{prefix}.k_scale"], "v": state[f"{prefix}.v_scale"]}
-    return {layer: (s["k"], s["v"]) for layer, s in found.items()}
-
-
-def _per_layer(state: Mapping, name: str) -> dict[int, object]:
-    """Entries `<prefix>.<name>` of a state dict by layer (the number after `layers.`)."""
-    prefixes = sorted({key[: -len(name) - 1] for key in state if key.endswith("." + name)})
-    found = {}
-    for order, prefix in enumerate(prefixes):
-        match = _LAYER_INDEX.search(prefix + ".")
-        found[int(match.group(1)) if match else order] = state[f"{prefix}.{name}"]
-    return found
-
-
-class BlockFP4KVMethod(TableFP4KVMethod):
-    """Block-16 FP4 with power-of-two (E8M0) scales and no global scale: SGLang's FP4MXBlock16."""
+    Not `torch_fp4kv.sglang.BlockFP4KVMethod`, the SGLang port. `BlockFP4KVMethod` is this class's
+    former name, kept as an alias for one release."""
 
     recipe = FP4KVCacheRecipe.BLOCKFP4
 
 
-class MXFP4KVMethod(TableFP4KVMethod):
-    """OCP MX v1.0 MXFP4: block-32 FP4 with E8M0 scales."""
+class MXFP4Method(TableFP4Method):
+    """OCP MX v1.0 MXFP4: block-32 FP4 with E8M0 scales. `MXFP4KVMethod` is this class's former
+    name, kept as an alias for one release."""
 
     recipe = FP4KVCacheRecipe.MXFP4
 
 
+# Former names, kept as aliases for one release.
+TableFP4KVMethod = TableFP4Method
+NVFP4KVMethod = NVFP4Method
+BlockFP4KVMethod = BlockFP4Method
+MXFP4KVMethod = MXFP4Method
+
 FP4_KV_CACHE_QUANT_REGISTRY: dict[str, type[FP4KVCacheQuantMethod]] = {
-    "nvfp4": NVFP4KVMethod,
-    "blockfp4": BlockFP4KVMethod,
-    "mxfp4": MXFP4KVMethod,
+    "nvfp4": NVFP4Method,
+    "blockfp4": BlockFP4Method,
+    "mxfp4": MXFP4Method,
 }
 
 
@@ -417,10 +353,31 @@ def register_fp4_kv_cache_quant_method(name: str) -> Callable[[type], type]:
     return register
 
 
-def get_fp4_kv_cache_quant_method(name: str, **kwargs) -> FP4KVCacheQuantMethod:
-    """Instantiate the method registered as `name` (kwargs go to its constructor)."""
+def _registered(name: str) -> type[FP4KVCacheQuantMethod]:
     try:
-        cls = FP4_KV_CACHE_QUANT_REGISTRY[name]
+        return FP4_KV_CACHE_QUANT_REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown FP4 KV cache method {name!r}; valid: {sorted(FP4_KV_CACHE_QUANT_REGISTRY)}") from None
-    return cls(**kwargs)
+        raise ValueError(f"unknown FP4 KV cache method {name!r}; "
+                         f"valid: {sorted(FP4_KV_CACHE_QUANT_REGISTRY)}") from None
+
+
+def get_fp4_kv_cache_quant_method(name: str, **kwargs) -> FP4KVCacheQuantMethod:
+    """Instantiate the method registered as `name`, which may spell options after it
+    (`nvfp4+rot+k8`: KVCacheOptions' grammar; they reach a table method as `options`); kwargs go to
+    its constructor."""
+    method, options = KVCacheOptions.parse(name)
+    cls = _registered(method)
+    if options == KVCacheOptions():
+        return cls(**kwargs)
+    if not issubclass(cls, TableFP4Method):
+        raise ValueError(f"name: {method!r} takes no options; got {name!r}")
+    return cls(options=options, **kwargs)
+
+
+def table_format(name: str) -> str:
+    """The FP4 format that the table method registered as `name` (no options) stores: what its
+    layer caches are allocated with."""
+    cls = _registered(name)
+    if not issubclass(cls, TableFP4Method):
+        raise ValueError(f"recipe {name!r} is not a table-driven method (it must provide per-layer caches)")
+    return get_format(cls.recipe).name

@@ -6,7 +6,7 @@ Static like transformers' `StaticCache`: every buffer is allocated once (on the 
 (`attention.py`) does the storing and attending; this module keeps the storage and its bookkeeping.
 
 Layout, per layer: one contiguous range of `capacity` slots per sequence (`max_cache_len` for
-full-attention layers, the window for sliding ones) in an `FP4KVLayerCache`. A sequence's real
+full-attention layers, the window for sliding ones) in an `FP4KVPoolLayer`. A sequence's real
 tokens take slots in order of their position, modulo the capacity: full layers never wrap (past
 the end, positions are dropped: `FP4Cache`'s docstring), sliding layers are rings holding the
 last `window` tokens (attention is permutation invariant once RoPE is in the keys). Padding is
@@ -35,9 +35,11 @@ import torch
 from transformers import StaticCache
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
-from ..layer_cache import FP4KVLayerCache
-from ..methods import TableFP4KVMethod, _per_layer, get_fp4_kv_cache_quant_method
+from ..calibration import layer_calibration, load_calibration
+from ..layer_cache import FP4KVPoolLayer
+from ..methods import table_format
 from ..ops.checks import DECODE_HEAD_DIMS, MAX_PAGE_SIZE
+from ..options import KVCacheOptions
 from .positional import attention_with_lse, merge_attention, positional_attention
 
 ATTENTION_NAME = "fp4kv"
@@ -76,34 +78,32 @@ def _write_slots(buffer: torch.Tensor, states: torch.Tensor, slot: torch.Tensor,
     buffer.copy_(torch.where(hit.any(1)[:, None, :, None], new, buffer))
 
 
-def _count(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-    return value
-
-
 class FP4CacheLayer(CacheLayerMixin):
-    """One attention layer's FP4 cache: `capacity` slots per sequence, in FP4 with block scales."""
+    """One attention layer of transformers' `FP4Cache`: `capacity` slots per sequence, in FP4 with
+    block scales (an `FP4KVPoolLayer`, `fp4`), and the full-precision sinks and ring."""
 
     is_compileable = True
 
     def __init__(self, recipe: str, max_cache_len: int, sliding_window: int | None = None, *,
-                 rotate: bool = False, smooth_k: bool = False, k_fp8: bool = False, calibration: dict | None = None,
-                 sink_tokens: int = 0, recent_tokens: int = 0):
-        """`calibration`: this layer's entries of a calibration state dict (`layers.0.k_mean`, ...;
-        `layer_calibration` cuts them from a model's). `sink_tokens`, `recent_tokens`: positions
-        attended in full precision at each sequence's start and end (module docstring)."""
+                 rotate: bool | None = None, smooth_k: bool | None = None, k_fp8: bool | None = None,
+                 calibration: dict | None = None, sink_tokens: int | None = None, recent_tokens: int | None = None):
+        """`recipe` and the option keywords as `FP4Cache` takes them. `calibration`: this layer's
+        entries of a calibration state dict (`layers.0.k_mean`, ...; `layer_calibration` cuts them
+        from a model's). `sink_tokens`, `recent_tokens`: positions attended in full precision at
+        each sequence's start and end (module docstring)."""
         super().__init__()
-        self.recipe = recipe
-        self.options = {"rotate": rotate, "smooth_k": smooth_k, "k_fp8": k_fp8}
+        method, self.options = KVCacheOptions.resolve(recipe, rotate=rotate, smooth_k=smooth_k, k_fp8=k_fp8,
+                                                      sink_tokens=sink_tokens, recent_tokens=recent_tokens)
+        self.fmt = table_format(method)
+        self.recipe = self.options.spell(method)
         self.calibration = calibration
         self.max_cache_len = max_cache_len
         self.window = sliding_window
         self.is_sliding = sliding_window is not None
         self.capacity = min(sliding_window, max_cache_len) if self.is_sliding else max_cache_len
-        self.sinks = _count(sink_tokens, "sink_tokens")
+        self.sinks = self.options.sink_tokens
         # A sliding layer never attends more than its window: a longer ring would hold nothing seen.
-        self.recent = min(_count(recent_tokens, "recent_tokens"), self.capacity)
+        self.recent = min(self.options.recent_tokens, self.capacity)
         self.full_precision = self.sinks > 0 or self.recent > 0
         # A sliding layer's FP4 range starts anywhere in its ring: a token table, rotated each step.
         self.page_size = 1 if self.is_sliding and self.full_precision else _page_size(self.capacity)
@@ -117,11 +117,10 @@ class FP4CacheLayer(CacheLayerMixin):
             raise ValueError(f"key_states: head_dim {head_dim} is not one of {DECODE_HEAD_DIMS} "
                              "(what fp4kv.decode_attention supports)")
         device = key_states.device
-        method = get_fp4_kv_cache_quant_method(self.recipe, **self.options)
-        method.create_buffers(batch * self.capacity, heads, head_dim, 1, device)
+        self.fp4 = FP4KVPoolLayer.allocate(self.fmt, self.options.method_options, batch * self.capacity, heads,
+                                           head_dim, device)
         if self.calibration:
-            method.load_scales_from_model(self.calibration)
-        self.fp4: FP4KVLayerCache = method.layer(0)
+            load_calibration([self.fp4], self.calibration)
         self.device, self.batch_size, self.num_heads, self.head_dim = device, batch, heads, head_dim
         pages = self.capacity // self.page_size
         self.block_table = (torch.arange(batch, device=device)[:, None] * pages
@@ -207,11 +206,11 @@ class FP4CacheLayer(CacheLayerMixin):
         q_fp4 = q.to(q_dtype).contiguous()
         if not self.full_precision:
             seq_lens = self.real_tokens.clamp(max=self.capacity).to(torch.int32)
-            out = self.fp4.decode(q_fp4, self.block_table, seq_lens, self.page_size, scaling)
+            out = self.fp4.decode_attention(q_fp4, self.block_table, seq_lens, self.page_size, scaling)
             return out.to(query.dtype)[:, :, None]
         block_table, seq_lens = self._fp4_range()
         lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-        fp4_out = self.fp4.decode(q_fp4, block_table, seq_lens, self.page_size, scaling, lse=lse)
+        fp4_out = self.fp4.decode_attention(q_fp4, block_table, seq_lens, self.page_size, scaling, lse=lse)
         full_k, full_v, full_pos = self._full_precision_entries()
         visible = full_pos >= 0
         if self.is_sliding:  # the window rule: query - key < window
@@ -291,27 +290,17 @@ class FP4CacheLayer(CacheLayerMixin):
         return sum(b.numel() * b.element_size() for b in (*self.fp4.buffers(), *self.full_buffers))
 
 
-def layer_calibration(state: dict | None, layer_idx: int) -> dict | None:
-    """Layer `layer_idx`'s entries of a calibration state dict (keys `...layers.{i}.k_mean`,
-    `.k_scale`, `.v_scale`), renamed `layers.0.*` for a one-layer method; None if it has none."""
-    if not state:
-        return None
-    found = {f"layers.0.{name}": _per_layer(state, name)[layer_idx] for name in ("k_mean", "k_scale", "v_scale")
-             if layer_idx in _per_layer(state, name)}
-    return found or None
-
-
-def _fp4_layers(text_config, max_cache_len: int, recipe: str, **options) -> list[FP4CacheLayer]:
-    """One FP4CacheLayer per layer of the config, sized by its type (transformers' reading of it)."""
+def _fp4_layers(text_config, max_cache_len: int, recipe: str, calibration: dict | None = None) -> list[FP4CacheLayer]:
+    """One FP4CacheLayer per layer of the config, sized by its type (transformers' reading of it);
+    `recipe` spells the options."""
     layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
-    calibration = options.pop("calibration", None)
     layers = []
     for index, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
         if layer_type not in ("full_attention", "sliding_attention"):
             raise ValueError(f"config: layer {index} is {layer_type!r}; FP4Cache supports full_attention "
                              "and sliding_attention layers")
         layers.append(FP4CacheLayer(recipe, max_cache_len, kwargs.get("sliding_window"),
-                                    calibration=layer_calibration(calibration, index), **options))
+                                    calibration=layer_calibration(calibration, index)))
     return layers
 
 
@@ -321,15 +310,19 @@ class FP4Cache(Cache):
     `FP4Cache(model.config, max_cache_len, recipe)`: like `StaticCache(config, max_cache_len)`,
     `max_cache_len` counts every position, left padding included; sliding-window layers hold
     only their window. `recipe` names a method of the registry (`get_fp4_kv_cache_quant_method`)
-    whose layers come from the format table. Beam search is not supported.
+    whose layers come from the format table, optionally followed by its options
+    (`"nvfp4+rot+smooth+k8+sink4+recent128"`: `KVCacheOptions`' grammar, the eval's). Beam
+    search is not supported. (An engine keeps its pool in `torch_fp4kv.FP4KVPool` instead.)
 
-    Accuracy options (see `TableFP4KVMethod`): `rotate=True` keeps K/V Hadamard-rotated,
-    `smooth_k=True` subtracts a per-channel K mean, `k_fp8=True` keeps K in FP8 E4M3 (V in the
-    recipe); `calibration` is a state dict from `torch_fp4kv.hf.calibrate` with the same options
-    (K means, global scales; without it the means are zero and the global scales 1). `sink_tokens`
-    S and `recent_tokens` R: each sequence's first S and last R positions are attended in full
-    precision (the states' dtype) from per-sequence buffers allocated with the cache, the rest from
-    FP4 (module docstring: how, and on sliding layers).
+    Accuracy options, spelled in `recipe` or as keywords (None: as `recipe` spells it, off by
+    default; a keyword that contradicts `recipe` is a ValueError): `rotate=True` keeps K/V
+    Hadamard-rotated, `smooth_k=True` subtracts a per-channel K mean, `k_fp8=True` keeps K in FP8
+    E4M3 (V in the recipe); `calibration` is a state dict from `torch_fp4kv.hf.calibrate` with the
+    same options (K means, global scales; without it the means are zero and the global scales 1).
+    `sink_tokens` S and `recent_tokens` R: each sequence's first S and last R positions are
+    attended in full precision (the states' dtype) from per-sequence buffers allocated with the
+    cache, the rest from FP4 (module docstring: how, and on sliding layers). `recipe` and
+    `options` then hold the whole spelling and the options.
 
     Past `max_cache_len`: outside `torch.compile`, an update that would take the cache past
     `max_cache_len` positions raises a ValueError before anything is written (the count is read on
@@ -343,24 +336,22 @@ class FP4Cache(Cache):
     compiled loop tells that positions were dropped.
     """
 
-    def __init__(self, config, max_cache_len: int, recipe: str = "nvfp4", *, rotate: bool = False,
-                 smooth_k: bool = False, k_fp8: bool = False, calibration: dict | None = None,
-                 sink_tokens: int = 0, recent_tokens: int = 0):
+    def __init__(self, config, max_cache_len: int, recipe: str = "nvfp4", *, rotate: bool | None = None,
+                 smooth_k: bool | None = None, k_fp8: bool | None = None, calibration: dict | None = None,
+                 sink_tokens: int | None = None, recent_tokens: int | None = None):
         if not isinstance(max_cache_len, int) or max_cache_len < 1:
             raise ValueError(f"max_cache_len must be a positive int, got {max_cache_len!r}")
-        method = get_fp4_kv_cache_quant_method(recipe, rotate=rotate, smooth_k=smooth_k, k_fp8=k_fp8)
-        if not isinstance(method, TableFP4KVMethod):
-            raise ValueError(f"recipe {recipe!r} is not a table-driven method (it must provide per-layer caches)")
+        method, self.options = KVCacheOptions.resolve(recipe, rotate=rotate, smooth_k=smooth_k, k_fp8=k_fp8,
+                                                      sink_tokens=sink_tokens, recent_tokens=recent_tokens)
+        table_format(method)  # checks that its layer caches come from the format table
+        self.recipe = self.options.spell(method)
         text_config = config.get_text_config(decoder=True)
         if text_config._attn_implementation != ATTENTION_NAME:
             raise ValueError(f"config: the model must run attn_implementation={ATTENTION_NAME!r} (import "
                              f"torch_fp4kv.hf, then load it with that argument or call "
                              f"model.set_attn_implementation({ATTENTION_NAME!r})); it runs "
                              f"{text_config._attn_implementation!r}")
-        super().__init__(layers=_fp4_layers(text_config, max_cache_len, recipe, rotate=rotate, smooth_k=smooth_k,
-                                            k_fp8=k_fp8, calibration=calibration, sink_tokens=sink_tokens,
-                                            recent_tokens=recent_tokens))
-        self.recipe = recipe
+        super().__init__(layers=_fp4_layers(text_config, max_cache_len, self.recipe, calibration))
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if layer_idx == 0 and not torch.compiler.is_compiling():
@@ -379,17 +370,19 @@ class FP4Cache(Cache):
 
 
 def kv_cache_bytes(config, max_cache_len: int, batch_size: int, recipe: str = "nvfp4",
-                   dtype: torch.dtype = torch.bfloat16, *, k_fp8: bool = False, sink_tokens: int = 0,
-                   recent_tokens: int = 0) -> dict[str, int]:
-    """K/V bytes of an FP4Cache (with K in FP8 when k_fp8, and its full-precision sinks and ring in
-    `dtype`) and of transformers' StaticCache in `dtype` for the same model, batch and length, both
-    allocated on the meta device (nothing is really allocated)."""
+                   dtype: torch.dtype = torch.bfloat16, *, k_fp8: bool | None = None, sink_tokens: int | None = None,
+                   recent_tokens: int | None = None) -> dict[str, int]:
+    """K/V bytes of an FP4Cache of `recipe` (options spelled in it or as keywords, as FP4Cache
+    takes them: K in FP8 with k8, the full-precision sinks and ring in `dtype`) and of
+    transformers' StaticCache in `dtype` for the same model, batch and length, both allocated on
+    the meta device (nothing is really allocated)."""
+    method, options = KVCacheOptions.resolve(recipe, k_fp8=k_fp8, sink_tokens=sink_tokens,
+                                             recent_tokens=recent_tokens)
     text_config = config.get_text_config(decoder=True)
     heads, head_dim = text_config.num_key_value_heads, text_config.head_dim
     static = StaticCache(config=text_config, max_cache_len=max_cache_len)
     static.early_initialization(batch_size, heads, head_dim, dtype, torch.device("meta"))
-    fp4 = Cache(layers=_fp4_layers(text_config, max_cache_len, recipe, k_fp8=k_fp8, sink_tokens=sink_tokens,
-                                   recent_tokens=recent_tokens))
+    fp4 = Cache(layers=_fp4_layers(text_config, max_cache_len, options.spell(method)))
     fp4.early_initialization(batch_size, heads, head_dim, dtype, torch.device("meta"))
     static_bytes = sum(t.numel() * t.element_size() for layer in static.layers for t in (layer.keys, layer.values))
     return {"fp4": sum(layer.kv_bytes() for layer in fp4.layers), "static": static_bytes}

@@ -3,8 +3,9 @@
 Code written against SGLang runs unchanged once its imports point here:
 `sglang.srt.layers.quantization.fp4_kv_cache_quant_method` -> `torch_fp4kv.sglang.fp4_kv_cache_quant_method`,
 `sglang.srt.layers.quantization.kvfp4_tensor` -> `torch_fp4kv.sglang.kvfp4_tensor` (or this package).
-Names, signatures, buffer dicts and shapes follow SGLang; new code should use the primary API
-(`torch_fp4kv.get_fp4_kv_cache_quant_method`, `FP4KVCache`), whose methods own their buffers.
+Names, signatures, buffer dicts and shapes follow SGLang, so `torch_fp4kv.sglang.NVFP4KVMethod`
+is not `torch_fp4kv.NVFP4Method`; new code should use the primary API
+(`torch_fp4kv.get_fp4_kv_cache_quant_method`, `FP4KVPool`), whose layer caches own their buffers.
 """
 
 from .fp4_kv_cache_quant_method import (

@@ -37,12 +37,6 @@ STORE_NAMES = ArgNames(k_data="k_buffer", v_data="v_buffer", k_scales="k_scale_b
 PREV_KV_NAMES = {prefix: ArgNames(data=f"{prefix}_fp4", scales=f"{prefix}_scales") for prefix in "kv"}
 
 
-def _check_count(value, name: str) -> None:
-    """A count of slots, heads or layers: an int >= 1 (tensors are allocated with it)."""
-    if not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-
-
 class FP4KVCacheQuantMethod(abc.ABC):
     """SGLang's abstract FP4 KV cache strategy."""
 
@@ -99,7 +93,7 @@ class _TableMethod(FP4KVCacheQuantMethod):
 
     def create_buffers(self, size: int, head_num: int, head_dim: int, layer_num: int, device) -> dict:
         for name, value in (("size", size), ("head_num", head_num), ("layer_num", layer_num)):
-            _check_count(value, name)
+            checks.count(value, name, minimum=1)
         checks.head_dim(head_dim, self.fmt, "head_dim")
         blocks = head_dim // self.SCALE_BLOCK_SIZE
         scale_shape = (size, head_num * blocks) if self.scales_per_token else (size, head_num, blocks)
@@ -137,8 +131,8 @@ class _TableMethod(FP4KVCacheQuantMethod):
                            k_scale=None, v_scale=None) -> None:
         """Slots outside the buffers (e.g. -1 padding) are skipped; every argument is checked first,
         under SGLang's names, the K/V buffers before the scale buffers that are judged against them."""
-        kv = ops.get_kv_recipe(self.name)
-        checks.store_data_args(k_buffer, v_buffer, cache_k, cache_v, kv, STORE_NAMES)
+        kv_recipe = ops.get_kv_recipe(self.name)
+        checks.store_data_args(k_buffer, v_buffer, cache_k, cache_v, kv_recipe, STORE_NAMES)
         k_scales = self._op_scales(k_scale_buffer, "k_scale_buffer", k_buffer, "k_buffer")
         v_scales = self._op_scales(v_scale_buffer, "v_scale_buffer", v_buffer, "v_buffer")
         k_g, v_g = self._store_global_scales(k_scale, v_scale, k_buffer.device)
@@ -161,13 +155,17 @@ class _TableMethod(FP4KVCacheQuantMethod):
 
 class NVFP4KVMethod(_TableMethod):
     """NVFP4: FP8 E4M3 block scales plus per-layer FP32 global scales for K and V
-    (`k_scales_gpu`, `v_scales_gpu`, indexed by global layer id, default 1.0)."""
+    (`k_scales_gpu`, `v_scales_gpu`, indexed by global layer id, default 1.0).
+
+    SGLang's class under SGLang's signature, `NVFP4KVMethod(num_layers, device, sm_version)`, handed
+    one layer's buffers per call; `torch_fp4kv.NVFP4Method` is the library's own, whose layer
+    caches own their buffers."""
 
     name = "nvfp4"
     scales_per_token = False
 
     def __init__(self, num_layers: int, device, sm_version: int = 120):
-        _check_count(num_layers, "num_layers")
+        checks.count(num_layers, "num_layers", minimum=1)
         self.num_layers = num_layers
         self.device = device
         self.sm_version = sm_version
@@ -239,7 +237,8 @@ def _scale_of(attention, name: str) -> float:
 
 
 class BlockFP4KVMethod(_TableMethod):
-    """SGLang's block-16 FP4 with E8M0 scales, no global scale; scales kept per token."""
+    """SGLang's block-16 FP4 with E8M0 scales, no global scale; scales kept per token. SGLang's
+    class and signature; `torch_fp4kv.BlockFP4Method` is the library's own."""
 
     name = "blockfp4"
     scales_per_token = True

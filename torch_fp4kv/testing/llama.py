@@ -40,7 +40,7 @@ class Config:
 
 
 class BF16KVCache(nn.Module):
-    """The baseline: K/V stored as they are, same store/read interface as FP4KVLayerCache."""
+    """The baseline: K/V stored as they are, same store/read interface as FP4KVPoolLayer."""
 
     def __init__(self, slots: int, heads: int, head_dim: int, dtype=torch.bfloat16, device=None):
         super().__init__()
@@ -63,7 +63,7 @@ def make_caches(cfg: Config, kind: str, device, tp: TensorParallel = TensorParal
     heads = tp.local(cfg.n_kv_heads, "n_kv_heads")
     if kind == "bf16":
         return nn.ModuleList(BF16KVCache(slots, heads, cfg.head_dim, device=device) for _ in range(cfg.n_layers))
-    cache = torch_fp4kv.FP4KVCache(kind, slots, heads, cfg.head_dim, cfg.n_layers, device=device)
+    cache = torch_fp4kv.FP4KVPool(kind, slots, heads, cfg.head_dim, cfg.n_layers, device=device)
     return cache.layers
 
 
@@ -71,7 +71,7 @@ def use_fused_decode(model: nn.Module) -> None:
     """Decode steps read the FP4 cache with fp4kv.decode_attention instead of dequantizing it."""
     for module in model.modules():
         if isinstance(module, Attention):
-            module.fused_decode = isinstance(module.cache, torch_fp4kv.FP4KVLayerCache)
+            module.fused_decode = isinstance(module.cache, torch_fp4kv.FP4KVPoolLayer)
 
 
 def kv_cache_bytes(caches: nn.ModuleList) -> int:
@@ -105,7 +105,7 @@ class Attention(nn.Module):
         self.cache.store(store_loc, k.reshape(b * t, kv_heads, head_dim), v.reshape(b * t, kv_heads, head_dim))
         if t == 1 and self.fused_decode:  # read the FP4 cache directly, each sequence's slots as its page table
             table = read_loc.view(b, -1).int()
-            out = self.cache.decode(q[:, 0], table, seq_lens, page_size=1)
+            out = self.cache.decode_attention(q[:, 0], table, seq_lens, page_size=1)
             return self.wo(out.reshape(b, 1, -1))
         keys, values = self.cache.read(read_loc, dtype=x.dtype)
         keys = keys.view(b, -1, kv_heads, head_dim).transpose(1, 2)
