@@ -178,8 +178,8 @@ def test_property_store_and_gather_with_engine_metadata(recipe, heads, head_dim,
         head_dim = 64
     g = torch.Generator().manual_seed(len(loc_values) * 131 + slots)
     block = FORMATS[recipe].block_size
-    start = [check._random_bytes(g, (slots, heads, last)) for last in (head_dim // 2, head_dim // 2,
-                                                                       head_dim // block, head_dim // block)]
+    start = [check._random_bytes(g, (slots, heads, last)) for last in (head_dim // 2, head_dim // block,
+                                                                       head_dim // 2, head_dim // block)]
     tokens = len(loc_values)
     k = check._kv(g, (tokens, heads, head_dim), dtype)
     v = check._kv(g, (tokens, heads, head_dim), dtype)
@@ -191,7 +191,7 @@ def test_property_store_and_gather_with_engine_metadata(recipe, heads, head_dim,
         with forced_backend(backend):
             torch_fp4kv.quantize_and_store(*caches, loc.to(device), k.to(device), v.to(device), recipe,
                                            *(check._on(device, gs, gs)))
-            read = torch_fp4kv.gather_dequantize(caches[0][:, heads - 1:], caches[2][:, heads - 1:], loc.to(device),
+            read = torch_fp4kv.gather_dequantize(caches[0][:, heads - 1:], caches[1][:, heads - 1:], loc.to(device),
                                                  recipe, *check._on(device, gs), torch.float32)
         results[backend] = [c.cpu() for c in caches] + [read.cpu()]
     for actual, expected in zip(results["triton"], results["eager"]):
