@@ -55,8 +55,8 @@ def test_check_cli_claims_only_what_it_compared(capsys, monkeypatch):
     assert check.main(["--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "one" + " " * 56 + "nothing to compare" in out
-    assert "not run: triton on 1 scenarios: Triton kernels need a CUDA device" in out
-    assert out.endswith("1 scenarios: nothing compared (no backend but the eager reference runs here)\n")
+    assert "not run: triton on 1 scenario: Triton kernels need a CUDA device" in out
+    assert out.endswith("1 scenario: nothing compared (no backend but the eager reference runs here)\n")
 
 
 # ---- the rules, on the reference ----------------------------------------------------------------

@@ -24,6 +24,7 @@ from collections import Counter
 
 import torch
 
+from .help_format import HelpFormatter
 from .ops.backends import installed
 from .testing.paged import flashinfer_paged_attention
 from .testing.scenarios import Scenario, comparable_backends, mismatch, random_scenario, reference, run_with, scenarios
@@ -53,14 +54,18 @@ class Tally:
         return results
 
     def report(self, scenario_count: int) -> str:
-        lines = [f"not run: {backend} on {count} scenarios: {why}" for (backend, why), count in self.not_run.items()]
+        lines = [f"not run: {backend} on {_scenarios(count)}: {why}" for (backend, why), count in self.not_run.items()]
         if not self.compared:
-            lines.append(f"{scenario_count} scenarios: nothing compared (no backend but the eager reference runs here)")
+            lines.append(f"{_scenarios(scenario_count)}: nothing compared (no backend but the eager reference runs here)")
         else:
             compared = ", ".join(f"{backend} on {count}" for backend, count in self.compared.items())
             verdict = f"{self.mismatches} mismatches" if self.mismatches else "all match"
-            lines.append(f"{scenario_count} scenarios: eager vs {compared} compared, {verdict}")
+            lines.append(f"{_scenarios(scenario_count)}: eager vs {compared} compared, {verdict}")
         return "\n".join(lines)
+
+
+def _scenarios(count: int) -> str:
+    return f"{count} scenario" + ("" if count == 1 else "s")
 
 
 def _describe(results: dict[str, str | None]) -> str:
@@ -79,12 +84,11 @@ def _flashinfer_decode_round(device, rng: random.Random) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m torch_fp4kv.check", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="device the backends run on; the reference is eager on the CPU (default: %(default)s)")
-    parser.add_argument("--soak", type=int, default=0, metavar="N",
-                        help="also run N random rounds, for compute-sanitizer (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the soak's random rounds (default: %(default)s)")
+                        help="device the backends run on; the reference is eager on the CPU")
+    parser.add_argument("--soak", type=int, default=0, metavar="N", help="also run N random rounds, for compute-sanitizer")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the soak's random rounds")
     parser.add_argument("--only", default="", help="run only the scenarios whose name contains this (e.g. decode)")
     return parser.parse_args(argv)
 

@@ -23,6 +23,7 @@ from dataclasses import asdict
 
 import torch
 
+from ..help_format import HelpFormatter
 from ..ops import FORMATS, Backend
 from ..ops.checks import OUTPUT_DTYPES
 from .decode import MODEL_SHAPES, print_decode_table, run_decode
@@ -30,10 +31,6 @@ from .extend import parse_extend_case, print_extend_table, run_extend
 from .quantize import plot, print_table, run
 
 _OUT_DTYPES = {str(d).removeprefix("torch."): d for d in OUTPUT_DTYPES}  # --out-dtype names
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """The whole module docstring as the description, and each option's default."""
 
 
 def _device_defaults(device: torch.device) -> dict:
