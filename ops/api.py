@@ -8,16 +8,17 @@ any Python code (metadata checks only).
 
 One argument order for a layer's cache everywhere in the Python API: (k_data, k_scales, v_data,
 v_scales), each data buffer beside its own scales, as FlashInfer pairs a cache with its scale
-factors. The registered schemas differ where changing them would break compiled graphs, saved
-expect files and direct `torch.ops` callers, and the wrappers map:
+factors. The registered schemas are not changed to match, since a schema change breaks compiled
+graphs, saved expect files and every direct `torch.ops` caller; the wrappers map:
 
-- `fp4kv::quantize_and_store(k_data, v_data, k_scales, v_scales, loc, k, v, recipe, k_global_scale,
-  v_global_scale)`: the order of the 0.1 Python API, kept by the schema.
-- `fp4kv::decode_attention(out, q, <cache>, page_size, recipe, sm_scale, k_global_scale,
-  v_global_scale)` (and `decode_attention_with_lse(out, lse, q, ...)`, `extend_attention(out, q,
-  cu_seqlens_q, ...)`): `out` (and `lse`) come first, as the arguments an op mutates, and `sm_scale`
-  is required, before the global scales, since a schema puts required arguments before defaulted
-  ones. The wrappers take `out`, `lse` and `sm_scale` last, as optional keywords.
+- `fp4kv::quantize_and_store(k_data, v_data, k_scales, v_scales, loc, k, v, recipe,
+  k_global_scale, v_global_scale)`: both data buffers, then both scales.
+- `fp4kv::decode_attention(out, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens,
+  page_size, recipe, sm_scale, k_global_scale, v_global_scale)`, `decode_attention_with_lse(out,
+  lse, q, ...)` and `extend_attention(out, q, cu_seqlens_q, ...)`: the cache in the Python order,
+  but `out` (and `lse`), which the op writes, first, and `sm_scale` required and before the global
+  scales, because a schema takes its required arguments before the defaulted ones. The wrappers
+  take q first and `sm_scale`, `out`, `lse` last, all three optional.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ def dequantize(
     return torch.ops.fp4kv.dequantize(data, scales, fmt.name, global_scale, dtype)
 
 
-# The message that points a caller of the 0.1 order, (k_data, v_data, k_scales, v_scales), at the
-# change: its scales then sit where data is expected, which the buffer checks reject.
+# Arguments passed in the raw op's order, (k_data, v_data, k_scales, v_scales), put scales where
+# data is expected, which the buffer checks reject; their error then says what the order is.
 ORDER_NOTE = ("the Python API takes (k_data, k_scales, v_data, v_scales, ...) since 0.2 (the raw "
               "torch.ops.fp4kv.quantize_and_store keeps (k_data, v_data, k_scales, v_scales, ...))")
 _BUFFER_NAMES = ("k_data", "v_data", "k_scales", "v_scales")
