@@ -5,6 +5,20 @@ float passed as a global scale would surface as a RuntimeError about casting. Th
 the same checks as the kernels first, giving the TypeError/ValueError that names the argument, and
 accept an `FP4KVCacheRecipe` where the schema takes a string. They trace under torch.compile like
 any Python code (metadata checks only).
+
+One argument order for a layer's cache everywhere in the Python API: (k_data, k_scales, v_data,
+v_scales), each data buffer beside its own scales, as FlashInfer pairs a cache with its scale
+factors. The registered schemas are not changed to match, since a schema change breaks compiled
+graphs, saved expect files and every direct `torch.ops` caller; the wrappers map:
+
+- `fp4kv::quantize_and_store(k_data, v_data, k_scales, v_scales, loc, k, v, recipe,
+  k_global_scale, v_global_scale)`: both data buffers, then both scales.
+- `fp4kv::decode_attention(out, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens,
+  page_size, recipe, sm_scale, k_global_scale, v_global_scale)`, `decode_attention_with_lse(out,
+  lse, q, ...)` and `extend_attention(out, q, cu_seqlens_q, ...)`: the cache in the Python order,
+  but `out` (and `lse`), which the op writes, first, and `sm_scale` required and before the global
+  scales, because a schema takes its required arguments before the defaulted ones. The wrappers
+  take q first and `sm_scale`, `out`, `lse` last, all three optional.
 """
 
 from __future__ import annotations
@@ -36,10 +50,30 @@ def dequantize(
     return torch.ops.fp4kv.dequantize(data, scales, fmt.name, global_scale, dtype)
 
 
+# Arguments passed in the raw op's order, (k_data, v_data, k_scales, v_scales), put scales where
+# data is expected, which the buffer checks reject; their error then says what the order is.
+ORDER_NOTE = ("the Python API takes (k_data, k_scales, v_data, v_scales, ...) since 0.2 (the raw "
+              "torch.ops.fp4kv.quantize_and_store keeps (k_data, v_data, k_scales, v_scales, ...))")
+_BUFFER_NAMES = ("k_data", "v_data", "k_scales", "v_scales")
+
+
+def quantize_and_store_args(k_data, k_scales, v_data, v_scales, loc, k, v, recipe, k_global_scale=None,
+                            v_global_scale=None):
+    """quantize_and_store's checks, arguments in the Python API's order; an error about a cache
+    buffer also says that the order changed (ORDER_NOTE)."""
+    try:
+        return checks.quantize_and_store_args(k_data, v_data, k_scales, v_scales, loc, k, v, recipe, k_global_scale,
+                                              v_global_scale)
+    except (TypeError, ValueError) as error:
+        if not any(name in str(error) for name in _BUFFER_NAMES):
+            raise
+        raise type(error)(f"{error}; note: {ORDER_NOTE}") from None
+
+
 def quantize_and_store(
     k_data: Tensor,
-    v_data: Tensor,
     k_scales: Tensor,
+    v_data: Tensor,
     v_scales: Tensor,
     loc: Tensor,
     k: Tensor,
@@ -51,9 +85,8 @@ def quantize_and_store(
     """Quantize k, v [T, H, D] into cache slots loc [T] in place; slots outside the cache are skipped.
     `recipe` names both tensors' formats: "nvfp4", or "nvfp4+k8" for K in FP8 E4M3 (k_data
     [slots, H, D], k_scales [slots, H, 0]; formats.KV_RECIPES)."""
-    fmt = checks.quantize_and_store_args(
-        k_data, v_data, k_scales, v_scales, loc, k, v, recipe, k_global_scale, v_global_scale
-    )
+    fmt = quantize_and_store_args(k_data, k_scales, v_data, v_scales, loc, k, v, recipe, k_global_scale,
+                                  v_global_scale)
     torch.ops.fp4kv.quantize_and_store(
         k_data, v_data, k_scales, v_scales, loc, k, v, fmt.name, k_global_scale, v_global_scale
     )
@@ -109,15 +142,19 @@ def decode_attention(
     an empty sequence), flash-attention's convention: two calls over disjoint parts of a context
     merge into one with weights exp(lse_i - logaddexp(lse_1, lse_2)).
     """
-    sm_scale, out = attention_defaults(q, sm_scale, out)
     kv = PagedKV(k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, k_global_scale, v_global_scale)
+    return decode_attention_paged(q, kv, recipe, sm_scale, out, lse)
+
+
+def decode_attention_paged(q: Tensor, kv: PagedKV, recipe: str, sm_scale: Optional[float] = None,
+                           out: Optional[Tensor] = None, lse: Optional[Tensor] = None) -> Tensor:
+    """decode_attention with the cache as one PagedKV (what a module holding the buffers passes)."""
+    sm_scale, out = attention_defaults(q, sm_scale, out)
     fmt = checks.decode_attention_args(out, q, kv, recipe, sm_scale, lse)
-    cache = (k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, fmt.name, sm_scale,
-             k_global_scale, v_global_scale)
     if lse is None:
-        torch.ops.fp4kv.decode_attention(out, q, *cache)
+        torch.ops.fp4kv.decode_attention(out, q, *kv.op_args(fmt.name, sm_scale))
     else:
-        torch.ops.fp4kv.decode_attention_with_lse(out, lse, q, *cache)
+        torch.ops.fp4kv.decode_attention_with_lse(out, lse, q, *kv.op_args(fmt.name, sm_scale))
     return out
 
 
@@ -154,9 +191,14 @@ def extend_attention(
     (eager.extend_rows): rows that no sequence owns (past cu_seqlens_q[B]: padding) and rows that
     see no position get zeros. Writes into `out` when given and returns it.
     """
-    sm_scale, out = attention_defaults(q, sm_scale, out)
     kv = PagedKV(k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, k_global_scale, v_global_scale)
+    return extend_attention_paged(q, cu_seqlens_q, kv, recipe, sm_scale, out)
+
+
+def extend_attention_paged(q: Tensor, cu_seqlens_q: Tensor, kv: PagedKV, recipe: str,
+                           sm_scale: Optional[float] = None, out: Optional[Tensor] = None) -> Tensor:
+    """extend_attention with the cache as one PagedKV (what a module holding the buffers passes)."""
+    sm_scale, out = attention_defaults(q, sm_scale, out)
     fmt = checks.extend_attention_args(out, q, cu_seqlens_q, kv, recipe, sm_scale)
-    torch.ops.fp4kv.extend_attention(out, q, cu_seqlens_q, k_data, k_scales, v_data, v_scales, block_table, seq_lens,
-                                     page_size, fmt.name, sm_scale, k_global_scale, v_global_scale)
+    torch.ops.fp4kv.extend_attention(out, q, cu_seqlens_q, *kv.op_args(fmt.name, sm_scale))
     return out

@@ -131,10 +131,18 @@ def _(data, scales, loc, recipe, global_scale=None, dtype=torch.bfloat16):
     return _gathered_like(data, loc, checks.gather_dequantize_args(data, scales, loc, recipe, global_scale, dtype), dtype)
 
 
-def _decode_attention(out, lse, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, recipe,
-                      sm_scale, k_global_scale, v_global_scale) -> None:
-    kv = PagedKV(k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, k_global_scale, v_global_scale)
-    fmt = checks.decode_attention_args(out, q, kv, recipe, sm_scale, lse)
+# The paged ops' schemas spell the cache out argument by argument (a schema takes no bundle); their
+# kernels pass that tail on as it came and PagedKV.from_op_args reads it, so its order is written
+# in paged_kv.py alone. The fake kernels take the tail as *cache.
+
+
+def _decode_attention_checked(out, lse, q, cache: tuple):
+    kv, recipe, sm_scale = PagedKV.from_op_args(*cache)
+    return kv, sm_scale, checks.decode_attention_args(out, q, kv, recipe, sm_scale, lse)
+
+
+def _decode_attention(out, lse, q, cache: tuple) -> None:
+    kv, sm_scale, fmt = _decode_attention_checked(out, lse, q, cache)
     if debug.enabled(q.device):
         debug.paged_kv_values(kv)
     if q.numel() == 0:
@@ -160,15 +168,13 @@ def decode_attention(
 ) -> None:
     """out [B, Hq, D] = attention of q [B, Hq, D] over each sequence's paged FP4 K/V, read directly
     (K in FP8 E4M3 with a "+k8" recipe, as quantize_and_store)."""
-    _decode_attention(out, None, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, recipe,
-                      sm_scale, k_global_scale, v_global_scale)
+    _decode_attention(out, None, q, (k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, recipe,
+                                     sm_scale, k_global_scale, v_global_scale))
 
 
 @decode_attention.register_fake
-def _(out, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, recipe, sm_scale,
-      k_global_scale=None, v_global_scale=None):
-    kv = PagedKV(k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, k_global_scale, v_global_scale)
-    checks.decode_attention_args(out, q, kv, recipe, sm_scale)
+def _(out, q, *cache):
+    _decode_attention_checked(out, None, q, cache)
 
 
 # A separate op rather than an optional `lse` on decode_attention: before torch 2.13 a mutated
@@ -193,15 +199,18 @@ def decode_attention_with_lse(
 ) -> None:
     """decode_attention, and lse [B, Hq] float32 = the natural log-sum-exp of the scaled scores
     (-inf for an empty sequence), so attentions over disjoint parts of a context can be merged."""
-    _decode_attention(out, lse, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, recipe,
-                      sm_scale, k_global_scale, v_global_scale)
+    _decode_attention(out, lse, q, (k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, recipe,
+                                    sm_scale, k_global_scale, v_global_scale))
 
 
 @decode_attention_with_lse.register_fake
-def _(out, lse, q, k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, recipe, sm_scale,
-      k_global_scale=None, v_global_scale=None):
-    kv = PagedKV(k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, k_global_scale, v_global_scale)
-    checks.decode_attention_args(out, q, kv, recipe, sm_scale, lse)
+def _(out, lse, q, *cache):
+    _decode_attention_checked(out, lse, q, cache)
+
+
+def _extend_attention_checked(out, q, cu_seqlens_q, cache: tuple):
+    kv, recipe, sm_scale = PagedKV.from_op_args(*cache)
+    return kv, sm_scale, checks.extend_attention_args(out, q, cu_seqlens_q, kv, recipe, sm_scale)
 
 
 @torch.library.custom_op("fp4kv::extend_attention", mutates_args=("out",))
@@ -223,8 +232,9 @@ def extend_attention(
 ) -> None:
     """out [T, Hq, D] = causal attention of each sequence's new tokens q[cu_seqlens_q[b]:cu_seqlens_q[b+1]]
     over its paged FP4 K/V (the new tokens' K/V stored there first), read directly."""
-    kv = PagedKV(k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, k_global_scale, v_global_scale)
-    fmt = checks.extend_attention_args(out, q, cu_seqlens_q, kv, recipe, sm_scale)
+    kv, sm_scale, fmt = _extend_attention_checked(out, q, cu_seqlens_q, (
+        k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, recipe, sm_scale, k_global_scale,
+        v_global_scale))
     if debug.enabled(q.device):
         debug.paged_kv_values(kv)
         debug.cu_seqlens_q_values(cu_seqlens_q, q.shape[0], seq_lens)
@@ -234,7 +244,5 @@ def extend_attention(
 
 
 @extend_attention.register_fake
-def _(out, q, cu_seqlens_q, k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, recipe, sm_scale,
-      k_global_scale=None, v_global_scale=None):
-    kv = PagedKV(k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, k_global_scale, v_global_scale)
-    checks.extend_attention_args(out, q, cu_seqlens_q, kv, recipe, sm_scale)
+def _(out, q, cu_seqlens_q, *cache):
+    _extend_attention_checked(out, q, cu_seqlens_q, cache)

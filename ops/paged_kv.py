@@ -1,8 +1,9 @@
-"""The paged FP4 K/V cache that decode attention reads, as one named bundle.
+"""The paged FP4 K/V cache that the attention ops read, as one named bundle.
 
-`torch.ops.fp4kv.decode_attention` keeps a flat schema (its arguments one by one); the op builds a
-`PagedKV` once and hands it to the argument checks and to every backend, so the cache's nine
-arguments are spelled out in one place.
+The attention ops keep flat schemas (their arguments one by one). Everything past them works on a
+`PagedKV`: the argument checks, every backend, and the Python entry points. `from_op_args` and
+`op_args` convert between the bundle and the schemas' argument tail, so the order in which the
+schemas spell the cache lives here only.
 """
 
 from __future__ import annotations
@@ -29,6 +30,23 @@ class PagedKV(NamedTuple):
     page_size: int
     k_global_scale: Optional[Tensor] = None
     v_global_scale: Optional[Tensor] = None
+
+    @classmethod
+    def from_op_args(cls, k_data: Tensor, k_scales: Tensor, v_data: Tensor, v_scales: Tensor, block_table: Tensor,
+                     seq_lens: Tensor, page_size: int, recipe: str, sm_scale: float,
+                     k_global_scale: Optional[Tensor] = None,
+                     v_global_scale: Optional[Tensor] = None) -> tuple[PagedKV, str, float]:
+        """(cache, recipe, sm_scale) from the tail that decode_attention, decode_attention_with_lse
+        and extend_attention share in their schemas (every argument after q, or after cu_seqlens_q):
+        recipe and sm_scale sit between page_size and the global scales there, because a schema
+        puts its required arguments before the defaulted ones."""
+        return cls(k_data, k_scales, v_data, v_scales, block_table, seq_lens, page_size, k_global_scale,
+                   v_global_scale), recipe, sm_scale
+
+    def op_args(self, recipe: str, sm_scale: float) -> tuple:
+        """The schemas' argument tail for this cache: the inverse of from_op_args."""
+        return (self.k_data, self.k_scales, self.v_data, self.v_scales, self.block_table, self.seq_lens,
+                self.page_size, recipe, sm_scale, self.k_global_scale, self.v_global_scale)
 
     @property
     def kv_heads(self) -> int:

@@ -12,6 +12,7 @@ import pytest  # noqa: E402
 
 from torch_fp4kv.ops import FORMATS  # noqa: E402
 from torch_fp4kv.ops.backends import ENV_VAR, select_backend  # noqa: E402
+from torch_fp4kv.testing.scenarios import bytes_mismatch, global_scale_for  # noqa: E402,F401  (tests import it)
 
 RECIPES = sorted(FORMATS)
 INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -26,26 +27,15 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 
 def assert_same_bytes(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """Bit-for-bit equality, except that any NaN equals any NaN (payloads are not contract)."""
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype, (actual.shape, expected.shape)
-    actual, expected = actual.cpu(), expected.cpu()
-    if actual.dtype.is_floating_point:
-        nan = actual.float().isnan()
-        assert torch.equal(nan, expected.float().isnan()), "NaN positions differ"
-        bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[actual.element_size()]
-        actual, expected = actual.view(bits)[~nan], expected.view(bits)[~nan]
-    mismatch = (actual != expected).sum().item()
-    assert mismatch == 0, f"{mismatch} of {actual.numel()} elements differ"
+    """Bit-for-bit equality, except that any NaN equals any NaN (the check's rule: bytes_mismatch)."""
+    problem = bytes_mismatch(actual, expected)
+    assert problem is None, problem
 
 
 def random_kv(shape, dtype=torch.bfloat16, device="cpu", generator=None) -> torch.Tensor:
     """Normal values with a per-row spread of magnitudes, so blocks see many scales."""
     x = torch.randn(shape, generator=generator) * torch.exp2(torch.randint(-8, 9, (*shape[:-1], 1), generator=generator).float())
     return x.to(dtype).to(device)
-
-
-def global_scale_for(recipe: str, device="cpu"):
-    return torch.tensor([0.37], device=device) if FORMATS[recipe].has_global_scale else None
 
 
 @pytest.fixture(autouse=True)

@@ -94,6 +94,25 @@ def test_quantize_and_store_rejects_before_writing(make_args, error, text):
         assert torch.equal(args[name], before), f"{name} was written before the error"
 
 
+@pytest.mark.parametrize("recipe", ["nvfp4", "nvfp4+k8", "mxfp4"])
+def test_quantize_and_store_in_the_old_order_says_the_order_changed(recipe):
+    """0.1 took (k_data, v_data, k_scales, v_scales, ...); passed so now, scales sit where data is
+    expected, and the error says the order changed. The raw op keeps the 0.1 order."""
+    kv = torch_fp4kv.ops.get_kv_recipe(recipe)
+    k_data, v_data = (torch.zeros(SLOTS, H, f.data_width(D), dtype=torch.uint8) for f in (kv.k, kv.v))
+    k_scales, v_scales = (torch.zeros(SLOTS, H, f.scales_width(D), dtype=torch.uint8) for f in (kv.k, kv.v))
+    g = [torch.ones(1) if f.has_global_scale else None for f in (kv.k, kv.v)]
+    tokens = (torch.tensor([0, 4, 2]), torch.randn(T, H, D), torch.randn(T, H, D), recipe, *g)
+    with pytest.raises(ValueError, match=re.escape("the Python API takes (k_data, k_scales, v_data, v_scales, ...) "
+                                                   "since 0.2")):
+        torch_fp4kv.quantize_and_store(k_data, v_data, k_scales, v_scales, *tokens)
+    assert not any(b.any() for b in (k_data, v_data, k_scales, v_scales))
+    torch_fp4kv.quantize_and_store(k_data, k_scales, v_data, v_scales, *tokens)
+    stored = [b.clone() for b in (k_data, v_data, k_scales, v_scales)]
+    torch.ops.fp4kv.quantize_and_store(k_data, v_data, k_scales, v_scales, *tokens)
+    assert all(torch.equal(a, b) for a, b in zip(stored, (k_data, v_data, k_scales, v_scales)))
+
+
 def test_global_scale_rejected_for_recipe_without_one():
     args = _store_args("blockfp4")
     args["k_global_scale"] = torch.ones(1)

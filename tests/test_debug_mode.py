@@ -11,7 +11,7 @@ from torch._dynamo.utils import counters
 
 import torch_fp4kv
 from conftest import TRITON_DEVICE, assert_same_bytes, random_kv, requires_cuda
-from torch_fp4kv.check import _column
+from torch_fp4kv.testing.scenarios import strided_column
 from torch_fp4kv.ops import DEBUG_ENV_VAR, debug, debug_checks
 from torch_fp4kv.ops.backends import forced_backend
 
@@ -69,7 +69,7 @@ def _good_table():
 
 
 def _good_lens():
-    return _column([PAGE * MAX_PAGES, 5, 0]).int()
+    return strided_column([PAGE * MAX_PAGES, 5, 0]).int()
 
 
 GOOD_CU = [0, 2, 5, 5]  # 2, 3 and 0 new tokens; row 5 of 6 is padding
@@ -78,7 +78,7 @@ EXTEND_ROWS = 6
 
 def _engine_step(layer, device):
     """Store, gather, decode (with and without lse) and extend on right engine-made metadata."""
-    loc = _column(GOOD_LOC).int().to(device)
+    loc = strided_column(GOOD_LOC).int().to(device)
     _store(layer, loc)
     read = torch_fp4kv.gather_dequantize(layer.k_data, layer.k_scales, loc, RECIPE, layer.k_global_scale,
                                          torch.float32)
@@ -88,7 +88,7 @@ def _engine_step(layer, device):
     decoded = _paged(layer, q, table, lens)
     with_lse = _paged(layer, q, table, lens, lse=lse)
     extended = _paged(layer, random_kv((EXTEND_ROWS, HQ, D), device=device), table, lens,
-                      cu_seqlens_q=_column(GOOD_CU).int().to(device))
+                      cu_seqlens_q=strided_column(GOOD_CU).int().to(device))
     return [*_buffers(layer), read, decoded, with_lse, lse, extended]
 
 
@@ -119,7 +119,7 @@ def test_engine_made_metadata_passes_and_gives_the_same_results(backend):
 def test_store_rejects_a_slot_outside_the_cache_and_writes_nothing(values, text, dtype):
     layer = _cache()
     before = _buffers(layer)
-    loc = _column(values).to(dtype)
+    loc = strided_column(values).to(dtype)
     with debug_checks(), pytest.raises(ValueError, match=text):
         _store(layer, loc)
     for buffer, start in zip(_buffers(layer), before):
@@ -206,7 +206,7 @@ EXTEND_CASES = PAGED_CASES + [
 def test_extend_rejects_bad_offsets_lengths_and_pages_and_writes_nothing(change, text):
     layer, table, lens = _cache(), _good_table(), _good_lens()
     cu = change(table, lens)
-    cu = _column(GOOD_CU).int() if cu is None else _column(cu)
+    cu = strided_column(GOOD_CU).int() if cu is None else strided_column(cu)
     q = random_kv((EXTEND_ROWS, HQ, D))
     out = torch.full_like(q, float("nan"))
     with debug_checks(), pytest.raises(ValueError, match=text):
@@ -323,7 +323,7 @@ def test_compiled_step_checks_at_run_time_without_graph_breaks():
         with pytest.raises(ValueError, match=r"loc\[1\] = 64 is outside the cache's 64 slots"):
             step([5, SLOTS, 7])
         with pytest.raises(ValueError, match=r"seq_lens\[1\] = 13 is outside \[0, 12\]"):
-            step([5, 6, 7], lens=_column([0, 13, 0]).int())
+            step([5, 6, 7], lens=strided_column([0, 13, 0]).int())
     step([5, SLOTS, 7])  # off: the same compiled graph runs it by contract
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     assert compile_counter.frame_count == 1, "debug mode recompiled"

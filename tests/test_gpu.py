@@ -148,11 +148,11 @@ def test_cuda_graph_decode_example_on_gpu():
 def test_bench_timer_waits_for_inputs_written_just_before():
     """The benchmark times each call on a stream of its own; inputs still being written on the
     default stream must be finished first (a half-written page table made decode read out of bounds)."""
-    from torch_fp4kv.bench import _timer
+    from torch_fp4kv.bench import timer
 
     x = torch.zeros(1, device="cuda")
     torch.cuda._sleep(100_000_000)  # keeps the default stream busy for tens of milliseconds
     x.fill_(1.0)
     seen = []
-    _timer(torch.device("cuda"))(lambda: seen.append(x.clone()))
+    timer(torch.device("cuda"))(lambda: seen.append(x.clone()))
     assert seen[0].item() == 1.0  # the first call runs eagerly, before any graph capture

@@ -105,7 +105,9 @@ def test_triton_store_and_gather_are_eagers_bytes(backend, recipe, dtype):
         backend(name)
         device = "cpu" if name == "eager" else TRITON_DEVICE
         buffers, kg, vg = _k8_cache(recipe, slots, h, d, device)
-        torch_fp4kv.quantize_and_store(*buffers, loc.to(device), k.to(device), v.to(device), recipe, kg, vg)
+        k_data, v_data, k_scales, v_scales = buffers
+        torch_fp4kv.quantize_and_store(k_data, k_scales, v_data, v_scales, loc.to(device), k.to(device), v.to(device),
+                                       recipe, kg, vg)
         gathered = [torch_fp4kv.gather_dequantize(buffers[i], buffers[i + 2], torch.tensor([9, 4, -3, 0], device=device),
                                                   f.name, g, torch.bfloat16)
                     for i, f, g in ((0, get_kv_recipe(recipe).k, kg), (1, get_kv_recipe(recipe).v, vg))]
@@ -125,7 +127,7 @@ def test_triton_decode_reads_fp8_keys_like_eager(backend, recipe, d, hq, hkv, pa
     k = torch.randn(pages * page, hkv, d, generator=g) * 0.5
     v = torch.randn(pages * page, hkv, d, generator=g) * 0.03
     backend("eager")
-    torch_fp4kv.quantize_and_store(k_data, v_data, k_scales, v_scales, torch.arange(pages * page), k, v, recipe, kg, vg)
+    torch_fp4kv.quantize_and_store(k_data, k_scales, v_data, v_scales, torch.arange(pages * page), k, v, recipe, kg, vg)
     table = torch.randperm(pages, generator=g)[: batch * max_pages].view(batch, max_pages).int()
     lens = torch.tensor([max_pages * page, 1, 0], dtype=torch.int32)
     q = torch.randn(batch, hq, d, generator=g).to(torch.bfloat16)

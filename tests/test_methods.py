@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torch_fp4kv
-from conftest import RECIPES, assert_same_bytes, random_kv
+from conftest import RECIPES, RMSE_BOUND, assert_same_bytes, random_kv
 from torch_fp4kv import (
     FP4_KV_CACHE_QUANT_REGISTRY,
     BlockFP4Method,
@@ -23,11 +23,24 @@ from torch_fp4kv import (
 SIZE, H, D, LAYERS = 16, 2, 64, 3
 
 
-def test_registry_maps_names_to_methods():
-    assert FP4_KV_CACHE_QUANT_REGISTRY == {"nvfp4": NVFP4Method, "blockfp4": BlockFP4Method, "mxfp4": MXFP4Method}
-    for name, cls in FP4_KV_CACHE_QUANT_REGISTRY.items():
-        method = get_fp4_kv_cache_quant_method(name)
-        assert type(method) is cls and method.fmt.name == name
+@pytest.mark.parametrize("name", sorted(FP4_KV_CACHE_QUANT_REGISTRY))
+def test_every_registered_name_builds_a_method_that_stores_and_reads_back(name):
+    """What the factory gives for a name keeps that format: it stores K and V and reads them back
+    within the format's documented round-trip error, one layer apart from the others."""
+    method = get_fp4_kv_cache_quant_method(name)
+    assert isinstance(method, FP4KVCacheQuantMethod) and method.fmt.name == name
+    method.create_buffers(SIZE, H, D, LAYERS, "cpu")
+    k, v = torch.randn(SIZE, H, D), torch.randn(SIZE, H, D)
+    loc = torch.randperm(SIZE)
+    method.quantize_and_store(1, loc, k, v)
+    for original, read in zip((k, v), method.dequantize_prev_kv(1, loc, torch.float32)):
+        assert (read - original).norm() / original.norm() < RMSE_BOUND[name]
+    assert not method.dequantize_prev_kv(0, loc, torch.float32)[0].any()
+
+
+def test_every_recipe_has_a_registered_method():
+    for recipe in RECIPES:
+        assert get_fp4_kv_cache_quant_method(recipe).fmt.name == recipe
 
 
 def test_factory_lists_valid_names_for_unknown_name():
@@ -50,10 +63,18 @@ def test_register_third_party_method(monkeypatch):
         register_fp4_kv_cache_quant_method("plain")(object)
 
 
-def test_abstract_interface():
-    assert FP4KVCacheQuantMethod.__abstractmethods__ == {
-        "create_buffers", "quantize_and_store", "dequantize_prev_kv", "compute_cell_size"
-    }
+_INTERFACE = ("create_buffers", "quantize_and_store", "dequantize_prev_kv", "compute_cell_size")
+
+
+@pytest.mark.parametrize("missing", _INTERFACE)
+def test_a_method_must_implement_the_whole_interface(missing):
+    """A subclass that implements the four operations engines call can be made; one that leaves any
+    of them out cannot, and the error names what is missing."""
+    body = {name: lambda self, *args: None for name in _INTERFACE}
+    type("Complete", (FP4KVCacheQuantMethod,), body)()
+    del body[missing]
+    with pytest.raises(TypeError, match=missing):
+        type("Partial", (FP4KVCacheQuantMethod,), body)()
     with pytest.raises(TypeError):
         FP4KVCacheQuantMethod()
 

@@ -7,6 +7,7 @@ from torch.testing._internal.common_utils import TestCase
 import torch_fp4kv  # noqa: F401  (registers the ops)
 from conftest import INPUT_DTYPES, OUTPUT_DTYPES, RECIPES, assert_same_bytes, global_scale_for, random_kv
 from torch_fp4kv.ops import FORMATS, eager
+from torch_fp4kv.testing.paged import random_packed
 
 OPS = ("quantize", "dequantize", "quantize_and_store", "gather_dequantize", "decode_attention",
        "decode_attention_with_lse")
@@ -18,11 +19,8 @@ def _shapes_for(recipe):
 
 
 def _cache(slots, heads, head_dim, recipe):
-    fmt = FORMATS[recipe]
-    data = torch.randint(0, 256, (slots, heads, head_dim // 2), dtype=torch.uint8)
-    # Finite scales only: opcheck compares outputs, and NaN never equals NaN there.
-    scales = torch.randint(100, 126, (slots, heads, head_dim // fmt.block_size), dtype=torch.uint8)
-    return data, scales
+    """Random bytes with finite scales: opcheck compares outputs, and NaN never equals NaN there."""
+    return random_packed(FORMATS[recipe], slots, heads, head_dim)
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

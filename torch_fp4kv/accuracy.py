@@ -229,11 +229,21 @@ def greedy_continuations(model, prompts: torch.Tensor, setting: Setting, new_tok
     return out[:, prompts.shape[1]:]
 
 
-def steps_needed(settings: list[Setting], windows: int, window_size: int, batch_size: int) -> int:
-    """Forward passes `evaluate` makes (its progress bar's total)."""
-    batches = math.ceil(windows / batch_size)
-    per_batch = 1 + sum({"reference": 0, "window": 1, "decode": window_size - 1}[s.protocol] for s in settings)
-    return batches * per_batch + len(settings)
+WINDOWS, STEP, GENERATE = "windows", "step", "generate"  # the kinds of forward_passes
+
+
+def forward_passes(settings: list[Setting], windows: int, window_size: int, batch_size: int) -> list[tuple[str, Setting]]:
+    """What `evaluate` runs, in order, one entry per update of its progress bar: (WINDOWS, setting)
+    a forward pass over a batch of whole windows, (STEP, setting) one token of each window of a
+    batch through the cache, (GENERATE, setting) a greedy continuation of the prompts. Their costs
+    differ by orders of magnitude (progress.TimeLeft estimates each kind's)."""
+    per_batch = [(WINDOWS, settings[0])]  # the reference's pass, which every setting compares with
+    for setting in settings:
+        if setting.protocol == "window":
+            per_batch.append((WINDOWS, setting))
+        elif setting.protocol == "decode":
+            per_batch += [(STEP, setting)] * (window_size - 1)
+    return per_batch * math.ceil(windows / batch_size) + [(GENERATE, setting) for setting in settings]
 
 
 @torch.inference_mode()

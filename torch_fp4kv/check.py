@@ -1,12 +1,15 @@
 """`python -m torch_fp4kv.check`: every backend this machine has, against the eager reference, on
 inputs shaped the way engines make them.
 
-Each scenario builds its inputs from its own seed, runs one op, and returns what the op produced;
-a store returns the cache buffers afterwards, which start as random bytes, so a write to a slot
-the call did not name shows up. The reference is the eager backend on the CPU. Engine-made inputs
-means: metadata sliced from bigger tensors (any stride), -1 padding and out-of-range slots, page
-ids outside the cache, duplicate slots, head slices of a cache, unusable global scales, and values
-at the edge of the output dtype's range.
+The reference is the eager backend on the CPU. The scenarios (torch_fp4kv.testing.scenarios) are
+metadata sliced from bigger tensors (any stride), -1 padding and out-of-range slots, page ids
+outside the cache, duplicate slots, head slices of a cache, unusable global scales, stale NaN past
+each sequence's end, and values at the edge of the output dtype's range. Stores and quantization
+must give eager's bytes; attention must be within 2e-2 of its largest output magnitude.
+
+A backend that cannot run here (no GPU, a package not installed) is named once with the reason,
+and the last line says which backends were compared on how many scenarios. Exit status 1 on any
+difference.
 
 `--soak N` repeats N rounds of randomly sized scenarios (and, where FlashInfer is installed, one of
 its decode calls between them): the workload to run under compute-sanitizer.
@@ -17,382 +20,86 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-import zlib
-from dataclasses import dataclass
-from typing import Callable
+from collections import Counter
 
 import torch
 
-from .ops import (FORMATS, KV_RECIPES, decode_attention, dequantize, eager, extend_attention, gather_dequantize,
-                  get_kv_recipe, quantize, quantize_and_store)
-from .ops.formats import E4M3_NAN_BYTE, Element
-from .ops.backends import Backend, forced_backend, installed, unavailable_reason
-from .ops.checks import OUTPUT_DTYPES
-
-
-@dataclass(frozen=True)
-class Scenario:
-    name: str
-    op: str  # the op whose backend is forced
-    recipe: str
-    dtype: torch.dtype  # the dtype backend selection keys on (input for quantize ops, output otherwise)
-    inputs: Callable[[], list]  # the op's inputs on the CPU, the same at every call
-    call: Callable[..., list[torch.Tensor]]  # runs the op on the inputs (moved to a device)
-    # Decode attention sums in another order and rounds its softmax weights to 16 bits: compared
-    # within 2e-2 of the largest output magnitude (at least 1), as flash-attention kernels are.
-    exact: bool = True
-
-    def run(self, device) -> list[torch.Tensor]:
-        return self.call(*_on(device, *self.inputs()))
-
-
-def _random(name: str) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(name.encode()))
-
-
-def _kv(g: torch.Generator, shape, dtype=torch.bfloat16) -> torch.Tensor:
-    """Normal values with a spread of magnitudes per row, so blocks see many scales."""
-    spread = torch.exp2(torch.randint(-6, 7, (*shape[:-1], 1), generator=g).float())
-    return (torch.randn(shape, generator=g) * spread).to(dtype)
-
-
-def _random_bytes(g: torch.Generator, shape) -> torch.Tensor:
-    return torch.randint(0, 256, shape, generator=g, dtype=torch.int32).to(torch.uint8)
-
-
-def _column(values, width: int = 2) -> torch.Tensor:
-    """`values` as column 1 of a [T, width] metadata tensor: a non-contiguous view, as engines slice."""
-    values = torch.as_tensor(values)
-    table = torch.full((values.shape[0], width), 99, dtype=values.dtype)
-    table[:, 1] = values
-    return table[:, 1]
-
-
-def _global_scale(fmt, value: float = 0.37):
-    """A global scale tensor where the format (a FORMATS name or a format) has one, else None."""
-    fmt = FORMATS[fmt] if isinstance(fmt, str) else fmt
-    return torch.tensor([value]) if fmt.has_global_scale else None
-
-
-def _on(device, *tensors):
-    return [t.to(device) if isinstance(t, torch.Tensor) else t for t in tensors]
-
-
-def store_engine_slots(recipe: str, tokens: int = 7, heads: int = 2, head_dim: int = 64, slots: int = 12,
-                       loc=(3, -1, 5, 3, 12, 7, 5)) -> Scenario:
-    """K and V sliced from a fused QKV tensor, stored at a sliced loc with -1 padding, a slot past
-    the end, and duplicate slots (the last token naming a slot wins). `recipe`: a KV_RECIPES name."""
-    name = f"store/{recipe}/T{tokens}xH{heads}xD{head_dim}"
-    kv = get_kv_recipe(recipe)
-
-    def inputs():
-        g = _random(name)
-        qkv = _kv(g, (tokens, 3 * heads * head_dim)).view(tokens, 3, heads, head_dim)
-        caches = [_random_bytes(g, (slots, heads, width)) for width in (
-            kv.k.data_width(head_dim), kv.v.data_width(head_dim), kv.k.scales_width(head_dim),
-            kv.v.scales_width(head_dim))]
-        return [*caches, _column(list(loc)), qkv[:, 1], qkv[:, 2], _global_scale(kv.k), _global_scale(kv.v, 2.5)]
-
-    def call(k_data, v_data, k_scales, v_scales, loc_, k, v, kg, vg):
-        quantize_and_store(k_data, v_data, k_scales, v_scales, loc_, k, v, recipe, kg, vg)
-        return [k_data, v_data, k_scales, v_scales]
-
-    return Scenario(name, "quantize_and_store", recipe, torch.bfloat16, inputs, call)
-
-
-def gather_head_slice(recipe: str, dtype: torch.dtype, slots: int = 10, heads: int = 4, head_dim: int = 64,
-                      loc=(4, -1, 9, 10, 4, 0)) -> Scenario:
-    """gather_dequantize of heads 1..2 of a cache (a strided view) at a sliced loc with padding."""
-    name = f"gather/{recipe}/{dtype}/S{slots}xH{heads}xD{head_dim}"
-
-    def inputs():
-        data, scales = eager.quantize(_kv(_random(name), (slots, heads, head_dim)), FORMATS[recipe])
-        return [data, scales, _column(list(loc)), _global_scale(recipe)]
-
-    def call(data, scales, loc_, gs):
-        return [gather_dequantize(data[:, 1:3], scales[:, 1:3], loc_, recipe, gs, dtype)]
-
-    return Scenario(name, "gather_dequantize", recipe, dtype, inputs, call)
-
-
-def dequantize_row_view(recipe: str, dtype: torch.dtype, rows: int = 9, heads: int = 3, head_dim: int = 64) -> Scenario:
-    """dequantize of one head of a cache ([slots, D/2] rows with the cache's stride), raw random
-    bytes included (every scale byte, NaN encodings too)."""
-    name = f"dequantize/{recipe}/{dtype}/R{rows}xH{heads}xD{head_dim}"
-
-    def inputs():
-        g = _random(name)
-        block = FORMATS[recipe].block_size
-        return [_random_bytes(g, (rows, heads, head_dim // 2)), _random_bytes(g, (rows, heads, head_dim // block)),
-                _global_scale(recipe)]
-
-    def call(data, scales, gs):
-        return [dequantize(data[:, 1], scales[:, 1], recipe, gs, dtype)]
-
-    return Scenario(name, "dequantize", recipe, dtype, inputs, call)
-
-
-def unusable_global_scale(op: str, value: float) -> Scenario:
-    """An NVFP4 global scale that is not finite and > 0: NaN out (quantize: NaN scale bytes)."""
-    name = f"{op}/nvfp4/global scale {value}"
-    nvfp4 = FORMATS["nvfp4"]
-
-    def inputs():
-        x = _kv(_random(name), (5, 2, 64))
-        return [x, torch.tensor([value])] if op == "quantize" else [*eager.quantize(x, nvfp4), torch.tensor([value])]
-
-    def call(*args):
-        return list(quantize(*args[:1], "nvfp4", args[1])) if op == "quantize" else \
-            [dequantize(*args[:2], "nvfp4", args[2], torch.float32)]
-
-    return Scenario(name, op, "nvfp4", torch.bfloat16 if op == "quantize" else torch.float32, inputs, call)
-
-
-def range_edges(recipe: str, dtype: torch.dtype) -> Scenario:
-    """Values at the top of the input dtype's range: the stored value may round past it (blockfp4),
-    and the output saturates at the dtype's largest finite value instead of turning infinite."""
-    name = f"dequantize/{recipe}/{dtype}/range edges"
-
-    def inputs():
-        largest = torch.finfo(dtype).max
-        return list(eager.quantize(torch.tensor([largest, -largest, 60000.0, 1.0] * 16).view(2, 32).to(dtype),
-                                   FORMATS[recipe]))
-
-    def call(data, scales):
-        return [dequantize(data, scales, recipe, None, dtype)]
-
-    return Scenario(name, "dequantize", recipe, dtype, inputs, call)
-
-
-def _paged_cache(g: torch.Generator, recipe: str, batch: int, kv_heads: int, head_dim: int, page_size: int,
-                 max_pages: int, k_global_scale: float):
-    """A cache of `batch * max_pages` pages in a KV recipe's formats, and a page table sliced from a
-    wider one with page ids -1, past the end and huge inside the sequences (read as zero keys and
-    values): [k_data, k_scales, v_data, v_scales], table, k and v global scales."""
-    kv = get_kv_recipe(recipe)
-    pages = batch * max_pages
-    cache = []
-    for fmt in (kv.k, kv.v):
-        cache += eager.quantize(_kv(g, (pages * page_size, kv_heads, head_dim)), fmt)
-    wide = torch.full((batch, 2 * max_pages), 7, dtype=torch.int32)
-    wide[:, 1::2] = torch.randperm(pages, generator=g)[: batch * max_pages].view(batch, max_pages).int()
-    wide[0, 1], wide[1 % batch, -1] = -1, 2**31 - 1  # inside their sequences (lengths below)
-    if max_pages > 1:
-        wide[-1, 3] = pages
-    return cache, wide[:, 1::2], _global_scale(kv.k, k_global_scale), _global_scale(kv.v, 0.02)
-
-
-def _poison(cache: list[torch.Tensor], recipe: str, table: torch.Tensor, page_size: int, positions) -> None:
-    """Make the K and V of the given (sequence, position) pairs NaN in the cache, every head: FP4
-    through the NaN scale byte, FP8 keys through the NaN data byte. Pairs whose page id is outside
-    the cache are skipped (those positions read as zeros)."""
-    kv = get_kv_recipe(recipe)
-    slots_per_cache = cache[0].shape[0]
-    for b, pos in positions:
-        page = int(table[b, pos // page_size])
-        slot = page * page_size + pos % page_size
-        if not 0 <= slot < slots_per_cache or not 0 <= page:
-            continue
-        for (data, scales), fmt in (((cache[0], cache[1]), kv.k), ((cache[2], cache[3]), kv.v)):
-            if fmt.element is Element.E4M3:
-                data[slot] = E4M3_NAN_BYTE
-            else:
-                scales.view(torch.uint8)[slot] = fmt.scale_nan_byte
-
-
-def _lengths(g: torch.Generator, batch: int, longest: int, low: int = 1) -> torch.Tensor:
-    """seq_lens (a strided view) with a full sequence, one past the table and, from 3 sequences, an empty one."""
-    lengths = torch.randint(low, longest + 1, (batch,), generator=g, dtype=torch.int32)
-    lengths[0], lengths[-1] = longest, longest + 9
-    if batch > 2:
-        lengths[1] = 0
-    return torch.stack((lengths, lengths), 1).flatten()[::2]
-
-
-def decode_engine_metadata(recipe: str, head_dim: int, batch: int = 4, q_heads: int = 8, kv_heads: int = 2,
-                           page_size: int = 16, max_pages: int = 4, k_global_scale: float = 0.03,
-                           stale_nan: bool = False) -> Scenario:
-    """Decode over _paged_cache's engine-made page table, with strided seq_lens of lengths 0 and past
-    the table. `recipe`: a KV_RECIPES name. stale_nan: every position past a sequence's length
-    holds NaN keys and values (pages reused without clearing), which no output may show."""
-    name = (f"decode/{recipe}/D{head_dim}/B{batch}xHq{q_heads}xHkv{kv_heads}xP{page_size}/kg{k_global_scale}"
-            + ("/stale-nan" if stale_nan else ""))
-
-    def inputs():
-        g = _random(name)
-        cache, table, kg, vg = _paged_cache(g, recipe, batch, kv_heads, head_dim, page_size, max_pages, k_global_scale)
-        seq_lens = _lengths(g, batch, max_pages * page_size)
-        if stale_nan:
-            _poison(cache, recipe, table, page_size,
-                    [(b, p) for b in range(batch) for p in range(int(seq_lens[b]), max_pages * page_size)])
-        return [_kv(g, (batch, q_heads, head_dim)), *cache, table, seq_lens, kg, vg]
-
-    def call(*args):
-        return [decode_attention(*args[:7], page_size, recipe, *args[7:])]
-
-    return Scenario(name, "decode_attention", recipe, torch.bfloat16, inputs, call, exact=False)
-
-
-def extend_engine_metadata(recipe: str, head_dim: int, new_tokens=(3, 4, 0, 2), q_heads: int = 8, kv_heads: int = 2,
-                           page_size: int = 16, max_pages: int = 4, padding: int = 2,
-                           stale_nan: bool = False) -> Scenario:
-    """extend_attention over _paged_cache's page table: strided cu_seqlens_q and seq_lens, a sequence
-    with no new tokens, `padding` rows of q no sequence owns, lengths 0 and past the table. With as
-    many new tokens per sequence as rows / sequences (e.g. (4, 4, 4, 4), padding 0), it is the
-    speculative-verification shape (on SM90 the decode route of ops/triton_verify.py). stale_nan:
-    the positions past each sequence's length and its last new token hold NaN keys and values; the
-    rows before that token must not show it."""
-    batch = len(new_tokens)
-    name = (f"extend/{recipe}/D{head_dim}/new{'-'.join(map(str, new_tokens))}+{padding}xHq{q_heads}xHkv{kv_heads}"
-            f"xP{page_size}" + ("/stale-nan" if stale_nan else ""))
-
-    def inputs():
-        g = _random(name)
-        cache, table, kg, vg = _paged_cache(g, recipe, batch, kv_heads, head_dim, page_size, max_pages, 0.03)
-        seq_lens = _lengths(g, batch, max_pages * page_size, low=max(new_tokens))
-        if stale_nan:
-            last_new = [(b, int(seq_lens[b]) - 1) for b in range(batch) if new_tokens[b] and seq_lens[b] > 0]
-            stale = [(b, p) for b in range(batch) for p in range(int(seq_lens[b]), max_pages * page_size)]
-            _poison(cache, recipe, table, page_size, [(b, p) for b, p in last_new if p < max_pages * page_size] + stale)
-        offsets = torch.tensor([0, *torch.tensor(new_tokens).cumsum(0).tolist()], dtype=torch.int32)
-        q = _kv(g, (sum(new_tokens) + padding, q_heads, head_dim))
-        return [q, _column(offsets), *cache, table, seq_lens, kg, vg]
-
-    def call(q, cu, *args):
-        return [extend_attention(q, cu, *args[:6], page_size, recipe, *args[6:])]
-
-    return Scenario(name, "extend_attention", recipe, torch.bfloat16, inputs, call, exact=False)
-
-
-def scenarios() -> list[Scenario]:
-    """The fixed set `python -m torch_fp4kv.check` runs (and the tests parametrize over)."""
-    found = []
-    for recipe in FORMATS:
-        for dtype in OUTPUT_DTYPES:
-            found += [gather_head_slice(recipe, dtype), dequantize_row_view(recipe, dtype)]
-        for dtype in (torch.float16, torch.float32, torch.bfloat16):
-            found.append(range_edges(recipe, dtype))
-    for recipe in KV_RECIPES:  # each FP4 recipe, and each with FP8 keys ("+k8")
-        found.append(store_engine_slots(recipe))
-        for head_dim in (64, 128, 256):
-            found.append(decode_engine_metadata(recipe, head_dim))
-        found += [extend_engine_metadata(recipe, 64), extend_engine_metadata(recipe, 128, (4, 4, 4, 4), padding=0)]
-        found += [decode_engine_metadata(recipe, 128, stale_nan=True),
-                  extend_engine_metadata(recipe, 64, stale_nan=True),
-                  extend_engine_metadata(recipe, 128, (4, 4, 4, 4), padding=0, stale_nan=True)]
-    for value in (-1.0, 0.0, float("nan"), float("inf")):
-        found += [unusable_global_scale("quantize", value), unusable_global_scale("dequantize", value)]
-    found.append(decode_engine_metadata("nvfp4", 128, k_global_scale=-1.0))
-    return found
-
-
-def random_scenario(rng: random.Random) -> Scenario:
-    """One scenario with random sizes and metadata, for the soak."""
-    head_dim = rng.choice((64, 128, 256))
-    kind = rng.choice(("store", "gather", "dequantize", "decode", "extend"))
-    if kind in ("store", "decode", "extend"):
-        recipe = rng.choice(sorted(KV_RECIPES))
-    else:
-        recipe = rng.choice(sorted(FORMATS))
-    if kind == "store":
-        tokens, slots = rng.randint(1, 300), rng.randint(1, 400)
-        loc = [rng.randint(-2, slots + 2) for _ in range(tokens)]
-        return store_engine_slots(recipe, tokens, rng.randint(1, 8), head_dim, slots, loc)
-    dtype = rng.choice(OUTPUT_DTYPES)
-    if kind == "gather":
-        slots = rng.randint(1, 400)
-        loc = [rng.randint(-2, slots + 2) for _ in range(rng.randint(1, 300))]
-        return gather_head_slice(recipe, dtype, slots, rng.randint(3, 8), head_dim, loc)
-    if kind == "dequantize":
-        return dequantize_row_view(recipe, dtype, rng.randint(1, 500), rng.randint(2, 8), head_dim)
-    kv_heads = rng.choice((1, 2, 4, 8))
-    q_heads = kv_heads * rng.choice((1, 2, 3, 4, 8, 16))
-    batch, page_size, max_pages = rng.randint(2, 12), rng.choice((1, 5, 16, 64)), rng.randint(1, 24)
-    stale_nan = rng.random() < 0.25
-    if kind == "decode":
-        return decode_engine_metadata(recipe, head_dim, batch, q_heads, kv_heads, page_size, max_pages,
-                                      stale_nan=stale_nan)
-    uniform = rng.choice((1, 2, 4, 8))  # a verify step: every sequence the same count, or a ragged batch
-    new_tokens = [uniform] * batch if rng.random() < 0.5 else [rng.randint(0, 40) for _ in range(batch)]
-    return extend_engine_metadata(recipe, head_dim, tuple(new_tokens), q_heads, kv_heads, page_size,
-                                  max(max_pages, -(-max(new_tokens) // page_size)), rng.randint(0, 3), stale_nan)
-
-
-def backends_for(scenario: Scenario, device: torch.device) -> dict[Backend, str | None]:
-    """Each backend -> None if it can run the scenario on `device`, else why not."""
-    return {b: unavailable_reason(b, scenario.op, scenario.recipe, device, scenario.dtype) for b in Backend}
-
-
-def run_with(scenario: Scenario, backend: Backend, device) -> list[torch.Tensor]:
-    with forced_backend(backend.value):
-        return [t.cpu() for t in scenario.run(torch.device(device))]
-
-
-def mismatch(scenario: Scenario, actual: list[torch.Tensor], expected: list[torch.Tensor]) -> str | None:
-    """None if `actual` matches the reference, else what differs."""
-    for i, (a, e) in enumerate(zip(actual, expected)):
-        if a.shape != e.shape or a.dtype != e.dtype:
-            return f"output {i}: {a.dtype} {tuple(a.shape)} vs {e.dtype} {tuple(e.shape)}"
-        a32, e32 = a.float(), e.float()
-        if not torch.equal(a32.isnan(), e32.isnan()):
-            return f"output {i}: NaN at different positions"
-        if scenario.exact:
-            bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[a.element_size()]
-            differ = int((a.view(bits) != e.view(bits))[~a32.isnan()].sum())
-            if differ:
-                return f"output {i}: {differ} of {a.numel()} elements differ"
+from .help_format import HelpFormatter
+from .ops.backends import installed
+from .testing.paged import flashinfer_paged_attention
+from .testing.scenarios import Scenario, comparable_backends, mismatch, random_scenario, reference, run_with, scenarios
+
+
+class Tally:
+    """What the run compared and what it could not run, for the report at its end."""
+
+    def __init__(self):
+        self.compared: Counter[str] = Counter()  # backend -> scenarios compared
+        self.not_run: dict[tuple[str, str], int] = Counter()  # (backend, why) -> scenarios
+        self.mismatches = 0
+
+    def compare(self, scenario: Scenario, device) -> dict[str, str | None]:
+        """Backend -> None (matches the reference) or what differs, for each backend that can run
+        the scenario on `device`."""
+        backends, not_run = comparable_backends(scenario, device)
+        for backend, why in not_run.items():
+            self.not_run[backend.value, why] += 1
+        results = {}
+        if backends:
+            expected = reference(scenario)
+            for backend in backends:
+                results[backend.value] = mismatch(scenario, run_with(scenario, backend, device), expected)
+                self.compared[backend.value] += 1
+        self.mismatches += sum(problem is not None for problem in results.values())
+        return results
+
+    def report(self, scenario_count: int) -> str:
+        lines = [f"not run: {backend} on {_scenarios(count)}: {why}" for (backend, why), count in self.not_run.items()]
+        if not self.compared:
+            lines.append(f"{_scenarios(scenario_count)}: nothing compared (no backend but the eager reference runs here)")
         else:
-            tolerance = 2e-2 * max(1.0, float(e32.nan_to_num().abs().max()))
-            error = float((a32 - e32).nan_to_num().abs().max())
-            if error > tolerance:
-                return f"output {i}: max |diff| {error:.3g} > {tolerance:.3g}"
-    return None
+            compared = ", ".join(f"{backend} on {count}" for backend, count in self.compared.items())
+            verdict = f"{self.mismatches} mismatches" if self.mismatches else "all match"
+            lines.append(f"{_scenarios(scenario_count)}: eager vs {compared} compared, {verdict}")
+        return "\n".join(lines)
 
 
-def check(scenario: Scenario, device) -> dict[str, str]:
-    """Backend name -> 'ok', 'n/a: why' or 'MISMATCH: what', against eager on the CPU."""
-    expected = run_with(scenario, Backend.EAGER, "cpu")
-    results = {}
-    for backend, reason in backends_for(scenario, torch.device(device)).items():
-        if reason:
-            results[backend.value] = f"n/a: {reason}"
-            continue
-        problem = mismatch(scenario, run_with(scenario, backend, device), expected)
-        results[backend.value] = f"MISMATCH: {problem}" if problem else "ok"
-    return results
+def _scenarios(count: int) -> str:
+    return f"{count} scenario" + ("" if count == 1 else "s")
+
+
+def _describe(results: dict[str, str | None]) -> str:
+    if not results:
+        return "nothing to compare"
+    return "  ".join(f"{backend}: {'ok' if problem is None else 'MISMATCH: ' + problem}"
+                     for backend, problem in results.items())
 
 
 def _flashinfer_decode_round(device, rng: random.Random) -> None:
     """One FlashInfer BF16 paged decode (kept in the soak so both libraries share the process)."""
-    import flashinfer
-
     batch, pages_per_seq, page, kv_heads, group, head_dim = rng.randint(1, 8), rng.randint(1, 8), 16, 2, 4, 128
-    pages = batch * pages_per_seq
-    cache = torch.randn(pages, 2, page, kv_heads, head_dim, dtype=torch.bfloat16, device=device)
-    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(torch.empty(32 << 20, dtype=torch.uint8, device=device), "NHD")
-    indptr = torch.arange(0, pages + 1, pages_per_seq, dtype=torch.int32, device=device)
-    wrapper.plan(indptr, torch.arange(pages, dtype=torch.int32, device=device),
-                 torch.full((batch,), page, dtype=torch.int32, device=device), kv_heads * group, kv_heads, head_dim, page,
-                 data_type=torch.bfloat16, q_data_type=torch.bfloat16)
-    wrapper.run(torch.randn(batch, kv_heads * group, head_dim, dtype=torch.bfloat16, device=device), cache)
+    q = torch.randn(batch, kv_heads * group, head_dim, dtype=torch.bfloat16, device=device)
+    flashinfer_paged_attention(q, pages_per_seq * page, kv_heads, page, torch.bfloat16)()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m torch_fp4kv.check", description=__doc__,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="device the backends run on; the reference is eager on the CPU")
+    parser.add_argument("--soak", type=int, default=0, metavar="N", help="also run N random rounds, for compute-sanitizer")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the soak's random rounds")
+    parser.add_argument("--only", default="", help="run only the scenarios whose name contains this (e.g. decode)")
+    return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="device the backends run on (the reference is eager on the CPU)")
-    parser.add_argument("--soak", type=int, default=0, metavar="N",
-                        help="also run N random rounds (for compute-sanitizer)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the soak's random rounds")
-    parser.add_argument("--only", default="", help="run only the scenarios whose name contains this (e.g. decode)")
-    args = parser.parse_args(argv)
-    failures = 0
-    print(f"torch_fp4kv.check on {args.device}: every backend against eager on the CPU")
-    for scenario in (s for s in scenarios() if args.only in s.name):
-        results = check(scenario, args.device)
-        failures += sum(r.startswith("MISMATCH") for r in results.values())
-        print(f"{scenario.name:<58} " + "  ".join(f"{b}: {r}" for b, r in results.items()))
+    args = parse_args(argv)
+    tally = Tally()
+    print(f"torch_fp4kv.check on {args.device}: each backend that runs here against eager on the CPU")
+    chosen = [s for s in scenarios() if args.only in s.name]
+    for scenario in chosen:
+        print(f"{scenario.name:<58} {_describe(tally.compare(scenario, args.device))}")
     if args.soak:
         rng = random.Random(args.seed)
         with_flashinfer = torch.device(args.device).type == "cuda" and installed("flashinfer")
@@ -400,15 +107,15 @@ def main(argv=None) -> int:
             scenario = random_scenario(rng)
             if args.only not in scenario.name:
                 continue
-            problems = {b: r for b, r in check(scenario, args.device).items() if r.startswith("MISMATCH")}
-            failures += len(problems)
-            for backend, result in problems.items():
-                print(f"soak round {round_}: {scenario.name} {backend}: {result}")
+            chosen.append(scenario)
+            for backend, problem in tally.compare(scenario, args.device).items():
+                if problem is not None:
+                    print(f"soak round {round_}: {scenario.name} {backend}: MISMATCH: {problem}")
             if with_flashinfer:
                 _flashinfer_decode_round(args.device, rng)
         print(f"soak: {args.soak} rounds{' with FlashInfer decode between them' if with_flashinfer else ''}")
-    print(f"{failures} mismatches" if failures else "all backends match eager")
-    return 1 if failures else 0
+    print(tally.report(len(chosen)))
+    return 1 if tally.mismatches else 0
 
 
 if __name__ == "__main__":

@@ -19,8 +19,10 @@ from pathlib import Path
 import torch
 
 from . import accuracy, models
+from .help_format import HelpFormatter
 from .ops import FORMATS
 from .options import SUFFIXES_HELP
+from .progress import ProgressBar, TimeLeft
 
 DEFAULT_TEXT = "/usr/share/common-licenses/GPL-3"
 
@@ -29,29 +31,38 @@ def _list(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
+def _model(value: str) -> str:
+    if not models.is_loadable(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is none of {models.describe_choices()}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m torch_fp4kv.eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2",
-                        help=f"{' | '.join(models.MODELS)} | a .gguf file | a transformers model folder")
-    parser.add_argument("--text", default=DEFAULT_TEXT, help="a UTF-8 text file (default: %(default)s)")
+    parser = argparse.ArgumentParser(prog="python -m torch_fp4kv.eval", description=__doc__,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--model", type=_model, default="smollm2", help=models.describe_choices())
+    parser.add_argument("--text", default=DEFAULT_TEXT, help="a UTF-8 text file")
     parser.add_argument("--tokens", type=int, default=4096,
                         help="tokens of the text to score, in whole windows, as many as it has up to this")
     parser.add_argument("--window", type=int, default=512, help="tokens per window")
-    parser.add_argument("--recipes", type=_list, default=[*sorted(FORMATS), accuracy.ANCHOR],
-                        help=f"comma-separated FP4 recipes and/or {accuracy.ANCHOR} (default: all); a recipe may "
-                             f"carry accuracy options: {SUFFIXES_HELP}, e.g. nvfp4+rot+smooth+k8 or "
-                             f"nvfp4+rot+smooth+sink4+recent128")
+    parser.add_argument("--recipes", type=_list, default=",".join([*sorted(FORMATS), accuracy.ANCHOR]),
+                        help=f"comma-separated FP4 recipes and/or {accuracy.ANCHOR}; a recipe may carry accuracy "
+                             f"options: {SUFFIXES_HELP}, e.g. nvfp4+rot+smooth+k8 or nvfp4+rot+smooth+sink4+recent128")
     parser.add_argument("--calib-tokens", type=int, default=1024,
                         help="tokens of the text after the scored ones that +smooth recipes calibrate on")
-    parser.add_argument("--protocols", type=_list, default=list(accuracy.PROTOCOLS), help="window,decode")
+    parser.add_argument("--protocols", type=_list, default=",".join(accuracy.PROTOCOLS),
+                        help="comma-separated: window (every key and value round-tripped inside the attention), "
+                             "decode (token by token through the FP4 cache)")
     parser.add_argument("--prompts", type=int, default=16, help="prompts for the greedy agreement")
-    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=64, help="tokens per prompt")
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy continuation length")
     parser.add_argument("--batch", type=int, default=4, help="windows per forward pass")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu", help="where the model runs")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="the model's weights and activations")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (the evaluation's, nor the model loader's)")
     args = parser.parse_args(argv)
     for name in ("tokens", "window", "prompts", "prompt_tokens", "new_tokens", "batch", "calib_tokens"):
         if getattr(args, name) < 1:
@@ -96,12 +107,16 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from tqdm.auto import tqdm
     from transformers import logging
 
     logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
-    model, tokenizer = models.load(args.model, getattr(torch, args.dtype), args.device)
+    try:
+        model, tokenizer = models.load(args.model, getattr(torch, args.dtype), args.device,
+                                       progress=not args.no_progress)
+    except models.ModelNotInstalled as missing:
+        print(f"python -m torch_fp4kv.eval: error: --model {args.model}: {missing}", file=sys.stderr)
+        return 2
     text_ids = tokenizer(Path(args.text).read_text(encoding="utf-8"), add_special_tokens=False).input_ids
     prefix = tokenizer("", add_special_tokens=True).input_ids
     windows = token_windows(text_ids, prefix, args.window, args.tokens).to(args.device)
@@ -116,8 +131,9 @@ def main(argv=None) -> int:
     print(f"model {args.model} ({type(model).__name__}, {args.dtype}, {args.device}); text {args.text}: "
           f"{windows.shape[0]} windows of {args.window} tokens ({windows.shape[0] * (args.window - 1)} predictions), "
           f"{args.prompts} prompts of {args.prompt_tokens} tokens + {args.new_tokens} greedy{calib_note}")
-    total = accuracy.steps_needed(settings, windows.shape[0], args.window, args.batch)
-    with tqdm(total=total, desc="forward passes", disable=args.no_progress, file=sys.stderr) as bar:
+    passes = accuracy.forward_passes(settings, windows.shape[0], args.window, args.batch)
+    continuation_steps = args.new_tokens * args.prompts / min(args.batch, windows.shape[0])
+    with ProgressBar(TimeLeft(passes, continuation_steps), disable=args.no_progress) as bar:
         rows = accuracy.evaluate(model, windows, prompts, settings, args.new_tokens, args.batch, bar, calib_windows)
     print(format_table(rows))
     print(f"bytes/token: K and V of one token over all layers, plus the tokens a sequence keeps in full "

