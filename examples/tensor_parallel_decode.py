@@ -197,6 +197,9 @@ def main() -> None:
         dist.init_process_group("gloo")
     try:
         passed = run(args, cfg, dtype, device, TensorParallel.from_process_group())
+        # No rank closes its connections while another still works: a rank that finished first and
+        # tore gloo down aborted the other one's transport thread (std::terminate) under load.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     if not passed:

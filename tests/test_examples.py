@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _run(*args: str) -> str:
     result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stderr + result.stdout
     return result.stdout
 
 
