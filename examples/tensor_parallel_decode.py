@@ -197,8 +197,8 @@ def main() -> None:
         dist.init_process_group("gloo")
     try:
         passed = run(args, cfg, dtype, device, TensorParallel.from_process_group())
-        # No rank closes its connections while another still works: a rank that finished first and
-        # tore gloo down aborted the other one's transport thread (std::terminate) under load.
+        # No rank closes its connections while another still works: tearing gloo down under a
+        # rank still in a collective aborts that rank's transport thread (std::terminate).
         dist.barrier()
     finally:
         dist.destroy_process_group()
