@@ -231,11 +231,17 @@ def test_package_imports_have_no_cycle():
     assert not found, "modules that import each other at module level:\n" + "\n".join(", ".join(c) for c in found)
 
 
-def test_the_package_never_imports_its_testing_workload():
-    """torch_fp4kv.testing (the examples' and tests' model) is never imported by torch_fp4kv itself."""
+# The command-line tools that run the testing workload (engine-made scenarios, random paged caches).
+TESTING_TOOLS = (f"{PACKAGE}.check", f"{PACKAGE}.bench")
+
+
+def test_the_library_never_imports_its_testing_workload():
+    """torch_fp4kv.testing (the examples', tests' and tools' workload) is never imported by the
+    library itself: only by the check and bench command-line tools."""
     testing = f"{PACKAGE}.testing"
     known = module_files()
-    users = [f"{module} imports {name}" for module, path in known.items() if not module.startswith(testing)
+    users = [f"{module} imports {name}" for module, path in known.items()
+             if not module.startswith((testing, *TESTING_TOOLS))
              for name, _ in imports(module, path, known, module_level_only=False)
              if name == testing or name.startswith(testing + ".")]
     assert users == []
