@@ -70,7 +70,6 @@ class FP4Format:
     has_global_scale: bool
     # Scale byte written for a block holding NaN or +-Inf; it decodes to NaN.
     scale_nan_byte: int | None
-    summary: str
     element: Element = Element.E2M1
     # The magnitude stored at the top of the range under a global scale of 1: calibration sets the
     # global scale to amax / this (None: no global scale).
@@ -123,7 +122,6 @@ FORMATS: dict[str, FP4Format] = {
             ties_away=False,
             has_global_scale=True,
             scale_nan_byte=0x7F,
-            summary="16-element blocks, FP8 E4M3 scale, FP32 global scale, RNE (FlashInfer layout)",
             calibration_amax=E4M3_MAX * E2M1_MAX,
         ),
         FP4Format(
@@ -133,7 +131,6 @@ FORMATS: dict[str, FP4Format] = {
             ties_away=True,
             has_global_scale=False,
             scale_nan_byte=0xFF,
-            summary="16-element blocks, E8M0 scale ceil(log2(amax/6)), ties away (SGLang FP4MXBlock16)",
         ),
         FP4Format(
             recipe=FP4KVCacheRecipe.MXFP4,
@@ -142,7 +139,6 @@ FORMATS: dict[str, FP4Format] = {
             ties_away=False,
             has_global_scale=False,
             scale_nan_byte=0xFF,
-            summary="32-element blocks, E8M0 scale 2^(floor(log2(amax))-2), RNE (OCP MX v1.0)",
         ),
     )
 }
@@ -157,7 +153,6 @@ FP8_E4M3 = FP4Format(
     ties_away=False,
     has_global_scale=True,
     scale_nan_byte=None,
-    summary="FP8 E4M3 elements, FP32 global scale, no block scales, RNE satfinite (keys of K8V4)",
     element=Element.E4M3,
     calibration_amax=E4M3_MAX,
 )
