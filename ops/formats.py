@@ -76,6 +76,11 @@ class FP4Format:
     calibration_amax: float | None = None
 
     @property
+    def e4m3_scales(self) -> bool:
+        """Whether the block scales are E4M3 bytes (else E8M0): the kernels' E4M3_SCALES."""
+        return self.scale_rule is ScaleRule.E4M3_AMAX_OVER_6G
+
+    @property
     def name(self) -> str:
         return self.recipe.value if isinstance(self.recipe, FP4KVCacheRecipe) else self.recipe
 

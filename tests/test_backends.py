@@ -164,7 +164,7 @@ def test_info_prints_the_table_and_choices():
 def test_triton_output_casts_use_the_hardware_only_where_it_has_them(fake_gpu, capability, expected):
     """float8 E4M3 conversion instructions (and Triton's float8e4nv type) start at SM89; an A100
     must get the integer encoding, or FP8 dequantize would not compile there."""
-    from torch_fp4kv.ops.triton_kernels import hardware_casts
+    from torch_fp4kv.ops.triton_launch import hardware_casts
 
     fake_gpu(capability)
     assert hardware_casts(torch.device("cuda")) == expected
