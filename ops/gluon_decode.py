@@ -20,8 +20,7 @@ MXFP4 at 64) with up to 16 query heads per KV head (padded to 8 or 16, a wgmma t
 other shapes and GPUs run the Triton kernel (decode.py chooses). The rules both kernels must agree
 on (split sizes, the page table, key order, global scales, partial outputs and their merge) are
 attention_shared's @triton.jit functions, which this kernel calls as they are. It runs with Triton
-3.6 (PyTorch 2.11's, where it was timed) and compiles with 3.9, whose Gluon renamed two builtins
-(the aliases below).
+3.6 and 3.9, whose Gluon renamed two builtins (the aliases below).
 """
 
 from __future__ import annotations

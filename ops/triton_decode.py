@@ -60,10 +60,9 @@ def _decode_split_kernel(
     start, end = split_range(split, positions_per_split, seq_len)
 
     # Scores are K q^T [BLOCK_N, heads]: positions are the tensor-core tile's long side, and q is
-    # read in the keys' pair order (key_pair). The output is kept transposed, V^T p
-    # [D, heads], for the same reason: with the 16 padded heads as the long side, the second
-    # product ran on the older mma.sync path, whose reads of V from shared memory were 4-way
-    # bank-conflicted; as V^T p both are wgmma.
+    # read in the keys' pair order (key_pair). The output is kept transposed, V^T p [D, heads], for
+    # the same reason: with the padded heads as the long side the second product would not run as
+    # wgmma but on mma.sync, whose reads of V from shared memory are bank-conflicted.
     heads = kv_head * GROUP + tl.arange(0, GROUP_PAD)
     head_ok = tl.arange(0, GROUP_PAD) < GROUP
     q_even, q_odd = query_pairs(q_ptr, (b * HQ + heads).to(tl.int64)[None, :] * D, head_ok, D, dtype)

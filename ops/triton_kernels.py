@@ -30,8 +30,6 @@ from .triton_launch import fp32_tiles, global_scale_pair, hardware_casts
 
 _BLOCKFP4_MIN_SCALE = tl.constexpr(BLOCKFP4_MIN_SCALE)
 _ONE_SIXTH = tl.constexpr(0.1666666716337204)  # 1/6 rounded to float32
-# Launch shapes: of the shapes swept at D=128, the one close to the fastest for every recipe, op
-# and output dtype at once (docs/performance.md).
 
 
 class Launch(NamedTuple):
@@ -40,6 +38,8 @@ class Launch(NamedTuple):
     max_registers: int | None = None  # per thread (Triton's maxnreg); None: the compiler's choice
 
 
+# Launch shapes: of the shapes swept at D=128, the one close to the fastest for every recipe, op
+# and output dtype at once (docs/performance.md).
 QUANTIZE_LAUNCH = Launch(elements=1024, num_warps=1)
 DEQUANTIZE_LAUNCH = Launch(elements=4096, num_warps=4)
 # The duplicate-slot rule (slots.py: the last token naming a slot wins) inside the quantize kernel:
@@ -356,8 +356,8 @@ def _dequantize_kernel(
     in_range, read, index, head = _cache_rows(rows, n_rows, loc_ptr, loc_stride, num_slots, H, GATHER)
 
     # [NB, ROWS, HALF] tiles, as in _quantize_rows: one block's bytes per thread, a warp's threads
-    # on neighbouring blocks, and each scale byte loaded once (it was loaded per byte, by threads
-    # laid out along the rows, whose values then crossed shared memory).
+    # on neighbouring blocks, and each scale byte loaded once per block by the thread that applies it
+    # (no values cross shared memory).
     blocks = tl.arange(0, NB)[:, None]
     pairs = blocks[:, :, None] * (BS // 2) + tl.arange(0, BS // 2)[None, None, :]  # [NB, 1, HALF]
     data_row = index * data_stride_row + head * data_stride_head
