@@ -5,17 +5,20 @@ The kernels must agree on these, or their results stop being interchangeable:
 
 - split-K: each program takes a slice of the context (split_count, positions_per_split,
   split_range) and writes a partial output and its log-sum-exp in base 2 (split_outputs,
-  split_lse; triton_attention_tiles.store_split); one split writes `out` itself, more are combined by
-  _merge_splits_kernel (merge_splits), which also writes the final log-sum-exp when the caller
-  asks for it (launch_splits gives such calls at least two splits);
+  split_lse; the Triton kernels through triton_attention_tiles.store_split); one split writes
+  `out` itself, more are combined by _merge_splits_kernel (merge_splits), which also writes the
+  final log-sum-exp when the caller asks for it (launch_splits gives such calls at least two
+  splits), and triton_verify merges two parts by the same weights (lse_weight);
 - the inputs: the same leading arguments (split_kernel_arguments), the page table's rule
   (context_len, paged_rows), q read in the keys' permuted column order (key_pair, key_columns),
   the global scales (global_scales), and the interpreter's float32 staging (interpreter_fp32);
 - the tensor cores' smallest tile side (MMA_MIN_SIDE, mma_side) and the softmax's base 2 (LOG2_E).
 
-The @triton.jit rules here use only element-wise operations, tl.load and reshapes, which Gluon
-forwards to Triton's own builtins: gluon_decode calls the same functions, so one rule compiles
-into both languages.
+The @triton.jit rules that gluon_decode calls (context_len, split_range, paged_rows,
+global_scales, key_pair, key_columns, split_lse) use only element-wise operations, tl.load and
+reshapes, which Gluon forwards to Triton's own builtins (Triton 3.6 and 3.9): one rule compiles
+into both languages. They must take no tl.arange or `[None, :]` indexing, which need a layout in
+Gluon.
 """
 
 from __future__ import annotations

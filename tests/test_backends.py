@@ -55,7 +55,8 @@ def _flashinfer_row():
 def test_flashinfer_row_names_nvfp4_half_quantize_on_sm100_or_newer(fake_gpu, capability):
     fake_gpu(capability)
     row = _flashinfer_row()
-    assert row.matches("quantize", "nvfp4", CUDA, torch.bfloat16) and row.matches("quantize", "nvfp4", CUDA, torch.float16)
+    assert row.matches("quantize", "nvfp4", CUDA, torch.bfloat16)
+    assert row.matches("quantize", "nvfp4", CUDA, torch.float16)
     assert not row.matches("quantize", "nvfp4", CUDA, torch.float32)  # FlashInfer takes half only
     assert not row.matches("quantize", "blockfp4", CUDA, torch.bfloat16)
     assert not row.matches("dequantize", "nvfp4", CUDA, torch.bfloat16)  # ours measured faster (docs/performance.md)
