@@ -2,7 +2,9 @@
 
 `TORCH_FP4KV_BACKEND=eager|triton|flashinfer` overrides the table; a backend that cannot run the
 call raises a RuntimeError that says why (never a silent fallback). With `TRITON_INTERPRET=1`,
-the Triton backend also runs on CPU tensors: that is how CI tests the Triton kernels.
+the Triton backend also runs on CPU tensors: that is how CI tests the Triton kernels. A row whose
+path has never run on the devices it names is listed unverified: the table skips it, and only the
+override reaches that backend, so nothing untested runs unless asked for.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ class Backend(str, enum.Enum):
 class Rule:
     """Use `backend` for calls on `device_type` with at least `min_capability`, for the listed
     ops, recipes and dtypes (None: any). The dtype is the input's for quantize ops and the
-    output's for dequantize ops."""
+    output's for dequantize ops. An unverified row (`verified=False`: not yet run on such a
+    device) is never chosen by the table; TORCH_FP4KV_BACKEND opts in to its backend."""
 
     backend: Backend
     why: str
@@ -43,6 +46,7 @@ class Rule:
     ops: frozenset[str] | None = None
     recipes: frozenset[str] | None = None
     dtypes: frozenset[torch.dtype] | None = None
+    verified: bool = True
 
     def matches(self, op: str, recipe: str, device: torch.device, dtype: torch.dtype) -> bool:
         return (
@@ -59,12 +63,14 @@ _HALF_DTYPES = frozenset({torch.bfloat16, torch.float16})
 SELECTION_TABLE: tuple[Rule, ...] = (
     Rule(
         Backend.FLASHINFER,
-        "nvfp4_kv_quantize needs SM100/SM120 (cvt.rn.satfinite.e2m1x2); not yet run on such a GPU",
+        "nvfp4_kv_quantize needs SM100/SM120 (cvt.rn.satfinite.e2m1x2); unverified, so only "
+        f"{ENV_VAR}=flashinfer selects it",
         device_type="cuda",
         min_capability=(10, 0),
         ops=frozenset({"quantize"}),
         recipes=frozenset({"nvfp4"}),
         dtypes=_HALF_DTYPES,
+        verified=False,
     ),
     # FlashInfer's nvfp4_kv_dequantize is not listed: ours is faster (docs/performance.md).
     Rule(Backend.TRITON, "fused Triton kernels, bit-exact with eager", device_type="cuda", min_capability=(8, 0)),
@@ -127,7 +133,8 @@ def _select(op: str, recipe: str, device: torch.device, dtype: torch.dtype, forc
             raise RuntimeError(f"{ENV_VAR}={forced} cannot run fp4kv.{op} ({recipe}, {device}, {dtype}): {reason}")
         return backend
     for rule in SELECTION_TABLE:
-        if rule.matches(op, recipe, device, dtype) and unavailable_reason(rule.backend, op, recipe, device, dtype) is None:
+        if (rule.verified and rule.matches(op, recipe, device, dtype)
+                and unavailable_reason(rule.backend, op, recipe, device, dtype) is None):
             return rule.backend
     raise AssertionError("the eager row matches everything")  # pragma: no cover
 

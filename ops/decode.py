@@ -2,7 +2,8 @@
 
 On an SM90 GPU the Gluon kernel (gluon_decode.py) serves head_dim 64 and 128 with up to 16 query
 heads per KV head and K in the values' FP4 format, because it is faster there (docs/performance.md);
-every other call, FP8 keys ("+k8") included, runs the Triton kernel (triton_decode.py). Both sit on split_decode.py; this module sits on both.
+every other call, FP8 keys ("+k8") included, runs the Triton kernel (triton_decode.py). Both sit on
+attention_shared.py; this module sits on both.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from .paged_kv import PagedKV
 
 
 def hopper_kernel(q: torch.Tensor, kv_heads: int, fmt: KVRecipe):
-    """gluon_decode if it serves this call (an SM90 GPU, head_dim 64/128, <= 16 query heads per KV
-    head, K and V in one FP4 format: gluon_decode.supported), else None, as with a Triton too old to
-    have Gluon's Hopper API."""
+    """gluon_decode if it serves this call (an SM90 GPU, checked here; head_dim 64/128, <= 16 query
+    heads per KV head, K and V in one FP4 format: gluon_decode.supported), else None, as with a
+    Triton too old to have Gluon's Hopper API."""
     if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
         return None
     try:

@@ -1,7 +1,8 @@
 """FlashInfer's NVFP4 KV kernels behind our kernel signatures (optional dependency).
 
-Only what backends.py selects calls into here: `quantize` on SM100/SM120, and `dequantize` where
-forced with TORCH_FP4KV_BACKEND=flashinfer (and by the benchmark, to compare with ours).
+Only TORCH_FP4KV_BACKEND=flashinfer calls into here (and the benchmark, to compare with ours):
+`quantize` needs SM100/SM120, where the selection table lists it unverified, and `dequantize` runs
+from SM80.
 Both take the same bytes as eager.py: FlashInfer's dequantize computes (e2m1 * s) * g as we do;
 the input contract's rules (an unusable global scale gives NaN, outputs saturate at the dtype's
 largest finite value) are applied around its calls.

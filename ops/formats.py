@@ -70,11 +70,15 @@ class FP4Format:
     has_global_scale: bool
     # Scale byte written for a block holding NaN or +-Inf; it decodes to NaN.
     scale_nan_byte: int | None
-    summary: str
     element: Element = Element.E2M1
     # The magnitude stored at the top of the range under a global scale of 1: calibration sets the
     # global scale to amax / this (None: no global scale).
     calibration_amax: float | None = None
+
+    @property
+    def e4m3_scales(self) -> bool:
+        """Whether the block scales are E4M3 bytes (else E8M0): the kernels' E4M3_SCALES."""
+        return self.scale_rule is ScaleRule.E4M3_AMAX_OVER_6G
 
     @property
     def name(self) -> str:
@@ -123,7 +127,6 @@ FORMATS: dict[str, FP4Format] = {
             ties_away=False,
             has_global_scale=True,
             scale_nan_byte=0x7F,
-            summary="16-element blocks, FP8 E4M3 scale, FP32 global scale, RNE (FlashInfer layout)",
             calibration_amax=E4M3_MAX * E2M1_MAX,
         ),
         FP4Format(
@@ -133,7 +136,6 @@ FORMATS: dict[str, FP4Format] = {
             ties_away=True,
             has_global_scale=False,
             scale_nan_byte=0xFF,
-            summary="16-element blocks, E8M0 scale ceil(log2(amax/6)), ties away (SGLang FP4MXBlock16)",
         ),
         FP4Format(
             recipe=FP4KVCacheRecipe.MXFP4,
@@ -142,7 +144,6 @@ FORMATS: dict[str, FP4Format] = {
             ties_away=False,
             has_global_scale=False,
             scale_nan_byte=0xFF,
-            summary="32-element blocks, E8M0 scale 2^(floor(log2(amax))-2), RNE (OCP MX v1.0)",
         ),
     )
 }
@@ -157,7 +158,6 @@ FP8_E4M3 = FP4Format(
     ties_away=False,
     has_global_scale=True,
     scale_nan_byte=None,
-    summary="FP8 E4M3 elements, FP32 global scale, no block scales, RNE satfinite (keys of K8V4)",
     element=Element.E4M3,
     calibration_amax=E4M3_MAX,
 )

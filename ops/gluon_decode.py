@@ -17,9 +17,10 @@ stalls on. Here each layout is chosen by hand:
 
 Tiles are 64 positions, so three to five programs share an SM. It serves head_dim 64 and 128 (not
 MXFP4 at 64) with up to 16 query heads per KV head (padded to 8 or 16, a wgmma tile's side);
-other shapes and GPUs run the Triton kernel (decode.py chooses); both share split_decode.py's merge
-kernel and partial-output layout. It runs with Triton 3.6 (PyTorch 2.11's, where it was timed) and
-compiles with 3.9, whose Gluon renamed two builtins (the aliases below).
+other shapes and GPUs run the Triton kernel (decode.py chooses). The rules both kernels must agree
+on (split sizes, the page table, key order, global scales, partial outputs and their merge) are
+attention_shared's @triton.jit functions, which this kernel calls as they are. It runs with Triton
+3.6 and 3.9, whose Gluon renamed two builtins (the aliases below).
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, warpgroup_mma,
                                                            warpgroup_mma_wait)
 
+from .attention_shared import (context_len, global_scales, key_columns, key_pair, launch_splits, merge_splits,
+                               paged_rows, positions_per_split, sm_count, split_kernel_arguments, split_lse,
+                               split_outputs, split_range)
 from .formats import KVRecipe
 from .paged_kv import PagedKV
-from .split_decode import key_pair, launch_splits, merge_splits, sm_count, split_kernel_arguments, split_outputs
-from .triton_codes import E8M0_DECODE_PTX, e8m0_bf16
+from .triton_codes import E8M0_DECODE_PTX, block_scales, tile_dtype
 
 async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 barrier = getattr(gl, "barrier", None) or gl.thread_barrier
@@ -58,7 +61,7 @@ PROGRAMS_PER_SM = 4
 # (more start-up and merging per position; docs/performance.md).
 MAX_SPLITS = 32
 _NUM_WARPS = gl.constexpr(4)  # one warpgroup: the wgmma unit
-_FLT_MAX = gl.constexpr(3.4028234663852886e38)
+_MIN_GROUP_PAD = 8  # wgmma's N side: query heads are padded to a multiple of it
 
 # Operands $4: four packed bytes (eight codes); $5, $6: the block scales * 2^6 of bytes 0-1 and 2-3
 # as fp16 pairs. Results as in triton_codes._decode_ptx: $0 $1 the even codes of bytes 0-1, 2-3,
@@ -93,12 +96,12 @@ _E8M0_DECODE_PTX_GL = gl.constexpr(E8M0_DECODE_PTX.value)  # the Triton kernels'
 
 
 def supported(q: torch.Tensor, kv_heads: int, fmt: KVRecipe) -> bool:
-    """Whether this kernel serves the call: a Hopper GPU (wgmma is SM90-only), its shapes, and K in
-    the values' FP4 format (FP8 keys run the Triton kernel). A row's scale bytes must make one
-    cp.async of at least 4 bytes (not MXFP4 at head_dim 64)."""
+    """Whether this kernel serves the call on a Hopper GPU (wgmma is SM90-only; decode.hopper_kernel
+    checks the GPU before importing this module): its shapes, and K in the values' FP4 format (FP8
+    keys run the Triton kernel). A row's scale bytes must make one cp.async of at least 4 bytes (not
+    MXFP4 at head_dim 64)."""
     batch, hq, d = q.shape
-    return (q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) == (9, 0)
-            and d in HEAD_DIMS and hq // kv_heads <= MAX_GROUP and fmt.k is fmt.v and d // fmt.v.block_size >= 4)
+    return d in HEAD_DIMS and hq // kv_heads <= MAX_GROUP and fmt.k is fmt.v and d // fmt.v.block_size >= 4
 
 
 @functools.lru_cache(maxsize=None)
@@ -120,7 +123,7 @@ def gluon_num_splits(batch: int, kv_heads: int, max_len: int, programs: int) -> 
 
 def group_pad(group: int) -> int:
     """Query heads per KV head padded to a wgmma tile side (8 or 16)."""
-    return max(8, triton.next_power_of_2(group))
+    return max(_MIN_GROUP_PAD, triton.next_power_of_2(group))
 
 
 def splits_for(batch: int, kv_heads: int, max_len: int, device: torch.device) -> int:
@@ -143,7 +146,7 @@ def _byte_basis(byte, HB):
 def _key_bytes_layout(N, D, HB):
     """Packed keys [N, D/(2 HB), HB] as wgmma's A fragments need them: the thread that holds rows
     r and r + 8 of a 16-row slab (r = lane / 4, slab = warp, 64-row halves in registers) holds D/8
-    adjacent bytes of each, starting at byte D/8 * (lane % 4). _key_columns reorders them."""
+    adjacent bytes of each, starting at byte D/8 * (lane % 4). key_columns reorders them."""
     chunk = D // 8
     regs = [_byte_basis(1 << b, HB) for b in range(_bits(chunk))] + [[8, 0, 0]]
     regs += [[64 << r, 0, 0] for r in range(_bits(N // 64))]
@@ -169,21 +172,12 @@ def _value_bytes_layout(N, D, HB):
 
 
 @gluon.jit
-def _key_columns(x, N: gl.constexpr, D: gl.constexpr):
-    """[N, D/(2 HB), HB] pair columns in byte order -> [N, D/2] in the A fragment's k order: column
-    16 s + 8 h + 2 c + e holds byte D/8 c + 4 s + 2 h + e (split_decode.key_pair), so the
-    layout becomes wgmma's A operand layout without moving data."""
-    x = gl.reshape(x, [N, 4, D // 32, 2, 2])
-    return gl.reshape(gl.permute(x, [0, 2, 3, 1, 4]), [N, D // 2])
-
-
-@gluon.jit
 def _gluon_block_scales(byte, E4M3_SCALES: gl.constexpr):
-    """Scale bytes -> the operand the decode multiplies by: E4M3 * 2^6 as fp16, E8M0 as bf16."""
+    """Scale bytes -> the operand the decode multiplies by: E4M3 * 2^6 as fp16 (the codes decode to
+    value / 2^6), E8M0 as bf16."""
+    scale = block_scales(byte, E4M3_SCALES, False, True)
     if E4M3_SCALES:
-        scale = byte.to(gl.float8e4nv, bitcast=True).to(gl.float16) * 64.0
-    else:
-        scale = e8m0_bf16(byte)
+        scale = scale * 64.0
     return scale
 
 
@@ -216,14 +210,14 @@ def _stage_tile(n0, end, b, kv_head, block_table_ptr, max_pages, num_pages, k_da
     bytes_layout: gl.constexpr = gl.BlockedLayout([1, 16], [32 // CHUNKS, CHUNKS], [_NUM_WARPS, 1], [1, 0])
     scales_layout: gl.constexpr = gl.BlockedLayout([1, NB], [32, 1], [_NUM_WARPS, 1], [1, 0])
     rows = _paged_cache_rows(n0, end, b, kv_head, block_table_ptr, max_pages, num_pages, HKV, PAGE,
-                       gl.SliceLayout(1, bytes_layout), N)
+                             gl.SliceLayout(1, bytes_layout), N)
     cols = gl.arange(0, D // 2, layout=gl.SliceLayout(0, bytes_layout))
     offsets = gl.expand_dims(rows, 1) * (D // 2) + gl.expand_dims(cols, 0)
     mask = gl.expand_dims(rows >= 0, 1)
     async_load(kd_smem.index(stage), k_data_ptr + offsets, mask=mask)
     async_load(vd_smem.index(stage), v_data_ptr + offsets, mask=mask)
     rows = _paged_cache_rows(n0, end, b, kv_head, block_table_ptr, max_pages, num_pages, HKV, PAGE,
-                       gl.SliceLayout(1, scales_layout), N)
+                             gl.SliceLayout(1, scales_layout), N)
     cols = gl.arange(0, NB, layout=gl.SliceLayout(0, scales_layout))
     offsets = gl.expand_dims(rows, 1) * NB + gl.expand_dims(cols, 0)
     mask = gl.expand_dims(rows >= 0, 1)
@@ -233,15 +227,13 @@ def _stage_tile(n0, end, b, kv_head, block_table_ptr, max_pages, num_pages, k_da
 
 
 @gluon.jit
-def _paged_cache_rows(n0, end, b, kv_head, block_table_ptr, max_pages, num_pages, HKV: gl.constexpr, PAGE: gl.constexpr,
-                layout: gl.constexpr, N: gl.constexpr):
-    """Cache row (slot * HKV + kv_head) of positions n0 .. n0 + N - 1 through the page table; -1 from
-    `end` on and where the page id is outside the cache (read as zeros, eager's gather rule)."""
+def _paged_cache_rows(n0, end, b, kv_head, block_table_ptr, max_pages, num_pages, HKV: gl.constexpr,
+                      PAGE: gl.constexpr, layout: gl.constexpr, N: gl.constexpr):
+    """Cache row (slot * HKV + kv_head) of positions n0 .. n0 + N - 1 (paged_rows); -1 from `end`
+    on and where the page id is outside the cache (masked copies read those as zeros)."""
     pos = n0 + gl.arange(0, N, layout=layout)
-    valid = pos < end
-    page = gl.load(block_table_ptr + b.to(gl.int64) * max_pages + pos // PAGE, mask=valid, other=0)
-    in_cache = valid & (page >= 0) & (page < num_pages)
-    return gl.where(in_cache, (page.to(gl.int64) * PAGE + pos % PAGE) * HKV + kv_head, -1)
+    in_cache, rows = paged_rows(block_table_ptr, b, max_pages, num_pages, pos, pos < end, PAGE, HKV, kv_head)
+    return gl.where(in_cache, rows, -1)
 
 
 @gluon.jit
@@ -251,19 +243,15 @@ def _decode_split_kernel(
     sm_scale, max_pages, num_pages, positions_per_split,
     HQ: gl.constexpr, HKV: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, PAGE: gl.constexpr,
     E4M3_SCALES: gl.constexpr, HAS_G: gl.constexpr, GROUP: gl.constexpr, GROUP_PAD: gl.constexpr,
-    N: gl.constexpr, NUM_SPLITS: gl.constexpr, STAGES: gl.constexpr,
+    N: gl.constexpr, NUM_SPLITS: gl.constexpr, STAGES: gl.constexpr, dtype: gl.constexpr,
 ):
-    """One (sequence, KV head, split): the online softmax of triton_decode._decode_split_kernel."""
-    if E4M3_SCALES:
-        dtype: gl.constexpr = gl.float16
-    else:
-        dtype: gl.constexpr = gl.bfloat16
+    """One (sequence, KV head, split): the online softmax of triton_decode._decode_split_kernel;
+    dtype: the tiles' type (triton_codes.tile_dtype)."""
     b = gl.program_id(0)
     kv_head = gl.program_id(1)
     split = gl.program_id(2)
-    seq_len = gl.minimum(gl.load(seq_lens_ptr + b), max_pages * PAGE)
-    start = split * positions_per_split
-    end = gl.minimum(start + positions_per_split, seq_len)
+    seq_len = context_len(gl.load(seq_lens_ptr + b), max_pages, PAGE)
+    start, end = split_range(split, positions_per_split, seq_len)
 
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[_NUM_WARPS, 1],
                                                   instr_shape=[16, GROUP_PAD, 16])
@@ -298,15 +286,7 @@ def _decode_split_kernel(
     v_smem = gl.allocate_shared_memory(dtype, [N, D], gl.NVMMASharedLayout.get_default_for([N, D], dtype))
     fence_async_shared()
 
-    if HAS_G:  # a global scale that is not finite and > 0 gives NaN (triton_kernels.usable_global_scale)
-        k_g = gl.load(k_g_ptr)
-        k_g = gl.where((k_g > 0.0) & (k_g <= _FLT_MAX), k_g, float("nan"))
-        v_g = gl.load(v_g_ptr)
-        v_g = gl.where((v_g > 0.0) & (v_g <= _FLT_MAX), v_g, float("nan"))
-    else:
-        k_g = 1.0
-        v_g = 1.0
-    score_scale = sm_scale * k_g * 1.4426950408889634  # softmax in base 2
+    score_scale, v_g = global_scales(sm_scale, k_g_ptr, v_g_ptr, HAS_G)
 
     m = gl.full([GROUP_PAD], float("-inf"), gl.float32, layout=gl.SliceLayout(0, mma))
     l_acc = gl.zeros([N, GROUP_PAD], gl.float32, layout=mma)  # softmax denominators per position
@@ -322,8 +302,8 @@ def _decode_split_kernel(
 
         k_even, k_odd = _decode_tile(kd_smem.index(stage), ks_smem.index(stage), key_layout, D, BS, E4M3_SCALES)
         # The same registers: the compiler checks that no data moves (assert_trivial).
-        k_even = gl.convert_layout(_key_columns(k_even, N, D), key_operand, assert_trivial=True)
-        k_odd = gl.convert_layout(_key_columns(k_odd, N, D), key_operand, assert_trivial=True)
+        k_even = gl.convert_layout(key_columns(k_even, D), key_operand, assert_trivial=True)
+        k_odd = gl.convert_layout(key_columns(k_odd, D), key_operand, assert_trivial=True)
         zeros = gl.zeros([N, GROUP_PAD], gl.float32, layout=mma)
         scores = warpgroup_mma(k_even, q_even.permute((1, 0)), zeros, use_acc=False, is_async=True)
         scores = warpgroup_mma(k_odd, q_odd.permute((1, 0)), scores, is_async=True)
@@ -358,21 +338,19 @@ def _decode_split_kernel(
              (acc / gl.expand_dims(safe_l, 0)).to(partial_out_ptr.dtype.element_ty),
              mask=gl.expand_dims(head < GROUP, 0))
     if NUM_SPLITS > 1:
-        gl.store(partial_lse_ptr + base, gl.where(l > 0, m + gl.log2(l), float("-inf")), mask=head < GROUP)
+        gl.store(partial_lse_ptr + base, split_lse(m, l), mask=head < GROUP)
 
 
 def decode_attention(out, q, kv: PagedKV, fmt: KVRecipe, sm_scale: float, lse=None) -> None:
     """The Gluon kernel; call it only where supported(q, kv.kv_heads, fmt) (decode.py does)."""
     batch, hq, _ = q.shape
     hkv = kv.kv_heads
-    tiles = triton.cdiv(max(kv.max_len, 1), BLOCK_N)
-    tiles_per_split = triton.cdiv(tiles, splits_for(batch, hkv, kv.max_len, q.device))
-    splits = launch_splits(triton.cdiv(tiles, tiles_per_split), lse)  # none left empty, unless for lse
+    positions = positions_per_split(kv.max_len, splits_for(batch, hkv, kv.max_len, q.device), BLOCK_N)
+    splits = launch_splits(triton.cdiv(max(kv.max_len, 1), positions), lse)  # none left empty, unless for lse
     partial_out, partial_lse = split_outputs(out, splits)
-    args, constants = split_kernel_arguments(q, kv, partial_out, partial_lse, fmt.v, sm_scale,
-                                             tiles_per_split * BLOCK_N)
+    args, constants = split_kernel_arguments(q, kv, partial_out, partial_lse, fmt.v, sm_scale, positions)
     _decode_split_kernel[(batch, hkv, splits)](
         *args, **constants, GROUP_PAD=group_pad(hq // hkv), N=BLOCK_N, NUM_SPLITS=splits, STAGES=STAGES,
-        num_warps=_NUM_WARPS.value,
+        dtype=tile_dtype(False, fmt.v.e4m3_scales), num_warps=_NUM_WARPS.value,
     )
     merge_splits(partial_out, partial_lse, out, splits, lse)

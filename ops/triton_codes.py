@@ -1,9 +1,10 @@
-"""Format codes in Triton, shared by the quantize, dequantize and decode kernels.
+"""Format codes in Triton, shared by the quantize, dequantize and attention kernels.
 
 Scalar encodings and decodings (E4M3, E8M0, E2M1, bf16, FP8 output) as integer arithmetic on the
 bits, which the CPU interpreter runs exactly as the GPU does; on GPUs, inline PTX where it saves
-instructions: the decode of packed bytes into exact 16-bit values (e2m1 * scale, see _decode_ptx)
-and FP8 output pairs in one conversion.
+instructions: the decode of packed bytes into exact 16-bit values (e2m1 * scale, see _decode_ptx,
+in the type tile_dtype names) and FP8 output pairs in one conversion. The global scale's rule
+(usable_global_scale) is here too: every kernel that reads a global scale applies it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,13 @@ import triton.language as tl
 from .formats import E4M3_MAX
 
 E4M3_MAX_TL = tl.constexpr(E4M3_MAX)
+FLT_MAX_TL = tl.constexpr(3.4028234663852886e38)  # float32's largest finite value
+
+
+@triton.jit
+def usable_global_scale(g):
+    """eager.usable_global_scale: a global scale that is not finite and > 0 becomes NaN."""
+    return tl.where((g > 0.0) & (g <= FLT_MAX_TL), g, float("nan"))
 
 
 # ---- scalar encodings ---------------------------------------------------------------------------
@@ -176,11 +184,19 @@ def block_scales(byte, E4M3_SCALES: tl.constexpr, FP32_TILES: tl.constexpr, HW_F
 
 @triton.jit
 def e8m0_bf16(byte):
-    """E8M0 scale bytes -> bf16 2^(byte - 127) from the bits (byte 0: the subnormal 2^-127; 255: NaN).
-    Also called by gluon_decode."""
+    """E8M0 scale bytes -> bf16 2^(byte - 127) from the bits (byte 0: the subnormal 2^-127; 255: NaN)."""
     byte = byte.to(tl.int32)
     bits = tl.where(byte == 0, 0x40, tl.where(byte == 255, 0x7FC0, byte << 7))
     return bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+def tile_dtype(fp32_tiles: bool, e4m3_scales: bool):
+    """The type decode_packed gives (and the attention kernels' tiles take): float32 on the
+    interpreter, else the 16-bit type that holds every code times its block scale exactly (fp16
+    under E4M3 scales, bf16 under E8M0 ones)."""
+    if fp32_tiles:
+        return tl.float32
+    return tl.float16 if e4m3_scales else tl.bfloat16
 
 
 @triton.jit

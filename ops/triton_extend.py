@@ -3,16 +3,16 @@
 triton_decode's kernel with a query tile instead of one token: a program takes one tile of a
 sequence's new tokens, one KV head and one slice of the context. The tile's tokens times the
 group's query heads (padded to a power of two) are the M side of the tensor-core products, so
-every key and value tile decoded in registers serves all of them; keys come from
-triton_decode.key_tiles (FP4, or FP8 E4M3 for "+k8" recipes; q read in key_pair order), values
-from value_tile. Scores are K q^T [BLOCK_N, M] and the output V^T p [D, M], as in decode; an online softmax runs per column, with
-the causal mask applied to every tile (the tiles past a row's position are never loaded).
+every key and value tile decoded in registers serves all of them (triton_attention_tiles: keys
+in FP4, or FP8 E4M3 for "+k8" recipes, q read in key_pair order). Scores are K q^T [BLOCK_N, M]
+and the output V^T p [D, M], as in decode; an online softmax runs per column, with the causal mask
+applied to every tile (the tiles past a row's position are never loaded).
 
 The grid depends on shapes only (T, B, KV heads, the page table's width), never on offsets or
 lengths, so a verify step of a fixed token count is one CUDA graph: program i of axis 0 finds
 its sequence and tile from cu_seqlens_q (the rows eager.extend_rows gives), and there are at most
 cdiv(T, tile) + B + 2 tiles (two more segments: the rows before the first sequence and after the
-last one, which get zeros). Split-K over the context and the merge are split_decode's.
+last one, which get zeros). Split-K over the context and the merge are attention_shared's.
 
 Verification (a few tokens per sequence) goes to triton_verify where the Hopper decode kernel can
 serve it: that route writes every sequence's first T // B rows, and this kernel skips them.
@@ -27,12 +27,13 @@ import triton
 import triton.language as tl
 
 from . import triton_verify
+from .attention_shared import (MMA_MIN_SIDE, context_len, global_scales, interpreter_fp32, merge_splits,
+                               positions_per_split, sm_count, split_count, split_kernel_arguments, split_outputs,
+                               split_range)
 from .formats import KVRecipe
 from .paged_kv import PagedKV
-from .split_decode import merge_splits, sm_count, split_kernel_arguments, split_outputs
-from .triton_decode import (NAN_GROUPS, causal_scores, drop_unseen_values, global_scales, kv_for_kernels,
-                            nan_where_seen, query_pairs, tile_dtype, value_tile)
-from .triton_kernels import hardware_casts
+from .triton_attention_tiles import (NAN_GROUPS, drop_unseen_values, kernel_inputs, query_pairs, store_split,
+                                     tile_scores, value_tile)
 
 
 class ExtendLaunch(NamedTuple):
@@ -55,8 +56,6 @@ EXTEND_LAUNCH = {
     (256, 16): ExtendLaunch(block_n=128, num_warps=4, num_stages=3, waves=4),
     (256, 64): ExtendLaunch(block_n=64, num_warps=8, num_stages=2, waves=2),
 }
-_MIN_M = 16  # tensor-core tiles need a side of at least 16
-_POSITIONS_PER_SPLIT_MIN = 256
 
 
 @triton.jit
@@ -92,7 +91,7 @@ def _attend_tile(n0, end, query_pos, q_even, q_odd, score_scale, m, l, acc, seen
     through untouched."""
     pos = n0 + tl.arange(0, BLOCK_N)
     valid = pos < end
-    scores, in_cache, rows = causal_scores(  # [BLOCK_N, M]
+    scores, in_cache, rows = tile_scores(  # [BLOCK_N, M]
         k_data_ptr, k_scales_ptr, block_table_ptr, b, max_pages, num_pages, kv_head, pos, valid, query_pos,
         q_even, q_odd, score_scale, D, BS, PAGE, HKV, E4M3_SCALES, FP32_TILES, HW_FP8, K_FP8, dtype)
     m_new = tl.maximum(m, tl.max(scores, axis=0))
@@ -118,7 +117,7 @@ def _extend_split_kernel(
     BLOCK_T: tl.constexpr, SEGMENTS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     FP32_TILES: tl.constexpr, HW_FP8: tl.constexpr, K_FP8: tl.constexpr, dtype: tl.constexpr,
 ):
-    """One (tile of a segment's rows, KV head, split); dtype: the tiles' type (triton_decode.tile_dtype)."""
+    """One (tile of a segment's rows, KV head, split); dtype: the tiles' type (triton_codes.tile_dtype)."""
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -140,7 +139,7 @@ def _extend_split_kernel(
     seq_len = tl.load(seq_lens_ptr + b_safe, mask=is_sequence, other=0)
     # Row t sits at position seq_len - cu_seqlens_q[b + 1] + t (a segment that is no sequence: none).
     diagonal = seq_len - tl.load(cu_ptr + b_safe + 1, mask=is_sequence, other=0)
-    kv_len = tl.minimum(seq_len, max_pages * PAGE)
+    kv_len = context_len(seq_len, max_pages, PAGE)
 
     M: tl.constexpr = BLOCK_T * GROUP_PAD
     col = tl.arange(0, M)
@@ -151,8 +150,7 @@ def _extend_split_kernel(
     col_ok = (row < end_row) & (col % GROUP_PAD < GROUP) & not_routed
     query_pos = tl.where(col_ok & is_sequence, diagonal + row, -1)
     kv_end = tl.minimum(kv_len, tl.max(query_pos, axis=0) + 1)
-    start = split * positions_per_split
-    end = tl.minimum(start + positions_per_split, kv_end)
+    start, end = split_range(split, positions_per_split, kv_end)
 
     q_even, q_odd = query_pairs(q_ptr, (row.to(tl.int64) * HQ + head)[None, :] * D, col_ok, D, dtype)
     score_scale, v_g = global_scales(sm_scale, k_g_ptr, v_g_ptr, HAS_G)
@@ -180,12 +178,8 @@ def _extend_split_kernel(
     # This split's partial output (out itself with one split) and its log-sum-exp in base 2; rows
     # that saw nothing write zeros and -inf, which the merge weighs 0.
     safe_l = tl.where(l > 0, l / v_g, 1.0)
-    base = (row.to(tl.int64) * HQ + head) * NUM_SPLITS + split
-    tl.store(partial_out_ptr + base[None, :] * D + tl.arange(0, D)[:, None],
-             nan_where_seen(acc / safe_l[None, :], seen).to(partial_out_ptr.dtype.element_ty), mask=col_ok[None, :])
-    if NUM_SPLITS > 1:
-        lse = tl.where(l > 0, m + tl.log2(l), float("-inf"))
-        tl.store(partial_lse_ptr + base, lse, mask=col_ok)
+    store_split(partial_out_ptr, partial_lse_ptr, row.to(tl.int64) * HQ + head, split, acc, safe_l, seen, m, l,
+                col_ok, NUM_SPLITS)
 
 
 class ExtendTiles(NamedTuple):
@@ -200,46 +194,37 @@ def extend_tiles(tokens: int, batch: int, hq: int, hkv: int, d: int) -> ExtendTi
     group_pad = triton.next_power_of_2(hq // hkv)
     widest = max(m for head_dim, m in EXTEND_LAUNCH if head_dim == d)
     average = triton.next_power_of_2(max(1, triton.cdiv(tokens, max(batch, 1))))
-    block_t = max(_MIN_M // group_pad, min(average, widest // group_pad), 1)
+    block_t = max(MMA_MIN_SIDE // group_pad, min(average, widest // group_pad), 1)
     m = block_t * group_pad
     launch = EXTEND_LAUNCH[min((key for key in EXTEND_LAUNCH if key[0] == d and key[1] >= m), default=(d, widest))]
     return ExtendTiles(block_t, group_pad, launch)
 
 
 def extend_num_splits(busy_programs: int, max_len: int, device: torch.device, waves: int) -> int:
-    """Enough slices of the context for the programs with work to fill the GPU `waves` times,
-    each slice at least 256 positions (triton_decode.triton_num_splits' rule)."""
-    wanted = triton.cdiv(waves * sm_count(device), max(1, busy_programs))
-    return max(1, min(wanted, triton.cdiv(max_len, _POSITIONS_PER_SPLIT_MIN)))
+    """attention_shared.split_count for the programs with work."""
+    return split_count(busy_programs, max_len, sm_count(device), waves)
 
 
 def extend_attention(out, q, cu_seqlens_q, kv: PagedKV, fmt: KVRecipe, sm_scale: float) -> None:
-    kv, k_fp8 = kv_for_kernels(kv, fmt)
     tokens, hq, d = q.shape
     batch, hkv = kv.block_table.shape[0], kv.kv_heads
-    on_interpreter = q.device.type == "cpu"  # as in triton_decode: fp32 q, tiles and output there
-    final_out, q = (out, q.float()) if on_interpreter else (None, q)
-    if on_interpreter:
-        out = torch.empty_like(q)
     block_t, group_pad, launch = extend_tiles(tokens, batch, hq, hkv, d)
-    routed = triton_verify.routed_tokens(q, batch, hkv, fmt)
-    if routed:  # every row, unless a sequence has more than `routed`: one split for those few
-        triton_verify.extend_attention(out, q, cu_seqlens_q, kv, fmt, sm_scale, routed)
-        splits = 1
-    else:
-        busy_tiles = batch * triton.cdiv(triton.cdiv(tokens, max(batch, 1)), block_t)
-        splits = extend_num_splits(busy_tiles * hkv, kv.max_len, q.device, launch.waves)
-    positions_per_split = triton.cdiv(triton.cdiv(max(kv.max_len, 1), splits), launch.block_n) * launch.block_n
-    partial_out, partial_lse = split_outputs(out, splits)
-    args, constants = split_kernel_arguments(q, kv, partial_out, partial_lse, fmt.v, sm_scale, positions_per_split)
-    segments = batch + 2
-    _extend_split_kernel[(triton.cdiv(tokens, block_t) + segments, hkv, splits)](
-        *args, cu_seqlens_q.contiguous(), batch, tokens, routed, **constants, GROUP_PAD=group_pad, BLOCK_T=block_t,
-        SEGMENTS_PAD=triton.next_power_of_2(segments), BLOCK_N=launch.block_n, NUM_SPLITS=splits,
-        FP32_TILES=on_interpreter, HW_FP8=hardware_casts(q.device)[1], K_FP8=k_fp8,
-        dtype=tile_dtype(on_interpreter, constants["E4M3_SCALES"]),
-        num_warps=launch.num_warps, num_stages=launch.num_stages,
-    )
-    merge_splits(partial_out, partial_lse, out, splits)
-    if on_interpreter:
-        final_out.copy_(out)
+    with interpreter_fp32(out, q) as (out, q):
+        routed = triton_verify.routed_tokens(q, batch, hkv, fmt)
+        if routed:  # every row, unless a sequence has more than `routed`: one split for those few
+            triton_verify.extend_attention(out, q, cu_seqlens_q, kv, fmt, sm_scale, routed)
+            splits = 1
+        else:
+            busy_tiles = batch * triton.cdiv(triton.cdiv(tokens, max(batch, 1)), block_t)
+            splits = extend_num_splits(busy_tiles * hkv, kv.max_len, q.device, launch.waves)
+        kernel_kv, tiles = kernel_inputs(kv, fmt, q.device)
+        partial_out, partial_lse = split_outputs(out, splits)
+        args, constants = split_kernel_arguments(q, kernel_kv, partial_out, partial_lse, fmt.v, sm_scale,
+                                                 positions_per_split(kv.max_len, splits, launch.block_n))
+        segments = batch + 2
+        _extend_split_kernel[(triton.cdiv(tokens, block_t) + segments, hkv, splits)](
+            *args, cu_seqlens_q.contiguous(), batch, tokens, routed, **constants, **tiles, GROUP_PAD=group_pad,
+            BLOCK_T=block_t, SEGMENTS_PAD=triton.next_power_of_2(segments), BLOCK_N=launch.block_n,
+            NUM_SPLITS=splits, num_warps=launch.num_warps, num_stages=launch.num_stages,
+        )
+        merge_splits(partial_out, partial_lse, out, splits)

@@ -21,16 +21,15 @@ import torch
 import triton
 import triton.language as tl
 
-from . import backends, eager
+from . import eager
 from .formats import BLOCKFP4_MIN_SCALE, Element, FP4Format, KVRecipe, ScaleRule
 from .slots import last_writer_slots
-from .triton_codes import E4M3_MAX_TL, bf16_bits, block_scales, decode_packed, e4m3_byte, e4m3_value, fp8_pair
+from .triton_codes import (E4M3_MAX_TL, FLT_MAX_TL, bf16_bits, block_scales, decode_packed, e4m3_byte, e4m3_value,
+                           fp8_pair, usable_global_scale)
+from .triton_launch import fp32_tiles, global_scale_pair, hardware_casts
 
-_FLT_MAX = tl.constexpr(3.4028234663852886e38)
 _BLOCKFP4_MIN_SCALE = tl.constexpr(BLOCKFP4_MIN_SCALE)
 _ONE_SIXTH = tl.constexpr(0.1666666716337204)  # 1/6 rounded to float32
-# Launch shapes: of the shapes swept at D=128, the one close to the fastest for every recipe, op
-# and output dtype at once (docs/performance.md).
 
 
 class Launch(NamedTuple):
@@ -39,6 +38,8 @@ class Launch(NamedTuple):
     max_registers: int | None = None  # per thread (Triton's maxnreg); None: the compiler's choice
 
 
+# Launch shapes: of the shapes swept at D=128, the one close to the fastest for every recipe, op
+# and output dtype at once (docs/performance.md).
 QUANTIZE_LAUNCH = Launch(elements=1024, num_warps=1)
 DEQUANTIZE_LAUNCH = Launch(elements=4096, num_warps=4)
 # The duplicate-slot rule (slots.py: the last token naming a slot wins) inside the quantize kernel:
@@ -72,12 +73,6 @@ _BF16_MAX = tl.constexpr(torch.finfo(torch.bfloat16).max)
 
 
 @triton.jit
-def usable_global_scale(g):
-    """eager.usable_global_scale: a global scale that is not finite and > 0 becomes NaN."""
-    return tl.where((g > 0.0) & (g <= _FLT_MAX), g, float("nan"))
-
-
-@triton.jit
 def _clamp_keeping_nan(x, largest: tl.constexpr):
     x = tl.maximum(x, -largest, propagate_nan=tl.PropagateNan.ALL)
     return tl.minimum(x, largest, propagate_nan=tl.PropagateNan.ALL)
@@ -88,7 +83,7 @@ def _saturate(x, OUT_KIND: tl.constexpr):
     """Clamp to the output dtype's largest finite value, NaN kept (eager.cast_output). FP8's
     conversions saturate by themselves."""
     if OUT_KIND == _OUT_FP32:
-        x = _clamp_keeping_nan(x, _FLT_MAX)
+        x = _clamp_keeping_nan(x, FLT_MAX_TL)
     elif OUT_KIND == _OUT_FP16:
         x = _clamp_keeping_nan(x, _FP16_MAX)
     elif OUT_KIND == _OUT_BF16:
@@ -234,7 +229,7 @@ def _quantize_rows(
     lo, hi = _split_pair(words, IN_KIND)
     a_lo, a_hi = tl.abs(lo), tl.abs(hi)
     amax = tl.reduce(_max_keeping_nan(a_lo, a_hi), 2, _max_keeping_nan)  # [NB, ROWS]; NaN if any is
-    finite = amax <= _FLT_MAX
+    finite = amax <= FLT_MAX_TL
 
     if SCALE_RULE == _RULE_E4M3:  # E4M3 of amax / (6 g)
         if HAS_G:
@@ -361,8 +356,8 @@ def _dequantize_kernel(
     in_range, read, index, head = _cache_rows(rows, n_rows, loc_ptr, loc_stride, num_slots, H, GATHER)
 
     # [NB, ROWS, HALF] tiles, as in _quantize_rows: one block's bytes per thread, a warp's threads
-    # on neighbouring blocks, and each scale byte loaded once (it was loaded per byte, by threads
-    # laid out along the rows, whose values then crossed shared memory).
+    # on neighbouring blocks, and each scale byte loaded once per block by the thread that applies it
+    # (no values cross shared memory).
     blocks = tl.arange(0, NB)[:, None]
     pairs = blocks[:, :, None] * (BS // 2) + tl.arange(0, BS // 2)[None, None, :]  # [NB, 1, HALF]
     data_row = index * data_stride_row + head * data_stride_head
@@ -448,14 +443,6 @@ def quantize(x, fmt: FP4Format, global_scale=None):
     return data.view(*x.shape[:-1], d // 2), scales.view(*x.shape[:-1], d // fmt.block_size)
 
 
-def global_scale_pair(k_global_scale, v_global_scale, device):
-    """Both scales or neither: kernels take one HAS_G flag, so a lone scale gets 1.0 beside it."""
-    if (k_global_scale is None) == (v_global_scale is None):
-        return k_global_scale, v_global_scale
-    ones = torch.ones(1, dtype=torch.float32, device=device)
-    return (ones if k_global_scale is None else k_global_scale), (ones if v_global_scale is None else v_global_scale)
-
-
 def quantize_and_store(k_data, v_data, k_scales, v_scales, loc, k, v, kv: KVRecipe, k_global_scale=None,
                        v_global_scale=None):
     if kv.k.element is Element.E4M3:  # FP8 keys by eager's kernels (see the top), V by the kernel alone
@@ -468,15 +455,6 @@ def quantize_and_store(k_data, v_data, k_scales, v_scales, loc, k, v, kv: KVReci
         k, v, k_data, v_data, k_scales, v_scales,
         k_global_scale, v_global_scale, loc, kv.v, k_data.shape[0],
     )
-
-
-def hardware_casts(device: torch.device) -> tuple[bool, bool]:
-    """(bf16, float8 E4M3) output casts done by the GPU's conversion instructions: bf16 on every
-    GPU these kernels run on (SM80+), E4M3 from SM89 (the first with an FP8 conversion). The
-    interpreter, whose casts round differently, gets the integer code for both."""
-    if device.type != "cuda":
-        return False, False
-    return True, backends.device_capability(device) >= (8, 9)
 
 
 def _launch_dequantize(data, scales, loc, fmt: FP4Format, global_scale, dtype, out_rows: int):
@@ -492,8 +470,8 @@ def _launch_dequantize(data, scales, loc, fmt: FP4Format, global_scale, dtype, o
         data, *data.stride(), scales, *scales.stride(), global_scale if has_g else data,
         loc if loc is not None else data, loc.stride(0) if loc is not None else 0,
         out.view(view_dtype), out_rows * h, data.shape[0], H=h,
-        D=d, BS=fmt.block_size, E4M3_SCALES=fmt.scale_rule is ScaleRule.E4M3_AMAX_OVER_6G,
-        HAS_G=has_g, GATHER=loc is not None, OUT_KIND=out_kind, ROWS=rows, FP32_TILES=data.device.type != "cuda",
+        D=d, BS=fmt.block_size, E4M3_SCALES=fmt.e4m3_scales,
+        HAS_G=has_g, GATHER=loc is not None, OUT_KIND=out_kind, ROWS=rows, FP32_TILES=fp32_tiles(data.device),
         HW_BF16=hw_bf16, HW_FP8=hw_fp8, num_warps=DEQUANTIZE_LAUNCH.num_warps,
     )
     return out

@@ -22,15 +22,12 @@ import triton
 import triton.language as tl
 
 from . import decode, eager
+from .attention_shared import (LOG2_E, context_len, global_scales, lse_weight, mma_side, split_kernel_arguments,
+                               split_lse)
 from .formats import KVRecipe
 from .paged_kv import PagedKV
-from .split_decode import split_kernel_arguments
-from .triton_decode import (causal_scores, drop_unseen_values, global_scales, kv_for_kernels, nan_where_seen, query_pairs,
-                            tile_dtype, value_tile)
-from .triton_kernels import hardware_casts
-
-_MIN_SIDE = 16  # tensor-core tiles need a side of at least 16
-_LN_TO_LOG2 = tl.constexpr(1.4426950408889634)  # the decode's natural-log LSE -> base 2
+from .triton_attention_tiles import (drop_unseen_values, kernel_inputs, nan_where_seen, query_pairs, tile_scores,
+                                     value_tile)
 
 
 def routed_tokens(q: torch.Tensor, batch: int, kv_heads: int, fmt: KVRecipe) -> int:
@@ -58,7 +55,7 @@ def _verify_tail_kernel(
     """One (sequence, KV head): its N·GROUP rows (token i, head j as column i·GROUP + j, padded
     to M) over the positions [prefix, prefix + BLOCK_N), merged with the decode's result over the
     prefix (fp32 output and natural-log LSE in the same column order), written to out's rows.
-    dtype: the tiles' type (triton_decode.tile_dtype)."""
+    dtype: the tiles' type (triton_codes.tile_dtype)."""
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     col = tl.arange(0, M)
@@ -67,7 +64,7 @@ def _verify_tail_kernel(
     owned = real & (token < tl.load(count_ptr + b))
     query_pos = tl.load(base_ptr + b) + token
     prefix = tl.load(prefix_ptr + b).to(tl.int32)
-    kv_len = tl.minimum(tl.load(seq_lens_ptr + b), max_pages * PAGE)
+    kv_len = context_len(tl.load(seq_lens_ptr + b), max_pages, PAGE)
 
     decode_col = (b * HKV + kv_head).to(tl.int64) * (N * GROUP) + col  # row of the decode's q, out, lse
     q_even, q_odd = query_pairs(q_ptr, decode_col[None, :] * D, real, D, dtype)
@@ -75,7 +72,7 @@ def _verify_tail_kernel(
 
     pos = prefix + tl.arange(0, BLOCK_N)
     valid = pos < kv_len
-    scores, in_cache, rows = causal_scores(  # [BLOCK_N, M]
+    scores, in_cache, rows = tile_scores(  # [BLOCK_N, M]
         k_data_ptr, k_scales_ptr, block_table_ptr, b, max_pages, num_pages, kv_head, pos, valid, query_pos,
         q_even, q_odd, score_scale, D, BS, PAGE, HKV, E4M3_SCALES, FP32_TILES, HW_FP8, K_FP8, dtype)
     m = tl.max(scores, axis=0)
@@ -85,16 +82,16 @@ def _verify_tail_kernel(
     v = value_tile(v_data_ptr, v_scales_ptr, rows, in_cache, D, BS, E4M3_SCALES, FP32_TILES, HW_FP8)
     v, seen = drop_unseen_values(v, pos, valid, query_pos, dtype)  # every tail tile is a diagonal one
     tail = nan_where_seen(tl.dot(tl.trans(v), p.to(dtype)) * (v_g / tl.where(l > 0, l, 1.0))[None, :], seen)  # [D, M]
-    tail_lse = tl.where(l > 0, m + tl.log2(l), float("-inf"))
+    tail_lse = split_lse(m, l)
 
     # Merge with the prefix's part by the two log-sum-exps (base 2); a part that saw nothing weighs 0.
     dims = tl.arange(0, D)[:, None]
-    prefix_lse = tl.load(prefix_lse_ptr + decode_col, mask=real, other=float("-inf")) * _LN_TO_LOG2
+    prefix_lse = tl.load(prefix_lse_ptr + decode_col, mask=real, other=float("-inf")) * LOG2_E  # natural -> base 2
     prefix_out = tl.load(prefix_out_ptr + decode_col[None, :] * D + dims, mask=real[None, :], other=0.0)
     top = tl.maximum(prefix_lse, tail_lse)
     top = tl.where(top > float("-inf"), top, 0.0)
-    w_prefix = tl.where(prefix_lse > float("-inf"), tl.exp2(prefix_lse - top), 0.0)
-    w_tail = tl.where(tail_lse > float("-inf"), tl.exp2(tail_lse - top), 0.0)
+    w_prefix = lse_weight(prefix_lse, top)
+    w_tail = lse_weight(tail_lse, top)
     total = w_prefix + w_tail
     result = (prefix_out * w_prefix[None, :] + tail * w_tail[None, :]) / tl.where(total > 0, total, 1.0)[None, :]
     out_row = tl.load(start_ptr + b) + token
@@ -120,13 +117,10 @@ def extend_attention(out, q, cu_seqlens_q, kv: PagedKV, fmt: KVRecipe, sm_scale:
     prefix_lse = torch.empty(decode_q.shape[:2], dtype=torch.float32, device=q.device)
     decode.decode_attention(prefix_out, decode_q, kv._replace(seq_lens=prefix), fmt, sm_scale, prefix_lse)
 
-    kernel_kv, k_fp8 = kv_for_kernels(kv, fmt)
-    on_interpreter = q.device.type == "cpu"
+    kernel_kv, tiles = kernel_inputs(kv, fmt, q.device)
     args, constants = split_kernel_arguments(decode_q, kernel_kv, prefix_out, prefix_lse, fmt.v, sm_scale, 0)
     constants.update(HQ=hq, GROUP=group)
     _verify_tail_kernel[(batch, hkv)](
-        *args[:-1], out, start, end - start, base, prefix, **constants, N=n,
-        M=max(_MIN_SIDE, triton.next_power_of_2(n * group)), BLOCK_N=max(_MIN_SIDE, triton.next_power_of_2(n)),
-        FP32_TILES=on_interpreter, HW_FP8=hardware_casts(q.device)[1], K_FP8=k_fp8,
-        dtype=tile_dtype(on_interpreter, constants["E4M3_SCALES"]),
+        *args[:-1], out, start, end - start, base, prefix, **constants, **tiles, N=n, M=mma_side(n * group),
+        BLOCK_N=mma_side(n),
     )

@@ -1,6 +1,6 @@
 """The one selection table: which backend runs each call, the env override, and `info`.
 
-GPUs are faked by patching the capability probe, so the SM100 (FlashInfer) branch is tested here
+GPUs are faked by patching the capability probe, so the SM100 (FlashInfer) row is tested here
 without such a GPU."""
 
 import importlib
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from torch_fp4kv.ops import FORMATS, Backend, backends, eager
-from torch_fp4kv.ops.backends import ENV_VAR, kernels_for, select_backend
+from torch_fp4kv.ops.backends import ENV_VAR, SELECTION_TABLE, kernels_for, select_backend
 
 CUDA = torch.device("cuda")
 CPU = torch.device("cpu")
@@ -47,24 +47,29 @@ def test_cpu_runs_eager(fake_gpu):
     assert _every_choice(CPU) == {Backend.EAGER}
 
 
-def test_sm100_quantizes_nvfp4_half_inputs_with_flashinfer(fake_gpu):
+def _flashinfer_row():
+    return next(rule for rule in SELECTION_TABLE if rule.backend is Backend.FLASHINFER)
+
+
+@pytest.mark.parametrize("capability", [(10, 0), (12, 0)])
+def test_flashinfer_row_names_nvfp4_half_quantize_on_sm100_or_newer(fake_gpu, capability):
+    fake_gpu(capability)
+    row = _flashinfer_row()
+    assert row.matches("quantize", "nvfp4", CUDA, torch.bfloat16)
+    assert row.matches("quantize", "nvfp4", CUDA, torch.float16)
+    assert not row.matches("quantize", "nvfp4", CUDA, torch.float32)  # FlashInfer takes half only
+    assert not row.matches("quantize", "blockfp4", CUDA, torch.bfloat16)
+    assert not row.matches("dequantize", "nvfp4", CUDA, torch.bfloat16)  # ours measured faster (docs/performance.md)
+    assert not row.matches("quantize_and_store", "nvfp4", CUDA, torch.bfloat16)
+
+
+def test_unverified_flashinfer_row_runs_only_when_forced(fake_gpu, monkeypatch):
+    """The row has never run on an SM100 GPU: the table passes it over, the override reaches it."""
     fake_gpu((10, 0))
-    assert _choice("quantize", "nvfp4", CUDA, torch.bfloat16) is Backend.FLASHINFER
-    assert _choice("quantize", "nvfp4", CUDA, torch.float16) is Backend.FLASHINFER
-    assert _choice("quantize", "nvfp4", CUDA, torch.float32) is Backend.TRITON  # FlashInfer takes half only
-    assert _choice("quantize", "blockfp4", CUDA) is Backend.TRITON
-    assert _choice("dequantize", "nvfp4", CUDA) is Backend.TRITON  # ours measured faster (docs/performance.md)
-    assert _choice("quantize_and_store", "nvfp4", CUDA) is Backend.TRITON
-
-
-def test_sm120_counts_as_sm100_or_newer(fake_gpu):
-    fake_gpu((12, 0))
+    assert not _flashinfer_row().verified
+    assert _every_choice(CUDA) == {Backend.TRITON}
+    monkeypatch.setenv(ENV_VAR, "flashinfer")
     assert _choice("quantize", "nvfp4", CUDA) is Backend.FLASHINFER
-
-
-def test_sm100_without_flashinfer_falls_to_triton(fake_gpu):
-    fake_gpu((10, 0), flashinfer=False)
-    assert _choice("quantize", "nvfp4", CUDA) is Backend.TRITON
 
 
 def test_hopper_uses_triton_everywhere(fake_gpu):
@@ -160,7 +165,7 @@ def test_info_prints_the_table_and_choices():
 def test_triton_output_casts_use_the_hardware_only_where_it_has_them(fake_gpu, capability, expected):
     """float8 E4M3 conversion instructions (and Triton's float8e4nv type) start at SM89; an A100
     must get the integer encoding, or FP8 dequantize would not compile there."""
-    from torch_fp4kv.ops.triton_kernels import hardware_casts
+    from torch_fp4kv.ops.triton_launch import hardware_casts
 
     fake_gpu(capability)
     assert hardware_casts(torch.device("cuda")) == expected

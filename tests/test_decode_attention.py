@@ -125,7 +125,7 @@ def test_merging_two_halves_of_the_context_equals_one_call(backend, backend_name
 
 def test_triton_one_split_still_returns_the_lse(backend, monkeypatch):
     """A launch of one split writes `out` itself and stores no log-sum-exp; asked for one, it runs
-    an empty second split and the merge (split_decode.launch_splits)."""
+    an empty second split and the merge (attention_shared.launch_splits)."""
     from torch_fp4kv.ops import triton_decode
 
     monkeypatch.setattr(triton_decode, "triton_num_splits", lambda *args: 1)

@@ -1,0 +1,191 @@
+"""The Triton attention kernels' tiles: what triton_decode, triton_extend and triton_verify read
+from the FP4 cache and how they score it.
+
+Decoding turns four packed bytes into eight exact 16-bit tensor-core inputs with a few lines of
+inline PTX (byte-table lookups with prmt, see triton_codes._decode_ptx): fp16 for NVFP4, bf16 for
+E8M0 scales, the block scale applied by one packed multiply. Positions are the long side of the
+score tile (keys feed the tensor cores from registers, their pair columns permuted so each thread
+reads adjacent bytes, see attention_shared.key_columns); values are decoded row by row and reach
+the tensor cores through shared memory. The query is cast to the tiles' type once per program and
+the global scales are applied to the fp32 scores and outputs. The error against SDPA over the
+dequantized cache is the query's rounding to that type, the summation order, and the 16-bit
+rounding of the softmax weights, as in any flash-attention kernel.
+
+FP8 E4M3 keys ("+k8" recipes, K_FP8) are read as one 16-bit word per element pair and converted
+to the tiles' type (exact: E4M3 values are fp16 and bf16 values), in the FP4 keys' column order;
+values stay FP4.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention_shared import key_columns, key_pair, paged_rows, split_lse
+from .formats import Element, KVRecipe
+from .paged_kv import PagedKV
+from .triton_codes import block_scales, decode_packed, tile_dtype
+from .triton_launch import fp32_tiles, hardware_casts
+
+
+def kernel_inputs(kv: PagedKV, fmt: KVRecipe, device: torch.device) -> tuple[PagedKV, dict]:
+    """(kv as the Triton attention kernels read it: FP8 keys as int16 words; the tile constexprs
+    every one of them takes: FP32_TILES, HW_FP8, K_FP8 and dtype, the tiles' type)."""
+    k_fp8 = fmt.k.element is Element.E4M3
+    fp32 = fp32_tiles(device)
+    constants = dict(FP32_TILES=fp32, HW_FP8=hardware_casts(device)[1], K_FP8=k_fp8,
+                     dtype=tile_dtype(fp32, fmt.v.e4m3_scales))
+    return (kv._replace(k_data=kv.k_data.view(torch.int16)) if k_fp8 else kv), constants
+
+
+@triton.jit
+def _key_tile(data_ptr, scales_ptr, rows, valid, D: tl.constexpr, BS: tl.constexpr,
+              E4M3_SCALES: tl.constexpr, FP32_TILES: tl.constexpr, HW_FP8: tl.constexpr):
+    """Key rows [N] -> (even, odd) [N, D/2], pair columns in key_pair order: each thread of an A
+    fragment reads D/8 adjacent bytes per row, which span 1 to 4 blocks, so it loads one scale per
+    block instead of a scale every two bytes."""
+    PC: tl.constexpr = D // 8  # adjacent pairs per fragment thread
+    NBC: tl.constexpr = PC * 2 // BS if PC * 2 >= BS else 1  # blocks a thread's pairs touch
+    PPC: tl.constexpr = PC // NBC
+    N: tl.constexpr = rows.shape[0]
+    chunk = tl.arange(0, 4)[:, None] * PC + tl.arange(0, NBC)[None, :] * PPC  # [4, NBC] first pair
+    packed = tl.load(data_ptr + rows[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :], mask=valid[:, None], other=0)
+    packed = tl.reshape(packed, (N, 4, NBC, PPC))
+    scale_byte = tl.load(scales_ptr + rows[:, None, None] * (D // BS) + (chunk // (BS // 2))[None, :, :],
+                         mask=valid[:, None, None], other=0)
+    scale = tl.broadcast_to(tl.expand_dims(block_scales(scale_byte, E4M3_SCALES, FP32_TILES, HW_FP8), 3), packed.shape)
+    even, odd = decode_packed(packed, scale, E4M3_SCALES, FP32_TILES)
+    return key_columns(even, D), key_columns(odd, D)
+
+
+@triton.jit
+def _fp8_key_tile(data_ptr, rows, valid, D: tl.constexpr, FP32_TILES: tl.constexpr, HW_FP8: tl.constexpr):
+    """FP8 E4M3 key rows [N] -> (even, odd) [N, D/2] as _key_tile gives them (pair columns in
+    key_pair order), in fp16 (float32 on the interpreter). data_ptr holds the cache as int16 words,
+    word p = elements 2p (low byte) and 2p + 1, so a row is D/2 adjacent words."""
+    words = tl.load(data_ptr + rows[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :], mask=valid[:, None], other=0)
+    even = block_scales((words & 0xFF).to(tl.uint8), True, FP32_TILES, HW_FP8)
+    odd = block_scales(((words >> 8) & 0xFF).to(tl.uint8), True, FP32_TILES, HW_FP8)
+    return key_columns(even, D), key_columns(odd, D)
+
+
+@triton.jit
+def key_tiles(k_data_ptr, k_scales_ptr, rows, valid, D: tl.constexpr, BS: tl.constexpr, E4M3_SCALES: tl.constexpr,
+              FP32_TILES: tl.constexpr, HW_FP8: tl.constexpr, K_FP8: tl.constexpr, dtype: tl.constexpr):
+    """Key rows [N] -> (even, odd) [N, D/2] in the tiles' type: FP4 (_key_tile) or, K_FP8, FP8
+    E4M3 keys (_fp8_key_tile; k_data_ptr as int16 words, kernel_inputs)."""
+    if K_FP8:
+        even, odd = _fp8_key_tile(k_data_ptr, rows, valid, D, FP32_TILES, HW_FP8)
+        even, odd = even.to(dtype), odd.to(dtype)
+    else:
+        even, odd = _key_tile(k_data_ptr, k_scales_ptr, rows, valid, D, BS, E4M3_SCALES, FP32_TILES, HW_FP8)
+    return even, odd
+
+
+@triton.jit
+def value_tile(data_ptr, scales_ptr, rows, valid, D: tl.constexpr, BS: tl.constexpr,
+               E4M3_SCALES: tl.constexpr, FP32_TILES: tl.constexpr, HW_FP8: tl.constexpr):
+    """Value rows [N] -> [N, D] in element order, decoded as [rows, blocks, bytes] so a block's
+    scale broadcasts over its bytes in registers. Joining the even and odd halves (not an
+    elementwise op) keeps Triton from moving the decode into the tensor-core operand layout, where
+    every element would need its own scale; the joined rows reach it through shared memory."""
+    NB: tl.constexpr = D // BS
+    HB: tl.constexpr = BS // 2
+    N: tl.constexpr = rows.shape[0]
+    packed = tl.load(data_ptr + rows[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :], mask=valid[:, None], other=0)
+    packed = tl.reshape(packed, (N, NB, HB))
+    scale_byte = tl.load(scales_ptr + rows[:, None] * NB + tl.arange(0, NB)[None, :], mask=valid[:, None], other=0)
+    scale = tl.broadcast_to(tl.expand_dims(block_scales(scale_byte, E4M3_SCALES, FP32_TILES, HW_FP8), 2), packed.shape)
+    even, odd = decode_packed(packed, scale, E4M3_SCALES, FP32_TILES)
+    return tl.reshape(tl.join(even, odd), (N, D))
+
+
+@triton.jit
+def query_pairs(q_ptr, q_cols, ok, D: tl.constexpr, dtype: tl.constexpr):
+    """q's even and odd elements [D/2, columns] in key_pair order (the key tiles' columns), as the
+    tiles' type; q_cols: each column's element offset in q, ok: which columns are real."""
+    key_pairs = key_pair(tl.arange(0, D // 2), D)
+    q_even = tl.load(q_ptr + q_cols + 2 * key_pairs[:, None], mask=ok[None, :], other=0.0).to(dtype)
+    q_odd = tl.load(q_ptr + q_cols + 2 * key_pairs[:, None] + 1, mask=ok[None, :], other=0.0).to(dtype)
+    return q_even, q_odd
+
+
+@triton.jit
+def visible(pos, valid, query_pos):
+    """[positions, columns]: which of the positions `pos` each query column sees: the `valid` ones,
+    up to the column's query_pos (extend's causal rule); query_pos None: every valid one."""
+    if query_pos is None:
+        seen = valid[:, None]
+    else:
+        seen = valid[:, None] & (pos[:, None] <= query_pos[None, :])
+    return seen
+
+
+@triton.jit
+def tile_scores(k_data_ptr, k_scales_ptr, block_table_ptr, b, max_pages, num_pages, kv_head, pos, valid, query_pos,
+                q_even, q_odd, score_scale, D: tl.constexpr, BS: tl.constexpr, PAGE: tl.constexpr, HKV: tl.constexpr,
+                E4M3_SCALES: tl.constexpr, FP32_TILES: tl.constexpr, HW_FP8: tl.constexpr, K_FP8: tl.constexpr,
+                dtype: tl.constexpr):
+    """Scores [positions, columns] of the key positions `pos` of sequence b against the query
+    columns (query_pairs), times score_scale (base 2); -inf where a column does not see the
+    position (`visible`, query_pos None for decode). Also (readable, cache rows) of the positions,
+    for their values."""
+    in_cache, rows = paged_rows(block_table_ptr, b, max_pages, num_pages, pos, valid, PAGE, HKV, kv_head)
+    k_even, k_odd = key_tiles(k_data_ptr, k_scales_ptr, rows, in_cache, D, BS, E4M3_SCALES, FP32_TILES, HW_FP8,
+                              K_FP8, dtype)
+    scores = tl.dot(k_even, q_even) + tl.dot(k_odd, q_odd)
+    return tl.where(visible(pos, valid, query_pos), scores * score_scale, float("-inf")), in_cache, rows
+
+
+NAN_GROUPS = tl.constexpr(16)  # value columns are flagged in 16 groups of D/16: each inside one FP4 block
+
+
+@triton.jit
+def drop_unseen_values(v, pos, valid, query_pos, dtype: tl.constexpr):
+    """A value tile [N, D] that some query columns see only in part (query_pos [M]: each column's
+    last visible position) -> (v with its NaN entries zeroed, [NAN_GROUPS, M] count of the NaN entries
+    each column sees, per group of D/16 value columns).
+
+    A position a column does not see has weight 0 there, and 0 x NaN = NaN: zeroed, a stale NaN
+    (a later token's, a page's past seq_lens) reaches no column that does not see it, and the
+    count marks the outputs of the columns that do (see nan_where_seen; eager.masked_attention
+    is the rule). In the cache a NaN fills a whole block, so a group's flag is its columns'."""
+    N: tl.constexpr = v.shape[0]
+    D: tl.constexpr = v.shape[1]
+    broken = v != v
+    broken_groups = tl.max(tl.reshape(broken.to(tl.int32), (N, NAN_GROUPS, D // NAN_GROUPS)), axis=2).to(dtype)
+    seen = tl.dot(tl.trans(broken_groups), visible(pos, valid, query_pos).to(dtype))
+    return tl.where(broken, 0.0, v).to(v.dtype), seen
+
+
+@triton.jit
+def nan_where_seen(out, seen):
+    """out [D, M] with NaN in every group of value columns a column saw a NaN in (drop_unseen_values)."""
+    D: tl.constexpr = out.shape[0]
+    M: tl.constexpr = out.shape[1]
+    hit = tl.reshape(tl.broadcast_to(tl.expand_dims(seen > 0, 1), (NAN_GROUPS, D // NAN_GROUPS, M)), (D, M))
+    return tl.where(hit, float("nan"), out)
+
+
+@triton.jit
+def _split_result(acc, divisor, seen):
+    out = acc / divisor[None, :]
+    if seen is not None:
+        out = nan_where_seen(out, seen)
+    return out
+
+
+@triton.jit
+def store_split(partial_out_ptr, partial_lse_ptr, query_rows, split, acc, divisor, seen, m, l, ok,
+                NUM_SPLITS: tl.constexpr):
+    """Store a split's output acc [D, M] / divisor [M] for the query rows `query_rows` [M] (int64
+    rows of q; only where `ok`) where attention_shared.split_outputs placed them, NaN where `seen`
+    flags it (nan_where_seen; None: no flags), and with NUM_SPLITS > 1 its split_lse."""
+    D: tl.constexpr = acc.shape[0]
+    base = query_rows * NUM_SPLITS + split
+    tl.store(partial_out_ptr + base[None, :] * D + tl.arange(0, D)[:, None],
+             _split_result(acc, divisor, seen).to(partial_out_ptr.dtype.element_ty), mask=ok[None, :])
+    if NUM_SPLITS > 1:
+        lse = split_lse(m, l)
+        tl.store(partial_lse_ptr + base, lse, mask=ok)
