@@ -34,7 +34,7 @@ from .paged_kv import PagedKV
 
 def quantize(x: Tensor, recipe: str, global_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """x [..., D] (bf16/fp16/fp32) -> (data uint8 [..., D/2], scales uint8 [..., D/block])."""
-    fmt = checks.quantize_args(x, recipe, global_scale)
+    fmt = checks.check_quantize_args(x, recipe, global_scale)
     return torch.ops.fp4kv.quantize(x, fmt.name, global_scale)
 
 
@@ -46,7 +46,7 @@ def dequantize(
     dtype: torch.dtype = torch.bfloat16,
 ) -> Tensor:
     """(data [..., D/2], scales [..., D/block]) -> [..., D] in dtype (bf16/fp16/fp32/float8_e4m3fn)."""
-    fmt = checks.dequantize_args(data, scales, recipe, global_scale, dtype)
+    fmt = checks.check_dequantize_args(data, scales, recipe, global_scale, dtype)
     return torch.ops.fp4kv.dequantize(data, scales, fmt.name, global_scale, dtype)
 
 
@@ -62,7 +62,7 @@ def quantize_and_store_args(k_data, k_scales, v_data, v_scales, loc, k, v, recip
     """quantize_and_store's checks, arguments in the Python API's order; an error about a cache
     buffer also says that the order changed (ORDER_NOTE)."""
     try:
-        return checks.quantize_and_store_args(k_data, v_data, k_scales, v_scales, loc, k, v, recipe, k_global_scale,
+        return checks.check_quantize_and_store_args(k_data, v_data, k_scales, v_scales, loc, k, v, recipe, k_global_scale,
                                               v_global_scale)
     except (TypeError, ValueError) as error:
         if not any(name in str(error) for name in _BUFFER_NAMES):
@@ -101,7 +101,7 @@ def gather_dequantize(
     dtype: torch.dtype = torch.bfloat16,
 ) -> Tensor:
     """Dequantize cache slots loc [T] -> [T, H, D]; slots outside the cache read as zeros."""
-    fmt = checks.gather_dequantize_args(data, scales, loc, recipe, global_scale, dtype)
+    fmt = checks.check_gather_dequantize_args(data, scales, loc, recipe, global_scale, dtype)
     return torch.ops.fp4kv.gather_dequantize(data, scales, loc, fmt.name, global_scale, dtype)
 
 
@@ -150,7 +150,7 @@ def decode_attention_paged(q: Tensor, kv: PagedKV, recipe: str, sm_scale: Option
                            out: Optional[Tensor] = None, lse: Optional[Tensor] = None) -> Tensor:
     """decode_attention with the cache as one PagedKV (what a module holding the buffers passes)."""
     sm_scale, out = attention_defaults(q, sm_scale, out)
-    fmt = checks.decode_attention_args(out, q, kv, recipe, sm_scale, lse)
+    fmt = checks.check_decode_attention_args(out, q, kv, recipe, sm_scale, lse)
     if lse is None:
         torch.ops.fp4kv.decode_attention(out, q, *kv.op_args(fmt.name, sm_scale))
     else:
@@ -199,6 +199,6 @@ def extend_attention_paged(q: Tensor, cu_seqlens_q: Tensor, kv: PagedKV, recipe:
                            sm_scale: Optional[float] = None, out: Optional[Tensor] = None) -> Tensor:
     """extend_attention with the cache as one PagedKV (what a module holding the buffers passes)."""
     sm_scale, out = attention_defaults(q, sm_scale, out)
-    fmt = checks.extend_attention_args(out, q, cu_seqlens_q, kv, recipe, sm_scale)
+    fmt = checks.check_extend_attention_args(out, q, cu_seqlens_q, kv, recipe, sm_scale)
     torch.ops.fp4kv.extend_attention(out, q, cu_seqlens_q, *kv.op_args(fmt.name, sm_scale))
     return out

@@ -30,7 +30,7 @@ def _packed_like(x: Tensor, fmt: FP4Format) -> tuple[Tensor, Tensor]:
 def quantize(x: Tensor, recipe: str, global_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """x [..., D] (bf16/fp16/fp32) -> (data uint8 [..., D/2], scales uint8 [..., D/block]); for
     recipe "fp8_e4m3": data [..., D], scales [..., 0]."""
-    fmt = checks.quantize_args(x, recipe, global_scale)
+    fmt = checks.check_quantize_args(x, recipe, global_scale)
     if x.numel() == 0:
         return _packed_like(x, fmt)
     return kernels_for("quantize", fmt, x.device, x.dtype).quantize(x, fmt, global_scale)
@@ -38,7 +38,7 @@ def quantize(x: Tensor, recipe: str, global_scale: Optional[Tensor] = None) -> t
 
 @quantize.register_fake
 def _(x, recipe, global_scale=None):
-    return _packed_like(x, checks.quantize_args(x, recipe, global_scale))
+    return _packed_like(x, checks.check_quantize_args(x, recipe, global_scale))
 
 
 def _unpacked_like(data: Tensor, fmt: FP4Format, dtype: torch.dtype) -> Tensor:
@@ -54,7 +54,7 @@ def dequantize(
     dtype: torch.dtype = torch.bfloat16,
 ) -> Tensor:
     """(data [..., D/2], scales [..., D/block]) -> [..., D] in dtype (bf16/fp16/fp32/float8_e4m3fn)."""
-    fmt = checks.dequantize_args(data, scales, recipe, global_scale, dtype)
+    fmt = checks.check_dequantize_args(data, scales, recipe, global_scale, dtype)
     if data.numel() == 0:
         return _unpacked_like(data, fmt, dtype)
     return kernels_for("dequantize", fmt, data.device, dtype).dequantize(data, scales, fmt, global_scale, dtype)
@@ -62,7 +62,7 @@ def dequantize(
 
 @dequantize.register_fake
 def _(data, scales, recipe, global_scale=None, dtype=torch.bfloat16):
-    return _unpacked_like(data, checks.dequantize_args(data, scales, recipe, global_scale, dtype), dtype)
+    return _unpacked_like(data, checks.check_dequantize_args(data, scales, recipe, global_scale, dtype), dtype)
 
 
 @torch.library.custom_op(
@@ -85,7 +85,7 @@ def quantize_and_store(
     `recipe` names K's and V's formats at once (formats.KV_RECIPES: "nvfp4", or "nvfp4+k8" for K
     in FP8 E4M3, k_data [slots, H, D] and k_scales [slots, H, 0]): one string keeps the schema of
     every caller, compiled graph and expect file as it was."""
-    fmt = checks.quantize_and_store_args(
+    fmt = checks.check_quantize_and_store_args(
         k_data, v_data, k_scales, v_scales, loc, k, v, recipe, k_global_scale, v_global_scale
     )
     if debug.enabled(k_data.device):
@@ -99,7 +99,7 @@ def quantize_and_store(
 
 @quantize_and_store.register_fake
 def _(k_data, v_data, k_scales, v_scales, loc, k, v, recipe, k_global_scale=None, v_global_scale=None):
-    checks.quantize_and_store_args(k_data, v_data, k_scales, v_scales, loc, k, v, recipe, k_global_scale, v_global_scale)
+    checks.check_quantize_and_store_args(k_data, v_data, k_scales, v_scales, loc, k, v, recipe, k_global_scale, v_global_scale)
 
 
 def _gathered_like(data: Tensor, loc: Tensor, fmt: FP4Format, dtype: torch.dtype) -> Tensor:
@@ -116,7 +116,7 @@ def gather_dequantize(
     dtype: torch.dtype = torch.bfloat16,
 ) -> Tensor:
     """Dequantize cache slots loc [T] -> [T, H, D]; out-of-range slots read as zeros."""
-    fmt = checks.gather_dequantize_args(data, scales, loc, recipe, global_scale, dtype)
+    fmt = checks.check_gather_dequantize_args(data, scales, loc, recipe, global_scale, dtype)
     if debug.enabled(data.device):
         debug.loc_values(loc, data.shape[0])
     if loc.shape[0] == 0 or data.shape[1] == 0:
@@ -128,7 +128,7 @@ def gather_dequantize(
 
 @gather_dequantize.register_fake
 def _(data, scales, loc, recipe, global_scale=None, dtype=torch.bfloat16):
-    return _gathered_like(data, loc, checks.gather_dequantize_args(data, scales, loc, recipe, global_scale, dtype), dtype)
+    return _gathered_like(data, loc, checks.check_gather_dequantize_args(data, scales, loc, recipe, global_scale, dtype), dtype)
 
 
 # The paged ops' schemas spell the cache out argument by argument (a schema takes no bundle); their
@@ -138,7 +138,7 @@ def _(data, scales, loc, recipe, global_scale=None, dtype=torch.bfloat16):
 
 def _decode_attention_checked(out, lse, q, cache: tuple):
     kv, recipe, sm_scale = PagedKV.from_op_args(*cache)
-    return kv, sm_scale, checks.decode_attention_args(out, q, kv, recipe, sm_scale, lse)
+    return kv, sm_scale, checks.check_decode_attention_args(out, q, kv, recipe, sm_scale, lse)
 
 
 def _decode_attention(out, lse, q, cache: tuple) -> None:
@@ -210,7 +210,7 @@ def _(out, lse, q, *cache):
 
 def _extend_attention_checked(out, q, cu_seqlens_q, cache: tuple):
     kv, recipe, sm_scale = PagedKV.from_op_args(*cache)
-    return kv, sm_scale, checks.extend_attention_args(out, q, cu_seqlens_q, kv, recipe, sm_scale)
+    return kv, sm_scale, checks.check_extend_attention_args(out, q, cu_seqlens_q, kv, recipe, sm_scale)
 
 
 @torch.library.custom_op("fp4kv::extend_attention", mutates_args=("out",))

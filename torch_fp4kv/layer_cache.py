@@ -93,10 +93,10 @@ class FP4KVPoolLayer(DeviceOnlyBuffers):
             raise ValueError(f"options: a layer cache keeps every token in FP4; sink_tokens / recent_tokens "
                              f"are FP4Cache's (got {options})")
         for name, value in (("slots", slots), ("heads", heads), ("head_dim", head_dim)):
-            checks.count(value, name, minimum=1)
+            checks.check_count(value, name, minimum=1)
         kv_recipe = ops.get_kv_recipe(options.kv_recipe(ops.get_format(fmt, "fmt").name))
         for part in (kv_recipe.k, kv_recipe.v):
-            checks.head_dim(head_dim, part, "head_dim")
+            checks.check_head_dim(head_dim, part, "head_dim")
         if options.rotate and head_dim & (head_dim - 1):
             raise ValueError(f"head_dim must be a power of two with rotate=True; got {head_dim}")
 
@@ -145,8 +145,8 @@ class FP4KVPoolLayer(DeviceOnlyBuffers):
         """k, v [..., H, D] of this cache's heads and head_dim, on its device (the ops' activation
         checks against the cache, for calls that take tokens without slots)."""
         kv_recipe = ops.get_kv_recipe(self.recipe)
-        checks.cache_tokens(k, "k", self.k_data, "k_data", kv_recipe.k)
-        checks.cache_tokens(v, "v", self.v_data, "v_data", kv_recipe.v)
+        checks.check_cache_tokens(k, "k", self.k_data, "k_data", kv_recipe.k)
+        checks.check_cache_tokens(v, "v", self.v_data, "v_data", kv_recipe.v)
 
     def _rotated(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., D] times the rotation, in x's dtype (the rotation is its own inverse)."""
@@ -175,7 +175,7 @@ class FP4KVPoolLayer(DeviceOnlyBuffers):
         """Slots loc [T] as (k, v) [T, H, D] in dtype."""
         raw = dtype
         if self.transformed:  # read in float32, cast to dtype after decoding
-            checks.output_dtype(dtype)
+            checks.check_output_dtype(dtype)
             raw = torch.float32
         k = ops.gather_dequantize(self.k_data, self.k_scales, loc, self.k_recipe, self.k_global_scale, raw)
         v = ops.gather_dequantize(self.v_data, self.v_scales, loc, self.v_recipe, self.v_global_scale, raw)
@@ -203,7 +203,7 @@ class FP4KVPoolLayer(DeviceOnlyBuffers):
         log-sum-exp does not: it gets sm_scale · q·μ back."""
         sm_scale, out = attention_defaults(q, sm_scale, out)
         kv = self._paged(block_table, seq_lens, page_size)
-        checks.decode_attention_args(out, q, kv, self.recipe, sm_scale, lse)
+        checks.check_decode_attention_args(out, q, kv, self.recipe, sm_scale, lse)
         if self.rotation is None:
             decode_attention_paged(q, kv, self.recipe, sm_scale, out, lse)
         else:
@@ -222,7 +222,7 @@ class FP4KVPoolLayer(DeviceOnlyBuffers):
         A K mean needs nothing here: softmax cancels q·k_mean."""
         sm_scale, out = attention_defaults(q, sm_scale, out)
         kv = self._paged(block_table, seq_lens, page_size)
-        checks.extend_attention_args(out, q, cu_seqlens_q, kv, self.recipe, sm_scale)
+        checks.check_extend_attention_args(out, q, cu_seqlens_q, kv, self.recipe, sm_scale)
         if self.rotation is None:
             return extend_attention_paged(q, cu_seqlens_q, kv, self.recipe, sm_scale, out)
         return out.copy_(self._rotated(extend_attention_paged(self._rotated(q), cu_seqlens_q, kv, self.recipe,

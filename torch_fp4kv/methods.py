@@ -180,7 +180,7 @@ class TableFP4Method(FP4KVCacheQuantMethod):
         """One FP4KVPoolLayer per layer (FP4KVPoolLayer.allocate), and the FP8 prefill workspace when
         the method has one; returns them as `buffers` lists."""
         for name, value in (("size", size), ("head_num", head_num), ("layer_num", layer_num)):
-            checks.count(value, name, minimum=1)
+            checks.check_count(value, name, minimum=1)
         self._layers = [FP4KVPoolLayer.allocate(self.fmt.name, self.options, size, head_num, head_dim, device)
                         for _ in range(layer_num)]
         if self.needs_dequant_workspace():

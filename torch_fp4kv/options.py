@@ -47,7 +47,7 @@ class KVCacheOptions:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name in _COUNTS.values():
-            checks.count(getattr(self, name), name, minimum=0)
+            checks.check_count(getattr(self, name), name, minimum=0)
 
     @classmethod
     def parse(cls, recipe: str) -> tuple[str, KVCacheOptions]:

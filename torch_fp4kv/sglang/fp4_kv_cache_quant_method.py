@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .. import ops
 from ..ops import checks
-from ..ops.checks import ArgNames, rank, tensor as check_tensor
+from ..ops.checks import ArgNames, check_rank, check_tensor
 from ..ops.formats import E2M1_MAX
 from .kvfp4_tensor import as_global_scale, unflatten_scales
 
@@ -93,8 +93,8 @@ class _TableMethod(FP4KVCacheQuantMethod):
 
     def create_buffers(self, size: int, head_num: int, head_dim: int, layer_num: int, device) -> dict:
         for name, value in (("size", size), ("head_num", head_num), ("layer_num", layer_num)):
-            checks.count(value, name, minimum=1)
-        checks.head_dim(head_dim, self.fmt, "head_dim")
+            checks.check_count(value, name, minimum=1)
+        checks.check_head_dim(head_dim, self.fmt, "head_dim")
         blocks = head_dim // self.SCALE_BLOCK_SIZE
         scale_shape = (size, head_num * blocks) if self.scales_per_token else (size, head_num, blocks)
 
@@ -132,11 +132,11 @@ class _TableMethod(FP4KVCacheQuantMethod):
         """Slots outside the buffers (e.g. -1 padding) are skipped; every argument is checked first,
         under SGLang's names, the K/V buffers before the scale buffers that are judged against them."""
         kv_recipe = ops.get_kv_recipe(self.name)
-        checks.store_data_args(k_buffer, v_buffer, cache_k, cache_v, kv_recipe, STORE_NAMES)
+        checks.check_store_data_args(k_buffer, v_buffer, cache_k, cache_v, kv_recipe, STORE_NAMES)
         k_scales = self._op_scales(k_scale_buffer, "k_scale_buffer", k_buffer, "k_buffer")
         v_scales = self._op_scales(v_scale_buffer, "v_scale_buffer", v_buffer, "v_buffer")
         k_g, v_g = self._store_global_scales(k_scale, v_scale, k_buffer.device)
-        checks.quantize_and_store_args(k_buffer, v_buffer, k_scales, v_scales, loc, cache_k, cache_v, self.name,
+        checks.check_quantize_and_store_args(k_buffer, v_buffer, k_scales, v_scales, loc, cache_k, cache_v, self.name,
                                        k_g, v_g, STORE_NAMES)
         ops.quantize_and_store(k_buffer, k_scales, v_buffer, v_scales, loc, cache_k, cache_v, self.name, k_g, v_g)
 
@@ -146,9 +146,9 @@ class _TableMethod(FP4KVCacheQuantMethod):
         read = []
         for data, scales, g, prefix in ((k_fp4, k_scales, k_g, "k"), (v_fp4, v_scales, v_g, "v")):
             names = PREV_KV_NAMES[prefix]
-            rank(check_tensor(data, names.data), names.data, 3, "[T, H, D/2]")
+            check_rank(check_tensor(data, names.data), names.data, 3, "[T, H, D/2]")
             scales = self._op_scales(scales, names.scales, data, names.data)
-            checks.dequantize_args(data, scales, self.name, g, PREFILL_DTYPE, names)
+            checks.check_dequantize_args(data, scales, self.name, g, PREFILL_DTYPE, names)
             read.append(ops.dequantize(data, scales, self.name, g, PREFILL_DTYPE))
         return read[0], read[1]
 
@@ -165,7 +165,7 @@ class NVFP4KVMethod(_TableMethod):
     scales_per_token = False
 
     def __init__(self, num_layers: int, device, sm_version: int = 120):
-        checks.count(num_layers, "num_layers", minimum=1)
+        checks.check_count(num_layers, "num_layers", minimum=1)
         self.num_layers = num_layers
         self.device = device
         self.sm_version = sm_version

@@ -12,7 +12,7 @@ import torch
 
 from .. import ops
 from ..ops import checks
-from ..ops.checks import ArgNames, rank, tensor as check_tensor
+from ..ops.checks import ArgNames, check_rank, check_tensor
 from ..ops.formats import E2M1_MAX
 
 __all__ = ["E2M1_MAX", "BlockFP4KVQuantizeUtil", "FP4KVCacheRecipe", "KVFP4QuantizeUtil", "NVFP4KVQuantizeUtil"]
@@ -50,7 +50,7 @@ NVFP4, BLOCK_FP4 = ops.get_format("nvfp4"), ops.get_format("blockfp4")
 
 def _batched(x, name: str, layout: str) -> None:
     check_tensor(x, name)
-    rank(x, name, 3, layout)
+    check_rank(x, name, 3, layout)
 
 
 class NVFP4KVQuantizeUtil:
@@ -63,7 +63,7 @@ class NVFP4KVQuantizeUtil:
         global scale as a float32 tensor)."""
         _batched(tensor, "tensor", "[B, M, N]")
         global_scale = as_global_scale(global_scale, "global_scale", tensor.device)
-        checks.quantize_args(tensor, NVFP4.name, global_scale, QUANTIZE_NAMES)
+        checks.check_quantize_args(tensor, NVFP4.name, global_scale, QUANTIZE_NAMES)
         data, scales = ops.quantize(tensor, NVFP4.name, global_scale)
         return data, scales.view(torch.float8_e4m3fn), global_scale
 
@@ -73,7 +73,7 @@ class NVFP4KVQuantizeUtil:
         """(data [B, M, N/2], block scales [B, M, N/16] uint8 or float8_e4m3fn) -> [B, M, N]."""
         _batched(quant_tensor, "quant_tensor", "[B, M, N/2]")
         global_scale = as_global_scale(global_scale, "global_scale", quant_tensor.device)
-        checks.dequantize_args(quant_tensor, block_scales, NVFP4.name, global_scale, dtype, NVFP4_DEQUANTIZE_NAMES)
+        checks.check_dequantize_args(quant_tensor, block_scales, NVFP4.name, global_scale, dtype, NVFP4_DEQUANTIZE_NAMES)
         return ops.dequantize(quant_tensor, block_scales, NVFP4.name, global_scale, dtype)
 
 
@@ -85,7 +85,7 @@ class BlockFP4KVQuantizeUtil:
     def batched_quantize(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, M, N] -> (data uint8 [B, M, N/2], scale factors uint8 [B, M*N/16])."""
         _batched(tensor, "tensor", "[B, M, N]")
-        checks.quantize_args(tensor, BLOCK_FP4.name, None, QUANTIZE_NAMES)
+        checks.check_quantize_args(tensor, BLOCK_FP4.name, None, QUANTIZE_NAMES)
         data, scales = ops.quantize(tensor, BLOCK_FP4.name)
         return data, scales.flatten(1)
 
@@ -95,7 +95,7 @@ class BlockFP4KVQuantizeUtil:
         """(data [B, M, N/2], scale factors [B, M*N/16]) -> [B, M, N] in dtype."""
         _batched(quant_tensor, "quant_tensor", "[B, M, N/2]")
         scales = unflatten_scales(scale_factors, "scale_factors", quant_tensor, "quant_tensor", BLOCK_FP4)
-        checks.dequantize_args(quant_tensor, scales, BLOCK_FP4.name, None, dtype, BLOCK_FP4_DEQUANTIZE_NAMES)
+        checks.check_dequantize_args(quant_tensor, scales, BLOCK_FP4.name, None, dtype, BLOCK_FP4_DEQUANTIZE_NAMES)
         return ops.dequantize(quant_tensor, scales, BLOCK_FP4.name, None, dtype)
 
 
@@ -107,7 +107,7 @@ def unflatten_scales(scales, name: str, data: torch.Tensor, data_name: str, fmt:
     """SGLang's per-row scales [rows, M*N/16] as the ops take them, [rows, M, N/16] (a view,
     so writes through it land in `scales`). `data` is the matching packed data [rows, M, N/2],
     checked here first: the scales are judged against it."""
-    checks.packed_data(data, fmt, data_name)
+    checks.check_packed_data(data, fmt, data_name)
     check_tensor(scales, name)
     rows, heads = data.shape[0], data.shape[1]
     width = heads * fmt.scales_width(fmt.head_dim_of(data.shape[-1]))
