@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import time
-import warnings
 
 import torch
 from torch._dynamo.utils import counters
@@ -22,7 +21,7 @@ from transformers import StaticCache, logging
 
 import torch_fp4kv.hf  # noqa: F401  (registers attn_implementation="fp4kv")
 from torch_fp4kv import models
-from torch_fp4kv.hf import FP4Cache, kv_cache_bytes
+from torch_fp4kv.hf import FP4Cache, cache_argument, kv_cache_bytes
 
 PROMPT = "The GNU General Public License is a free, copyleft license for"
 
@@ -37,7 +36,7 @@ def generate(args) -> None:
         ids = torch.randint(3, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
     # The whole recipe: a cache sized for prompt + continuation, handed to generate().
     cache = FP4Cache(model.config, max_cache_len=ids.shape[1] + args.new_tokens, recipe=args.recipe)
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=args.new_tokens, do_sample=False)
+    out = model.generate(ids, **{cache_argument(model): cache}, max_new_tokens=args.new_tokens, do_sample=False)
     new = out[0, ids.shape[1]:]
     print(f"continuation: {tokenizer.decode(new)!r}" if tokenizer else f"continuation tokens: {new.tolist()}")
     report_memory(model.config, args.recipe, max_cache_len=4096, batch_size=8)
@@ -61,13 +60,13 @@ def decode_speed(model, cache, prompt: torch.Tensor, steps: int, compile_mode: s
     step = torch.compile(model, fullgraph=True, mode=compile_mode)
     batch, length = prompt.shape
     with torch.inference_mode():
-        token = model(prompt, past_key_values=cache).logits[:, -1:].argmax(-1)
+        token = model(prompt, **{cache_argument(model): cache}).logits[:, -1:].argmax(-1)
         for i in range(steps + 3):
             if i == 3:
                 _synchronize(prompt.device)
                 start = time.perf_counter()
             position = torch.full((batch, 1), length + i, device=prompt.device)
-            token = step(token, position_ids=position, past_key_values=cache).logits[:, -1:].argmax(-1)
+            token = step(token, position_ids=position, **{cache_argument(model): cache}).logits[:, -1:].argmax(-1)
         _synchronize(prompt.device)
     seconds = time.perf_counter() - start
     return batch * steps / seconds, {"graphs": counters["stats"]["unique_graphs"],
@@ -113,7 +112,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=128, help="timed decode steps (--compile)")
     args = parser.parse_args()
     logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
     if args.compile:
         benchmark(args)
     else:

@@ -18,6 +18,7 @@ summation order, so GPU GEMMs do not give the same bits). Exits 1 if (1) or (2) 
 
 import argparse
 import dataclasses
+import gc
 import os
 import time
 
@@ -201,6 +202,9 @@ def main() -> None:
         # rank still in a collective aborts that rank's transport thread (std::terminate).
         dist.barrier()
     finally:
+        # Models left in reference cycles still hold the process group: collected at interpreter
+        # shutdown, gloo's threads would release tensors without a live interpreter (SIGABRT).
+        gc.collect()
         dist.destroy_process_group()
     if not passed:
         raise SystemExit(1)

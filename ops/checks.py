@@ -193,19 +193,19 @@ def check_cache_tokens(x, name: str, data: torch.Tensor, data_name: str, fmt: FP
     check_same_device(x, name, data, data_name)
 
 
-def check_kv_cache(k_data, k_scales, v_data, v_scales, kv: KVRecipe, names: ArgNames = OP_NAMES) -> None:
+def check_kv_cache(k_data, k_scales, v_data, v_scales, kv_recipe: KVRecipe, names: ArgNames = OP_NAMES) -> None:
     """One layer's K and V caches: each valid in its format, the same slots, heads and head_dim,
     all on k_data's device."""
-    check_cache(k_data, k_scales, kv.k, names.k_data, names.k_scales)
-    check_cache(v_data, v_scales, kv.v, names.v_data, names.v_scales)
+    check_cache(k_data, k_scales, kv_recipe.k, names.k_data, names.k_scales)
+    check_cache(v_data, v_scales, kv_recipe.v, names.v_data, names.v_scales)
     for other, name in ((v_data, names.v_data), (k_scales, names.k_scales), (v_scales, names.v_scales)):
         check_same_device(other, name, k_data, names.k_data)
-    k_shape = (*k_data.shape[:2], kv.k.head_dim_of(k_data.shape[2]))
-    v_shape = (*v_data.shape[:2], kv.v.head_dim_of(v_data.shape[2]))
+    k_shape = (*k_data.shape[:2], kv_recipe.k.head_dim_of(k_data.shape[2]))
+    v_shape = (*v_data.shape[:2], kv_recipe.v.head_dim_of(v_data.shape[2]))
     if v_shape != k_shape:
         raise ValueError(f"{names.v_data} has shape {tuple(v_data.shape)} but {names.k_data} has "
-                         f"{tuple(k_data.shape)}: [slots, H, D] = {v_shape} in {kv.v.name} against {k_shape} in "
-                         f"{kv.k.name}")
+                         f"{tuple(k_data.shape)}: [slots, H, D] = {v_shape} in {kv_recipe.v.name} against {k_shape} in "
+                         f"{kv_recipe.k.name}")
 
 
 # ---- one check per op -------------------------------------------------------------------------
@@ -226,10 +226,10 @@ def check_dequantize_args(data, scales, recipe, g, dtype, names: ArgNames = OP_N
     return fmt
 
 
-def check_store_data_args(k_data, v_data, k, v, kv: KVRecipe, names: ArgNames = OP_NAMES) -> None:
+def check_store_data_args(k_data, v_data, k, v, kv_recipe: KVRecipe, names: ArgNames = OP_NAMES) -> None:
     """k, v [T, H, D] and the data buffers they go into, each buffer judged by its tensor and
     before any scales are: a buffer that does not fit is named, not the scales that match it."""
-    for x, name, fmt in ((k, names.k, kv.k), (v, names.v, kv.v)):
+    for x, name, fmt in ((k, names.k, kv_recipe.k), (v, names.v, kv_recipe.v)):
         check_activation(x, name, fmt)
         check_rank(x, name, 3, "[T, H, D]")
     if v.shape != k.shape:
@@ -237,8 +237,8 @@ def check_store_data_args(k_data, v_data, k, v, kv: KVRecipe, names: ArgNames = 
     if v.dtype != k.dtype:
         raise TypeError(f"{names.v} has dtype {_names([v.dtype])} but {names.k} has {_names([k.dtype])}; "
                         "pass both in one dtype")
-    for data, data_name, x, name, fmt in ((k_data, names.k_data, k, names.k, kv.k),
-                                          (v_data, names.v_data, v, names.v, kv.v)):
+    for data, data_name, x, name, fmt in ((k_data, names.k_data, k, names.k, kv_recipe.k),
+                                          (v_data, names.v_data, v, names.v, kv_recipe.v)):
         check_cache_data(data, fmt, data_name)
         check_cache_tokens(x, name, data, data_name, fmt)
     if v_data.shape[0] != k_data.shape[0]:
@@ -248,13 +248,13 @@ def check_store_data_args(k_data, v_data, k, v, kv: KVRecipe, names: ArgNames = 
 
 def check_quantize_and_store_args(k_data, v_data, k_scales, v_scales, loc, k, v, recipe, kg, vg,
                             names: ArgNames = OP_NAMES) -> KVRecipe:
-    kv = check_kv_recipe(recipe)
-    check_store_data_args(k_data, v_data, k, v, kv, names)
-    check_kv_cache(k_data, k_scales, v_data, v_scales, kv, names)
+    kv_recipe = check_kv_recipe(recipe)
+    check_store_data_args(k_data, v_data, k, v, kv_recipe, names)
+    check_kv_cache(k_data, k_scales, v_data, v_scales, kv_recipe, names)
     check_loc(loc, k_data, names.k_data, num_tokens=k.shape[0])
-    check_global_scale(kg, names.k_global_scale, kv.k, k_data, names.k_data)
-    check_global_scale(vg, names.v_global_scale, kv.v, k_data, names.k_data)
-    return kv
+    check_global_scale(kg, names.k_global_scale, kv_recipe.k, k_data, names.k_data)
+    check_global_scale(vg, names.v_global_scale, kv_recipe.v, k_data, names.k_data)
+    return kv_recipe
 
 
 def check_gather_dequantize_args(data, scales, loc, recipe, g, dtype) -> FP4Format:

@@ -158,13 +158,13 @@ def _store_rows(cache: torch.Tensor, slot: torch.Tensor, rows: torch.Tensor) -> 
     cache.index_add_(0, target, delta.to(torch.uint8))
 
 
-def quantize_and_store(k_data, v_data, k_scales, v_scales, loc, k, v, kv: KVRecipe, k_global_scale=None,
+def quantize_and_store(k_data, v_data, k_scales, v_scales, loc, k, v, kv_recipe: KVRecipe, k_global_scale=None,
                        v_global_scale=None):
     if k_data.shape[0] == 0:
         return
     slot = last_writer_slots(loc, k_data.shape[0])
-    store(k_data, k_scales, slot, k, kv.k, k_global_scale)
-    store(v_data, v_scales, slot, v, kv.v, v_global_scale)
+    store(k_data, k_scales, slot, k, kv_recipe.k, k_global_scale)
+    store(v_data, v_scales, slot, v, kv_recipe.v, v_global_scale)
 
 
 def store(data, scales, slot, x, fmt: FP4Format, global_scale=None) -> None:

@@ -443,17 +443,17 @@ def quantize(x, fmt: FP4Format, global_scale=None):
     return data.view(*x.shape[:-1], d // 2), scales.view(*x.shape[:-1], d // fmt.block_size)
 
 
-def quantize_and_store(k_data, v_data, k_scales, v_scales, loc, k, v, kv: KVRecipe, k_global_scale=None,
+def quantize_and_store(k_data, v_data, k_scales, v_scales, loc, k, v, kv_recipe: KVRecipe, k_global_scale=None,
                        v_global_scale=None):
-    if kv.k.element is Element.E4M3:  # FP8 keys by eager's kernels (see the top), V by the kernel alone
+    if kv_recipe.k.element is Element.E4M3:  # FP8 keys by eager's kernels (see the top), V by the kernel alone
         if k_data.shape[0]:
-            eager.store(k_data, k_scales, last_writer_slots(loc, k_data.shape[0]), k, kv.k, k_global_scale)
-        _launch_quantize(v, None, v_data, None, v_scales, None, v_global_scale, None, loc, kv.v, v_data.shape[0])
+            eager.store(k_data, k_scales, last_writer_slots(loc, k_data.shape[0]), k, kv_recipe.k, k_global_scale)
+        _launch_quantize(v, None, v_data, None, v_scales, None, v_global_scale, None, loc, kv_recipe.v, v_data.shape[0])
         return
     k_global_scale, v_global_scale = global_scale_pair(k_global_scale, v_global_scale, k.device)
     _launch_quantize(
         k, v, k_data, v_data, k_scales, v_scales,
-        k_global_scale, v_global_scale, loc, kv.v, k_data.shape[0],
+        k_global_scale, v_global_scale, loc, kv_recipe.v, k_data.shape[0],
     )
 
 

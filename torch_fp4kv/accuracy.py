@@ -35,7 +35,7 @@ import torch
 from transformers import QuantizedCache
 from transformers.cache_utils import Cache, QuantoQuantizedLayer
 
-from .hf import ATTENTION_NAME, FP4Cache, calibrate, roundtrip_attention
+from .hf import ATTENTION_NAME, FP4Cache, cache_argument, calibrate, roundtrip_attention
 from .ops import FORMATS, get_kv_recipe
 from .options import SUFFIXES_HELP, KVCacheOptions
 
@@ -210,7 +210,8 @@ def window_metrics(model, windows: torch.Tensor, settings: list[Setting], batch_
             else:
                 cache = _new_cache(model, setting, batch.shape[1], calibrations)
                 for t in range(batch.shape[1] - 1):
-                    logits = model(batch[:, t:t + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+                    step = model(batch[:, t:t + 1], **{cache_argument(model): cache}, use_cache=True)
+                    logits = step.logits[:, -1]
                     totals[setting].add_predictions(torch.log_softmax(logits.float(), -1), reference[:, t],
                                                     targets[:, t])
                     bar.update(1)
@@ -221,7 +222,7 @@ def greedy_continuations(model, prompts: torch.Tensor, setting: Setting, new_tok
                          calibrations: dict | None = None) -> torch.Tensor:
     """`generate`'s greedy continuation [P, new_tokens] of equal-length prompts [P, L]."""
     cache = _new_cache(model, setting, prompts.shape[1] + new_tokens, calibrations or {})
-    kwargs = {} if cache is None else {"past_key_values": cache}
+    kwargs = {} if cache is None else {cache_argument(model): cache}
     pad = model.generation_config.pad_token_id
     out = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
                          min_new_tokens=new_tokens, do_sample=False,

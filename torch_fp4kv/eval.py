@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -110,7 +109,6 @@ def main(argv=None) -> int:
     from transformers import logging
 
     logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
     try:
         model, tokenizer = models.load(args.model, getattr(torch, args.dtype), args.device,
                                        progress=not args.no_progress)

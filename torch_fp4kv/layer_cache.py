@@ -202,12 +202,12 @@ class FP4KVPoolLayer(DeviceOnlyBuffers):
         keys. Softmax alone cancels a K mean (q·(k - μ) = q·k - q·μ for every position), the
         log-sum-exp does not: it gets sm_scale · q·μ back."""
         sm_scale, out = attention_defaults(q, sm_scale, out)
-        kv = self._paged(block_table, seq_lens, page_size)
-        checks.check_decode_attention_args(out, q, kv, self.recipe, sm_scale, lse)
+        paged = self._paged(block_table, seq_lens, page_size)
+        checks.check_decode_attention_args(out, q, paged, self.recipe, sm_scale, lse)
         if self.rotation is None:
-            decode_attention_paged(q, kv, self.recipe, sm_scale, out, lse)
+            decode_attention_paged(q, paged, self.recipe, sm_scale, out, lse)
         else:
-            out.copy_(self._rotated(decode_attention_paged(self._rotated(q), kv, self.recipe, sm_scale, None, lse)))
+            out.copy_(self._rotated(decode_attention_paged(self._rotated(q), paged, self.recipe, sm_scale, None, lse)))
         if lse is not None and self.k_mean is not None:
             batch, hq, d = q.shape
             hkv = self.k_mean.shape[0]
@@ -221,11 +221,11 @@ class FP4KVPoolLayer(DeviceOnlyBuffers):
         cu_seqlens_q[b + 1]), stored in the cache already, causal over them, reading the cache in FP4.
         A K mean needs nothing here: softmax cancels q·k_mean."""
         sm_scale, out = attention_defaults(q, sm_scale, out)
-        kv = self._paged(block_table, seq_lens, page_size)
-        checks.check_extend_attention_args(out, q, cu_seqlens_q, kv, self.recipe, sm_scale)
+        paged = self._paged(block_table, seq_lens, page_size)
+        checks.check_extend_attention_args(out, q, cu_seqlens_q, paged, self.recipe, sm_scale)
         if self.rotation is None:
-            return extend_attention_paged(q, cu_seqlens_q, kv, self.recipe, sm_scale, out)
-        return out.copy_(self._rotated(extend_attention_paged(self._rotated(q), cu_seqlens_q, kv, self.recipe,
+            return extend_attention_paged(q, cu_seqlens_q, paged, self.recipe, sm_scale, out)
+        return out.copy_(self._rotated(extend_attention_paged(self._rotated(q), cu_seqlens_q, paged, self.recipe,
                                                               sm_scale)))
 
     # Former names, kept as aliases for one release.

@@ -1,4 +1,4 @@
-"""An FP4 KV cache for transformers models: `model.generate(..., past_key_values=FP4Cache(...))`.
+"""An FP4 KV cache for transformers models: `model.generate(..., cache=FP4Cache(...))`.
 
 Static like transformers' `StaticCache`: every buffer is allocated once (on the first update, or by
 `early_initialization`) and written in place, so a decode step compiles with
@@ -29,6 +29,7 @@ the cached sinks and ring in full precision and the rest of the cache in FP4.
 
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple
 
 import torch
@@ -76,6 +77,14 @@ def _write_slots(buffer: torch.Tensor, states: torch.Tensor, slot: torch.Tensor,
     source = hit.int().argmax(1)  # [B, N]: the token written to each slot (0 where none)
     new = states.gather(2, source[:, None, :, None].expand(batch, heads, slots, dim)).to(buffer.dtype)
     buffer.copy_(torch.where(hit.any(1)[:, None, :, None], new, buffer))
+
+
+
+def cache_argument(model) -> str:
+    """The name `model`'s forward (and so generate) takes a cache by: "cache" where transformers
+    has it (5.24 on; "past_key_values" still works there, deprecated, until 6.0), else
+    "past_key_values"."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
 class FP4CacheLayer(CacheLayerMixin):

@@ -36,15 +36,15 @@ def random_packed(fmt: FP4Format, slots: int, heads: int, head_dim: int, device=
 def random_cache(recipe: str, slots: int, kv_heads: int, head_dim: int, device="cpu",
                  generator: torch.Generator | None = None) -> list[torch.Tensor]:
     """[k_data, k_scales, v_data, v_scales] of random_packed bytes in a KV recipe's formats."""
-    kv = get_kv_recipe(recipe)
-    return [*random_packed(kv.k, slots, kv_heads, head_dim, device, generator),
-            *random_packed(kv.v, slots, kv_heads, head_dim, device, generator)]
+    kv_recipe = get_kv_recipe(recipe)
+    return [*random_packed(kv_recipe.k, slots, kv_heads, head_dim, device, generator),
+            *random_packed(kv_recipe.v, slots, kv_heads, head_dim, device, generator)]
 
 
 def global_scales(recipe: str, value: float, device="cpu") -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(k_global_scale, v_global_scale) of `value` where the KV recipe's formats have one, else None."""
-    kv = get_kv_recipe(recipe)
-    return tuple(torch.tensor([value], device=device) if f.has_global_scale else None for f in (kv.k, kv.v))
+    kv_recipe = get_kv_recipe(recipe)
+    return tuple(torch.tensor([value], device=device) if f.has_global_scale else None for f in (kv_recipe.k, kv_recipe.v))
 
 
 def shuffled_page_table(batch: int, pages_per_seq: int, device="cpu",

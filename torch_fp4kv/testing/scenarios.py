@@ -83,16 +83,16 @@ def store_engine_slots(recipe: str, tokens: int = 7, heads: int = 2, head_dim: i
     """K and V sliced from a fused QKV tensor, stored at a sliced loc with -1 padding, a slot past
     the end, and duplicate slots (the last token naming a slot wins). `recipe`: a KV_RECIPES name."""
     name = f"store/{recipe}/T{tokens}xH{heads}xD{head_dim}"
-    kv = get_kv_recipe(recipe)
+    kv_recipe = get_kv_recipe(recipe)
 
     def inputs():
         g = seeded(name)
         qkv = spread_normal(g, (tokens, 3 * heads * head_dim)).view(tokens, 3, heads, head_dim)
         caches = [random_bytes(g, (slots, heads, width)) for width in (
-            kv.k.data_width(head_dim), kv.k.scales_width(head_dim), kv.v.data_width(head_dim),
-            kv.v.scales_width(head_dim))]
-        return [*caches, strided_column(list(loc)), qkv[:, 1], qkv[:, 2], global_scale_for(kv.k),
-                global_scale_for(kv.v, value=2.5)]
+            kv_recipe.k.data_width(head_dim), kv_recipe.k.scales_width(head_dim), kv_recipe.v.data_width(head_dim),
+            kv_recipe.v.scales_width(head_dim))]
+        return [*caches, strided_column(list(loc)), qkv[:, 1], qkv[:, 2], global_scale_for(kv_recipe.k),
+                global_scale_for(kv_recipe.v, value=2.5)]
 
     def call(k_data, k_scales, v_data, v_scales, loc_, k, v, kg, vg):
         quantize_and_store(k_data, k_scales, v_data, v_scales, loc_, k, v, recipe, kg, vg)
@@ -170,31 +170,31 @@ def _paged_cache(g: torch.Generator, recipe: str, batch: int, kv_heads: int, hea
     """A cache of `batch * max_pages` pages in a KV recipe's formats, and a page table sliced from a
     wider one with page ids -1, past the end and huge inside the sequences (read as zero keys and
     values): [k_data, k_scales, v_data, v_scales], table, k and v global scales."""
-    kv = get_kv_recipe(recipe)
+    kv_recipe = get_kv_recipe(recipe)
     pages = batch * max_pages
     cache = []
-    for fmt in (kv.k, kv.v):
+    for fmt in (kv_recipe.k, kv_recipe.v):
         cache += eager.quantize(spread_normal(g, (pages * page_size, kv_heads, head_dim)), fmt)
     wide = torch.full((batch, 2 * max_pages), 7, dtype=torch.int32)
     wide[:, 1::2] = torch.randperm(pages, generator=g)[: batch * max_pages].view(batch, max_pages).int()
     wide[0, 1], wide[1 % batch, -1] = -1, 2**31 - 1  # inside their sequences (lengths below)
     if max_pages > 1:
         wide[-1, 3] = pages
-    return cache, wide[:, 1::2], global_scale_for(kv.k, value=k_global_scale), global_scale_for(kv.v, value=0.02)
+    return cache, wide[:, 1::2], global_scale_for(kv_recipe.k, value=k_global_scale), global_scale_for(kv_recipe.v, value=0.02)
 
 
 def _poison(cache: list[torch.Tensor], recipe: str, table: torch.Tensor, page_size: int, positions) -> None:
     """Make the K and V of the given (sequence, position) pairs NaN in the cache, every head: FP4
     through the NaN scale byte, FP8 keys through the NaN data byte. Pairs whose page id is outside
     the cache are skipped (those positions read as zeros)."""
-    kv = get_kv_recipe(recipe)
+    kv_recipe = get_kv_recipe(recipe)
     slots_per_cache = cache[0].shape[0]
     for b, pos in positions:
         page = int(table[b, pos // page_size])
         slot = page * page_size + pos % page_size
         if not 0 <= slot < slots_per_cache or not 0 <= page:
             continue
-        for (data, scales), fmt in (((cache[0], cache[1]), kv.k), ((cache[2], cache[3]), kv.v)):
+        for (data, scales), fmt in (((cache[0], cache[1]), kv_recipe.k), ((cache[2], cache[3]), kv_recipe.v)):
             if fmt.element is Element.E4M3:
                 data[slot] = E4M3_NAN_BYTE
             else:
