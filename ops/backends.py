@@ -9,7 +9,6 @@ override reaches that backend, so nothing untested runs unless asked for.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import functools
 import importlib
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .environment import environment_variable
 from .formats import KV_RECIPES, TENSOR_FORMATS, FP4Format, KVRecipe
 
 ENV_VAR = "TORCH_FP4KV_BACKEND"
@@ -146,21 +146,9 @@ def select_backend(op: str, fmt: FP4Format | KVRecipe, device: torch.device, dty
 select_backend.cache_clear = _select.cache_clear  # tests that patch the capability clear this
 
 
-@contextlib.contextmanager
 def forced_backend(name: str | None):
     """Run the block with TORCH_FP4KV_BACKEND=name (None: the selection table), then restore it."""
-    before = os.environ.get(ENV_VAR)
-    if name is None:
-        os.environ.pop(ENV_VAR, None)
-    else:
-        os.environ[ENV_VAR] = name
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = before
+    return environment_variable(ENV_VAR, name)
 
 
 _MODULES = {Backend.EAGER: "eager", Backend.TRITON: "triton_kernels", Backend.FLASHINFER: "flashinfer_kernels"}

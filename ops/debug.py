@@ -22,11 +22,11 @@ nothing is checked (replays never run Python anyway): check a step eagerly befor
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
 
+from .environment import environment_variable
 from .paged_kv import PagedKV
 
 ENV_VAR = "TORCH_FP4KV_DEBUG"
@@ -44,18 +44,9 @@ def enabled(device: torch.device) -> bool:
     return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
-@contextlib.contextmanager
 def debug_checks(on: bool = True):
     """Run the block with TORCH_FP4KV_DEBUG=1 (on=False: 0), then restore the variable."""
-    before = os.environ.get(ENV_VAR)
-    os.environ[ENV_VAR] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = before
+    return environment_variable(ENV_VAR, "1" if on else "0")
 
 
 def _first(bad: torch.Tensor) -> tuple[int, ...] | None:
