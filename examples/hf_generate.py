@@ -59,14 +59,15 @@ def decode_speed(model, cache, prompt: torch.Tensor, steps: int, compile_mode: s
     counters.clear()
     step = torch.compile(model, fullgraph=True, mode=compile_mode)
     batch, length = prompt.shape
+    cache_kwargs = {cache_argument(model): cache}
     with torch.inference_mode():
-        token = model(prompt, **{cache_argument(model): cache}).logits[:, -1:].argmax(-1)
+        token = model(prompt, **cache_kwargs).logits[:, -1:].argmax(-1)
         for i in range(steps + 3):
             if i == 3:
                 _synchronize(prompt.device)
                 start = time.perf_counter()
             position = torch.full((batch, 1), length + i, device=prompt.device)
-            token = step(token, position_ids=position, **{cache_argument(model): cache}).logits[:, -1:].argmax(-1)
+            token = step(token, position_ids=position, **cache_kwargs).logits[:, -1:].argmax(-1)
         _synchronize(prompt.device)
     seconds = time.perf_counter() - start
     return batch * steps / seconds, {"graphs": counters["stats"]["unique_graphs"],

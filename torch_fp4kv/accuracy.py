@@ -208,10 +208,9 @@ def window_metrics(model, windows: torch.Tensor, settings: list[Setting], batch_
                     _window_logprobs(model, batch, _roundtrip_attention(setting.cache, calibrations)), reference, targets)
                 bar.update(1)
             else:
-                cache = _new_cache(model, setting, batch.shape[1], calibrations)
+                cache_kwargs = {cache_argument(model): _new_cache(model, setting, batch.shape[1], calibrations)}
                 for t in range(batch.shape[1] - 1):
-                    step = model(batch[:, t:t + 1], **{cache_argument(model): cache}, use_cache=True)
-                    logits = step.logits[:, -1]
+                    logits = model(batch[:, t:t + 1], **cache_kwargs, use_cache=True).logits[:, -1]
                     totals[setting].add_predictions(torch.log_softmax(logits.float(), -1), reference[:, t],
                                                     targets[:, t])
                     bar.update(1)
