@@ -28,6 +28,7 @@ import torch
 
 from .environment import environment_variable
 from .paged_kv import PagedKV
+from .slots import in_cache
 
 ENV_VAR = "TORCH_FP4KV_DEBUG"
 PADDING_SLOT = -1
@@ -58,7 +59,7 @@ def _first(bad: torch.Tensor) -> tuple[int, ...] | None:
 def loc_values(loc: torch.Tensor, num_slots: int) -> None:
     """Every slot of loc in [0, num_slots), or exactly PADDING_SLOT."""
     loc = loc.long()
-    bad = _first(((loc < 0) | (loc >= num_slots)) & (loc != PADDING_SLOT))
+    bad = _first(~in_cache(loc, num_slots) & (loc != PADDING_SLOT))
     if bad is not None:
         (i,) = bad
         raise ValueError(f"loc[{i}] = {int(loc[i])} is outside the cache's {num_slots} slots "
@@ -76,7 +77,7 @@ def paged_kv_values(kv: PagedKV) -> None:
     reached = (lengths + kv.page_size - 1) // kv.page_size
     page = kv.block_table.long()
     in_use = torch.arange(kv.max_pages, device=page.device)[None, :] < reached[:, None]
-    bad = _first(in_use & ((page < 0) | (page >= kv.num_pages)))
+    bad = _first(in_use & ~in_cache(page, kv.num_pages))
     if bad is not None:
         b, p = bad
         raise ValueError(f"block_table[{b}, {p}] = {int(page[b, p])} is outside the cache's {kv.num_pages} pages "
