@@ -102,6 +102,24 @@ def value_tile(data_ptr, scales_ptr, rows, valid, D: tl.constexpr, BS: tl.conste
 
 
 @triton.jit
+def key_rows(k_data_ptr, k_scales_ptr, rows, valid, D: tl.constexpr, BS: tl.constexpr, E4M3_SCALES: tl.constexpr,
+             FP32_TILES: tl.constexpr, HW_FP8: tl.constexpr, K_FP8: tl.constexpr, dtype: tl.constexpr):
+    """Key rows [N] -> [N, D] in element order, the tiles' type: for products q K^T, where keys
+    reach the tensor cores through shared memory as values do (value_tile). K_FP8: FP8 E4M3 keys,
+    k_data_ptr as int16 words (kernel_inputs)."""
+    if K_FP8:
+        N: tl.constexpr = rows.shape[0]
+        words = tl.load(k_data_ptr + rows[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :], mask=valid[:, None],
+                        other=0)
+        even = block_scales((words & 0xFF).to(tl.uint8), True, FP32_TILES, HW_FP8).to(dtype)
+        odd = block_scales(((words >> 8) & 0xFF).to(tl.uint8), True, FP32_TILES, HW_FP8).to(dtype)
+        keys = tl.reshape(tl.join(even, odd), (N, D))
+    else:
+        keys = value_tile(k_data_ptr, k_scales_ptr, rows, valid, D, BS, E4M3_SCALES, FP32_TILES, HW_FP8)
+    return keys
+
+
+@triton.jit
 def query_pairs(q_ptr, q_cols, ok, D: tl.constexpr, dtype: tl.constexpr):
     """q's even and odd elements [D/2, columns] in key_pair order (the key tiles' columns), as the
     tiles' type; q_cols: each column's element offset in q, ok: which columns are real."""
@@ -189,3 +207,45 @@ def store_split(partial_out_ptr, partial_lse_ptr, query_rows, split, acc, diviso
     if NUM_SPLITS > 1:
         lse = split_lse(m, l)
         tl.store(partial_lse_ptr + base, lse, mask=ok)
+
+
+@triton.jit
+def _running_max(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _segment_bounds(cu_ptr, lanes, batch, tokens, SHIFT: tl.constexpr):
+    """Row boundaries per segment lane: 0 for lane 0 (with SHIFT 1), the clamped running maximum
+    of cu_seqlens_q (eager.extend_rows) for the sequences' lanes, T past them."""
+    index = lanes - SHIFT
+    inside = (index >= 0) & (index <= batch)
+    raw = tl.load(cu_ptr + index, mask=inside, other=-2147483647)
+    bound = tl.minimum(tl.maximum(tl.associative_scan(raw, 0, _running_max), 0), tokens)
+    return tl.where(index <= batch, bound, tokens)
+
+
+@triton.jit
+def _pick(values, lanes, lane):
+    return tl.sum(tl.where(lanes == lane, values, 0), axis=0)
+
+
+@triton.jit
+def segment_tile(cu_ptr, batch, tokens, tile, ROWS_PER_TOKEN: tl.constexpr, BLOCK: tl.constexpr,
+                 SEGMENTS_PAD: tl.constexpr):
+    """Which rows tile `tile` of an extend kernel owns: (segment, the segment's first token, the
+    tile's first row, the segment's end row). Segment 0 is q's tokens before the first sequence,
+    segment b + 1 sequence b's (eager.extend_rows), segment B + 1 those after the last; each token
+    is ROWS_PER_TOKEN rows (a KV head's query heads, or 1) and a segment's rows are cut into tiles
+    of BLOCK, numbered in order. Rows count from token 0's first; a tile past the last one gets
+    segment SEGMENTS_PAD and no rows. At most cdiv(T * ROWS_PER_TOKEN, BLOCK) + B + 2 tiles: the
+    grid depends on shapes only."""
+    lanes = tl.arange(0, SEGMENTS_PAD)
+    lo = _segment_bounds(cu_ptr, lanes, batch, tokens, 1)
+    hi = _segment_bounds(cu_ptr, lanes, batch, tokens, 0)
+    tiles = ((hi - lo) * ROWS_PER_TOKEN + BLOCK - 1) // BLOCK
+    tiles_end = tl.cumsum(tiles, 0)
+    segment = tl.sum((tiles_end <= tile).to(tl.int32), axis=0)
+    segment_start = _pick(lo, lanes, segment)
+    first_row = segment_start * ROWS_PER_TOKEN + (tile - _pick(tiles_end - tiles, lanes, segment)) * BLOCK
+    return segment, segment_start, first_row, _pick(hi, lanes, segment) * ROWS_PER_TOKEN

@@ -14,8 +14,9 @@ its sequence and tile from cu_seqlens_q (the rows eager.extend_rows gives), and 
 cdiv(T, tile) + B + 2 tiles (two more segments: the rows before the first sequence and after the
 last one, which get zeros). Split-K over the context and the merge are attention_shared's.
 
-Verification (a few tokens per sequence) goes to triton_verify where the Hopper decode kernel can
-serve it: that route writes every sequence's first T // B rows, and this kernel skips them.
+Chunks and prefills (a program's rows or more per sequence) go to triton_prefill; verification (a
+few tokens per sequence) to triton_verify where the Hopper decode kernel can serve it: that route
+writes every sequence's first T // B rows, and this kernel skips them.
 """
 
 from __future__ import annotations
@@ -26,14 +27,14 @@ import torch
 import triton
 import triton.language as tl
 
-from . import triton_verify
+from . import triton_prefill, triton_verify
 from .attention_shared import (MMA_MIN_SIDE, context_len, global_scales, interpreter_fp32, merge_splits,
                                positions_per_split, sm_count, split_count, split_kernel_arguments, split_outputs,
                                split_range)
 from .formats import KVRecipe
 from .paged_kv import PagedKV
-from .triton_attention_tiles import (NAN_GROUPS, drop_unseen_values, kernel_inputs, query_pairs, store_split,
-                                     tile_scores, value_tile)
+from .triton_attention_tiles import (NAN_GROUPS, drop_unseen_values, kernel_inputs, query_pairs, segment_tile,
+                                     store_split, tile_scores, value_tile)
 
 
 class ExtendLaunch(NamedTuple):
@@ -56,27 +57,6 @@ EXTEND_LAUNCH = {
     (256, 16): ExtendLaunch(block_n=128, num_warps=4, num_stages=3, waves=4),
     (256, 64): ExtendLaunch(block_n=64, num_warps=8, num_stages=2, waves=2),
 }
-
-
-@triton.jit
-def _running_max(a, b):
-    return tl.maximum(a, b)
-
-
-@triton.jit
-def _segment_bounds(cu_ptr, lanes, batch, tokens, SHIFT: tl.constexpr):
-    """Row boundaries per segment lane: 0 for lane 0 (with SHIFT 1), the clamped running maximum
-    of cu_seqlens_q (eager.extend_rows) for the sequences' lanes, T past them."""
-    index = lanes - SHIFT
-    inside = (index >= 0) & (index <= batch)
-    raw = tl.load(cu_ptr + index, mask=inside, other=-2147483647)
-    bound = tl.minimum(tl.maximum(tl.associative_scan(raw, 0, _running_max), 0), tokens)
-    return tl.where(index <= batch, bound, tokens)
-
-
-@triton.jit
-def _pick(values, lanes, lane):
-    return tl.sum(tl.where(lanes == lane, values, 0), axis=0)
 
 
 @triton.jit
@@ -122,17 +102,7 @@ def _extend_split_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
-    # Segments: lane 0 the rows before the first sequence, lane b + 1 sequence b, lane B + 1 the
-    # rows after the last; each segment's tiles numbered in order along axis 0.
-    lanes = tl.arange(0, SEGMENTS_PAD)
-    lo = _segment_bounds(cu_ptr, lanes, batch, tokens, 1)
-    hi = _segment_bounds(cu_ptr, lanes, batch, tokens, 0)
-    tiles = (hi - lo + BLOCK_T - 1) // BLOCK_T
-    tiles_end = tl.cumsum(tiles, 0)
-    segment = tl.sum((tiles_end <= tile).to(tl.int32), axis=0)  # SEGMENTS_PAD past the last tile
-    segment_start = _pick(lo, lanes, segment)
-    first_row = segment_start + (tile - _pick(tiles_end - tiles, lanes, segment)) * BLOCK_T
-    end_row = _pick(hi, lanes, segment)
+    segment, segment_start, first_row, end_row = segment_tile(cu_ptr, batch, tokens, tile, 1, BLOCK_T, SEGMENTS_PAD)
     b = segment - 1
     is_sequence = (segment >= 1) & (segment <= batch)
     b_safe = tl.where(is_sequence, b, 0)
@@ -209,7 +179,11 @@ def extend_attention(out, q, cu_seqlens_q, kv: PagedKV, fmt: KVRecipe, sm_scale:
     tokens, hq, d = q.shape
     batch, hkv = kv.block_table.shape[0], kv.kv_heads
     block_t, group_pad, launch = extend_tiles(tokens, batch, hq, hkv, d)
+    prefill = triton_prefill.prefill_launch(tokens, batch, hq, hkv, d)
     with interpreter_fp32(out, q) as (out, q):
+        if prefill is not None:
+            triton_prefill.extend_attention(out, q, cu_seqlens_q, kv, fmt, sm_scale, prefill)
+            return
         routed = triton_verify.routed_tokens(q, batch, hkv, fmt)
         if routed:  # every row, unless a sequence has more than `routed`: one split for those few
             triton_verify.extend_attention(out, q, cu_seqlens_q, kv, fmt, sm_scale, routed)

@@ -250,9 +250,10 @@ def test_property_triton_matches_eager(recipe, batch, hkv, group, d, page_size, 
 
 @requires_cuda
 @pytest.mark.parametrize("recipe", RECIPES)
-@pytest.mark.parametrize("new, context", [(4, 1000), (4, 8192), (8, 8192), (512, 8192), (1, 32768)])
+@pytest.mark.parametrize("new, context", [(4, 1000), (4, 8192), (8, 8192), (512, 8192), (1, 32768), (1024, 1024)])
 def test_long_ragged_contexts_on_gpu(backend, recipe, new, context):
-    """The benchmark's shape (Hq 32 / Hkv 8, D 128, page 16): verification and a chunk of 512."""
+    """The benchmark's shape (Hq 32 / Hkv 8, D 128, page 16): verification, a chunk of 512 (the
+    prefill kernel) and a prefill over an empty cache."""
     page = 16
     lens = [context, max(new, context // 3), max(new, context - 17)]
     args = _problem(recipe, [new, new, max(1, new // 2)], lens, 32, 8, 128, page, max_pages=-(-context // page),
@@ -331,3 +332,66 @@ def test_verify_route_is_taken_from_shapes_where_the_hopper_decode_serves():
     assert triton_verify.routed_tokens(q, 16, 8, get_kv_recipe("nvfp4")) == 0  # 8 x 4 rows: too many
     assert triton_verify.routed_tokens(q, 32, 8, get_kv_recipe("nvfp4+k8")) == 0  # Gluon reads FP4 keys only
     assert triton_verify.routed_tokens(q[:0], 32, 8, get_kv_recipe("nvfp4")) == 0
+
+
+@pytest.fixture(params=[(16, 16), (128, 64)], ids=["m16", "m128"])
+def prefill_kernel(request, monkeypatch):
+    """Send every Triton extend_attention call to triton_prefill, with `param` = (rows per program,
+    positions per tile); m16 gives small problems several tiles, diagonals and splits."""
+    from torch_fp4kv.ops import triton_prefill
+
+    block_m, block_n = request.param
+    launch = triton_prefill.PrefillLaunch(block_m=block_m, block_n=block_n, num_warps=4, num_stages=2, waves=4)
+    monkeypatch.setattr(triton_prefill, "prefill_launch", lambda tokens, batch, hq, hkv, d: launch)
+
+
+@pytest.mark.parametrize("recipe", RECIPES + K8_RECIPES)
+@pytest.mark.parametrize("case", CASES, ids=[f"new{sum(c[0])}-hq{c[2]}-hkv{c[3]}-d{c[4]}-page{c[5]}" for c in CASES])
+def test_prefill_kernel_matches_eager(backend, prefill_kernel, recipe, case):
+    new, lens, hq, hkv, d, page, padding = case
+    args = _problem(recipe, new, lens, hq, hkv, d, page, device=TRITON_DEVICE, padding=padding)
+    _assert_triton_matches_eager(args, backend)
+
+
+def test_prefill_kernel_with_unsorted_offsets_and_engine_made_metadata(backend, prefill_kernel):
+    q, cu, k_data, k_scales, v_data, v_scales, table, lens, *rest = _problem("nvfp4", [30, 17, 2], [40, 60, 2],
+                                                                             device=TRITON_DEVICE, padding=3)
+    table = table.clone()
+    table[1, 0] = -1
+    table[0, 1] = 2**31 - 1
+    cache = (k_data, k_scales, v_data, v_scales)
+    for offsets in ([0, 30, 47, 49], [0, 20, 9, 49], [-4, 2, 40, 5], [2, 2, 2, 2]):
+        cu = torch.tensor(offsets, dtype=torch.int32, device=q.device)
+        _assert_triton_matches_eager((q, cu, *cache, table, lens, *rest), backend)
+        backend("triton")
+        strided = torch_fp4kv.extend_attention(q, _column(cu), *cache, _column(table), _column(lens), *rest)
+        assert torch.equal(strided, torch_fp4kv.extend_attention(q, cu, *cache, table, lens, *rest))
+
+
+@settings(max_examples=8, deadline=None)
+@given(recipe=st.sampled_from(RECIPES + K8_RECIPES), batch=st.integers(1, 3), group=st.sampled_from([1, 3, 4, 7]),
+       d=st.sampled_from([64, 128]), page_size=st.sampled_from([1, 16]), new=st.integers(0, 80),
+       prefix=st.integers(0, 300), seed=st.integers(0, 2**16))
+def test_property_prefill_kernel_matches_eager(recipe, batch, group, d, page_size, new, prefix, seed):
+    """Chunks and prefills over ragged prefixes with 16-row programs and 16-position tiles."""
+    from torch_fp4kv.ops import triton_prefill
+
+    g = torch.Generator().manual_seed(seed)
+    news = torch.randint(0, new + 1, (batch,), generator=g).tolist()
+    lens = [n + int(torch.randint(0, prefix + 1, (), generator=g)) for n in news]
+    args = _problem(recipe, news, lens, group, 1, d, page_size, device=TRITON_DEVICE, seed=seed)
+    launch = triton_prefill.PrefillLaunch(block_m=16, block_n=16, num_warps=4, num_stages=2, waves=4)
+    with pytest.MonkeyPatch.context() as mp:  # hypothesis runs many examples per fixture: patch here
+        mp.setattr(triton_prefill, "prefill_launch", lambda tokens, batch, hq, hkv, d: launch)
+        _assert_triton_matches_eager(args, lambda name: mp.setenv("TORCH_FP4KV_BACKEND", name))
+
+
+def test_prefill_kernel_is_chosen_from_shapes_for_chunks_and_prefills():
+    """A program's rows per KV head per sequence or more: chunks and prefills, never verification."""
+    from torch_fp4kv.ops.triton_prefill import prefill_launch
+
+    assert prefill_launch(8 * 512, 8, 32, 8, 128) is not None  # chunked prefill, Llama-3-8B heads
+    assert prefill_launch(2 * 4096, 2, 32, 8, 128) is not None  # prefill
+    assert prefill_launch(32 * 4, 32, 32, 8, 128) is None  # verification
+    assert prefill_launch(4 * 16, 4, 32, 32, 128) is None  # MHA: 16 rows per sequence and head
+    assert prefill_launch(4096, 1, 32, 8, 96) is None  # a head_dim without a launch shape

@@ -13,7 +13,7 @@ import torch
 
 import torch_fp4kv
 from conftest import RECIPES, TRITON_DEVICE, requires_cuda
-from torch_fp4kv.ops import FORMATS, triton_verify
+from torch_fp4kv.ops import FORMATS, triton_prefill, triton_verify
 from torch_fp4kv.ops.backends import forced_backend
 
 pytest.importorskip("triton")
@@ -122,12 +122,24 @@ def test_extend_rows_do_not_see_later_nan(recipe, new_tokens, poison, backend, d
         assert torch.equal(out[seeing][..., block:], want[seeing][..., block:])
 
 
+def _force_route(monkeypatch, route):
+    """Send extend_attention's Triton calls down `route` on any device: the verify route (decode over
+    the prefix + tail kernel), or the prefill kernel with 16-row programs over 16-position tiles."""
+    if route == "verify":
+        monkeypatch.setattr(triton_verify, "routed_tokens", lambda q, batch, kv_heads, fmt: q.shape[0] // max(batch, 1))
+    else:
+        launch = triton_prefill.PrefillLaunch(block_m=16, block_n=16, num_warps=4, num_stages=2, waves=4)
+        monkeypatch.setattr(triton_prefill, "prefill_launch", lambda tokens, batch, hq, hkv, d: launch)
+
+
 @pytest.mark.parametrize("poison", ["k", "v"])
-def test_verify_route_rows_do_not_see_later_nan(monkeypatch, poison):
-    """The verify route (decode over the prefix + tail kernel), forced on the interpreter or any
-    GPU: the same rule as the extend kernel."""
-    monkeypatch.setattr(triton_verify, "routed_tokens", lambda q, batch, kv_heads, fmt: q.shape[0] // max(batch, 1))
-    clean, stale, q, cu, table, seq_lens, seeing, block = _extend_case("nvfp4", 128, (4, 4, 4, 4), poison == "k",
+@pytest.mark.parametrize("route, new_tokens", [("verify", (4, 4, 4, 4)), ("prefill", (4, 4, 4, 4)),
+                                               ("prefill", (3, 5, 0, 2))])
+def test_forced_routes_rows_do_not_see_later_nan(monkeypatch, route, new_tokens, poison):
+    """The verify route and the prefill kernel, forced on the interpreter or any GPU: the same
+    rule as the extend kernel."""
+    _force_route(monkeypatch, route)
+    clean, stale, q, cu, table, seq_lens, seeing, block = _extend_case("nvfp4", 128, new_tokens, poison == "k",
                                                                        poison == "v")
     out = _extend(stale, q, cu, table, seq_lens, "triton", TRITON_DEVICE)
     want = _extend(clean, q, cu, table, seq_lens, "triton", TRITON_DEVICE)
