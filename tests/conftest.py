@@ -2,6 +2,8 @@
 variable must be set before triton.jit runs, hence here, at import time."""
 
 import os
+import sys
+import types
 
 import torch
 
@@ -64,3 +66,32 @@ def backend(monkeypatch):
 
     yield force
     select_backend.cache_clear()
+
+
+@pytest.fixture
+def fake_flashinfer(monkeypatch):
+    """A stand-in `flashinfer` module with the paged wrappers as far as torch_fp4kv.testing.paged
+    uses them: `.calls` records each wrapper's ("init", class name, layout, kwargs), ("plan", args,
+    kwargs) and ("run", q, cache, kwargs); run gives a copy of q back; plan raises for a
+    kv_data_type put in `.rejects`."""
+    calls: list = []
+    rejects: set = set()
+
+    class Wrapper:
+        def __init__(self, workspace, layout, **kwargs):
+            calls.append(("init", type(self).__name__, layout, kwargs))
+
+        def plan(self, *args, **kwargs):
+            if kwargs.get("kv_data_type") in rejects:
+                raise RuntimeError(f"the stand-in rejects kv_data_type {kwargs['kv_data_type']}")
+            calls.append(("plan", args, kwargs))
+
+        def run(self, q, cache, **kwargs):
+            calls.append(("run", q, cache, kwargs))
+            return q.clone()
+
+    module = types.SimpleNamespace(BatchDecodeWithPagedKVCacheWrapper=type("Decode", (Wrapper,), {}),
+                                   BatchPrefillWithPagedKVCacheWrapper=type("Prefill", (Wrapper,), {}),
+                                   calls=calls, rejects=rejects)
+    monkeypatch.setitem(sys.modules, "flashinfer", module)
+    return module

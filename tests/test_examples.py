@@ -66,8 +66,8 @@ def test_tensor_parallel_decode_with_two_gloo_processes():
 def test_bench_table_and_json(tmp_path):
     path = tmp_path / "bench.json"
     out = _run("-m", "torch_fp4kv.bench", "--device", "cpu", "--tokens", "64", "--backends", "eager",
-               "--decode-batches", "2", "--decode-contexts", "64", "--extend-cases", "2x48+3", "--out-dtype", "float8_e4m3fn",
-               "--json", str(path))
+               "--decode-batches", "2", "--decode-contexts", "64", "--extend-cases", "2x48+3", "1x16+2@gemma3",
+               "--out-dtype", "float8_e4m3fn", "--json", str(path))
     assert "they are not performance figures" in out and "dequantize and gather_dequantize write float8_e4m3fn" in out
     report = json.loads(path.read_text())
     assert report["copy_gb_per_s"] is None and report["out_dtype"] == "float8_e4m3fn"
@@ -89,10 +89,32 @@ def test_bench_table_and_json(tmp_path):
     assert [(r["recipe"], r["batch"], r["context"]) for r in report["decode_rows"]] == [
         ("blockfp4", 2, 64), ("mxfp4", 2, 64), ("nvfp4", 2, 64)]
     assert all(r["fp4_us"] > 0 for r in report["decode_rows"])
-    assert [(r["recipe"], r["batch"], r["context"], r["new"]) for r in report["extend_rows"]] == [
-        ("blockfp4", 2, 48, 3), ("mxfp4", 2, 48, 3), ("nvfp4", 2, 48, 3)]
+    assert [(r["shape"], r["recipe"], r["batch"], r["context"], r["new"]) for r in report["extend_rows"]] == [
+        (shape, recipe, *case) for shape, *case in (("32/8/128/p16", 2, 48, 3), ("gemma3", 1, 16, 2))
+        for recipe in ("blockfp4", "mxfp4", "nvfp4")]
     assert all(r["fp4_us"] > 0 and r["dequant_attend_us"] > 0 and r["x_bf16"] is None for r in report["extend_rows"])
+    no_flashinfer = [r[key] for key in ("flashinfer_nvfp4_us", "x_flashinfer_nvfp4")
+                     for r in report["decode_rows"] + report["extend_rows"]]
+    assert no_flashinfer == [None] * len(no_flashinfer)
     assert re.search(r"^2x48\+3\s+nvfp4\s+[\d.]+\s+[\d.]+\s+-", out, re.M), out
+    assert re.search(r"^1x16\+2@gemma3\s+nvfp4\s+[\d.]+\s+[\d.]+(\s+-){7}$", out, re.M), out
+    assert report["e2e_rows"] == [] and "end-to-end step" not in out  # off on CPU unless asked
+
+
+def test_bench_end_to_end_family_on_cpu(tmp_path):
+    path = tmp_path / "bench.json"
+    out = _run("-m", "torch_fp4kv.bench", "--device", "cpu", "--tokens", "16", "--recipes", "nvfp4", "--backends",
+               "eager", "--decode-batches", "--extend-cases", "--e2e", "--e2e-steps", "2x32+1", "1x32+8",
+               "--json", str(path))
+    report = json.loads(path.read_text())
+    assert report["decode_rows"] == [] and report["extend_rows"] == [] and report["e2e_free_bytes"] is None
+    rows = [(r["cache"], r["batch"], r["context"], r["new"], r["step_us"] is not None) for r in report["e2e_rows"]]
+    assert rows == [(cache, *step, cache == "FP4 nvfp4 (ours)") for step in ((2, 32, 1), (1, 32, 8))
+                    for cache in ("FP4 nvfp4 (ours)", "FlashInfer NVFP4", "FlashInfer FP8", "FlashInfer BF16")]
+    ours = report["e2e_rows"][0]
+    assert ours["tokens_per_s"] == pytest.approx(2 / ours["step_us"] * 1e6)
+    assert re.search(r"^2x32\+1\s+FP4 nvfp4 \(ours\)\s+[\d.]+\s+\d+\s+-\s+144\s+-$", out, re.M), out
+    assert "could not run: FlashInfer does not run here" in out
 
 
 def test_bench_rows_relate_bandwidth_to_copy_and_flashinfer():

@@ -1,17 +1,22 @@
 """Extend attention (fp4kv.extend_attention): several new tokens per sequence over a cached prefix,
-beside dequantizing the whole FP4 context first and FlashInfer's paged prefill on BF16 and FP8
-caches: speculative verification (a few new tokens) and chunked prefill (hundreds)."""
+beside dequantizing the whole FP4 context first, FlashInfer's paged prefill on BF16 and FP8 caches
+and, for NVFP4, FlashInfer's own NVFP4-KV prefill over the same cache bytes: speculative
+verification (a few new tokens), chunked prefill (hundreds) and prefill (no prefix), each at the
+Llama-3-8B heads or a model's (`@SHAPE`)."""
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from ..ops.paged_kv import PagedKV
-from ..testing.paged import flashinfer_paged_attention, global_scales, random_cache, shuffled_page_table
+from ..testing.paged import (FLASHINFER_NVFP4_RECIPES, flashinfer_nvfp4_attention, flashinfer_paged_attention,
+                             global_scales, random_cache, shuffled_page_table)
 from .common import cell, has_flashinfer, timer, try_time, us
+from .shapes import MODEL_SHAPES, DecodeShape, attention_shape, shape_label
 
 
 @dataclass
@@ -30,6 +35,9 @@ class ExtendRow:
     flashinfer_bf16_fa3_us: float | None = None
     flashinfer_fp8_us: float | None = None  # backend="auto"
     notes: str = ""
+    shape: str = shape_label(None)  # a MODEL_SHAPES name, or str(DecodeShape) for the Llama-3-8B heads
+    # FlashInfer's own NVFP4-KV prefill (FA2) over the same cache bytes; nvfp4 rows only.
+    flashinfer_nvfp4_us: float | None = None
 
     @property
     def best_bf16_us(self) -> float | None:
@@ -44,22 +52,48 @@ class ExtendRow:
     def x_fp8(self) -> float | None:
         return self.fp4_us / self.flashinfer_fp8_us if self.flashinfer_fp8_us else None
 
+    @property
+    def x_flashinfer_nvfp4(self) -> float | None:
+        return self.fp4_us / self.flashinfer_nvfp4_us if self.flashinfer_nvfp4_us else None
 
-def parse_extend_case(text: str) -> tuple[int, int, int]:
-    """'32x8192+4' -> (batch 32, prefix 8192, new tokens 4)."""
+
+class ExtendCase(NamedTuple):
+    """`batch` sequences of `context` cached tokens plus `new` ones, at the heads and page size of
+    the MODEL_SHAPES entry `shape` (None: the Llama-3-8B grid shape)."""
+
+    batch: int
+    context: int
+    new: int
+    shape: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.batch}x{self.context}+{self.new}" + (f"@{self.shape}" if self.shape is not None else "")
+
+
+def parse_extend_case(text: str) -> ExtendCase:
+    """'32x8192+4' -> 32 sequences, 8192 cached tokens and 4 new each, Llama-3-8B heads;
+    '16x8192+2@llama3-70b' -> the same at that MODEL_SHAPES entry's heads and page size."""
+    case, _, shape = text.partition("@")
+    if shape and shape not in MODEL_SHAPES:
+        raise argparse.ArgumentTypeError(f"{text!r}: the shape after @ is one of {', '.join(MODEL_SHAPES)}")
     try:
-        shape, new = text.split("+")
-        batch, context = shape.split("x")
-        return int(batch), int(context), int(new)
+        sizes, new = case.split("+")
+        batch, context = sizes.split("x")
+        parsed = ExtendCase(int(batch), int(context), int(new), shape or None)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"an extend case is BATCHxPREFIX+NEW (e.g. 32x8192+4), got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"an extend case is BATCHxPREFIX+NEW[@SHAPE] (e.g. 32x8192+4 or "
+                                         f"16x8192+2@llama3-70b), got {text!r}") from None
+    if parsed.batch < 1 or parsed.context < 0 or parsed.new < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: an extend case needs BATCH >= 1, PREFIX >= 0 and NEW >= 1")
+    return parsed
 
 
 class _ExtendProblem:
     """One extend shape: every sequence holds `context` cached tokens plus `new` ones (all in the
     cache), its pages shuffled; q [batch * new, Hq, D]."""
 
-    def __init__(self, batch, context, new, hq, hkv, d, page, device):
+    def __init__(self, batch, context, new, shape: DecodeShape, device):
+        hq, hkv, d, page = shape
         self.batch, self.new, self.hq, self.hkv, self.d, self.page, self.device = batch, new, hq, hkv, d, page, device
         self.length = context + new
         self.pages_per_seq = -(-self.length // page)
@@ -93,12 +127,13 @@ class _ExtendProblem:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
-def run_extend(cases, recipes, device: torch.device, hq=32, hkv=8, d=128, page=16) -> list[ExtendRow]:
+def run_extend(cases: list[ExtendCase], recipes, device: torch.device) -> list[ExtendRow]:
     timed = timer(device)
     flashinfer_here = has_flashinfer(device)
     rows = []
-    for batch, context, new in cases:
-        problem = _ExtendProblem(batch, context, new, hq, hkv, d, page, device)
+    for batch, context, new, shape_name in cases:
+        problem = _ExtendProblem(batch, context, new, attention_shape(shape_name), device)
+        d = problem.d
         notes: list[str] = []
         flashinfer_s = {}
         if flashinfer_here:
@@ -113,6 +148,7 @@ def run_extend(cases, recipes, device: torch.device, hq=32, hkv=8, d=128, page=1
         if best_bf16:
             best_backend = "fa2" if flashinfer_s.get("BF16 fa2") == best_bf16 else "fa3"
         all_slots = problem.all_slots()
+        case_rows = []
         for recipe in recipes:
             kv = problem.fp4_cache(recipe)
             out = torch.empty_like(problem.q)
@@ -134,26 +170,37 @@ def run_extend(cases, recipes, device: torch.device, hq=32, hkv=8, d=128, page=1
                 return lambda: (dequantized(), attend())
 
             dequant_s = try_time(timed, dequantize_then_attend, notes, f"{recipe} dequantize-then-attend")
-            rows.append(ExtendRow(recipe, batch, context, new, seconds * 1e6, us(dequant_s),
-                                  us(flashinfer_s.get("BF16 fa2")), us(flashinfer_s.get("BF16 fa3")),
-                                  us(flashinfer_s.get("FP8 auto")), "; ".join(notes)))
+            flashinfer_nvfp4 = None
+            if flashinfer_here and recipe in FLASHINFER_NVFP4_RECIPES:
+                flashinfer_nvfp4 = try_time(timed, lambda: flashinfer_nvfp4_attention(problem.q, kv, problem.cu), notes,
+                                            "FlashInfer NVFP4 fa2")
+            case_rows.append(ExtendRow(recipe, batch, context, new, seconds * 1e6, us(dequant_s),
+                                       us(flashinfer_s.get("BF16 fa2")), us(flashinfer_s.get("BF16 fa3")),
+                                       us(flashinfer_s.get("FP8 auto")), shape=shape_label(shape_name),
+                                       flashinfer_nvfp4_us=us(flashinfer_nvfp4)))
+        for row in case_rows:  # what could not run in this case, said once for all its rows
+            row.notes = "; ".join(notes)
+        rows += case_rows
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
 
 
 def print_extend_table(rows: list[ExtendRow]) -> None:
-    print("\nextend attention: new tokens per sequence over a cached prefix (Hq=32, Hkv=8, D=128, page 16;"
+    print("\nextend attention: new tokens per sequence over a cached prefix (case BATCHxPREFIX+NEW at Hq 32 /"
+          " Hkv 8 / D 128 / page 16, or at the heads of the --decode-shapes model after @;"
           " FP4 read directly vs dequantize-then-attend and FlashInfer paged prefill, causal;"
-          " FP4/BF16 against the faster of fa2 and fa3)")
-    print(f"{'case':<17}{'recipe':<10}{'FP4 us':>10}{'dequant+attend':>16}{'BF16 fa2':>10}{'BF16 fa3':>10}"
-          f"{'FP8 auto':>10}{'FP4/BF16':>10}{'FP4/FP8':>9}")
+          " FP4/BF16 against the faster of fa2 and fa3; 'FI NVFP4 us': FlashInfer's own NVFP4-KV prefill (fa2)"
+          " over the same bytes, nvfp4 rows)")
+    print(f"{'case':<26}{'recipe':<10}{'FP4 us':>10}{'dequant+attend':>16}{'BF16 fa2':>10}{'BF16 fa3':>10}"
+          f"{'FP8 auto':>10}{'FP4/BF16':>10}{'FP4/FP8':>9}{'FI NVFP4 us':>13}{'FP4/FI-NVFP4':>14}")
     notes = []
     for r in rows:
-        case = f"{r.batch}x{r.context}+{r.new}"
-        print(f"{case:<17}{r.recipe:<10}{r.fp4_us:>10.1f}{cell(r.dequant_attend_us, '16.1f'):>16}"
+        case = f"{r.batch}x{r.context}+{r.new}" + ("" if r.shape == shape_label(None) else f"@{r.shape}")
+        print(f"{case:<26}{r.recipe:<10}{r.fp4_us:>10.1f}{cell(r.dequant_attend_us, '16.1f'):>16}"
               f"{cell(r.flashinfer_bf16_fa2_us, '10.1f'):>10}{cell(r.flashinfer_bf16_fa3_us, '10.1f'):>10}"
-              f"{cell(r.flashinfer_fp8_us, '10.1f'):>10}{cell(r.x_bf16, '.3f'):>10}{cell(r.x_fp8, '.3f'):>9}")
+              f"{cell(r.flashinfer_fp8_us, '10.1f'):>10}{cell(r.x_bf16, '.3f'):>10}{cell(r.x_fp8, '.3f'):>9}"
+              f"{cell(r.flashinfer_nvfp4_us, '.1f'):>13}{cell(r.x_flashinfer_nvfp4, '.3f'):>14}")
         if r.notes and r.notes not in notes:
             notes.append(r.notes)
     for note in notes:

@@ -1,5 +1,7 @@
 """A Llama-style decoder (RMSNorm, RoPE, GQA attention, SwiGLU) with a pluggable KV cache, written
 plainly (gpt-fast style) so the cache calls stand out. Random weights: a shape-faithful workload.
+A layer's cache may also be a `PlannedAttention`, which stores and attends by itself; `swap_caches`
+swaps them, so a benchmark times the same layers over other attention kernels and caches.
 
 Tensor parallelism (Megatron's split): given a `TensorParallel` of world size W, a process holds
 1/W of the query heads, 1/W of the KV heads (so 1/W of every layer's KV cache) and 1/W of the MLP's
@@ -55,6 +57,31 @@ class BF16KVCache(nn.Module):
         return self.k[loc].to(dtype), self.v[loc].to(dtype)
 
 
+class PlannedAttention(nn.Module):
+    """A layer's KV cache that stores the new tokens and attends over itself in one call, planned
+    beforehand for one step's sequences (their page table and lengths), as FlashInfer's wrappers
+    are: the seam through which a benchmark swaps the attention kernel and its cache while the rest
+    of the model stays as it is (`swap_caches`). The model's slot layout holds: position p of
+    sequence b is slot b * max_seq_len + p.
+
+    forward(q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D], loc [T]) -> [T, Hq, D]: the step's T = B * t
+    new tokens, sequence after sequence, with sm_scale 1/sqrt(D)."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def swap_caches(model: Transformer, caches) -> nn.ModuleList:
+    """Give layer i of `model` the cache `caches[i]` (a store/read cache or a PlannedAttention);
+    returns the caches it held."""
+    if len(caches) != len(model.blocks):
+        raise ValueError(f"caches must have one cache per layer ({len(model.blocks)}), got {len(caches)}")
+    previous = nn.ModuleList(block.attention.cache for block in model.blocks)
+    for block, cache in zip(model.blocks, caches):
+        block.attention.cache = cache
+    return previous
+
+
 def make_caches(cfg: Config, kind: str, device, tp: TensorParallel = TensorParallel(),
                 slots: int | None = None) -> nn.ModuleList:
     """kind: 'bf16' or an FP4 recipe name; this rank's KV heads only. One slot per (sequence,
@@ -101,8 +128,12 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         q, k, v = self.wqkv(x).split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
         q = rope(q.view(b, t, heads, head_dim), cos, sin)
-        k = rope(k.view(b, t, kv_heads, head_dim), cos, sin)
-        self.cache.store(store_loc, k.reshape(b * t, kv_heads, head_dim), v.reshape(b * t, kv_heads, head_dim))
+        k = rope(k.view(b, t, kv_heads, head_dim), cos, sin).reshape(b * t, kv_heads, head_dim)
+        v = v.reshape(b * t, kv_heads, head_dim)
+        if isinstance(self.cache, PlannedAttention):  # it stores and attends by itself
+            out = self.cache(q.reshape(b * t, heads, head_dim), k, v, store_loc)
+            return self.wo(out.reshape(b, t, -1))
+        self.cache.store(store_loc, k, v)
         if t == 1 and self.fused_decode:  # read the FP4 cache directly, each sequence's slots as its page table
             table = read_loc.view(b, -1).int()
             out = self.cache.decode_attention(q[:, 0], table, seq_lens, page_size=1)
