@@ -63,6 +63,18 @@ def test_tensor_parallel_decode_with_two_gloo_processes():
     assert "check passed" in out
 
 
+@pytest.mark.parametrize("recipe, scales_format, num_bits", [("nvfp4", None, 4), ("nvfp4+k8", "fp8_e4m3", 8)])
+def test_calibrated_checkpoint_saves_and_reads_back_the_scales(recipe, scales_format, num_bits):
+    pytest.importorskip("transformers")
+    out = _run("examples/calibrated_checkpoint.py", "--recipe", recipe,
+               *(("--scales-format", scales_format) if scales_format else ()))
+    assert re.search(rf"saved 4 scales to \S+/kv_cache_scales\.safetensors, kv_cache_scheme .*'num_bits': {num_bits}", out)
+    assert "scales read back from the folder: 4," in out
+    difference = _number(r"largest relative difference from the calibration (\S+)", out)
+    assert difference == 0 if scales_format is None else difference < 2e-7  # FP8 V: * 6 then / 6 in float32
+    assert len(re.search(r"continuation tokens \[(.*)\]", out).group(1).split(",")) == 8
+
+
 def test_bench_table_and_json(tmp_path):
     path = tmp_path / "bench.json"
     out = _run("-m", "torch_fp4kv.bench", "--device", "cpu", "--tokens", "64", "--backends", "eager",

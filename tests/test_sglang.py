@@ -1,6 +1,7 @@
 """torch_fp4kv.sglang: SGLang's FP4 KV cache interface, called the way SGLang's code calls it
 (its unit tests, test/srt/test_fp4_kv_cache_quant_method.py, and its KV pool, mem_cache/memory_pool.py),
-checked against the primary API byte for byte."""
+under PR #21954's names and today's (kv_cache_quant_method), checked against the primary API byte
+for byte."""
 
 import re
 from types import SimpleNamespace
@@ -16,10 +17,18 @@ from torch_fp4kv.sglang import (
     BlockFP4KVQuantizeUtil,
     FP4KVCacheQuantMethod,
     FP4KVCacheRecipe,
+    FP4MXBlock16KVQuantizeUtil,
     KVFP4QuantizeUtil,
     NVFP4KVMethod,
     NVFP4KVQuantizeUtil,
     get_fp4_kv_cache_quant_method,
+)
+from torch_fp4kv.sglang.kv_cache_quant_method import (
+    KV_CACHE_QUANT_REGISTRY,
+    KVCacheQuantMethod,
+    MXFP4Method,
+    NVFP4Method,
+    get_kv_cache_quant_method,
 )
 
 SGLANG_RECIPES = ("blockfp4", "nvfp4")
@@ -366,9 +375,9 @@ class SGLangStylePool:
     size + page_size slots (one padding page), per-layer stores with the method's own global
     scales, and prefill's dequantized prefixes packed into the shared FP8 workspace."""
 
-    def __init__(self, recipe, size, page_size, head_num, head_dim, layer_num, start_layer, device):
-        kwargs = {"num_layers": start_layer + layer_num, "device": device} if recipe == "nvfp4" else {}
-        self.quant_method = get_fp4_kv_cache_quant_method(recipe, **kwargs)
+    def __init__(self, factory, name, size, page_size, head_num, head_dim, layer_num, start_layer, device):
+        kwargs = {"num_layers": start_layer + layer_num, "device": device} if name == "nvfp4" else {}
+        self.quant_method = factory(name, **kwargs)
         self.size, self.page_size, self.start_layer = size, page_size, start_layer
         buf = self.quant_method.create_buffers(size + page_size, head_num, head_dim, layer_num, device)
         self.k_buffer, self.v_buffer = buf["k_buffer"], buf["v_buffer"]
@@ -413,16 +422,22 @@ class SGLangStylePool:
         return spans
 
 
-@pytest.mark.parametrize("recipe", SGLANG_RECIPES)
-def test_sglang_style_pool_sized_stored_and_read_for_prefill(recipe):
+# (SGLang's factory, its name for the recipe, this library's recipe): PR #21954's names and today's.
+SGLANG_FACTORIES = [(get_fp4_kv_cache_quant_method, "nvfp4", "nvfp4"), (get_fp4_kv_cache_quant_method, "blockfp4", "blockfp4"),
+                    (get_kv_cache_quant_method, "nvfp4", "nvfp4"), (get_kv_cache_quant_method, "mxfp4", "blockfp4")]
+
+
+@pytest.mark.parametrize("factory, name, recipe", SGLANG_FACTORIES,
+                         ids=[f"{f.__name__}-{n}" for f, n, _ in SGLANG_FACTORIES])
+def test_sglang_style_pool_sized_stored_and_read_for_prefill(factory, name, recipe):
     page_size, layer_num, start_layer = 4, 2, 3  # a pipeline stage holding global layers 3 and 4
-    sizing = _sglang_method(recipe, start_layer + layer_num)
+    sizing = factory(name, **({"num_layers": start_layer + layer_num, "device": "cpu"} if name == "nvfp4" else {}))
     kv_size = torch.empty((), dtype=torch.uint8).element_size()  # SGLang: the storage dtype's size
     cell = sizing.compute_cell_size(H, D, layer_num, kv_size)
     budget = 40 * 1024
     max_total_num_tokens = budget // cell
     size = max_total_num_tokens - page_size
-    pool = SGLangStylePool(recipe, size, page_size, H, D, layer_num, start_layer, "cpu")
+    pool = SGLangStylePool(factory, name, size, page_size, H, D, layer_num, start_layer, "cpu")
     allocated = sum(t.numel() * t.element_size() for t in pool.tensors())
     assert allocated == cell * (size + page_size) <= budget, "compute_cell_size must size the pool exactly"
 
@@ -563,3 +578,86 @@ def test_tensor_util_errors_name_sglangs_arguments(call, error, name, internal):
 def test_nvfp4_method_rejects_a_bad_layer_count(num_layers):
     with pytest.raises(ValueError, match=rf"num_layers must be an int >= 1, got {num_layers}"):
         NVFP4KVMethod(num_layers, "cpu")
+
+
+# ---- today's SGLang names (kv_cache_quant_method) --------------------------------------------------
+
+
+def test_todays_registry_factory_and_names():
+    assert KV_CACHE_QUANT_REGISTRY == {"nvfp4": NVFP4Method, "mxfp4": MXFP4Method}
+    assert KVCacheQuantMethod is FP4KVCacheQuantMethod and NVFP4Method is NVFP4KVMethod
+    assert issubclass(MXFP4Method, BlockFP4KVMethod) and FP4MXBlock16KVQuantizeUtil is BlockFP4KVQuantizeUtil
+    nvfp4 = get_kv_cache_quant_method("nvfp4", num_layers=2, device="cpu", sm_version=120)
+    mxfp4 = get_kv_cache_quant_method("mxfp4")
+    assert (nvfp4.name, nvfp4.scale_block_size, mxfp4.name, mxfp4.scale_block_size) == ("nvfp4", 16, "mxfp4", 16)
+    assert nvfp4.needs_global_scale() and not mxfp4.needs_global_scale() and mxfp4.needs_dequant_workspace()
+    with pytest.raises(ValueError, match=r"Unknown fp4_kv_cache_recipe: 'blockfp4'\. Available: \['nvfp4', 'mxfp4'\]"):
+        get_kv_cache_quant_method("blockfp4")
+
+
+def test_todays_mxfp4_is_the_block16_recipe_not_ocp_mxfp4():
+    """SGLang's MXFP4Method stores its block-16 E8M0 recipe (this library's blockfp4), the bytes
+    BlockFP4KVMethod writes, never OCP MXFP4's 32-element blocks."""
+    k, v = random_kv((6, H, D)), random_kv((6, H, D))
+    loc = torch.tensor([5, 0, 3, 7, 1, 2])
+    written = []
+    for method in (MXFP4Method(), BlockFP4KVMethod()):
+        bufs = method.create_buffers(8, H, D, 1, "cpu")
+        layer = [bufs[name][0] for name in ("k_buffer", "v_buffer", "k_scale_buffer", "v_scale_buffer")]
+        method.quantize_and_store(*layer, loc, k, v)
+        written.append((layer, method.dequantize_prev_kv(layer[0][loc], layer[2][loc], layer[1][loc], layer[3][loc], 0)))
+    (ours, read), (theirs, their_read) = written
+    for a, b in zip(ours + list(read), theirs + list(their_read)):
+        assert_same_bytes(a, b)
+    assert ours[2].shape == (8, H * D // 16)  # per-token scales, one per 16 elements
+    assert_same_bytes(ours[0][loc], torch_fp4kv.quantize(k, "blockfp4")[0])
+
+
+def test_native_prefill_allocates_and_counts_no_workspace():
+    method = NVFP4Method(2, "cpu", native_prefill=True)
+    assert not method.needs_dequant_workspace() and NVFP4Method(2, "cpu").needs_dequant_workspace()
+    bufs = method.create_buffers(16, 8, 128, 2, "cpu")
+    assert bufs["dq_k_buffer"] is None and bufs["dq_v_buffer"] is None
+    allocated = sum(t.numel() * t.element_size() for name in ("k_buffer", "v_buffer", "k_scale_buffer", "v_scale_buffer")
+                    for t in bufs[name])
+    assert method.compute_cell_size(8, 128, 2, 1) * 16 == allocated  # SGLang's own counts the workspace anyway
+    assert NVFP4Method(2, "cpu").compute_cell_size(8, 128, 2, 1) == method.compute_cell_size(8, 128, 2, 1) + 2 * 8 * 128
+    k = random_kv((3, H, D))
+    data, scales = torch_fp4kv.quantize(k, "nvfp4")
+    k_out, _ = NVFP4Method(1, "cpu", native_prefill=True).dequantize_prev_kv(data, scales, data, scales, 0)
+    assert_same_bytes(k_out, torch_fp4kv.dequantize(data, scales, "nvfp4", torch.ones(1), FP8))
+    with pytest.raises(TypeError, match="native_prefill must be a bool"):
+        NVFP4Method(1, "cpu", native_prefill="yes")
+
+
+def test_nvfp4_util_dequantize_takes_the_prs_layer_id_and_the_shorter_call():
+    fp4_data, block_scales, gs = NVFP4KVQuantizeUtil.quantize(random_kv((2, 3, D)), 0.5)
+    expected = torch_fp4kv.dequantize(fp4_data, block_scales.view(torch.uint8), "nvfp4", gs, torch.float16)
+    for call in (lambda: NVFP4KVQuantizeUtil.dequantize(fp4_data, block_scales, gs, 7, torch.float16),  # PR #21954
+                 lambda: NVFP4KVQuantizeUtil.dequantize(fp4_data, block_scales, gs, torch.float16),  # SGLang's
+                 lambda: NVFP4KVQuantizeUtil.dequantize(fp4_data, block_scales, gs, layer_id=0, dtype=torch.float16)):
+        assert_same_bytes(call(), expected)
+    assert NVFP4KVQuantizeUtil.dequantize(fp4_data, block_scales, gs, 3).dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="layer_id must be an int, got str"):
+        NVFP4KVQuantizeUtil.dequantize(fp4_data, block_scales, gs, "0")
+    with pytest.raises(TypeError, match="dtype twice"):
+        NVFP4KVQuantizeUtil.dequantize(fp4_data, block_scales, gs, torch.float16, dtype=torch.bfloat16)
+
+
+def test_load_scales_from_a_calibration_state_dict():
+    """torch_fp4kv's calibration state dicts (a checkpoint's scales through
+    checkpoint_scales.load_kv_scales, or hf.calibrate's) load like a model runner's attention layers."""
+    m = NVFP4Method(num_layers=2, device="cpu")
+    before = m.k_scales_gpu
+    state = {"layers.0.k_scale": torch.tensor([0.5]), "layers.0.v_scale": torch.tensor([0.25]),
+             "model.layers.1.self_attn.k_scale": torch.tensor(2.0), "model.layers.1.self_attn.v_scale": 4.0}
+    assert m.load_scales_from_model(state) is None
+    assert m.k_scales_gpu.tolist() == [0.5, 2.0] and m.v_scales_gpu.tolist() == [0.25, 4.0]
+    assert m.k_scales_gpu is before
+    m.load_scales_from_model({"layers.3.k_scale": 1.0, "layers.3.v_scale": 0.5}, sm_version=100)
+    # as SGLang: a layer id past the tensors reallocates them (at 1.0), and SM100 multiplies by 6
+    assert m.k_scales_gpu.tolist() == [1.0, 1.0, 1.0, 6.0] and m.v_scales_gpu.tolist() == [1.0, 1.0, 1.0, 3.0]
+    with pytest.raises(ValueError, match=r"k_scale for layers \[0\] but v_scale for layers \[\]"):
+        m.load_scales_from_model({"layers.0.k_scale": 1.0})
+    with pytest.raises(ValueError, match="layer 0's v_scale must have one element"):
+        m.load_scales_from_model({"layers.0.k_scale": 1.0, "layers.0.v_scale": torch.ones(2)})

@@ -5,6 +5,8 @@
   after the name (`"nvfp4+rot+k8"`) or given as a `KVCacheOptions`.
 - `FP4KVPool`: an engine's pool, an `nn.Module` holding every layer's cache (`FP4KVPoolLayer`) as buffers.
 - `torch_fp4kv.hf`: `FP4Cache`, the cache for transformers models.
+- `torch_fp4kv.checkpoint_scales`: the KV scales of quantized checkpoints (llm-compressor,
+  ModelOpt) read as a calibration, and a calibration written as them (needs safetensors).
 - `torch_fp4kv.sglang`: SGLang's FP4 KV cache interface under SGLang's names and signatures, for porting.
 
 Former names, kept as aliases for one release: FP4KVCache (FP4KVPool), FP4KVLayerCache

@@ -1,6 +1,7 @@
 """Calibrate an FP4 KV cache on a transformers model: one pass over text with an observer on every
 layer's keys and values, giving the calibration state dict (torch_fp4kv.calibration) that
-`FP4Cache(..., calibration=)` and `get_fp4_kv_cache_quant_method(...).load_scales_from_model` load.
+`FP4Cache(..., calibration=)` and `get_fp4_kv_cache_quant_method(...).load_scales_from_model` load,
+and `torch_fp4kv.checkpoint_scales.save_kv_scales` writes into a checkpoint for vLLM and SGLang.
 """
 
 from __future__ import annotations

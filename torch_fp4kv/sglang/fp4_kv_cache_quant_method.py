@@ -1,5 +1,6 @@
 """SGLang's FP4 KV cache strategies (`sglang.srt.layers.quantization.fp4_kv_cache_quant_method`,
-as introduced by SGLang PR #21954), over fp4kv ops.
+as introduced by SGLang PR #21954), over fp4kv ops; kv_cache_quant_method.py gives them today's
+SGLang names.
 
 SGLang's split of work: the pool owns the buffers and hands a method one layer's tensors; the
 method quantizes into them and dequantizes gathered slots for prefill. The buffers, their shapes
@@ -9,12 +10,14 @@ and `compute_cell_size` are SGLang's; the bytes are this library's formats.
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
 from typing import ClassVar, Optional
 
 import torch
 from torch import Tensor
 
 from .. import ops
+from ..calibration import entries_by_layer, global_scale_value
 from ..ops import checks
 from ..ops.checks import ArgNames, check_rank, check_tensor
 from ..ops.formats import E2M1_MAX
@@ -42,6 +45,11 @@ class FP4KVCacheQuantMethod(abc.ABC):
 
     name: str
     SCALE_BLOCK_SIZE: int = 1
+
+    @property
+    def scale_block_size(self) -> int:
+        """SCALE_BLOCK_SIZE as today's SGLang spells it (kv_cache_quant_method.py)."""
+        return self.SCALE_BLOCK_SIZE
 
     def needs_dequant_workspace(self) -> bool:
         """Whether the pool allocates the FP8 workspaces dq_k_buffer / dq_v_buffer for prefill."""
@@ -76,17 +84,19 @@ class FP4KVCacheQuantMethod(abc.ABC):
 
 
 class _TableMethod(FP4KVCacheQuantMethod):
-    """What both recipes share, read off the format table row named `name`: buffer shapes, sizes,
-    the op calls. Both keep an FP8 prefill workspace, as SGLang's do."""
+    """What both recipes share, read off the format table row `recipe`: buffer shapes, sizes, the
+    op calls. Both keep an FP8 prefill workspace, as SGLang's do (NVFP4 unless native_prefill)."""
 
     SCALE_BLOCK_SIZE = 16
+    # The format table row this method stores (`name` is SGLang's label for it).
+    recipe: ClassVar[str]
     # SGLang keeps NVFP4 scales per head, [size, H, D/16], block-FP4 ones per token, [size, H*D/16].
     scales_per_token: ClassVar[bool]
 
     @property
     def fmt(self) -> ops.FP4Format:
-        """The format table row named `name`."""
-        return ops.get_format(self.name)
+        """The format table row named `recipe`."""
+        return ops.get_format(self.recipe)
 
     def needs_dequant_workspace(self) -> bool:
         return True
@@ -101,20 +111,27 @@ class _TableMethod(FP4KVCacheQuantMethod):
         def per_layer(*shape) -> list[Tensor]:
             return [torch.zeros(shape, dtype=torch.uint8, device=device) for _ in range(layer_num)]
 
+        def workspace() -> Optional[Tensor]:
+            if not self.needs_dequant_workspace():
+                return None
+            return torch.zeros(size, head_num, head_dim, dtype=PREFILL_DTYPE, device=device)
+
         return {
             "k_buffer": per_layer(size, head_num, head_dim // 2),
             "v_buffer": per_layer(size, head_num, head_dim // 2),
             "k_scale_buffer": per_layer(*scale_shape),
             "v_scale_buffer": per_layer(*scale_shape),
-            "dq_k_buffer": torch.zeros(size, head_num, head_dim, dtype=PREFILL_DTYPE, device=device),
-            "dq_v_buffer": torch.zeros(size, head_num, head_dim, dtype=PREFILL_DTYPE, device=device),
+            "dq_k_buffer": workspace(),
+            "dq_v_buffer": workspace(),
             "store_dtype": torch.uint8,
         }
 
     def compute_cell_size(self, head_num: int, head_dim: int, num_layers: int, kv_size: int) -> int:
-        """Every layer's packed K+V and scales, plus one FP8 K+V workspace row shared by all layers."""
+        """Every layer's packed K+V and scales, plus one FP8 K+V workspace row shared by all layers
+        when the method keeps the workspace (SGLang's NVFP4Method counts it even with
+        native_prefill; this counts what create_buffers allocates)."""
         fp4_bytes = num_layers * self.fmt.bytes_per_token(head_num, head_dim)
-        workspace_bytes = 2 * head_num * head_dim * PREFILL_DTYPE.itemsize
+        workspace_bytes = 2 * head_num * head_dim * PREFILL_DTYPE.itemsize if self.needs_dequant_workspace() else 0
         return (fp4_bytes + workspace_bytes) * kv_size
 
     def _op_scales(self, scales, name: str, data, data_name: str) -> Tensor:
@@ -131,14 +148,14 @@ class _TableMethod(FP4KVCacheQuantMethod):
                            k_scale=None, v_scale=None) -> None:
         """Slots outside the buffers (e.g. -1 padding) are skipped; every argument is checked first,
         under SGLang's names, the K/V buffers before the scale buffers that are judged against them."""
-        kv_recipe = ops.get_kv_recipe(self.name)
+        kv_recipe = ops.get_kv_recipe(self.recipe)
         checks.check_store_data_args(k_buffer, v_buffer, cache_k, cache_v, kv_recipe, STORE_NAMES)
         k_scales = self._op_scales(k_scale_buffer, "k_scale_buffer", k_buffer, "k_buffer")
         v_scales = self._op_scales(v_scale_buffer, "v_scale_buffer", v_buffer, "v_buffer")
         k_g, v_g = self._store_global_scales(k_scale, v_scale, k_buffer.device)
-        checks.check_quantize_and_store_args(k_buffer, v_buffer, k_scales, v_scales, loc, cache_k, cache_v, self.name,
-                                       k_g, v_g, STORE_NAMES)
-        ops.quantize_and_store(k_buffer, k_scales, v_buffer, v_scales, loc, cache_k, cache_v, self.name, k_g, v_g)
+        checks.check_quantize_and_store_args(k_buffer, v_buffer, k_scales, v_scales, loc, cache_k, cache_v, self.recipe,
+                                             k_g, v_g, STORE_NAMES)
+        ops.quantize_and_store(k_buffer, k_scales, v_buffer, v_scales, loc, cache_k, cache_v, self.recipe, k_g, v_g)
 
     def dequantize_prev_kv(self, k_fp4, k_scales, v_fp4, v_scales, layer_id: int) -> tuple[Tensor, Tensor]:
         """(k, v) [T, H, D] in FP8 E4M3, rounded once from float32."""
@@ -148,8 +165,8 @@ class _TableMethod(FP4KVCacheQuantMethod):
             names = PREV_KV_NAMES[prefix]
             check_rank(check_tensor(data, names.data), names.data, 3, "[T, H, D/2]")
             scales = self._op_scales(scales, names.scales, data, names.data)
-            checks.check_dequantize_args(data, scales, self.name, g, PREFILL_DTYPE, names)
-            read.append(ops.dequantize(data, scales, self.name, g, PREFILL_DTYPE))
+            checks.check_dequantize_args(data, scales, self.recipe, g, PREFILL_DTYPE, names)
+            read.append(ops.dequantize(data, scales, self.recipe, g, PREFILL_DTYPE))
         return read[0], read[1]
 
 
@@ -159,21 +176,28 @@ class NVFP4KVMethod(_TableMethod):
 
     SGLang's class under SGLang's signature, `NVFP4KVMethod(num_layers, device, sm_version)`, handed
     one layer's buffers per call; `torch_fp4kv.NVFP4Method` is the library's own, whose layer
-    caches own their buffers."""
+    caches own their buffers. `native_prefill=True` (today's SGLang NVFP4Method): no FP8 prefill
+    workspace (dq_k_buffer / dq_v_buffer are None; dequantize_prev_kv still returns FP8 tensors)."""
 
-    name = "nvfp4"
+    name = recipe = "nvfp4"
     scales_per_token = False
 
-    def __init__(self, num_layers: int, device, sm_version: int = 120):
+    def __init__(self, num_layers: int, device, sm_version: int = 120, native_prefill: bool = False):
         checks.check_count(num_layers, "num_layers", minimum=1)
+        if not isinstance(native_prefill, bool):
+            raise TypeError(f"native_prefill must be a bool, got {native_prefill!r}")
         self.num_layers = num_layers
         self.device = device
         self.sm_version = sm_version
+        self.native_prefill = native_prefill
         self.k_scales_gpu = torch.ones(num_layers, dtype=torch.float32, device=device)
         self.v_scales_gpu = torch.ones(num_layers, dtype=torch.float32, device=device)
 
     def needs_global_scale(self) -> bool:
         return True
+
+    def needs_dequant_workspace(self) -> bool:
+        return not self.native_prefill
 
     def _store_global_scales(self, k_scale, v_scale, device):
         return as_global_scale(k_scale, "k_scale", device), as_global_scale(v_scale, "v_scale", device)
@@ -187,25 +211,42 @@ class NVFP4KVMethod(_TableMethod):
         """Read each attention layer's `k_scale` / `v_scale` (1.0 where absent or None) into
         `k_scales_gpu[layer.layer_id]`, as SGLang does: the layers are those of
         `model_runner.model.model` (`.thinker.model` for Qwen3-Omni-MoE), the attention module
-        at `self_attn.attn`, `self_attn.attn_mqa`, `attn` or `attention.attn`. With sm_version 100
-        the scales are multiplied by 6: TRT-LLM's kernels there expect amax / 448, checkpoints
-        store amax / (6 * 448). The scale tensors are reallocated only if a layer id exceeds them."""
+        at `self_attn.attn`, `self_attn.attn_mqa`, `attn` or `attention.attn`. `model_runner` may
+        also be a calibration state dict (`torch_fp4kv.checkpoint_scales.load_kv_scales(path,
+        "nvfp4")`, `torch_fp4kv.hf.calibrate`): layer i's `k_scale` and `v_scale` (both, for the
+        same layers) into `k_scales_gpu[i]`. With sm_version 100 the scales are multiplied by 6:
+        TRT-LLM's kernels there expect amax / 448, checkpoints store amax / (6 * 448). The scale
+        tensors are reallocated only if a layer id exceeds them."""
         if sm_version is not None:
             self.sm_version = sm_version
-        attention = _attention_layers(_language_model(model_runner.model))
-        if not attention:
+        if isinstance(model_runner, Mapping):
+            scales = _calibration_scales(model_runner)
+        else:
+            scales = {layer.layer_id: (_scale_of(layer, "k_scale"), _scale_of(layer, "v_scale"))
+                      for layer in _attention_layers(_language_model(model_runner.model))}
+        if not scales:
             return
-        needed = max(layer.layer_id for layer in attention) + 1
+        needed = max(scales) + 1
         if needed > len(self.k_scales_gpu):
             self.k_scales_gpu = torch.ones(needed, dtype=torch.float32, device=self.device)
             self.v_scales_gpu = torch.ones(needed, dtype=torch.float32, device=self.device)
         k_values, v_values = self.k_scales_gpu.tolist(), self.v_scales_gpu.tolist()
         factor = E2M1_MAX if self.sm_version == 100 else 1.0
-        for layer in attention:
-            k_values[layer.layer_id] = _scale_of(layer, "k_scale") * factor
-            v_values[layer.layer_id] = _scale_of(layer, "v_scale") * factor
+        for layer_id, (k_scale, v_scale) in scales.items():
+            k_values[layer_id] = k_scale * factor
+            v_values[layer_id] = v_scale * factor
         self.k_scales_gpu.copy_(torch.tensor(k_values, dtype=torch.float32))
         self.v_scales_gpu.copy_(torch.tensor(v_values, dtype=torch.float32))
+
+
+def _calibration_scales(state: Mapping) -> dict[int, tuple[float, float]]:
+    """Layer -> (k_scale, v_scale) of a calibration state dict, each checked to be one number."""
+    k_scales, v_scales = entries_by_layer(state, "k_scale"), entries_by_layer(state, "v_scale")
+    if set(k_scales) != set(v_scales):
+        raise ValueError(f"model_runner: the calibration has k_scale for layers {sorted(k_scales)} but v_scale for "
+                         f"layers {sorted(v_scales)}")
+    return {i: (float(global_scale_value(k_scales[i], f"layer {i}'s k_scale")),
+                float(global_scale_value(v_scales[i], f"layer {i}'s v_scale"))) for i in k_scales}
 
 
 def _language_model(model):
@@ -240,7 +281,7 @@ class BlockFP4KVMethod(_TableMethod):
     """SGLang's block-16 FP4 with E8M0 scales, no global scale; scales kept per token. SGLang's
     class and signature; `torch_fp4kv.BlockFP4Method` is the library's own."""
 
-    name = "blockfp4"
+    name = recipe = "blockfp4"
     scales_per_token = True
 
 
@@ -252,6 +293,11 @@ FP4_KV_CACHE_QUANT_REGISTRY: dict[str, type[FP4KVCacheQuantMethod]] = {
 
 def get_fp4_kv_cache_quant_method(name: str, **kwargs) -> FP4KVCacheQuantMethod:
     """Instantiate the method registered as `name` (kwargs go to its constructor)."""
-    if name not in FP4_KV_CACHE_QUANT_REGISTRY:
-        raise ValueError(f"Unknown fp4_kv_cache_recipe: '{name}'. Available: {list(FP4_KV_CACHE_QUANT_REGISTRY)}")
-    return FP4_KV_CACHE_QUANT_REGISTRY[name](**kwargs)
+    return instantiate(FP4_KV_CACHE_QUANT_REGISTRY, name, kwargs)
+
+
+def instantiate(registry: Mapping[str, type], name: str, kwargs: Mapping) -> FP4KVCacheQuantMethod:
+    """SGLang's factory over one of its registries, with its error for an unknown name."""
+    if name not in registry:
+        raise ValueError(f"Unknown fp4_kv_cache_recipe: '{name}'. Available: {list(registry)}")
+    return registry[name](**kwargs)

@@ -15,7 +15,8 @@ from ..ops import checks
 from ..ops.checks import ArgNames, check_rank, check_tensor
 from ..ops.formats import E2M1_MAX
 
-__all__ = ["E2M1_MAX", "BlockFP4KVQuantizeUtil", "FP4KVCacheRecipe", "KVFP4QuantizeUtil", "NVFP4KVQuantizeUtil"]
+__all__ = ["E2M1_MAX", "BlockFP4KVQuantizeUtil", "FP4KVCacheRecipe", "FP4MXBlock16KVQuantizeUtil", "KVFP4QuantizeUtil",
+           "NVFP4KVQuantizeUtil"]
 
 
 class FP4KVCacheRecipe(enum.Enum):
@@ -68,9 +69,19 @@ class NVFP4KVQuantizeUtil:
         return data, scales.view(torch.float8_e4m3fn), global_scale
 
     @staticmethod
-    def dequantize(quant_tensor: torch.Tensor, block_scales: torch.Tensor, global_scale,
-                   dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        """(data [B, M, N/2], block scales [B, M, N/16] uint8 or float8_e4m3fn) -> [B, M, N]."""
+    def dequantize(quant_tensor: torch.Tensor, block_scales: torch.Tensor, global_scale, layer_id=None,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
+        """(data [B, M, N/2], block scales [B, M, N/16] uint8 or float8_e4m3fn) -> [B, M, N] in dtype
+        (default bf16). Takes SGLang's two calls: `dequantize(data, scales, global_scale, dtype)`
+        and PR #21954's `dequantize(data, scales, global_scale, layer_id, dtype)`, whose layer_id
+        is unused (the global scale already is the layer's), as in SGLang."""
+        if isinstance(layer_id, torch.dtype):  # the shorter call: the fourth argument is the dtype
+            if dtype is not None:
+                raise TypeError(f"dequantize got dtype twice: {layer_id} and dtype={dtype}")
+            layer_id, dtype = None, layer_id
+        if layer_id is not None and (not isinstance(layer_id, int) or isinstance(layer_id, bool)):
+            raise TypeError(f"layer_id must be an int, got {type(layer_id).__name__}")
+        dtype = torch.bfloat16 if dtype is None else dtype
         _batched(quant_tensor, "quant_tensor", "[B, M, N/2]")
         global_scale = as_global_scale(global_scale, "global_scale", quant_tensor.device)
         checks.check_dequantize_args(quant_tensor, block_scales, NVFP4.name, global_scale, dtype, NVFP4_DEQUANTIZE_NAMES)
@@ -99,8 +110,9 @@ class BlockFP4KVQuantizeUtil:
         return ops.dequantize(quant_tensor, scales, BLOCK_FP4.name, None, dtype)
 
 
-# SGLang's name for the block-16 utility before its NVFP4 support was added.
+# SGLang's names for the block-16 utility: before its NVFP4 support was added, and today's.
 KVFP4QuantizeUtil = BlockFP4KVQuantizeUtil
+FP4MXBlock16KVQuantizeUtil = BlockFP4KVQuantizeUtil
 
 
 def unflatten_scales(scales, name: str, data: torch.Tensor, data_name: str, fmt: ops.FP4Format) -> torch.Tensor:
