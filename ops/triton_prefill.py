@@ -38,10 +38,11 @@ class PrefillLaunch(NamedTuple):
     waves: int  # programs per SM to aim for when splitting the context
 
 
-# head_dim -> launch shape (docs/performance.md has the sweeps).
+# head_dim -> launch shape. D=128: the fastest of a sweep on the H100 (docs/performance.md); 64 and
+# 256: untimed starting points.
 PREFILL_LAUNCH = {
-    64: PrefillLaunch(block_m=128, block_n=64, num_warps=4, num_stages=3, waves=2),
-    128: PrefillLaunch(block_m=128, block_n=64, num_warps=8, num_stages=3, waves=1),
+    64: PrefillLaunch(block_m=128, block_n=128, num_warps=8, num_stages=3, waves=1),
+    128: PrefillLaunch(block_m=128, block_n=128, num_warps=8, num_stages=3, waves=1),
     256: PrefillLaunch(block_m=64, block_n=64, num_warps=8, num_stages=2, waves=1),
 }
 
