@@ -7,7 +7,7 @@ from . import library  # noqa: F401  (registers torch.ops.fp4kv.*)
 from .backends import ENV_VAR as BACKEND_ENV_VAR, Backend, select_backend
 from .debug import ENV_VAR as DEBUG_ENV_VAR, debug_checks
 from .formats import (FORMATS, FP8_E4M3, K_FP8_SUFFIX, KV_RECIPES, TENSOR_FORMATS, FP4Format, FP4KVCacheRecipe,
-                      KVRecipe, ScaleRule, get_format, get_kv_recipe)
+                      KVRecipe, ScaleChoice, ScaleRule, get_format, get_kv_recipe)
 from .api import decode_attention, dequantize, extend_attention, gather_dequantize, quantize, quantize_and_store
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "TENSOR_FORMATS",
     "FP4Format",
     "FP4KVCacheRecipe",
+    "ScaleChoice",
     "ScaleRule",
     "debug_checks",
     "decode_attention",

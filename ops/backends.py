@@ -59,6 +59,13 @@ class Rule:
 
 
 _HALF_DTYPES = frozenset({torch.bfloat16, torch.float16})
+# What FlashInfer implements, op -> the recipes it serves. Its dequantize reads NVFP4's bytes
+# whichever quantizer chose the scales; nvfp4_kv_quantize writes plain NVFP4 scales (amax / 6
+# alone), so nvfp4_4over6 quantizes with the other backends.
+FLASHINFER_RECIPES = {
+    "quantize": frozenset({"nvfp4"}),
+    "dequantize": frozenset({"nvfp4", "nvfp4_4over6"}),
+}
 
 SELECTION_TABLE: tuple[Rule, ...] = (
     Rule(
@@ -68,7 +75,7 @@ SELECTION_TABLE: tuple[Rule, ...] = (
         device_type="cuda",
         min_capability=(10, 0),
         ops=frozenset({"quantize"}),
-        recipes=frozenset({"nvfp4"}),
+        recipes=FLASHINFER_RECIPES["quantize"],
         dtypes=_HALF_DTYPES,
         verified=False,
     ),
@@ -109,8 +116,9 @@ def unavailable_reason(
         return f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1 for CPU tensors); got {device.type}"
     if not installed("flashinfer"):
         return "flashinfer is not installed (pip install torch-fp4kv[flashinfer])"
-    if recipe != "nvfp4" or op not in ("quantize", "dequantize"):
-        return "FlashInfer implements only nvfp4 quantize and dequantize"
+    if recipe not in FLASHINFER_RECIPES.get(op, ()):
+        return ("FlashInfer implements only "
+                + ", ".join(f"{op} of {'/'.join(sorted(names))}" for op, names in FLASHINFER_RECIPES.items()))
     if device.type != "cuda":
         return f"FlashInfer needs a CUDA device; got {device.type}"
     if dtype not in _HALF_DTYPES:

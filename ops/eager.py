@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .formats import BLOCKFP4_MIN_SCALE, E2M1_THRESHOLDS, E4M3_MAX, E4M3_NAN_BYTE, Element, FP4Format, KVRecipe, ScaleRule
+from .formats import (BLOCKFP4_MIN_SCALE, E2M1_MAX, E2M1_THRESHOLDS, E2M1_VALUES, E4M3_MAX, E4M3_NAN_BYTE, Element,
+                      FP4Format, KVRecipe, ScaleRule)
 from .paged_kv import PagedKV
 from .slots import in_cache, last_writer_slots
 
@@ -17,6 +18,7 @@ _F32_EXPONENT_SHIFT = 23
 _F32_MANTISSA_MASK = 0x7FFFFF
 _E8M0_NAN_BYTE = 0xFF
 _F32_BITS_OF_2_POW_MINUS_127 = 0x400000  # E8M0 byte 0 is a float32 subnormal
+_E2M1_MAGNITUDES = torch.tensor(E2M1_VALUES)
 
 
 def _e8m0_byte_ceil_log2_amax_over_6(amax: torch.Tensor) -> torch.Tensor:
@@ -55,11 +57,12 @@ def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
     return fp16_bits.view(torch.float16).float() * 2.0**14
 
 
-def _scale_bytes_and_divisor(amax, fmt: FP4Format, global_scale):
-    """Per-block scale byte (uint8) and the float32 value elements are divided by."""
+def _scale_bytes_and_divisor(amax, fmt: FP4Format, global_scale, block_max: float = E2M1_MAX):
+    """Per-block scale byte (uint8) and the float32 value elements are divided by; E4M3 scales
+    bring amax to `block_max` (one of fmt.block_maxima)."""
     if fmt.scale_rule is ScaleRule.E4M3_AMAX_OVER_6G:
         g = usable_global_scale(global_scale, amax)
-        s = (amax / (6.0 * g)).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
+        s = (amax / (block_max * g)).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
         return s.view(torch.uint8), s.float() * g
     byte = _E8M0_BYTE_RULES[fmt.scale_rule](amax)
     return byte.to(torch.uint8), e8m0_decode(byte)
@@ -83,6 +86,48 @@ def _e2m1_magnitude(y: torch.Tensor, fmt: FP4Format) -> torch.Tensor:
     return m
 
 
+def _candidate(magnitudes: torch.Tensor, amax, fmt: FP4Format, global_scale, block_max: float):
+    """(scale bytes, divisor, E2M1 magnitude codes) of blocks |x| under the scale for block_max."""
+    scale_bytes, divisor = _scale_bytes_and_divisor(amax, fmt, global_scale, block_max)
+    return scale_bytes, divisor, _e2m1_magnitude(magnitudes / divisor.unsqueeze(-1), fmt)
+
+
+def pairwise_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the last axis (a power of two long) in neighbouring pairs, then pairs of those
+    sums, down to one: a fixed order, which the Triton kernels follow for equal float32 sums."""
+    while x.shape[-1] > 1:
+        x = x[..., 0::2] + x[..., 1::2]
+    return x.squeeze(-1)
+
+
+def dequantized_squared_error(magnitudes, codes, scale_bytes, global_scale) -> torch.Tensor:
+    """Per block, the float32 sum of squared differences between |x| and what a reader of
+    (codes, E4M3 scale bytes) dequantizes: (e2m1 * s) * g (formats.ScaleChoice)."""
+    s = scale_bytes.view(torch.float8_e4m3fn).float().unsqueeze(-1)
+    values = _E2M1_MAGNITUDES.to(magnitudes.device)[codes.long()] * s
+    if global_scale is not None:
+        values = values * usable_global_scale(global_scale, values)
+    return pairwise_sum((values - magnitudes).square())
+
+
+def _chosen_scales(magnitudes, amax, fmt: FP4Format, global_scale):
+    """(scale bytes, divisor, magnitude codes) of the candidate each block keeps: the only one, or
+    (formats.ScaleChoice) the one with the smallest dequantized error, earlier ones winning ties."""
+    first, *others = fmt.block_maxima
+    best = _candidate(magnitudes, amax, fmt, global_scale, first)
+    if not others:
+        return best
+    best_error = dequantized_squared_error(magnitudes, best[2], best[0], global_scale)
+    for block_max in others:
+        candidate = _candidate(magnitudes, amax, fmt, global_scale, block_max)
+        error = dequantized_squared_error(magnitudes, candidate[2], candidate[0], global_scale)
+        better = error < best_error
+        best = (torch.where(better, candidate[0], best[0]), torch.where(better, candidate[1], best[1]),
+                torch.where(better.unsqueeze(-1), candidate[2], best[2]))
+        best_error = torch.where(better, error, best_error)
+    return best
+
+
 def _quantize_e4m3(x: torch.Tensor, global_scale):
     """FP8 E4M3 elements of x / g (RNE, finite values saturating at +-448), no scale bytes; a NaN
     or +-Inf element, or an unusable global scale, stores the NaN byte: never a finite value."""
@@ -99,12 +144,12 @@ def quantize(x: torch.Tensor, fmt: FP4Format, global_scale=None):
         return _quantize_e4m3(x, global_scale)
     blocks = x.float().unflatten(-1, (-1, fmt.block_size))
     finite = torch.isfinite(blocks).all(-1)
-    amax = blocks.abs().amax(-1)
-    scale_bytes, divisor = _scale_bytes_and_divisor(amax, fmt, global_scale)
+    magnitudes = blocks.abs()
+    amax = magnitudes.amax(-1)
+    scale_bytes, divisor, magnitude = _chosen_scales(magnitudes, amax, fmt, global_scale)
     # A block holding NaN or Inf, or quantized with an unusable global scale (a NaN divisor), is
     # stored as zero codes under a NaN scale byte; a zero scale (nvfp4) codes the block as zeros.
     stored = finite & torch.isfinite(divisor)
-    magnitude = _e2m1_magnitude(blocks.abs() / divisor.unsqueeze(-1), fmt)
     codes = magnitude | (torch.signbit(blocks).to(torch.uint8) << 3)
     codes = torch.where((stored & (divisor != 0)).unsqueeze(-1), codes, 0)
     scale_bytes = torch.where(stored, scale_bytes, fmt.scale_nan_byte).to(torch.uint8)

@@ -31,6 +31,7 @@ class FP4KVCacheRecipe(str, enum.Enum):
     """The recipes this library stores; the value is the string every op takes."""
 
     NVFP4 = "nvfp4"
+    NVFP4_4OVER6 = "nvfp4_4over6"
     BLOCKFP4 = "blockfp4"
     MXFP4 = "mxfp4"
 
@@ -57,6 +58,20 @@ class ScaleRule(enum.IntEnum):
     E8M0_FLOOR_LOG2_AMAX_MINUS_2 = 2
 
 
+class ScaleChoice(enum.IntEnum):
+    """Which scale byte a block keeps (IntEnum so kernels can take it as a constant). Every choice
+    writes bytes of the scale rule's encoding: a reader of the format reads them all alike."""
+
+    # The scale rule's byte.
+    RULE = 0
+    # NVFP4 "4/6" (vLLM's `nvfp4_4over6`; Cook et al., arXiv:2512.02010): of the E4M3 bytes of
+    # amax / (6 g) and amax / (4 g), under the same global scale g, the one whose block dequantizes
+    # with the smaller sum of squared errors against the input, ties to amax / 6 (plain NVFP4).
+    # Each error is float32: d = (e2m1 * s) * g - |x| per element (the reader's value), d * d, and
+    # the 16 squares added in neighbouring pairs, then pairs of those sums, down to one.
+    SMALLER_ERROR_OF_AMAX_OVER_6_AND_4 = 1
+
+
 @dataclass(frozen=True)
 class FP4Format:
     """One row of the format table (an FP4 recipe, or FP8 E4M3 for keys)."""
@@ -74,6 +89,17 @@ class FP4Format:
     # The magnitude stored at the top of the range under a global scale of 1: calibration sets the
     # global scale to amax / this (None: no global scale).
     calibration_amax: float | None = None
+    scale_choice: ScaleChoice = ScaleChoice.RULE
+
+    def __post_init__(self) -> None:
+        if self.scale_choice is not ScaleChoice.RULE and self.scale_rule is not ScaleRule.E4M3_AMAX_OVER_6G:
+            raise ValueError(f"scale_choice {self.scale_choice.name} needs E4M3 scales (amax / (m * g))")
+
+    @property
+    def block_maxima(self) -> tuple[float, ...]:
+        """The E2M1 magnitudes a block's amax is scaled to, one scale candidate each (E4M3 scales:
+        s = amax / (m * g)); the first is the scale rule's, which ties keep."""
+        return SCALE_CHOICE_BLOCK_MAXIMA[self.scale_choice]
 
     @property
     def e4m3_scales(self) -> bool:
@@ -117,6 +143,11 @@ class FP4Format:
         return 2 * head_num * self.bytes_per_head(head_dim)
 
 
+SCALE_CHOICE_BLOCK_MAXIMA = {
+    ScaleChoice.RULE: (E2M1_MAX,),
+    ScaleChoice.SMALLER_ERROR_OF_AMAX_OVER_6_AND_4: (E2M1_MAX, 4.0),
+}
+
 FORMATS: dict[str, FP4Format] = {
     f.name: f
     for f in (
@@ -128,6 +159,18 @@ FORMATS: dict[str, FP4Format] = {
             has_global_scale=True,
             scale_nan_byte=0x7F,
             calibration_amax=E4M3_MAX * E2M1_MAX,
+        ),
+        # NVFP4's bytes and global scale (vLLM keeps the plain recipe's k_scale / v_scale), from a
+        # quantizer that picks each block's scale: every NVFP4 reader reads them as they are.
+        FP4Format(
+            recipe=FP4KVCacheRecipe.NVFP4_4OVER6,
+            block_size=16,
+            scale_rule=ScaleRule.E4M3_AMAX_OVER_6G,
+            ties_away=False,
+            has_global_scale=True,
+            scale_nan_byte=0x7F,
+            calibration_amax=E4M3_MAX * E2M1_MAX,
+            scale_choice=ScaleChoice.SMALLER_ERROR_OF_AMAX_OVER_6_AND_4,
         ),
         FP4Format(
             recipe=FP4KVCacheRecipe.BLOCKFP4,

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import eager
-from .formats import BLOCKFP4_MIN_SCALE, Element, FP4Format, KVRecipe, ScaleRule
+from .formats import BLOCKFP4_MIN_SCALE, Element, FP4Format, KVRecipe, ScaleChoice, ScaleRule
 from .slots import last_writer_slots
 from .triton_codes import (E4M3_MAX_TL, FLT_MAX_TL, bf16_bits, block_scales, decode_packed, e4m3_byte, e4m3_value,
                            fp8_pair, usable_global_scale)
@@ -57,6 +57,8 @@ _CLAIM_BLOCK = 1024
 _RULE_E4M3 = tl.constexpr(int(ScaleRule.E4M3_AMAX_OVER_6G))
 _RULE_E8M0_CEIL = tl.constexpr(int(ScaleRule.E8M0_CEIL_LOG2_AMAX_OVER_6))
 _RULE_E8M0_FLOOR = tl.constexpr(int(ScaleRule.E8M0_FLOOR_LOG2_AMAX_MINUS_2))
+# The kernels' SCALE_CHOICE constexpr: formats.ScaleChoice's values.
+_CHOICE_4_OVER_6 = tl.constexpr(int(ScaleChoice.SMALLER_ERROR_OF_AMAX_OVER_6_AND_4))
 # The kernels' IN_KIND (quantize input dtype) and OUT_KIND (dequantize output dtype) constexprs.
 _IN_FP32, _IN_FP16, _IN_BF16 = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 _OUT_FP32, _OUT_FP16, _OUT_BF16, _OUT_FP8 = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
@@ -145,12 +147,14 @@ def _split_pair(word, IN_KIND: tl.constexpr):
 
 
 @triton.jit
-def _e2m1_magnitude(y, TIES_AWAY: tl.constexpr, AT_MOST_6: tl.constexpr):
-    """|x| / scale (float32 >= 0) -> 3-bit E2M1 magnitude code, by the float adder's rounding.
+def _e2m1_round(y, TIES_AWAY: tl.constexpr, AT_MOST_6: tl.constexpr):
+    """|x| / scale (float32 >= 0) -> (3-bit E2M1 magnitude code, its value), by the float adder's
+    rounding.
 
     E2M1's step is 0.5 below 2 and doubles with each binade above; adding a power of two M whose
     float32 step is that (2^22 below 2, 2^23 in [2, 4), 2^24 in [4, 8)) rounds y onto the grid,
-    to even, and bits(y + M) - bits(M) counts the steps. Ties away first set y's last mantissa
+    to even: (y + M) - M is the rounded value (exactly) and bits(y + M) - bits(M) counts the
+    steps. Ties away first set y's last mantissa
     bit: a tie moves just above the midpoint, while no other value reaches it (midpoints have few
     bits). Values above 6 (an E4M3 scale rounded down, an MX scale, NaN or inf) clamp to 6 unless
     the scale rule keeps the quotient at most 6 (AT_MOST_6). tests/test_quantize_rounding.py checks
@@ -160,9 +164,11 @@ def _e2m1_magnitude(y, TIES_AWAY: tl.constexpr, AT_MOST_6: tl.constexpr):
     if TIES_AWAY:
         y = (y.to(tl.int32, bitcast=True) | 1).to(tl.float32, bitcast=True)
     magic = (tl.maximum(y, 1.0).to(tl.int32, bitcast=True) & 0x7F800000) + (22 << 23)
-    steps = (y + magic.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True) - magic
+    magic_value = magic.to(tl.float32, bitcast=True)
+    rounded = y + magic_value
+    steps = rounded.to(tl.int32, bitcast=True) - magic
     # y in [2^b, 2^(b+1)) (b = 0 below 2) takes code steps + 2b; magic >> 22 is 298 + 2b.
-    return steps + (magic >> 22) - 298
+    return steps + (magic >> 22) - 298, rounded - magic_value
 
 
 @triton.jit
@@ -207,10 +213,44 @@ def _rounding_quotient(a, scale, d, inverse):
 
 
 @triton.jit
+def _e4m3_candidate(amax, a_lo, a_hi, g, BLOCK_MAX: tl.constexpr, TIES_AWAY: tl.constexpr):
+    """Blocks of |x| (both halves) under the E4M3 scale s that brings amax to BLOCK_MAX, elements
+    divided by s * g: (scale byte, s, magnitude codes and their E2M1 values of each half)."""
+    byte = e4m3_byte(tl.minimum(tl.math.div_rn(amax, BLOCK_MAX * g), E4M3_MAX_TL))
+    s = e4m3_value(byte)
+    scale, d, inverse = _unit_divisor((s * g)[:, :, None])
+    code_lo, value_lo = _e2m1_round(_rounding_quotient(a_lo, scale, d, inverse), TIES_AWAY, False)
+    code_hi, value_hi = _e2m1_round(_rounding_quotient(a_hi, scale, d, inverse), TIES_AWAY, False)
+    return byte, s, code_lo, code_hi, value_lo, value_hi
+
+
+@triton.jit
+def _add_neighbours(x):
+    """[NB, ROWS, 2n] -> [NB, ROWS, n]: entry i is x[2i] + x[2i + 1]."""
+    a, b = tl.split(tl.reshape(x, [x.shape[0], x.shape[1], x.shape[2] // 2, 2]))
+    return a + b
+
+
+@triton.jit
+def _dequantized_squared_error(value_lo, value_hi, s, g, a_lo, a_hi, HAS_G: tl.constexpr):
+    """eager.dequantized_squared_error of NVFP4 blocks ([NB, ROWS, 8] halves): per block, the
+    float32 sum of ((e2m1 * s) * g - |x|)^2, added in eager.pairwise_sum's order. The kernel is
+    compiled without FMA contraction here, so each operation rounds on its own, as eager's do."""
+    tl.static_assert(value_lo.shape[2] == 8)
+    s = s[:, :, None]
+    d_lo, d_hi = value_lo * s, value_hi * s
+    if HAS_G:
+        d_lo, d_hi = d_lo * g, d_hi * g
+    d_lo, d_hi = d_lo - a_lo, d_hi - a_hi
+    total = _add_neighbours(_add_neighbours(_add_neighbours(d_lo * d_lo + d_hi * d_hi)))
+    return tl.reshape(total, [total.shape[0], total.shape[1]])
+
+
+@triton.jit
 def _quantize_rows(
     x_ptr, x_stride_t, x_stride_h, data_ptr, scales_ptr, g_ptr, rows, in_range, write, dest,
-    H: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, SCALE_RULE: tl.constexpr, TIES_AWAY: tl.constexpr,
-    SCALE_NAN_BYTE: tl.constexpr, HAS_G: tl.constexpr, IN_KIND: tl.constexpr,
+    H: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, SCALE_RULE: tl.constexpr, SCALE_CHOICE: tl.constexpr,
+    TIES_AWAY: tl.constexpr, SCALE_NAN_BYTE: tl.constexpr, HAS_G: tl.constexpr, IN_KIND: tl.constexpr,
 ):
     """Rows of x (see _cache_rows) into cache rows `dest`. x is read as words of two elements
     (strides in words): pairs give the packed bytes directly."""
@@ -237,11 +277,15 @@ def _quantize_rows(
             finite = tl.where(g == g, finite, False)  # a NaN scale stores the block as NaN, as eager does
         else:
             g = 1.0
-        byte = e4m3_byte(tl.minimum(tl.math.div_rn(amax, 6.0 * g), E4M3_MAX_TL))
-        divisor = e4m3_value(byte) * g
-        scale, d, inverse = _unit_divisor(divisor[:, :, None])
-        y_lo, y_hi = _rounding_quotient(a_lo, scale, d, inverse), _rounding_quotient(a_hi, scale, d, inverse)
-        keep = finite & (divisor != 0.0)
+        byte, s, code_lo, code_hi, value_lo, value_hi = _e4m3_candidate(amax, a_lo, a_hi, g, 6.0, TIES_AWAY)
+        if SCALE_CHOICE == _CHOICE_4_OVER_6:  # E4M3 of amax / (4 g) where it dequantizes closer
+            byte4, s4, code_lo4, code_hi4, value_lo4, value_hi4 = _e4m3_candidate(amax, a_lo, a_hi, g, 4.0, TIES_AWAY)
+            use4 = (_dequantized_squared_error(value_lo4, value_hi4, s4, g, a_lo, a_hi, HAS_G)
+                    < _dequantized_squared_error(value_lo, value_hi, s, g, a_lo, a_hi, HAS_G))
+            byte, s = tl.where(use4, byte4, byte), tl.where(use4, s4, s)
+            code_lo = tl.where(use4[:, :, None], code_lo4, code_lo)
+            code_hi = tl.where(use4[:, :, None], code_hi4, code_hi)
+        keep = finite & (s * g != 0.0)
     else:
         if SCALE_RULE == _RULE_E8M0_CEIL:  # E8M0 ceil(log2(max(amax / 6, 1e-10)))
             # amax * RN(1/6) for eager's amax / 6: the byte only asks whether the quotient is a
@@ -254,14 +298,13 @@ def _quantize_rows(
             byte = tl.maximum((amax.to(tl.int32, bitcast=True) >> 23) - 2, 0)
         # Dividing by a power of two is multiplying by its exact inverse 2^-(byte - 127).
         inverse = ((254 - byte) << 23).to(tl.float32, bitcast=True)[:, :, None]
-        y_lo, y_hi = a_lo * inverse, a_hi * inverse
+        # The ceil rule's scale is at least amax / 6 rounded, so no quotient passes 6 by more than
+        # a rounding error: the clamp, which matters from 7 on, is skipped.
+        at_most_6: tl.constexpr = SCALE_RULE == _RULE_E8M0_CEIL
+        code_lo, _ = _e2m1_round(a_lo * inverse, TIES_AWAY, at_most_6)
+        code_hi, _ = _e2m1_round(a_hi * inverse, TIES_AWAY, at_most_6)
         keep = finite
 
-    # The ceil rule's scale is at least amax / 6 rounded, so no quotient passes 6 by more than a
-    # rounding error: the clamp, which matters from 7 on, is skipped.
-    at_most_6: tl.constexpr = SCALE_RULE == _RULE_E8M0_CEIL
-    code_lo = _e2m1_magnitude(y_lo, TIES_AWAY, at_most_6)
-    code_hi = _e2m1_magnitude(y_hi, TIES_AWAY, at_most_6)
     if SCALE_RULE == _RULE_E4M3 and IN_KIND != _IN_FP32:
         # Both sign bits from the 16-bit pair's word at once (bits 15, 31 to 3, 7): fewer
         # instructions for NVFP4, which is bound by instruction issue. With E8M0 scales it is
@@ -284,7 +327,7 @@ def _quantize_kernel(
     k_ptr, k_stride_t, k_stride_h, k_data_ptr, k_scales_ptr, k_g_ptr,
     v_ptr, v_stride_t, v_stride_h, v_data_ptr, v_scales_ptr, v_g_ptr,
     loc_ptr, loc_stride, last_token_ptr, n_rows, num_slots, H: tl.constexpr,
-    D: tl.constexpr, BS: tl.constexpr, SCALE_RULE: tl.constexpr, TIES_AWAY: tl.constexpr,
+    D: tl.constexpr, BS: tl.constexpr, SCALE_RULE: tl.constexpr, SCALE_CHOICE: tl.constexpr, TIES_AWAY: tl.constexpr,
     SCALE_NAN_BYTE: tl.constexpr, HAS_G: tl.constexpr, SCATTER: tl.constexpr, DUPLICATES: tl.constexpr,
     ROWS: tl.constexpr,
     IN_KIND: tl.constexpr, WITH_V: tl.constexpr,
@@ -308,10 +351,10 @@ def _quantize_kernel(
         write = write & (tl.load(last_token_ptr + index, mask=write, other=-1) == token)
     dest = index * H + head  # the cache is contiguous [slots, H, ...]
     _quantize_rows(k_ptr, k_stride_t, k_stride_h, k_data_ptr, k_scales_ptr, k_g_ptr, rows, in_range, write, dest,
-                   H, D, BS, SCALE_RULE, TIES_AWAY, SCALE_NAN_BYTE, HAS_G, IN_KIND)
+                   H, D, BS, SCALE_RULE, SCALE_CHOICE, TIES_AWAY, SCALE_NAN_BYTE, HAS_G, IN_KIND)
     if WITH_V:
         _quantize_rows(v_ptr, v_stride_t, v_stride_h, v_data_ptr, v_scales_ptr, v_g_ptr, rows, in_range, write, dest,
-                       H, D, BS, SCALE_RULE, TIES_AWAY, SCALE_NAN_BYTE, HAS_G, IN_KIND)
+                       H, D, BS, SCALE_RULE, SCALE_CHOICE, TIES_AWAY, SCALE_NAN_BYTE, HAS_G, IN_KIND)
 
 
 @triton.jit
@@ -425,10 +468,12 @@ def _launch_quantize(k, v, k_data, v_data, k_scales, v_scales, k_g, v_g, loc, fm
         k_words, k_words.stride(0), k_words.stride(1), k_data, k_scales.view(torch.uint8), k_g if has_g else k,
         v_words, v_words.stride(0), v_words.stride(1), v_data, v_scales.view(torch.uint8), v_g if has_g else v,
         loc if loc is not None else k_data, loc.stride(0) if loc is not None else 0, last_token, n_rows, num_slots, H=h,
-        D=d, BS=fmt.block_size, SCALE_RULE=int(fmt.scale_rule), TIES_AWAY=fmt.ties_away,
-        SCALE_NAN_BYTE=fmt.scale_nan_byte, HAS_G=has_g, SCATTER=loc is not None, DUPLICATES=duplicates, ROWS=rows,
-        IN_KIND=_IN_KINDS[k.dtype][0], WITH_V=with_v, num_warps=QUANTIZE_LAUNCH.num_warps,
-        maxnreg=QUANTIZE_LAUNCH.max_registers,
+        D=d, BS=fmt.block_size, SCALE_RULE=int(fmt.scale_rule), SCALE_CHOICE=int(fmt.scale_choice),
+        TIES_AWAY=fmt.ties_away, SCALE_NAN_BYTE=fmt.scale_nan_byte, HAS_G=has_g, SCATTER=loc is not None,
+        DUPLICATES=duplicates, ROWS=rows, IN_KIND=_IN_KINDS[k.dtype][0], WITH_V=with_v,
+        num_warps=QUANTIZE_LAUNCH.num_warps, maxnreg=QUANTIZE_LAUNCH.max_registers,
+        # A chosen scale compares float32 errors that must round as eager's: no mul-add fused.
+        enable_fp_fusion=fmt.scale_choice is ScaleChoice.RULE,
     )
 
 

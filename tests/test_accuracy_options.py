@@ -5,6 +5,7 @@ calibration state dict."""
 import pytest
 import torch
 
+import torch_fp4kv
 from conftest import RECIPES, RMSE_BOUND, TRITON_DEVICE, assert_same_bytes
 from torch_fp4kv import FP4KVPool, get_fp4_kv_cache_quant_method, ops
 from torch_fp4kv.layer_cache import hadamard
@@ -172,10 +173,11 @@ def test_calibration_state_dict_saves_and_loads(recipe, tmp_path):
     for i, (k, v) in enumerate(samples):
         method.calibrate(i, k, v)
     state = method.calibration_state_dict()
+    has_global_scale = torch_fp4kv.FORMATS[recipe].has_global_scale
     expected_keys = {f"layers.{i}.{n}" for i in range(layers)
-                     for n in (("k_mean", "k_scale", "v_scale") if recipe == "nvfp4" else ("k_mean",))}
+                     for n in (("k_mean", "k_scale", "v_scale") if has_global_scale else ("k_mean",))}
     assert set(state) == expected_keys
-    if recipe == "nvfp4":  # the global scale covers what is quantized: the smoothed, rotated K
+    if has_global_scale:  # the global scale covers what is quantized: the smoothed, rotated K
         layer = method.layer(1)
         torch.testing.assert_close(state["layers.1.k_scale"],
                                    (layer.encode_k(samples[1][0]).abs().amax() / (448 * 6)).reshape(1))

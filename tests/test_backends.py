@@ -90,14 +90,29 @@ def test_override_picks_a_possible_backend(fake_gpu, monkeypatch):
     assert _choice("dequantize", "nvfp4", CUDA) is Backend.FLASHINFER
 
 
+_FLASHINFER_ONLY = "FlashInfer implements only quantize of nvfp4, dequantize of nvfp4/nvfp4_4over6"
+
+
+def test_flashinfer_reads_4over6_bytes_but_does_not_write_them(fake_gpu, monkeypatch):
+    """nvfp4_4over6 is NVFP4's bytes from another quantizer: FlashInfer's dequantize reads them,
+    its quantize (plain amax / 6 scales) is never chosen for them, forced or not."""
+    fake_gpu((10, 0))
+    assert not _flashinfer_row().matches("quantize", "nvfp4_4over6", CUDA, torch.bfloat16)
+    monkeypatch.setenv(ENV_VAR, "flashinfer")
+    assert _choice("dequantize", "nvfp4_4over6", CUDA) is Backend.FLASHINFER
+    with pytest.raises(RuntimeError, match=re.escape(_FLASHINFER_ONLY)):
+        _choice("quantize", "nvfp4_4over6", CUDA)
+
+
 @pytest.mark.parametrize(
     "forced, op, recipe, device, capability, message",
     [
         ("cuda", "quantize", "nvfp4", CPU, (0, 0), "is not a backend; valid: ['eager', 'triton', 'flashinfer']"),
         ("flashinfer", "quantize", "nvfp4", CPU, (0, 0), "FlashInfer needs a CUDA device; got cpu"),
         ("flashinfer", "quantize", "nvfp4", CUDA, (9, 0), "FlashInfer nvfp4 quantize needs SM100 or newer"),
-        ("flashinfer", "quantize_and_store", "nvfp4", CUDA, (10, 0), "FlashInfer implements only nvfp4 quantize and dequantize"),
-        ("flashinfer", "quantize", "mxfp4", CUDA, (10, 0), "FlashInfer implements only nvfp4"),
+        ("flashinfer", "quantize_and_store", "nvfp4", CUDA, (10, 0), _FLASHINFER_ONLY),
+        ("flashinfer", "quantize", "mxfp4", CUDA, (10, 0), _FLASHINFER_ONLY),
+        ("flashinfer", "quantize", "nvfp4_4over6", CUDA, (10, 0), _FLASHINFER_ONLY),
         ("triton", "quantize", "nvfp4", CUDA, (7, 5), "Triton kernels need SM80 or newer"),
     ],
 )
@@ -158,7 +173,8 @@ def test_info_prints_the_table_and_choices():
     out = result.stdout
     assert "selection table (first matching row wins):" in out
     assert "flashinfer cuda >= SM100" in out
-    assert "quantize_and_store nvfp4     cpu   eager" in out
+    assert re.search(r"quantize_and_store nvfp4 +cpu   eager", out)
+    assert re.search(r"quantize_and_store nvfp4_4over6\+k8 cpu   eager", out)
 
 
 @pytest.mark.parametrize("capability, expected", [((8, 0), (True, False)), ((8, 9), (True, True)), ((9, 0), (True, True))])

@@ -180,10 +180,10 @@ def test_eval_help_shows_the_whole_description_and_the_defaults(capsys):
         parse_args(["--help"])
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "one token's keys and values take." in out  # the docstring's last sentence
-    assert "(default: 4096)" in out and f"(default: blockfp4,mxfp4,nvfp4,{accuracy.ANCHOR})" in out
+    assert "(default: 4096)" in out and f"(default: blockfp4,mxfp4,nvfp4,nvfp4_4over6,{accuracy.ANCHOR})" in out
     assert "(default: window,decode)" in out and "(default: None)" not in out and "(default: False)" not in out
     args = parse_args([])
-    assert args.recipes == ["blockfp4", "mxfp4", "nvfp4", accuracy.ANCHOR] and args.protocols == ["window", "decode"]
+    assert args.recipes == ["blockfp4", "mxfp4", "nvfp4", "nvfp4_4over6", accuracy.ANCHOR] and args.protocols == ["window", "decode"]
 
 
 def test_a_misspelled_model_is_a_usage_error(capsys):

@@ -37,15 +37,16 @@ def test_opcheck_on_cuda(recipe):
         torch.library.opcheck(ops.gather_dequantize.default, (*cache[::2], loc, recipe, g, dtype))
 
 
+@pytest.mark.parametrize("recipe", ["nvfp4", "nvfp4_4over6"])  # 4/6: NVFP4 bytes, other scale choices
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("g_value", [1.0, 0.0173])
-def test_flashinfer_dequantize_reads_our_nvfp4_bytes(dtype, g_value):
+def test_flashinfer_dequantize_reads_our_nvfp4_bytes(recipe, dtype, g_value):
     flashinfer = pytest.importorskip("flashinfer")
     x = random_kv((4096, 8, D), dtype, "cuda")
     g = torch.tensor([g_value], device="cuda")
-    data, scales = torch_fp4kv.quantize(x, "nvfp4", g)
+    data, scales = torch_fp4kv.quantize(x, recipe, g)
     theirs = flashinfer.nvfp4_kv_dequantize(data.view(-1, D // 2), scales.view(-1, D // 16), g, output_dtype=dtype)
-    assert_same_bytes(theirs.view(x.shape), torch_fp4kv.dequantize(data, scales, "nvfp4", g, dtype))
+    assert_same_bytes(theirs.view(x.shape), torch_fp4kv.dequantize(data, scales, recipe, g, dtype))
 
 
 class DecodeStep(torch.nn.Module):

@@ -225,7 +225,8 @@ def test_method_stores_reads_and_decodes(recipe, options):
     k_back, v_back = method.dequantize_prev_kv(1, torch.arange(slots), torch.float32)
     assert (k_back - k).norm() / k.norm() < 0.04  # FP8: ~2^-5 relative; FP4 would be ~0.1
     assert (v_back - v).norm() / v.norm() < 0.13
-    ws_k, _ = method.dequantize_prev_kv(1, torch.arange(slots)) if recipe == "nvfp4" else (k_back, None)
+    has_workspace = torch_fp4kv.FORMATS[recipe].has_global_scale  # the NVFP4 methods
+    ws_k, _ = method.dequantize_prev_kv(1, torch.arange(slots)) if has_workspace else (k_back, None)
     assert ws_k.shape == (slots, h, d)
     q = torch.randn(2, 4, d, dtype=torch.bfloat16)
     table, lens = torch.tensor([[0, 1], [3, 2]], dtype=torch.int32), torch.tensor([16, 9], dtype=torch.int32)
@@ -244,7 +245,7 @@ def test_calibration_state_dict_round_trips_with_fp8_keys(recipe):
     method.calibrate(1, torch.randn(8, 2, 64) * 3, torch.randn(8, 2, 64))
     state = method.calibration_state_dict()
     assert set(state) == {"layers.0.k_scale", "layers.1.k_scale"} | (
-        {"layers.0.v_scale", "layers.1.v_scale"} if recipe == "nvfp4" else set())
+        {"layers.0.v_scale", "layers.1.v_scale"} if torch_fp4kv.FORMATS[recipe].has_global_scale else set())
     other = get_fp4_kv_cache_quant_method(recipe, k_fp8=True)
     other.create_buffers(4, 2, 64, 2, "cpu")
     assert other.load_scales_from_model(state) == 2

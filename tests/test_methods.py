@@ -44,7 +44,7 @@ def test_every_recipe_has_a_registered_method():
 
 
 def test_factory_lists_valid_names_for_unknown_name():
-    with pytest.raises(ValueError, match=r"unknown FP4 KV cache method 'fp3'; valid: \['blockfp4', 'mxfp4', 'nvfp4'\]"):
+    with pytest.raises(ValueError, match=r"unknown FP4 KV cache method 'fp3'; valid: \['blockfp4', 'mxfp4', 'nvfp4', 'nvfp4_4over6'\]"):
         get_fp4_kv_cache_quant_method("fp3")
 
 
@@ -93,8 +93,9 @@ def test_create_buffers_and_exact_cell_size(recipe):
         allocated += list(buffers.dequant_workspace)
     total = sum(t.numel() * t.element_size() for t in allocated)
     assert method.compute_cell_size(H, D, LAYERS) * SIZE == total
-    assert method.needs_global_scale() == (recipe == "nvfp4")
-    assert method.needs_dequant_workspace() == (recipe == "nvfp4")
+    nvfp4_family = torch_fp4kv.FORMATS[recipe].has_global_scale  # nvfp4, nvfp4_4over6
+    assert method.needs_global_scale() == nvfp4_family
+    assert method.needs_dequant_workspace() == nvfp4_family
     assert (buffers.dequant_workspace is not None) == method.needs_dequant_workspace()
 
 
@@ -235,7 +236,7 @@ def test_cache_module_and_its_method_share_one_cache(recipe):
     layer = cache.layers[1]
     k, v = random_kv((4, H, D)), random_kv((4, H, D))
     loc = torch.tensor([1, 5, 2, 11])
-    g = torch.tensor([0.37]) if recipe == "nvfp4" else None
+    g = torch.tensor([0.37]) if torch_fp4kv.FORMATS[recipe].has_global_scale else None
     if g is not None:
         cache.method.set_global_scales(1, g, g)
     cache.method.quantize_and_store(1, loc, k, v)

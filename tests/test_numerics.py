@@ -46,10 +46,15 @@ def test_representable_values_round_trip_exactly(recipe, dtype):
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_ties_follow_each_recipes_rule(recipe):
-    """A value exactly between two magnitudes: nvfp4/mxfp4 round to the even code, blockfp4 away."""
+    """A value exactly between two magnitudes: nvfp4/mxfp4 round to the even code, blockfp4 away.
+
+    With a global scale, the block sits at E4M3's largest scale (448 * g, g = 2^-9), where amax / 4
+    saturates to the same byte, so nvfp4_4over6 keeps it too: the elements divided by 448 * g are
+    the thresholds themselves."""
     fmt = FORMATS[recipe]
-    x = _block([6.0] + list(E2M1_THRESHOLDS) + [-t for t in E2M1_THRESHOLDS], recipe)
-    codes = _codes(quantize(x, recipe)[0])[1:15]
+    unit, g = (448 * 2.0**-9, torch.tensor([2.0**-9])) if fmt.has_global_scale else (1.0, None)
+    x = _block([6.0] + list(E2M1_THRESHOLDS) + [-t for t in E2M1_THRESHOLDS], recipe) * unit
+    codes = _codes(quantize(x, recipe, g)[0])[1:15]
     for i, t in enumerate(E2M1_THRESHOLDS):
         expected = i + 1 if fmt.ties_away or (i + 1) % 2 == 0 else i
         assert codes[i].item() == expected, (t, codes[i].item())

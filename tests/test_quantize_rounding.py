@@ -1,5 +1,5 @@
 """The shortcuts the Triton quantize kernel takes to E2M1 codes and scale bytes, checked over every
-input they can meet: the float adder's rounding in _e2m1_magnitude (eager's rule, comparing with
+input they can meet: the float adder's rounding in _e2m1_round (eager's rule, comparing with
 the thresholds, is the reference), one correction of a * (1 / d) in _rounding_quotient, and
 blockfp4's amax * RN(1/6) for amax / 6 (correct rounding is the reference for both)."""
 
@@ -9,7 +9,7 @@ import torch
 
 from conftest import TRITON_DEVICE
 from torch_fp4kv.ops import FORMATS, eager
-from torch_fp4kv.ops.formats import BLOCKFP4_MIN_SCALE
+from torch_fp4kv.ops.formats import BLOCKFP4_MIN_SCALE, E2M1_VALUES
 
 triton = pytest.importorskip("triton")
 tl = triton.language
@@ -17,9 +17,12 @@ from torch_fp4kv.ops import triton_kernels  # noqa: E402
 
 
 @triton.jit
-def _magnitude_kernel(y_ptr, out_ptr, TIES_AWAY: tl.constexpr, AT_MOST_6: tl.constexpr, BLOCK: tl.constexpr):
+def _magnitude_kernel(y_ptr, out_ptr, value_ptr, TIES_AWAY: tl.constexpr, AT_MOST_6: tl.constexpr,
+                      BLOCK: tl.constexpr):
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + offsets, triton_kernels._e2m1_magnitude(tl.load(y_ptr + offsets), TIES_AWAY, AT_MOST_6))
+    code, value = triton_kernels._e2m1_round(tl.load(y_ptr + offsets), TIES_AWAY, AT_MOST_6)
+    tl.store(out_ptr + offsets, code)
+    tl.store(value_ptr + offsets, value)
 
 
 _BLOCK = 1024 if TRITON_DEVICE == "cuda" else 1 << 20  # the interpreter pays per program
@@ -44,10 +47,13 @@ def test_adder_rounding_gives_every_code_of_the_thresholds(recipe, at_most_6):
     y = torch.cat([_every_float32(0.125, top), small, specials])
     y = torch.cat([y, y.new_zeros(-len(y) % _BLOCK)])
     out = torch.empty(y.shape, dtype=torch.int32, device=TRITON_DEVICE)
-    _magnitude_kernel[(len(y) // _BLOCK,)](y.to(TRITON_DEVICE), out, fmt.ties_away, at_most_6, BLOCK=_BLOCK)
+    value = torch.empty(y.shape, dtype=torch.float32, device=TRITON_DEVICE)
+    _magnitude_kernel[(len(y) // _BLOCK,)](y.to(TRITON_DEVICE), out, value, fmt.ties_away, at_most_6, BLOCK=_BLOCK)
     expected = eager._e2m1_magnitude(y.nan_to_num(nan=6.0), fmt).to(torch.int32)
     mismatch = (out.cpu() != expected).nonzero().flatten()
     assert len(mismatch) == 0, f"{len(mismatch)} codes differ, first at y={y[mismatch[:4]].tolist()}"
+    # The value beside each code is that code's E2M1 magnitude (what 4/6 compares errors with).
+    assert torch.equal(value.cpu(), torch.tensor(E2M1_VALUES)[expected.long()])
 
 
 # ---- exact numpy models of float32 FMA arithmetic -----------------------------------------------

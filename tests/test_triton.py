@@ -98,11 +98,13 @@ def test_property_triton_equals_eager(recipe, dtype, tokens, heads, head_dim, g_
         _triton_vs_eager(lambda name: mp.setenv("TORCH_FP4KV_BACKEND", name), recipe, dtype, (tokens, heads, head_dim), g_value)
 
 
-@pytest.mark.parametrize("recipe, g_value", [*(("nvfp4", g) for g in (1e-40, 1e-30, 3.3e-5, 1.0, 1234.5, 1e30)),
+@pytest.mark.parametrize("recipe, g_value", [*((r, g) for r in ("nvfp4", "nvfp4_4over6")
+                                                 for g in (1e-40, 1e-30, 3.3e-5, 1.0, 1234.5, 1e30)),
                                               ("blockfp4", None), ("mxfp4", None)])
 def test_quantize_matches_eager_across_the_float32_range(backend, recipe, g_value):
     """Blocks from subnormal to near-overflow magnitudes, so quotients that underflow, saturate or
-    overflow (and global scales far from 1, down to a subnormal one) take the kernel's edge paths."""
+    overflow (and global scales far from 1, down to a subnormal one) take the kernel's edge paths,
+    and 4/6's squared errors underflow or overflow."""
     x = torch.randn(64, 4, 64) * torch.exp2(torch.randint(-140, 125, (64, 4, 1)).float())
     fmt = FORMATS[recipe]
     g = torch.tensor([g_value]) if g_value is not None else None

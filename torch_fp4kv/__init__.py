@@ -1,7 +1,7 @@
 """torch_fp4kv: keep an attention KV cache in 4-bit floating point, under torch.compile and CUDA graphs.
 
 - `torch_fp4kv.ops`: the `torch.ops.fp4kv.*` operators and the format table.
-- Strategies: `get_fp4_kv_cache_quant_method("nvfp4" | "blockfp4" | "mxfp4")`, options spelled
+- Strategies: `get_fp4_kv_cache_quant_method("nvfp4" | "nvfp4_4over6" | "blockfp4" | "mxfp4")`, options spelled
   after the name (`"nvfp4+rot+k8"`) or given as a `KVCacheOptions`.
 - `FP4KVPool`: an engine's pool, an `nn.Module` holding every layer's cache (`FP4KVPoolLayer`) as buffers.
 - `torch_fp4kv.hf`: `FP4Cache`, the cache for transformers models.
@@ -25,6 +25,7 @@ from .methods import (
     FP4KVCacheQuantMethod,
     MXFP4KVMethod,
     MXFP4Method,
+    NVFP4FourOverSixMethod,
     NVFP4KVMethod,
     NVFP4Method,
     TableFP4KVMethod,
@@ -61,6 +62,7 @@ __all__ = [
     "KVCacheOptions",
     "MXFP4KVMethod",
     "MXFP4Method",
+    "NVFP4FourOverSixMethod",
     "NVFP4KVMethod",
     "NVFP4Method",
     "TableFP4KVMethod",

@@ -38,8 +38,10 @@ def main(argv=None) -> None:
     print("  (decode_attention's triton backend runs a Gluon kernel on SM90 for head_dim 64/128 and up to"
           " 16 query heads per KV head, the Triton kernel otherwise: ops/decode.py)")
     print("\nchosen here (bf16):")
-    for op, recipe, device, choice in describe(devices):
-        print(f"  {op:<18} {recipe:<9} {device:<5} {choice}")
+    rows = describe(devices)
+    width = max(len(recipe) for _, recipe, _, _ in rows)
+    for op, recipe, device, choice in rows:
+        print(f"  {op:<18} {recipe:<{width}} {device:<5} {choice}")
 
 
 if __name__ == "__main__":

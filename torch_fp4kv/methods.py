@@ -308,6 +308,14 @@ class NVFP4Method(TableFP4Method):
         return super()._scale_updates(source)
 
 
+class NVFP4FourOverSixMethod(NVFP4Method):
+    """NVFP4 whose quantizer gives each block the better of two scales, amax / 6 and amax / 4
+    (vLLM's `nvfp4_4over6`, formats.ScaleChoice): NVFP4's bytes and global scales, read by every
+    NVFP4 reader as they are."""
+
+    recipe = FP4KVCacheRecipe.NVFP4_4OVER6
+
+
 class BlockFP4Method(TableFP4Method):
     """Block-16 FP4 with power-of-two (E8M0) scales and no global scale: SGLang's FP4MXBlock16.
 
@@ -332,6 +340,7 @@ MXFP4KVMethod = MXFP4Method
 
 FP4_KV_CACHE_QUANT_REGISTRY: dict[str, type[FP4KVCacheQuantMethod]] = {
     "nvfp4": NVFP4Method,
+    "nvfp4_4over6": NVFP4FourOverSixMethod,
     "blockfp4": BlockFP4Method,
     "mxfp4": MXFP4Method,
 }

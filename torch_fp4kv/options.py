@@ -10,6 +10,10 @@
   attended in full precision (FP4Cache and the eval's simulation; an engine pool keeps every
   token in FP4).
 
+The name before the first `+` is the method, one row of the format table (`nvfp4`,
+`nvfp4_4over6`, `blockfp4`, `mxfp4`): a quantizer with its own rule for the bytes, such as 4/6's
+choice of block scale, is a format, and every suffix combines with it (`nvfp4_4over6+rot+smooth`).
+
 Suffixes come in any order, each at most once. Every string that names a cache (FP4Cache's
 `recipe`, the eval's `--recipes`, `get_fp4_kv_cache_quant_method`) goes through `KVCacheOptions.parse`.
 """
