@@ -85,7 +85,7 @@ def test_bench_table_and_json(tmp_path):
     assert report["copy_gb_per_s"] is None and report["out_dtype"] == "float8_e4m3fn"
     assert {(r["op"], r["recipe"]) for r in report["rows"]} == {
         (op, recipe) for op in ("quantize", "dequantize", "quantize_and_store", "gather_dequantize")
-        for recipe in ("nvfp4", "blockfp4", "mxfp4")
+        for recipe in RECIPES  # the bench's default: every format
     }
     assert all(r["time_us"] > 0 and r["gb_per_s"] > 0 for r in report["rows"])
     assert all(r["x_copy"] is None and r["x_flashinfer"] is None for r in report["rows"]), "no ratios on CPU"
@@ -99,11 +99,11 @@ def test_bench_table_and_json(tmp_path):
         time_us, x_copy = printed[(r["op"], r["recipe"], r["backend"])]
         assert time_us == pytest.approx(r["time_us"], abs=0.051) and x_copy == "-"
     assert [(r["recipe"], r["batch"], r["context"]) for r in report["decode_rows"]] == [
-        ("blockfp4", 2, 64), ("mxfp4", 2, 64), ("nvfp4", 2, 64)]
+        (recipe, 2, 64) for recipe in RECIPES]
     assert all(r["fp4_us"] > 0 for r in report["decode_rows"])
     assert [(r["shape"], r["recipe"], r["batch"], r["context"], r["new"]) for r in report["extend_rows"]] == [
         (shape, recipe, *case) for shape, *case in (("32/8/128/p16", 2, 48, 3), ("gemma3", 1, 16, 2))
-        for recipe in ("blockfp4", "mxfp4", "nvfp4")]
+        for recipe in RECIPES]
     assert all(r["fp4_us"] > 0 and r["dequant_attend_us"] > 0 and r["x_bf16"] is None for r in report["extend_rows"])
     no_flashinfer = [r[key] for key in ("flashinfer_nvfp4_us", "x_flashinfer_nvfp4")
                      for r in report["decode_rows"] + report["extend_rows"]]

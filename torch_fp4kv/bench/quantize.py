@@ -101,11 +101,11 @@ def print_table(device_name: str, copy_gbs: float | None, rows: list[Row], out_d
     else:
         print(f"device: {device_name}; device-to-device copy: {copy_gbs:.0f} GB/s (read + write)")
     print(f"inputs bfloat16; dequantize and gather_dequantize write {out_dtype}")
-    print(f"{'op':<19}{'recipe':<10}{'backend':<11}{'shape':<16}{'time us':>10}{'GB/s':>9}{'x copy':>8}{'x FlashInfer':>14}")
+    print(f"{'op':<19}{'recipe':<14}{'backend':<11}{'shape':<16}{'time us':>10}{'GB/s':>9}{'x copy':>8}{'x FlashInfer':>14}")
     for r in rows:
         x_copy = f"{r.x_copy:.3f}" if r.x_copy is not None else "-"
         fi = f"{r.x_flashinfer:.2f}" if r.x_flashinfer else "-"
-        print(f"{r.op:<19}{r.recipe:<10}{r.backend:<11}{r.shape:<16}{r.time_us:>10.1f}{r.gb_per_s:>9.1f}{x_copy:>8}{fi:>14}")
+        print(f"{r.op:<19}{r.recipe:<14}{r.backend:<11}{r.shape:<16}{r.time_us:>10.1f}{r.gb_per_s:>9.1f}{x_copy:>8}{fi:>14}")
 
 
 def plot(rows: list[Row], path: str) -> None:
