@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import torch_fp4kv
-from conftest import RECIPES
+from conftest import RECIPES, TRITON_DEVICE
 from torch_fp4kv import FP4KVPool, KVCacheOptions, get_fp4_kv_cache_quant_method, ops
 from torch_fp4kv.ops.backends import forced_backend
 
@@ -28,10 +28,10 @@ def _samples(tokens, seed=0):
     return k, v, q
 
 
-def _calibrated(recipe, options, tokens=32, slots=None):
+def _calibrated(recipe, options, tokens=32, slots=None, device="cpu"):
     method = get_fp4_kv_cache_quant_method(recipe, **options)
-    FP4KVPool(method, size=slots or tokens, head_num=H, head_dim=D, layer_num=1)
-    k, v, q = _samples(tokens)
+    FP4KVPool(method, size=slots or tokens, head_num=H, head_dim=D, layer_num=1, device=device)
+    k, v, q = (x.to(device) for x in _samples(tokens))
     method.calibrate(0, k, v, q)
     return method, k, v, q
 
@@ -119,30 +119,35 @@ def _reference(q, k, v, scale, causal_from=None):
     k, v = (x.double().repeat_interleave(GROUP, 1) for x in (k, v))
     scores = torch.einsum("qhd,thd->hqt", q.double(), k) * scale
     if causal_from is not None:
-        visible = torch.arange(k.shape[0])[None] <= causal_from + torch.arange(q.shape[0])[:, None]
+        visible = (torch.arange(k.shape[0], device=k.device)[None]
+                   <= causal_from + torch.arange(q.shape[0], device=k.device)[:, None])
         scores = scores.masked_fill(~visible, float("-inf"))
     return torch.einsum("hqt,thd->qhd", torch.softmax(scores, -1), v)
 
 
+@pytest.mark.parametrize("backend_name", ["eager", "triton"])
 @pytest.mark.parametrize("options", OPTION_SETS, ids=OPTION_IDS)
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_decode_and_extend_are_attention_over_the_stored_cache_with_q_scaled(recipe, options):
-    """Eager decode_attention / extend_attention equal attention of (λq) R over the dequantized
-    stored keys and values (the output rotated back), and the log-sum-exp is that of the keys as
-    given (q·μ added back)."""
+def test_decode_and_extend_are_attention_over_the_stored_cache_with_q_scaled(recipe, options, backend_name):
+    """decode_attention / extend_attention equal attention of (λq) R over the dequantized stored
+    keys and values (the output rotated back), and the log-sum-exp is that of the keys as given
+    (q·μ added back)."""
+    device = "cpu" if backend_name == "eager" else TRITON_DEVICE
     tokens, new = 21, 5
-    method, k, v, q_all = _calibrated(recipe, options, tokens, slots=32)
+    method, k, v, q_all = _calibrated(recipe, options, tokens, slots=32, device=device)
     layer = method.layer(0)
-    slots = torch.arange(tokens)
+    slots = torch.arange(tokens, device=device)
     layer.store(slots, k, v)
     k_stored, v_stored = _dequantized_stored(layer, slots)
-    rotation = layer.rotation if layer.rotation is not None else torch.eye(D)
-    table, lens = torch.arange(4, dtype=torch.int32)[None], torch.tensor([tokens], dtype=torch.int32)
+    rotation = layer.rotation if layer.rotation is not None else torch.eye(D, device=device)
+    table = torch.arange(4, dtype=torch.int32, device=device)[None]
+    lens = torch.tensor([tokens], dtype=torch.int32, device=device)
     q = (0.05 * q_all[-new:]).to(torch.bfloat16)
-    with forced_backend("eager"):
-        lse = torch.empty(1, H * GROUP)
+    with forced_backend(backend_name):
+        lse = torch.empty(1, H * GROUP, device=device)
         out = layer.decode_attention(q[-1:], table, lens, 8, lse=lse)
-        extended = layer.extend_attention(q, torch.tensor([0, new], dtype=torch.int32), table, lens, 8)
+        extended = layer.extend_attention(q, torch.tensor([0, new], dtype=torch.int32, device=device), table, lens,
+                                          8)
     # the op sees q rounded to bf16 once, after scaling and rotating
     query = _scaled_query(layer, q).to(torch.bfloat16)
     want = _reference(query[-1:], k_stored, v_stored, D ** -0.5) @ rotation.double()
