@@ -185,8 +185,9 @@ def test_raw_op_checks_inside_the_kernel_before_writing():
 
 # ---- accuracy options never bypass the checks ----------------------------------------------------
 # With rotate, smooth_k, channel_scale_k or k_fp8 the layer cache transforms its inputs (casts,
-# broadcasts against the K mean and channel scales, matmuls with the rotation) around the ops; a bad input must still get the ops' error, naming
-# the argument, before the cache or its calibration state changes.
+# broadcasts against the K mean and channel scales, matmuls with the rotation) around the ops; a
+# bad input must still get the ops' error, naming the argument, before the cache or its
+# calibration state changes.
 
 OPTION_SETS = [dict(rotate=rotate, smooth_k=smooth, channel_scale_k=scale, k_fp8=fp8)
                for rotate in (False, True) for smooth, scale in ((False, False), (True, False), (True, True))

@@ -113,7 +113,8 @@ def calibration_state_dict(layers: Sequence[FP4KVPoolLayer]) -> dict[str, torch.
 
 def calibration_updates(layers: Sequence[FP4KVPoolLayer], state: Mapping) -> dict[tuple[int, str], torch.Tensor]:
     """What loading `state` writes, by (layer, buffer), each value checked: the entries whose buffer
-    the layers keep (K means when smoothing, K channel scales when scaling, each global scale the formats have); others are ignored."""
+    the layers keep (K means when smoothing, K channel scales when scaling, each global scale the
+    formats have); others are ignored."""
     updates = {}
     for name, buffer in ENTRY_BUFFERS.items():
         if getattr(layers[0], buffer) is None:

@@ -6,7 +6,7 @@ trees need to replay decode steps without copying the cache. The strategies (met
 engine pool (pool.py), transformers' FP4Cache layers (hf/cache.py) and the eval's simulation
 (hf/simulate.py) all go through it.
 
-Two optional accuracy transforms run in PyTorch around the ops, so every backend honours them:
+Three optional accuracy transforms run in PyTorch around the ops, so every backend honours them:
 
 - rotation (QuaRot-style): K and V are stored as `k @ R`, `v @ R` with R the normalized Hadamard
   matrix (orthogonal and symmetric, R^-1 = R). It spreads outliers over the head's channels before
@@ -68,12 +68,13 @@ class DeviceOnlyBuffers(nn.Module):
 class FP4KVPoolLayer(DeviceOnlyBuffers):
     """One layer of an engine's FP4 KV pool: data [slots, H, D/2], scales [slots, H, D/block] (FP8
     keys, recipe "<recipe>+k8": [slots, H, D] and [slots, H, 0]), global scales, and optionally a
-    rotation [D, D], a K mean [H, D] and K channel scales [H, D] (float32). `recipe` is a KV_RECIPES name. Build one with
-    `allocate`. (transformers' per-layer cache, `hf.FP4CacheLayer`, keeps its FP4 slots in one.)
+    rotation [D, D], a K mean [H, D] and K channel scales [H, D] (float32). `recipe` is a
+    KV_RECIPES name. Build one with `allocate`. (transformers' per-layer cache,
+    `hf.FP4CacheLayer`, keeps its FP4 slots in one.)
 
     `FP4KVLayerCache` is this class's former name, kept as an alias for one release."""
 
-    # The ops need the global scales in float32, and rounding them (or the rotation and mean) to
+    # The ops need the global scales in float32, and rounding them (or the rotation, mean, scales) to
     # bf16 would change the cache's values.
     DEVICE_ONLY = ("k_global_scale", "v_global_scale", "rotation", "k_mean", "k_channel_scale")
 
@@ -92,7 +93,8 @@ class FP4KVPoolLayer(DeviceOnlyBuffers):
     def allocate(cls, fmt: str, options: KVCacheOptions, slots: int, heads: int, head_dim: int,
                  device=None) -> FP4KVPoolLayer:
         """A zeroed cache of `slots` token slots for FP4 format `fmt` with `options` (rotate,
-        smooth_k, channel_scale_k, k_fp8): global scales 1, K mean 0, K channel scales 1 until calibrated. Every size is checked here."""
+        smooth_k, channel_scale_k, k_fp8): global scales 1, K mean 0 and K channel scales 1 until
+        calibrated. Every size is checked here."""
         if options.full_precision:
             raise ValueError(f"options: a layer cache keeps every token in FP4; sink_tokens / recent_tokens "
                              f"are FP4Cache's (got {options})")
@@ -171,7 +173,7 @@ class FP4KVPoolLayer(DeviceOnlyBuffers):
         scales multiplied in (its group of query heads), then rotated; one rounding to q's dtype."""
         x = q.float()
         if self.k_channel_scale is not None:
-            hkv, d = self.k_channel_scale.shape
+            hkv = self.k_channel_scale.shape[0]
             x = (x.unflatten(-2, (hkv, -1)) * self.k_channel_scale[:, None]).flatten(-3, -2)
         return (x @ self.rotation if self.rotation is not None else x).to(q.dtype)
 

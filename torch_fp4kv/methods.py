@@ -128,8 +128,8 @@ class TableFP4Method(FP4KVCacheQuantMethod):
         per-head, per-channel K mean before storing (zeros until `calibrate` or
         `load_scales_from_model` sets it). channel_scale_k (needs smooth_k): divide each K channel
         by a per-layer, per-head, per-channel scale after the mean and multiply queries by it
-        (ones until calibrated; `calibrate` needs the queries). All three run in PyTorch around the ops (FP4KVPoolLayer), on
-        every backend. k_fp8: keep K in FP8 E4M3 under a per-layer global scale (the ops'
+        (ones until calibrated; `calibrate` needs the queries). All three run in PyTorch around the
+        ops (FP4KVPoolLayer), on every backend. k_fp8: keep K in FP8 E4M3 under a per-layer global scale (the ops'
         "<recipe>+k8"; V stays in the recipe): keys are the half whose rounding costs small models
         the most accuracy. A method keeps every token in FP4: sink_tokens / recent_tokens are
         FP4Cache's."""
