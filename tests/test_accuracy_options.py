@@ -208,10 +208,12 @@ def test_calibration_state_dict_saves_and_loads(recipe, tmp_path):
 # ---- transformers: FP4Cache and the window protocol's round trip ---------------------------------
 
 
+@pytest.mark.parametrize("channel_scale_k", [False, True], ids=["rot+smooth", "rot+smooth+chscale"])
 @pytest.mark.parametrize("arch", ["smollm2", "gemma3"])
-def test_fp4cache_with_options_matches_attention_over_the_transformed_round_trip(arch, tmp_path):
-    """Calibrate a tiny random model (observer on its real post-RoPE K/V), save and load the state
-    dict, and generate through FP4Cache(rotate, smooth_k, calibration): the same tokens, and logits
+def test_fp4cache_with_options_matches_attention_over_the_transformed_round_trip(arch, channel_scale_k, tmp_path):
+    """Calibrate a tiny random model (observer on its real post-RoPE q/K/V), save and load the state
+    dict, and generate through FP4Cache(rotate, smooth_k[, channel_scale_k], calibration) (decode
+    multiplies q by the channel scales, prefill reads K with them multiplied back): the same tokens, and logits
     within fp16-decode noise, as transformers' eager attention over keys/values rounded through the
     same transforms (`roundtrip_attention` with the options), and different from plain FP4's."""
     pytest.importorskip("transformers")
@@ -226,13 +228,17 @@ def test_fp4cache_with_options_matches_attention_over_the_transformed_round_trip
 
     model = models.random_model(models.tiny_config(arch))
     calib_ids = torch.randint(3, 256, (2, 32), generator=torch.Generator().manual_seed(7))
-    state = calibrate(model, calib_ids, "nvfp4", rotate=True, smooth_k=True)
+    options = dict(rotate=True, smooth_k=True, channel_scale_k=channel_scale_k)
+    state = calibrate(model, calib_ids, "nvfp4", **options)
     layers = model.config.get_text_config(decoder=True).num_hidden_layers
-    assert {key.rsplit(".", 1)[1] for key in state} == {"k_mean", "k_scale", "v_scale"}
-    assert len(state) == 3 * layers and all(state[f"layers.{i}.k_mean"].abs().sum() > 0 for i in range(layers))
+    names = {"k_mean", "k_scale", "v_scale"} | ({"k_channel_scale"} if channel_scale_k else set())
+    assert {key.rsplit(".", 1)[1] for key in state} == names
+    assert len(state) == len(names) * layers and all(state[f"layers.{i}.k_mean"].abs().sum() > 0
+                                                     for i in range(layers))
+    if channel_scale_k:
+        assert all((state[f"layers.{i}.k_channel_scale"] - 1).abs().max() > 0.1 for i in range(layers))
     torch.save(state, tmp_path / "calib.pt")
     state = torch.load(tmp_path / "calib.pt")
-    options = dict(rotate=True, smooth_k=True)
     reference_layers = {}
 
     def attention(module, query, key, value, attention_mask, **kwargs):  # the cached part rounded
@@ -279,15 +285,18 @@ def test_fp4cache_with_options_matches_attention_over_the_transformed_round_trip
     assert 0 < (window - full).abs().mean()
 
 
-def test_options_compile_fullgraph_without_recompiles():
-    """store, read and decode of a rotated, smoothed cache trace as one graph (no breaks), and a
-    changing token count does not recompile."""
+@pytest.mark.parametrize("channel_scale_k", [False, True], ids=["rot+smooth", "rot+smooth+chscale"])
+def test_options_compile_fullgraph_without_recompiles(channel_scale_k):
+    """store, read and decode of a rotated, smoothed (and channel-scaled) cache trace as one graph
+    (no breaks), and a changing token count does not recompile."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     def make():
-        method = get_fp4_kv_cache_quant_method("nvfp4", rotate=True, smooth_k=True)
+        method = get_fp4_kv_cache_quant_method("nvfp4", rotate=True, smooth_k=True, channel_scale_k=channel_scale_k)
         cache = FP4KVPool(method, size=32, head_num=H, head_dim=D, layer_num=1)
         method.set_k_mean(0, torch.randn(H, D))
+        if channel_scale_k:
+            method.set_k_channel_scale(0, torch.rand(H, D) * 4 + 0.25)
         return cache.layers[0]
 
     def step(layer, loc, k, v, q, table, lens):
@@ -299,7 +308,7 @@ def test_options_compile_fullgraph_without_recompiles():
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(step, backend=counter, fullgraph=True)
     layers = make(), make()
-    layers[1].k_mean.copy_(layers[0].k_mean)
+    layers[1].load_state_dict(layers[0].state_dict())
     table = torch.arange(4, dtype=torch.int32)[None]
     for tokens in (3, 5, 9):
         k, v = _outlier_kv(tokens)

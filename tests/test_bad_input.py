@@ -184,12 +184,14 @@ def test_raw_op_checks_inside_the_kernel_before_writing():
 
 
 # ---- accuracy options never bypass the checks ----------------------------------------------------
-# With rotate, smooth_k or k_fp8 the layer cache transforms its inputs (casts, broadcasts against the
-# K mean, matmuls with the rotation) around the ops; a bad input must still get the ops' error, naming
-# the argument, before the cache or its calibration state changes.
+# With rotate, smooth_k, channel_scale_k or k_fp8 the layer cache transforms its inputs (casts,
+# broadcasts against the K mean and channel scales, matmuls with the rotation) around the ops; a
+# bad input must still get the ops' error, naming the argument, before the cache or its
+# calibration state changes.
 
-OPTION_SETS = [dict(rotate=rotate, smooth_k=smooth, k_fp8=fp8)
-               for rotate in (False, True) for smooth in (False, True) for fp8 in (False, True)]
+OPTION_SETS = [dict(rotate=rotate, smooth_k=smooth, channel_scale_k=scale, k_fp8=fp8)
+               for rotate in (False, True) for smooth, scale in ((False, False), (True, False), (True, True))
+               for fp8 in (False, True)]
 
 
 def _option_id(options):
@@ -201,7 +203,7 @@ def _calibrated_method(options, recipe="nvfp4"):
     method = torch_fp4kv.get_fp4_kv_cache_quant_method(recipe, **options)
     method.create_buffers(SLOTS, H, D, 1, "cpu")
     k, v = torch.randn(SLOTS, H, D) * 3 + 1, torch.randn(SLOTS, H, D)
-    method.calibrate(0, k, v)
+    method.calibrate(0, k, v, torch.randn(SLOTS, 2 * H, D))
     method.quantize_and_store(0, torch.arange(SLOTS), k, v)
     return method
 
@@ -257,7 +259,14 @@ OPTION_CASES = [
      ValueError, "k"),
     ("calibrate v head_dim 32", lambda m: m.calibrate(0, torch.randn(T, H, D), torch.randn(T, H, 32)), ValueError, "v"),
     ("calibrate no tokens", lambda m: m.calibrate(0, torch.randn(0, H, D), torch.randn(0, H, D)), ValueError, "k"),
+    ("calibrate q head_dim 32", lambda m: m.calibrate(0, torch.randn(T, H, D), torch.randn(T, H, D),
+                                                     torch.randn(T, H, 32)), ValueError, "q"),
+    ("calibrate q 3 heads", lambda m: m.calibrate(0, torch.randn(T, H, D), torch.randn(T, H, D),
+                                                  torch.randn(T, 3, D)), ValueError, "q"),
+    ("calibrate int q", lambda m: m.calibrate(0, torch.randn(T, H, D), torch.randn(T, H, D),
+                                              torch.ones(T, H, D, dtype=torch.int32)), TypeError, "q"),
     ("decode q head_dim 128", _decode(_bf16(2, H, 128)), ValueError, "q"),
+    ("decode q 3 heads", _decode(_bf16(2, 3, D)), ValueError, "q"),
     ("decode q float32", _decode(torch.randn(2, H, D)), TypeError, "q"),
     ("decode out float32", _decode(_bf16(2, H, D), out=torch.empty(2, H, D)), ValueError, "out"),
     ("decode out rows", _decode(_bf16(2, H, D), out=_bf16(1, H, D)), ValueError, "out"),
@@ -289,6 +298,11 @@ BAD_LOADS = [
                                                    "layers.0.k_scale": torch.ones(2)}, "k_scale"),
     ("nvfp4", dict(smooth_k=True), {"layers.0.k_scale": 0.5, "layers.0.v_scale": 0.5,
                                     "layers.0.k_mean": torch.ones(H + 1, D)}, "k_mean"),
+    *(("nvfp4", dict(smooth_k=True, channel_scale_k=True),
+       {"layers.0.k_mean": torch.ones(H, D), "layers.0.k_channel_scale": bad}, "k_channel_scale")
+      for bad in (torch.ones(H, D + 1), torch.zeros(H, D), -torch.ones(H, D),
+                  torch.ones(H, D).index_fill(1, torch.tensor([3]), float("nan")),
+                  torch.ones(H, D).index_fill(1, torch.tensor([3]), float("inf")))),
 ]
 
 
@@ -318,4 +332,28 @@ def test_set_k_mean_names_a_value_that_is_no_tensor():
     before = _layer_state(method)
     with pytest.raises(TypeError, match="k_mean must be a number or a tensor, got str"):
         method.set_k_mean(0, "zeros")
+    _assert_state_unchanged(method, before)
+
+
+@pytest.mark.parametrize("value, error, text", [
+    (torch.ones(H, D, 1), ValueError, r"k_channel_scale must have shape \(2, 64\)"),
+    (torch.zeros(H, D), ValueError, "k_channel_scale must be finite and > 0"),
+    ("ones", TypeError, "k_channel_scale must be a number or a tensor, got str"),
+])
+def test_set_k_channel_scale_checks_before_writing(value, error, text):
+    method = _calibrated_method(dict(smooth_k=True, channel_scale_k=True))
+    before = _layer_state(method)
+    with pytest.raises(error, match=text):
+        method.set_k_channel_scale(0, value)
+    _assert_state_unchanged(method, before)
+    plain = _calibrated_method(dict(smooth_k=True))
+    with pytest.raises(ValueError, match="without channel_scale_k"):
+        plain.set_k_channel_scale(0, torch.ones(H, D))
+
+
+def test_calibrating_channel_scales_needs_the_queries():
+    method = _calibrated_method(dict(smooth_k=True, channel_scale_k=True))
+    before = _layer_state(method)
+    with pytest.raises(ValueError, match="q: a cache that scales K channels calibrates on the queries"):
+        method.calibrate(0, torch.randn(T, H, D), torch.randn(T, H, D))
     _assert_state_unchanged(method, before)

@@ -11,7 +11,8 @@ EVAL_STRINGS = [
     "nvfp4+rot+smooth", "nvfp4+rot+k8", "nvfp4+smooth+k8", "nvfp4+rot+smooth+k8", "nvfp4+sink4", "mxfp4+recent8",
     "nvfp4+sink4+recent128", "nvfp4+sink2+recent24", "nvfp4+rot+sink4", "nvfp4+rot+smooth+sink4",
     "nvfp4+rot+smooth+recent128", "nvfp4+rot+smooth+sink2+recent5", "nvfp4+rot+smooth+sink4+recent128",
-    "nvfp4+rot+smooth+sink4+recent188", "nvfp4+rot+smooth+k8+sink4+recent128",
+    "nvfp4+rot+smooth+sink4+recent188", "nvfp4+rot+smooth+k8+sink4+recent128", "nvfp4+smooth+chscale",
+    "nvfp4_4over6+rot+smooth+chscale", "nvfp4+rot+smooth+chscale+k8+sink4+recent128",
 ]
 
 

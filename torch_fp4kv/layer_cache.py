@@ -6,7 +6,7 @@ trees need to replay decode steps without copying the cache. The strategies (met
 engine pool (pool.py), transformers' FP4Cache layers (hf/cache.py) and the eval's simulation
 (hf/simulate.py) all go through it.
 
-Two optional accuracy transforms run in PyTorch around the ops, so every backend honours them:
+Three optional accuracy transforms run in PyTorch around the ops, so every backend honours them:
 
 - rotation (QuaRot-style): K and V are stored as `k @ R`, `v @ R` with R the normalized Hadamard
   matrix (orthogonal and symmetric, R^-1 = R). It spreads outliers over the head's channels before
@@ -15,6 +15,10 @@ Two optional accuracy transforms run in PyTorch around the ops, so every backend
 - K smoothing: a calibrated per-head, per-channel mean `k_mean` [H, D] is subtracted from K before
   storing. Attention needs no correction (q·(k - μ) = q·k - q·μ, a constant over positions, which
   softmax cancels); reads add μ back.
+- K channel scales (SmoothAttention, with the mean): a calibrated per-head, per-channel scale
+  `k_channel_scale` λ [H, D] divides each K channel after the mean, before the rotation, and
+  attention multiplies q by it first (λq·(k - μ)/λ = q·(k - μ)): the channels that queries weigh
+  least take the coarsest rounding. Reads multiply λ back.
 
 The transforms cast, broadcast and multiply, so they would accept what the ops reject (int keys,
 one head for H, a float32 `out` for bf16 q) or fail with torch's own errors. Every call therefore
@@ -64,31 +68,33 @@ class DeviceOnlyBuffers(nn.Module):
 class FP4KVPoolLayer(DeviceOnlyBuffers):
     """One layer of an engine's FP4 KV pool: data [slots, H, D/2], scales [slots, H, D/block] (FP8
     keys, recipe "<recipe>+k8": [slots, H, D] and [slots, H, 0]), global scales, and optionally a
-    rotation [D, D] and a K mean [H, D] (float32). `recipe` is a KV_RECIPES name. Build one with
-    `allocate`. (transformers' per-layer cache, `hf.FP4CacheLayer`, keeps its FP4 slots in one.)
+    rotation [D, D], a K mean [H, D] and K channel scales [H, D] (float32). `recipe` is a
+    KV_RECIPES name. Build one with `allocate`. (transformers' per-layer cache,
+    `hf.FP4CacheLayer`, keeps its FP4 slots in one.)
 
     `FP4KVLayerCache` is this class's former name, kept as an alias for one release."""
 
-    # The ops need the global scales in float32, and rounding them (or the rotation and mean) to
+    # The ops need the global scales in float32, and rounding them (or the rotation, mean, scales) to
     # bf16 would change the cache's values.
-    DEVICE_ONLY = ("k_global_scale", "v_global_scale", "rotation", "k_mean")
+    DEVICE_ONLY = ("k_global_scale", "v_global_scale", "rotation", "k_mean", "k_channel_scale")
 
     def __init__(self, recipe: str, k_data, v_data, k_scales, v_scales, k_global_scale=None, v_global_scale=None,
-                 rotation=None, k_mean=None):
+                 rotation=None, k_mean=None, k_channel_scale=None):
         super().__init__()
         self.recipe = recipe
         kv_recipe = ops.get_kv_recipe(recipe)
         self.k_recipe, self.v_recipe = kv_recipe.k.name, kv_recipe.v.name  # what the one-tensor ops take
         for name, tensor in (("k_data", k_data), ("v_data", v_data), ("k_scales", k_scales), ("v_scales", v_scales),
                              ("k_global_scale", k_global_scale), ("v_global_scale", v_global_scale),
-                             ("rotation", rotation), ("k_mean", k_mean)):
+                             ("rotation", rotation), ("k_mean", k_mean), ("k_channel_scale", k_channel_scale)):
             self.register_buffer(name, tensor)
 
     @classmethod
     def allocate(cls, fmt: str, options: KVCacheOptions, slots: int, heads: int, head_dim: int,
                  device=None) -> FP4KVPoolLayer:
         """A zeroed cache of `slots` token slots for FP4 format `fmt` with `options` (rotate,
-        smooth_k, k_fp8): global scales 1, K mean 0 until calibrated. Every size is checked here."""
+        smooth_k, channel_scale_k, k_fp8): global scales 1, K mean 0 and K channel scales 1 until
+        calibrated. Every size is checked here."""
         if options.full_precision:
             raise ValueError(f"options: a layer cache keeps every token in FP4; sink_tokens / recent_tokens "
                              f"are FP4Cache's (got {options})")
@@ -110,26 +116,32 @@ class FP4KVPoolLayer(DeviceOnlyBuffers):
         return cls(kv_recipe.name, zeros(k.data_width(head_dim)), zeros(v.data_width(head_dim)),
                    zeros(k.scales_width(head_dim)), zeros(v.scales_width(head_dim)), global_scale(k), global_scale(v),
                    hadamard(head_dim, device=device) if options.rotate else None,
-                   torch.zeros(heads, head_dim, device=device) if options.smooth_k else None)
+                   torch.zeros(heads, head_dim, device=device) if options.smooth_k else None,
+                   torch.ones(heads, head_dim, device=device) if options.channel_scale_k else None)
 
     @property
     def transformed(self) -> bool:
-        return self.rotation is not None or self.k_mean is not None
+        return any(x is not None for x in (self.rotation, self.k_mean, self.k_channel_scale))
 
     # ---- the transforms, on [..., H, D] (float32 out) ----
 
     def encode_k(self, k: torch.Tensor) -> torch.Tensor:
-        """What is quantized for keys [..., H, D]: (k - k_mean) @ rotation."""
+        """What is quantized for keys [..., H, D]: ((k - k_mean) / k_channel_scale) @ rotation."""
         x = k.float()
         if self.k_mean is not None:
             x = x - self.k_mean
+        if self.k_channel_scale is not None:
+            x = x / self.k_channel_scale
         return x @ self.rotation if self.rotation is not None else x
 
     def restore_k(self, k: torch.Tensor) -> torch.Tensor:
-        """Keys as given back from what was quantized (encode_k undone): k @ rotation + k_mean."""
+        """Keys as given back from what was quantized (encode_k undone):
+        (k @ rotation) * k_channel_scale + k_mean."""
         x = k.float()
         if self.rotation is not None:
             x = x @ self.rotation  # symmetric and orthogonal: its own inverse
+        if self.k_channel_scale is not None:
+            x = x * self.k_channel_scale
         return x + self.k_mean if self.k_mean is not None else x
 
     def encode_v(self, v: torch.Tensor) -> torch.Tensor:
@@ -151,6 +163,23 @@ class FP4KVPoolLayer(DeviceOnlyBuffers):
     def _rotated(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., D] times the rotation, in x's dtype (the rotation is its own inverse)."""
         return (x.float() @ self.rotation).to(x.dtype)
+
+    @property
+    def _transforms_q(self) -> bool:
+        return self.rotation is not None or self.k_channel_scale is not None
+
+    def _encode_q(self, q: torch.Tensor) -> torch.Tensor:
+        """Queries [..., Hq, D] as they meet the stored keys, in q's dtype: each KV head's channel
+        scales multiplied in (its group of query heads), then rotated; one rounding to q's dtype."""
+        x = q.float()
+        if self.k_channel_scale is not None:
+            hkv = self.k_channel_scale.shape[0]
+            x = (x.unflatten(-2, (hkv, -1)) * self.k_channel_scale[:, None]).flatten(-3, -2)
+        return (x @ self.rotation if self.rotation is not None else x).to(q.dtype)
+
+    def _restore_out(self, out: torch.Tensor) -> torch.Tensor:
+        """Attention output over the stored V, back in V's coordinates (the rotation undone)."""
+        return self._rotated(out) if self.rotation is not None else out
 
     def _paged(self, block_table, seq_lens, page_size) -> PagedKV:
         """This layer's buffers as the paged cache that the attention ops and their checks take."""
@@ -199,15 +228,17 @@ class FP4KVPoolLayer(DeviceOnlyBuffers):
 
         `lse` [B, Hq] float32, when given, receives the natural log-sum-exp of the scores of the
         keys as given (`fp4kv.decode_attention`'s), so the result merges with attention over other
-        keys. Softmax alone cancels a K mean (q·(k - μ) = q·k - q·μ for every position), the
-        log-sum-exp does not: it gets sm_scale · q·μ back."""
+        keys. q goes in with the K channel scales multiplied in and rotated (`_encode_q`). Softmax
+        alone cancels a K mean (q·(k - μ) = q·k - q·μ for every position), the log-sum-exp does
+        not: it gets sm_scale · q·μ back."""
         sm_scale, out = attention_defaults(q, sm_scale, out)
         paged = self._paged(block_table, seq_lens, page_size)
         checks.check_decode_attention_args(out, q, paged, self.recipe, sm_scale, lse)
-        if self.rotation is None:
+        if not self._transforms_q:
             decode_attention_paged(q, paged, self.recipe, sm_scale, out, lse)
         else:
-            out.copy_(self._rotated(decode_attention_paged(self._rotated(q), paged, self.recipe, sm_scale, None, lse)))
+            out.copy_(self._restore_out(decode_attention_paged(self._encode_q(q), paged, self.recipe, sm_scale, None,
+                                                               lse)))
         if lse is not None and self.k_mean is not None:
             batch, hq, d = q.shape
             hkv = self.k_mean.shape[0]
@@ -219,14 +250,14 @@ class FP4KVPoolLayer(DeviceOnlyBuffers):
                          out=None):
         """Attention of several new tokens per sequence, q [T, Hq, D] (rows cu_seqlens_q[b] to
         cu_seqlens_q[b + 1]), stored in the cache already, causal over them, reading the cache in FP4.
-        A K mean needs nothing here: softmax cancels q·k_mean."""
+        q goes in as in decode_attention; a K mean needs nothing here: softmax cancels q·k_mean."""
         sm_scale, out = attention_defaults(q, sm_scale, out)
         paged = self._paged(block_table, seq_lens, page_size)
         checks.check_extend_attention_args(out, q, cu_seqlens_q, paged, self.recipe, sm_scale)
-        if self.rotation is None:
+        if not self._transforms_q:
             return extend_attention_paged(q, cu_seqlens_q, paged, self.recipe, sm_scale, out)
-        return out.copy_(self._rotated(extend_attention_paged(self._rotated(q), cu_seqlens_q, paged, self.recipe,
-                                                              sm_scale)))
+        return out.copy_(self._restore_out(extend_attention_paged(self._encode_q(q), cu_seqlens_q, paged, self.recipe,
+                                                                  sm_scale)))
 
     # Former names, kept as aliases for one release.
     decode = decode_attention

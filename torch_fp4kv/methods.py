@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .calibration import (calibrate_layer, calibration_state_dict, calibration_updates, check_layers,
-                          global_scale_value, k_mean_value, write_updates)
+                          global_scale_value, k_channel_scale_value, k_mean_value, write_updates)
 from .layer_cache import DeviceOnlyBuffers, FP4KVPoolLayer
 from .ops import FP4Format, FP4KVCacheRecipe, KVRecipe, checks, get_format, get_kv_recipe
 from .options import KVCacheOptions
@@ -53,6 +53,8 @@ class FP4KVBuffers:
     rotation: torch.Tensor | None = None
     # float32 [H, D] per layer, K's calibrated channel means (smooth_k=True); None if unused.
     k_means: list[torch.Tensor] | None = None
+    # float32 [H, D] per layer, K's calibrated channel scales (channel_scale_k=True); None if unused.
+    k_channel_scales: list[torch.Tensor] | None = None
 
 
 class DequantWorkspace(DeviceOnlyBuffers):
@@ -119,17 +121,20 @@ class TableFP4Method(FP4KVCacheQuantMethod):
     prev_kv_dtype: ClassVar[torch.dtype] = torch.bfloat16
 
     def __init__(self, rotate: bool | None = None, smooth_k: bool | None = None, k_fp8: bool | None = None, *,
-                 options: KVCacheOptions | None = None) -> None:
+                 channel_scale_k: bool | None = None, options: KVCacheOptions | None = None) -> None:
         """`options` (KVCacheOptions), or its fields as keywords (None: as `options` has it; a
         keyword that contradicts it is a ValueError). rotate: store each head's K and V rotated by
         a normalized Hadamard matrix (head_dim a power of two). smooth_k: subtract a per-layer,
         per-head, per-channel K mean before storing (zeros until `calibrate` or
-        `load_scales_from_model` sets it). Both run in PyTorch around the ops (FP4KVPoolLayer), on
-        every backend. k_fp8: keep K in FP8 E4M3 under a per-layer global scale (the ops'
+        `load_scales_from_model` sets it). channel_scale_k (needs smooth_k): divide each K channel
+        by a per-layer, per-head, per-channel scale after the mean and multiply queries by it
+        (ones until calibrated; `calibrate` needs the queries). All three run in PyTorch around the
+        ops (FP4KVPoolLayer), on every backend. k_fp8: keep K in FP8 E4M3 under a per-layer global scale (the ops'
         "<recipe>+k8"; V stays in the recipe): keys are the half whose rounding costs small models
         the most accuracy. A method keeps every token in FP4: sink_tokens / recent_tokens are
         FP4Cache's."""
-        self.options = (options or KVCacheOptions()).merged(rotate=rotate, smooth_k=smooth_k, k_fp8=k_fp8)
+        self.options = (options or KVCacheOptions()).merged(rotate=rotate, smooth_k=smooth_k, k_fp8=k_fp8,
+                                                            channel_scale_k=channel_scale_k)
         if self.options.full_precision:
             raise ValueError(f"options: a method keeps every token in FP4; sink_tokens / recent_tokens are "
                              f"FP4Cache's (got {self.options})")
@@ -203,7 +208,7 @@ class TableFP4Method(FP4KVCacheQuantMethod):
             k_data=each("k_data"), v_data=each("v_data"), k_scales=each("k_scales"), v_scales=each("v_scales"),
             store_dtype=torch.uint8, k_global_scales=each("k_global_scale"), v_global_scales=each("v_global_scale"),
             dequant_workspace=None if self.workspace is None else (self.workspace.k, self.workspace.v),
-            rotation=layers[0].rotation, k_means=each("k_mean"))
+            rotation=layers[0].rotation, k_means=each("k_mean"), k_channel_scales=each("k_channel_scale"))
 
     def _created_layers(self) -> list[FP4KVPoolLayer]:
         if self._layers is None:
@@ -226,10 +231,11 @@ class TableFP4Method(FP4KVCacheQuantMethod):
     def quantize_and_store(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         self.layer(layer_id).store(loc, k, v)
 
-    def calibrate(self, layer_id: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Calibrate a layer from sample K/V [..., H, D] in place (calibration.calibrate_layer: K's
-        mean when smoothing, the global scales of what is quantized)."""
-        calibrate_layer(self.layer(layer_id), k, v)
+    def calibrate(self, layer_id: int, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None = None) -> None:
+        """Calibrate a layer from sample K/V [..., H, D] and queries [..., Hq, D] in place
+        (calibration.calibrate_layer: K's mean when smoothing, its channel scales from K and q when
+        scaling, the global scales of what is quantized)."""
+        calibrate_layer(self.layer(layer_id), k, v, q)
 
     def set_k_mean(self, layer_id: int, k_mean) -> None:
         """Write a layer's K mean [H, D] in place (needs smooth_k=True)."""
@@ -237,14 +243,22 @@ class TableFP4Method(FP4KVCacheQuantMethod):
         value = k_mean_value(layer, k_mean)
         layer.k_mean.copy_(value)
 
+    def set_k_channel_scale(self, layer_id: int, k_channel_scale) -> None:
+        """Write a layer's K channel scales [H, D] (finite, > 0) in place (needs channel_scale_k=True)."""
+        layer = self.layer(layer_id)
+        value = k_channel_scale_value(layer, k_channel_scale)
+        layer.k_channel_scale.copy_(value)
+
     def calibration_state_dict(self) -> dict[str, torch.Tensor]:
-        """What `calibrate` set, keyed `layers.{i}.k_mean` / `layers.{i}.k_scale` / `layers.{i}.v_scale`
+        """What `calibrate` set, keyed `layers.{i}.k_mean` / `layers.{i}.k_channel_scale` /
+        `layers.{i}.k_scale` / `layers.{i}.v_scale`
         (ModelOpt's scale names): `torch.save` it, and give it to `load_scales_from_model` later."""
         return calibration_state_dict(self._created_layers())
 
     def load_scales_from_model(self, source) -> int:
         """Load per-layer calibration from a state dict (calibration.py: ModelOpt-style keys such as
-        `model.layers.3.self_attn.k_mean`): `k_mean` entries [H, D] when smoothing, and `k_scale` /
+        `model.layers.3.self_attn.k_mean`): `k_mean` entries [H, D] when smoothing,
+        `k_channel_scale` entries [H, D] when scaling K channels, and `k_scale` /
         `v_scale` entries for the global scales the formats have. NVFP4 reads them from a model's
         attention modules too. Every entry is checked before any is written, so a bad one changes
         nothing. Returns how many layers were set."""

@@ -1,9 +1,13 @@
 """The accuracy options of an FP4 KV cache, and the one grammar that spells them after a recipe.
 
-`nvfp4+rot+smooth+k8+sink4+recent128` is the method `nvfp4` with every option:
+`nvfp4+rot+smooth+chscale+k8+sink4+recent128` is the method `nvfp4` with every option:
 
 - `+rot` (rotate): K and V stored Hadamard-rotated (QuaRot-style), which spreads outliers.
 - `+smooth` (smooth_k): a calibrated per-head, per-channel K mean subtracted before storing.
+- `+chscale` (channel_scale_k, needs `+smooth`): each K channel, once its mean is subtracted,
+  divided by a calibrated per-head, per-channel scale λ and queries multiplied by it
+  (SmoothAttention: q·k unchanged). It needs the mean because λ measures a channel's spread
+  around it: without the mean a channel's constant offset would set λ, not its rounding error.
 - `+k8` (k_fp8): K kept in FP8 E4M3 under a per-layer global scale, V in the recipe (the ops'
   `<recipe>+k8`).
 - `+sinkN` / `+recentN` (sink_tokens / recent_tokens): each sequence's first N / last N positions
@@ -25,10 +29,11 @@ from dataclasses import dataclass, fields, replace
 from .ops import K_FP8_SUFFIX, checks
 
 # suffix -> field, for the options that are on or off
-_FLAGS = {"rot": "rotate", "smooth": "smooth_k", K_FP8_SUFFIX.removeprefix("+"): "k_fp8"}
+_FLAGS = {"rot": "rotate", "smooth": "smooth_k", "chscale": "channel_scale_k", K_FP8_SUFFIX.removeprefix("+"): "k_fp8"}
 # suffix followed by a count >= 1 -> field
 _COUNTS = {"sink": "sink_tokens", "recent": "recent_tokens"}
-SUFFIXES_HELP = ("+rot (Hadamard rotation of K/V), +smooth (calibrated K means subtracted), +k8 (K in FP8 E4M3), "
+SUFFIXES_HELP = ("+rot (Hadamard rotation of K/V), +smooth (calibrated K means subtracted), +chscale (with +smooth: "
+                 "calibrated per-channel K scales, queries scaled back), +k8 (K in FP8 E4M3), "
                  "+sinkN / +recentN (each sequence's first N / last N positions attended in full precision)")
 
 
@@ -36,12 +41,13 @@ SUFFIXES_HELP = ("+rot (Hadamard rotation of K/V), +smooth (calibrated K means s
 class KVCacheOptions:
     """What an FP4 KV cache does besides its format (module docstring: the grammar that spells it).
 
-    rotate, smooth_k, k_fp8 change what is stored (a quantization method and its layer caches
+    rotate, smooth_k, channel_scale_k, k_fp8 change what is stored (a quantization method and its layer caches
     take them: `method_options`); sink_tokens, recent_tokens are positions FP4Cache keeps in
     full precision on top."""
 
     rotate: bool = False
     smooth_k: bool = False
+    channel_scale_k: bool = False
     k_fp8: bool = False
     sink_tokens: int = 0
     recent_tokens: int = 0
@@ -52,6 +58,9 @@ class KVCacheOptions:
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name in _COUNTS.values():
             checks.check_count(getattr(self, name), name, minimum=0)
+        if self.channel_scale_k and not self.smooth_k:
+            raise ValueError("channel_scale_k (+chscale) needs smooth_k (+smooth): the channel scales measure "
+                             "each channel's spread around its mean")
 
     @classmethod
     def parse(cls, recipe: str) -> tuple[str, KVCacheOptions]:

@@ -94,14 +94,16 @@ class FP4CacheLayer(CacheLayerMixin):
     is_compileable = True
 
     def __init__(self, recipe: str, max_cache_len: int, sliding_window: int | None = None, *,
-                 rotate: bool | None = None, smooth_k: bool | None = None, k_fp8: bool | None = None,
-                 calibration: dict | None = None, sink_tokens: int | None = None, recent_tokens: int | None = None):
+                 rotate: bool | None = None, smooth_k: bool | None = None, channel_scale_k: bool | None = None,
+                 k_fp8: bool | None = None, calibration: dict | None = None, sink_tokens: int | None = None,
+                 recent_tokens: int | None = None):
         """`recipe` and the option keywords as `FP4Cache` takes them. `calibration`: this layer's
         entries of a calibration state dict (`layers.0.k_mean`, ...; `layer_calibration` cuts them
         from a model's). `sink_tokens`, `recent_tokens`: positions attended in full precision at
         each sequence's start and end (module docstring)."""
         super().__init__()
-        method, self.options = KVCacheOptions.resolve(recipe, rotate=rotate, smooth_k=smooth_k, k_fp8=k_fp8,
+        method, self.options = KVCacheOptions.resolve(recipe, rotate=rotate, smooth_k=smooth_k,
+                                                      channel_scale_k=channel_scale_k, k_fp8=k_fp8,
                                                       sink_tokens=sink_tokens, recent_tokens=recent_tokens)
         self.fmt = table_format(method)
         self.recipe = self.options.spell(method)
@@ -325,9 +327,11 @@ class FP4Cache(Cache):
 
     Accuracy options, spelled in `recipe` or as keywords (None: as `recipe` spells it, off by
     default; a keyword that contradicts `recipe` is a ValueError): `rotate=True` keeps K/V
-    Hadamard-rotated, `smooth_k=True` subtracts a per-channel K mean, `k_fp8=True` keeps K in FP8
-    E4M3 (V in the recipe); `calibration` is a state dict from `torch_fp4kv.hf.calibrate` with the
-    same options (K means, global scales; without it the means are zero and the global scales 1).
+    Hadamard-rotated, `smooth_k=True` subtracts a per-channel K mean, `channel_scale_k=True` (with
+    smooth_k) divides each K channel by a calibrated scale and multiplies queries by it,
+    `k_fp8=True` keeps K in FP8 E4M3 (V in the recipe); `calibration` is a state dict from
+    `torch_fp4kv.hf.calibrate` with the same options (K means, channel scales, global scales;
+    without it the means are zero and the scales 1).
     `sink_tokens` S and `recent_tokens` R: each sequence's first S and last R positions are
     attended in full precision (the states' dtype) from per-sequence buffers allocated with the
     cache, the rest from FP4 (module docstring: how, and on sliding layers). `recipe` and
@@ -346,11 +350,12 @@ class FP4Cache(Cache):
     """
 
     def __init__(self, config, max_cache_len: int, recipe: str = "nvfp4", *, rotate: bool | None = None,
-                 smooth_k: bool | None = None, k_fp8: bool | None = None, calibration: dict | None = None,
-                 sink_tokens: int | None = None, recent_tokens: int | None = None):
+                 smooth_k: bool | None = None, channel_scale_k: bool | None = None, k_fp8: bool | None = None,
+                 calibration: dict | None = None, sink_tokens: int | None = None, recent_tokens: int | None = None):
         if not isinstance(max_cache_len, int) or max_cache_len < 1:
             raise ValueError(f"max_cache_len must be a positive int, got {max_cache_len!r}")
-        method, self.options = KVCacheOptions.resolve(recipe, rotate=rotate, smooth_k=smooth_k, k_fp8=k_fp8,
+        method, self.options = KVCacheOptions.resolve(recipe, rotate=rotate, smooth_k=smooth_k,
+                                                      channel_scale_k=channel_scale_k, k_fp8=k_fp8,
                                                       sink_tokens=sink_tokens, recent_tokens=recent_tokens)
         table_format(method)  # checks that its layer caches come from the format table
         self.recipe = self.options.spell(method)

@@ -49,16 +49,19 @@ def mixed_precision_attention(query, key, value, fp4_key, fp4_value, attention_m
 
 
 def roundtrip_attention(recipe: str, *, rotate: bool | None = None, smooth_k: bool | None = None,
-                        k_fp8: bool | None = None, calibration: dict | None = None, sink_tokens: int | None = None,
+                        channel_scale_k: bool | None = None, k_fp8: bool | None = None,
+                        calibration: dict | None = None, sink_tokens: int | None = None,
                         recent_tokens: int | None = None) -> str:
     """Register, and name, an attention implementation that rounds every key and value through
     `recipe` (an FP4 format, optionally with options: `"nvfp4+rot+smooth+sink4+recent128"`, or the
     option keywords as `FP4Cache` takes them) before transformers' SDPA attention: what an FP4
-    cache holds, without a cache. With rotate / smooth_k / a calibration, the round trip goes
-    through a layer cache of those options, each layer with its calibration; with sinks / a
-    recent window, each query attends those keys in full precision instead."""
-    fmt, options = KVCacheOptions.resolve(recipe, rotate=rotate, smooth_k=smooth_k, k_fp8=k_fp8,
-                                          sink_tokens=sink_tokens, recent_tokens=recent_tokens)
+    cache holds, without a cache. With rotate / smooth_k / channel_scale_k / a calibration, the
+    round trip goes through a layer cache of those options, each layer with its calibration; keys
+    come back restored (channel scales multiplied back in, mean added), so q·restored k is the
+    cache's (λq)·stored k plus softmax's constant q·μ. With sinks / a recent window, each query
+    attends those keys in full precision instead."""
+    fmt, options = KVCacheOptions.resolve(recipe, rotate=rotate, smooth_k=smooth_k, channel_scale_k=channel_scale_k,
+                                          k_fp8=k_fp8, sink_tokens=sink_tokens, recent_tokens=recent_tokens)
     kv_recipe = ops.get_kv_recipe(options.kv_recipe(ops.get_format(fmt, "recipe").name))
     layers: dict[int, FP4KVPoolLayer] = {}
 
