@@ -1,7 +1,7 @@
 """The latent-cache (MLA) ops in Triton: the store, and a split-K paged decode that reads the FP4
 latent directly.
 
-Store: the latent is a one-head FP4 cache, stored by the MHA quantize kernel (triton_kernels.store,
+Store: the latent is a one-head FP4 cache, stored by the MHA quantize kernel (triton_kernels.store_fp4,
 slot rules in the kernel); k_pe is FP8 E4M3, one conversion per element, stored by eager's kernel
 as the "+k8" keys are (triton_kernels' docstring).
 
@@ -31,7 +31,7 @@ from .paged_latent import PagedLatent
 from .slots import last_writer_slots
 from .triton_attention_tiles import kernel_inputs, key_rows, store_split, value_tile
 from .triton_codes import usable_global_scale
-from .triton_kernels import store
+from .triton_kernels import store_fp4
 from .triton_launch import global_scale_pair
 
 
@@ -49,7 +49,7 @@ MLA_LAUNCH = MLALaunch(block_h=32, block_n=32, num_warps=8, waves=2)
 
 def mla_store(latent_data, latent_scales, rope_data, loc, c_kv, k_pe, fmt: LatentRecipe, latent_global_scale=None,
               rope_global_scale=None) -> None:
-    store(latent_data, latent_scales, loc, c_kv[:, None], fmt.latent, latent_global_scale)
+    store_fp4(latent_data, latent_scales, loc, c_kv[:, None], fmt.latent, latent_global_scale)
     eager.store(rope_data, rope_data.new_empty((*rope_data.shape[:2], 0)), last_writer_slots(loc, rope_data.shape[0]),
                 k_pe[:, None], fmt.rope, rope_global_scale)
 
