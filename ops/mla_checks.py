@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from .checks import (check_activation, check_batch_rows, check_cache, check_global_scale, check_loc, check_lse,
-                     check_page_table, check_rank, check_same_device, check_sm_scale, check_tensor, check_dtype,
-                     check_cache_data)
+from .checks import (check_activation, check_batch_rows, check_cache, check_cache_data, check_dtype,
+                     check_global_scale, check_loc, check_lse, check_page_table, check_rank, check_same_device,
+                     check_sm_scale, check_tensor)
 from .formats import LatentRecipe, get_latent_recipe
 from .paged_latent import PagedLatent
 
