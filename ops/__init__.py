@@ -3,12 +3,14 @@
 This layer never imports from the rest of torch_fp4kv; importing it registers the ops.
 """
 
-from . import library  # noqa: F401  (registers torch.ops.fp4kv.*)
+from . import library, mla_library  # noqa: F401  (register torch.ops.fp4kv.*)
 from .backends import ENV_VAR as BACKEND_ENV_VAR, Backend, select_backend
 from .debug import ENV_VAR as DEBUG_ENV_VAR, debug_checks
-from .formats import (FORMATS, FP8_E4M3, K_FP8_SUFFIX, KV_RECIPES, TENSOR_FORMATS, FP4Format, FP4KVCacheRecipe,
-                      KVRecipe, ScaleChoice, ScaleRule, get_format, get_kv_recipe)
+from .formats import (FORMATS, FP8_E4M3, K_FP8_SUFFIX, KV_RECIPES, LATENT_RECIPES, TENSOR_FORMATS, FP4Format,
+                      FP4KVCacheRecipe, KVRecipe, LatentRecipe, ScaleChoice, ScaleRule, get_format, get_kv_recipe,
+                      get_latent_recipe)
 from .api import decode_attention, dequantize, extend_attention, gather_dequantize, quantize, quantize_and_store
+from .mla_api import mla_decode_attention, mla_gather_dequantize, mla_store
 
 __all__ = [
     "BACKEND_ENV_VAR",
@@ -19,6 +21,8 @@ __all__ = [
     "K_FP8_SUFFIX",
     "KV_RECIPES",
     "KVRecipe",
+    "LATENT_RECIPES",
+    "LatentRecipe",
     "TENSOR_FORMATS",
     "FP4Format",
     "FP4KVCacheRecipe",
@@ -29,8 +33,12 @@ __all__ = [
     "dequantize",
     "extend_attention",
     "gather_dequantize",
+    "mla_decode_attention",
+    "mla_gather_dequantize",
+    "mla_store",
     "get_format",
     "get_kv_recipe",
+    "get_latent_recipe",
     "quantize",
     "quantize_and_store",
     "select_backend",

@@ -77,7 +77,7 @@ def interpreter_fp32(out: torch.Tensor, q: torch.Tensor):
         yield out, q
         return
     q = q.float()
-    staged = torch.empty_like(q)
+    staged = torch.empty_like(out, dtype=torch.float32)
     yield staged, q
     out.copy_(staged)
 

@@ -19,11 +19,13 @@ from dataclasses import dataclass
 import torch
 
 from .environment import environment_variable
-from .formats import KV_RECIPES, TENSOR_FORMATS, FP4Format, KVRecipe
+from .formats import KV_RECIPES, LATENT_RECIPES, TENSOR_FORMATS, FP4Format, KVRecipe, LatentRecipe
 
 ENV_VAR = "TORCH_FP4KV_BACKEND"
-OPS = ("quantize", "dequantize", "quantize_and_store", "gather_dequantize", "decode_attention", "extend_attention")
+OPS = ("quantize", "dequantize", "quantize_and_store", "gather_dequantize", "decode_attention", "extend_attention",
+       "mla_store", "mla_decode_attention")
 KV_OPS = frozenset({"quantize_and_store", "decode_attention", "extend_attention"})  # recipe: a KV_RECIPES name
+LATENT_OPS = frozenset({"mla_store", "mla_decode_attention"})  # recipe: a LATENT_RECIPES name
 
 
 class Backend(str, enum.Enum):
@@ -147,7 +149,7 @@ def _select(op: str, recipe: str, device: torch.device, dtype: torch.dtype, forc
     raise AssertionError("the eager row matches everything")  # pragma: no cover
 
 
-def select_backend(op: str, fmt: FP4Format | KVRecipe, device: torch.device, dtype: torch.dtype) -> Backend:
+def select_backend(op: str, fmt: FP4Format | KVRecipe | LatentRecipe, device: torch.device, dtype: torch.dtype) -> Backend:
     return _select(op, fmt.name, device, dtype, os.environ.get(ENV_VAR) or None)
 
 
@@ -163,10 +165,14 @@ _MODULES = {Backend.EAGER: "eager", Backend.TRITON: "triton_kernels", Backend.FL
 _OP_MODULES = {  # exceptions to _MODULES
     (Backend.TRITON, "decode_attention"): "decode",  # Gluon or Triton
     (Backend.TRITON, "extend_attention"): "triton_extend",
+    (Backend.EAGER, "mla_store"): "mla",
+    (Backend.EAGER, "mla_decode_attention"): "mla",
+    (Backend.TRITON, "mla_store"): "triton_mla",
+    (Backend.TRITON, "mla_decode_attention"): "triton_mla",
 }
 
 
-def kernels_for(op: str, fmt: FP4Format | KVRecipe, device: torch.device, dtype: torch.dtype):
+def kernels_for(op: str, fmt: FP4Format | KVRecipe | LatentRecipe, device: torch.device, dtype: torch.dtype):
     """The module whose function `op` runs this call (imported on first use)."""
     backend = select_backend(op, fmt, device, dtype)
     module = _OP_MODULES.get((backend, op), _MODULES[backend])
@@ -178,7 +184,7 @@ def describe(devices) -> list[tuple[str, str, str, str]]:
     rows = []
     for device in devices:
         for op in OPS:
-            table = KV_RECIPES if op in KV_OPS else TENSOR_FORMATS
+            table = KV_RECIPES if op in KV_OPS else LATENT_RECIPES if op in LATENT_OPS else TENSOR_FORMATS
             for recipe in table:
                 try:
                     choice = select_backend(op, table[recipe], torch.device(device), torch.bfloat16).value

@@ -272,6 +272,43 @@ DECODE_HEAD_DIMS = (64, 128, 256)
 MAX_PAGE_SIZE = 128
 
 
+def check_page_table(block_table, seq_lens, page_size, data, data_name: str, q) -> None:
+    """block_table [B, max_pages] and seq_lens [B] int32 (any strides) on q's device, and a
+    page_size in [1, MAX_PAGE_SIZE] that divides the cache's slots (data's first axis)."""
+    for x, name, dims, layout in ((block_table, "block_table", 2, "[B, max_pages]"), (seq_lens, "seq_lens", 1, "[B]")):
+        check_tensor(x, name)
+        check_dtype(x, name, (torch.int32,))
+        check_rank(x, name, dims, layout)
+        check_same_device(x, name, q, "q")
+    if not isinstance(page_size, (int, torch.SymInt)) or not 1 <= page_size <= MAX_PAGE_SIZE:
+        raise ValueError(f"page_size must be an int in [1, {MAX_PAGE_SIZE}]; got {page_size!r}")
+    if data.shape[0] % page_size:
+        raise ValueError(f"{data_name} has {data.shape[0]} slots, not a whole number of pages of {page_size}")
+
+
+def check_sm_scale(sm_scale) -> None:
+    if not isinstance(sm_scale, float):
+        raise TypeError(f"sm_scale must be a float, got {type(sm_scale).__name__}")
+
+
+def check_lse(lse, q) -> None:
+    """lse [B, Hq] float32, contiguous, on q's device (q [B, Hq, ...])."""
+    check_tensor(lse, "lse")
+    check_dtype(lse, "lse", (torch.float32,))
+    if lse.shape != q.shape[:2] or lse.device != q.device:
+        raise ValueError(f"lse must be a float32 tensor of shape {tuple(q.shape[:2])} on {q.device}; "
+                         f"got {tuple(lse.shape)} on {lse.device}")
+    if not lse.is_contiguous():
+        raise ValueError("lse must be contiguous")
+
+
+def check_batch_rows(q, block_table, seq_lens) -> None:
+    """One query token per sequence: block_table and seq_lens have q's batch of rows."""
+    for x, name in ((block_table, "block_table"), (seq_lens, "seq_lens")):
+        if x.shape[0] != q.shape[0]:
+            raise ValueError(f"{name} has {x.shape[0]} rows but q has batch {q.shape[0]}")
+
+
 def _check_paged_attention_args(out, q, kv: PagedKV, recipe, sm_scale, q_layout: str) -> KVRecipe:
     """What decode_attention and extend_attention check alike: q (q_layout) against the paged K/V
     cache, block_table's and seq_lens' types, page_size, sm_scale, the global scales, and out (q's
@@ -291,17 +328,8 @@ def _check_paged_attention_args(out, q, kv: PagedKV, recipe, sm_scale, q_layout:
         raise ValueError(f"k_data holds head_dim {fmt.k.head_dim_of(k_data.shape[2])} ({fmt.k.name}) but q has {d}")
     if hkv == 0 or hq % hkv:
         raise ValueError(f"q has {hq} heads, not a multiple of the cache's {hkv} KV heads")
-    for x, name, dims, layout in ((block_table, "block_table", 2, "[B, max_pages]"), (seq_lens, "seq_lens", 1, "[B]")):
-        check_tensor(x, name)
-        check_dtype(x, name, (torch.int32,))
-        check_rank(x, name, dims, layout)
-        check_same_device(x, name, q, "q")
-    if not isinstance(page_size, (int, torch.SymInt)) or not 1 <= page_size <= MAX_PAGE_SIZE:
-        raise ValueError(f"page_size must be an int in [1, {MAX_PAGE_SIZE}]; got {page_size!r}")
-    if k_data.shape[0] % page_size:
-        raise ValueError(f"k_data has {k_data.shape[0]} slots, not a whole number of pages of {page_size}")
-    if not isinstance(sm_scale, float):
-        raise TypeError(f"sm_scale must be a float, got {type(sm_scale).__name__}")
+    check_page_table(block_table, seq_lens, page_size, k_data, "k_data", q)
+    check_sm_scale(sm_scale)
     check_global_scale(kg, "k_global_scale", fmt.k, q, "q")
     check_global_scale(vg, "v_global_scale", fmt.v, q, "q")
     check_tensor(out, "out")
@@ -317,18 +345,9 @@ def check_decode_attention_args(out, q, kv: PagedKV, recipe, sm_scale, lse=None)
     """q [B, Hq, D]: one token per sequence, so block_table and seq_lens have B rows; lse, when
     given, [B, Hq] float32."""
     fmt = _check_paged_attention_args(out, q, kv, recipe, sm_scale, "[B, Hq, D]")
-    batch = q.shape[0]
-    for x, name in ((kv.block_table, "block_table"), (kv.seq_lens, "seq_lens")):
-        if x.shape[0] != batch:
-            raise ValueError(f"{name} has {x.shape[0]} rows but q has batch {batch}")
+    check_batch_rows(q, kv.block_table, kv.seq_lens)
     if lse is not None:
-        check_tensor(lse, "lse")
-        check_dtype(lse, "lse", (torch.float32,))
-        if lse.shape != q.shape[:2] or lse.device != q.device:
-            raise ValueError(f"lse must be a float32 tensor of shape {tuple(q.shape[:2])} on {q.device}; "
-                             f"got {tuple(lse.shape)} on {lse.device}")
-        if not lse.is_contiguous():
-            raise ValueError("lse must be contiguous")
+        check_lse(lse, q)
     return fmt
 
 

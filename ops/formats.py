@@ -9,6 +9,8 @@ Three tables: FORMATS, the FP4 recipes (a whole cache, K and V alike); TENSOR_FO
 one-tensor ops (quantize, dequantize, gather_dequantize) take: FORMATS and FP8 E4M3; KV_RECIPES,
 what the K-and-V ops (quantize_and_store, decode_attention) take: each FP4 recipe, and each with
 ``+k8`` (K in FP8 E4M3). One string names the pair, so the ops' schemas stay as they are.
+LATENT_RECIPES: what the latent-cache (MLA) ops take: one row per FP4 recipe for the latent c_kv,
+the RoPE key k_pe in FP8 E4M3 beside it.
 """
 
 from __future__ import annotations
@@ -227,6 +229,34 @@ KV_RECIPES: dict[str, KVRecipe] = {
 }
 
 
+@dataclass(frozen=True)
+class LatentRecipe:
+    """One Multi-head Latent Attention layer's cache: per token the latent c_kv (kv_lora_rank wide)
+    in an FP4 format and the decoupled RoPE key k_pe (rope_dim wide) in FP8 E4M3 under a per-layer
+    global scale, one "head" shared by all query heads. Named by the latent's recipe.
+
+    k_pe keeps a per-layer scale, not a per-token one: RoPE rotates pairs of k_pe without changing
+    their norms, so its range is the projection's, one calibrated amax per layer (as K's FP8 scale
+    in "+k8"); the per-token scale would add 4 bytes a token and a second quantizer for 64 of the
+    576 score dimensions."""
+
+    name: str
+    latent: FP4Format
+    rope: FP4Format
+
+    def bytes_per_token(self, kv_lora_rank: int = 512, rope_dim: int = 64) -> int:
+        """Bytes one token takes in one layer: the latent's codes and scales, then k_pe's bytes."""
+        return self.latent.bytes_per_head(kv_lora_rank) + self.rope.bytes_per_head(rope_dim)
+
+    def as_kv_recipe(self) -> KVRecipe:
+        """The cache as an MHA kernel reads one: keys k_pe (FP8), values the latent (FP4)."""
+        return KVRecipe(self.name, self.rope, self.latent)
+
+
+LATENT_RECIPES: dict[str, LatentRecipe] = {name: LatentRecipe(name, f, FP8_E4M3) for name, f in FORMATS.items()}
+BF16_LATENT_BYTES_PER_TOKEN = 2 * (512 + 64)  # DeepSeek-V3's cache in BF16: c_kv 512 and k_pe 64
+
+
 def _lookup(table: dict, recipe, argname: str):
     if not isinstance(recipe, str):
         raise TypeError(f"{argname} must be a str, got {type(recipe).__name__}")
@@ -245,3 +275,8 @@ def get_format(recipe: str | FP4KVCacheRecipe, argname: str = "recipe") -> FP4Fo
 def get_kv_recipe(recipe: str | FP4KVCacheRecipe, argname: str = "recipe") -> KVRecipe:
     """Look a K-and-V recipe up (KV_RECIPES), or raise a ValueError that lists the valid names."""
     return _lookup(KV_RECIPES, recipe, argname)
+
+
+def get_latent_recipe(recipe: str | FP4KVCacheRecipe, argname: str = "recipe") -> LatentRecipe:
+    """Look a latent-cache recipe up (LATENT_RECIPES), or raise a ValueError that lists the valid names."""
+    return _lookup(LATENT_RECIPES, recipe, argname)

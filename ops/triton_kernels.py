@@ -493,13 +493,19 @@ def quantize_and_store(k_data, v_data, k_scales, v_scales, loc, k, v, kv_recipe:
     if kv_recipe.k.element is Element.E4M3:  # FP8 keys by eager's kernels (see the top), V by the kernel alone
         if k_data.shape[0]:
             eager.store(k_data, k_scales, last_writer_slots(loc, k_data.shape[0]), k, kv_recipe.k, k_global_scale)
-        _launch_quantize(v, None, v_data, None, v_scales, None, v_global_scale, None, loc, kv_recipe.v, v_data.shape[0])
+        store_fp4(v_data, v_scales, loc, v, kv_recipe.v, v_global_scale)
         return
     k_global_scale, v_global_scale = global_scale_pair(k_global_scale, v_global_scale, k.device)
     _launch_quantize(
         k, v, k_data, v_data, k_scales, v_scales,
         k_global_scale, v_global_scale, loc, kv_recipe.v, k_data.shape[0],
     )
+
+
+def store_fp4(data, scales, loc, x, fmt: FP4Format, global_scale=None) -> None:
+    """One FP4 tensor x [T, H, D] into the cache rows named by loc [T] (slots.py's rule, applied in
+    the quantize kernel): V beside FP8 keys, and the latent of an MLA cache (triton_mla)."""
+    _launch_quantize(x, None, data, None, scales, None, global_scale, None, loc, fmt, data.shape[0])
 
 
 def _launch_dequantize(data, scales, loc, fmt: FP4Format, global_scale, dtype, out_rows: int):

@@ -2,7 +2,8 @@
 
 Prints torch's version, whether Triton and FlashInfer are installed, the TORCH_FP4KV_BACKEND and
 TRITON_INTERPRET variables, the GPU, the backend selection table (first matching row wins), and
-the backend each op and recipe gets on each device here for bfloat16.
+the backend each op and recipe gets on each device here for bfloat16, and the bytes per token of
+each latent (MLA) cache recipe at DeepSeek-V3's shape.
 """
 
 import argparse
@@ -12,6 +13,7 @@ import torch
 
 from .help_format import HelpFormatter
 from .ops.backends import ENV_VAR, SELECTION_TABLE, describe, device_capability, installed
+from .ops.formats import BF16_LATENT_BYTES_PER_TOKEN, LATENT_RECIPES
 
 
 def main(argv=None) -> None:
@@ -37,6 +39,11 @@ def main(argv=None) -> None:
         print(f"  {rule.backend.value:<10} {where:<18} {scope} / {recipes}: {rule.why}")
     print("  (decode_attention's triton backend runs a Gluon kernel on SM90 for head_dim 64/128 and up to"
           " 16 query heads per KV head, the Triton kernel otherwise: ops/decode.py)")
+    print(f"\nlatent (MLA) cache per token and layer, kv_lora_rank 512 + rope 64 (BF16: {BF16_LATENT_BYTES_PER_TOKEN} B):")
+    for name, recipe in LATENT_RECIPES.items():
+        size = recipe.bytes_per_token()
+        print(f"  {name:<14} {size} B ({size / BF16_LATENT_BYTES_PER_TOKEN:.3f}x): c_kv {recipe.latent.name}, "
+              f"k_pe {recipe.rope.name} under a per-layer scale")
     print("\nchosen here (bf16):")
     rows = describe(devices)
     width = max(len(recipe) for _, recipe, _, _ in rows)

@@ -18,8 +18,9 @@ from typing import Callable
 
 import torch
 
-from ..ops import (FORMATS, KV_RECIPES, decode_attention, dequantize, eager, extend_attention, gather_dequantize,
-                   get_kv_recipe, quantize, quantize_and_store)
+from ..ops import (FORMATS, KV_RECIPES, LATENT_RECIPES, decode_attention, dequantize, eager, extend_attention,
+                   gather_dequantize, get_kv_recipe, get_latent_recipe, mla_decode_attention, mla_store, quantize,
+                   quantize_and_store)
 from ..ops.backends import Backend, forced_backend, unavailable_reason
 from ..ops.checks import OUTPUT_DTYPES
 from ..ops.formats import E4M3_NAN_BYTE, Element
@@ -175,12 +176,19 @@ def _paged_cache(g: torch.Generator, recipe: str, batch: int, kv_heads: int, hea
     cache = []
     for fmt in (kv_recipe.k, kv_recipe.v):
         cache += eager.quantize(spread_normal(g, (pages * page_size, kv_heads, head_dim)), fmt)
+    return (cache, _engine_page_table(g, batch, max_pages, pages), global_scale_for(kv_recipe.k, value=k_global_scale),
+            global_scale_for(kv_recipe.v, value=0.02))
+
+
+def _engine_page_table(g: torch.Generator, batch: int, max_pages: int, pages: int) -> torch.Tensor:
+    """[B, max_pages] int32 page ids of a cache of `pages` pages, sliced from a wider table, with
+    -1, one past the end and a huge id inside the sequences (read as zero keys and values)."""
     wide = torch.full((batch, 2 * max_pages), 7, dtype=torch.int32)
     wide[:, 1::2] = torch.randperm(pages, generator=g)[: batch * max_pages].view(batch, max_pages).int()
     wide[0, 1], wide[1 % batch, -1] = -1, 2**31 - 1  # inside their sequences (lengths below)
     if max_pages > 1:
         wide[-1, 3] = pages
-    return cache, wide[:, 1::2], global_scale_for(kv_recipe.k, value=k_global_scale), global_scale_for(kv_recipe.v, value=0.02)
+    return wide[:, 1::2]
 
 
 def _poison(cache: list[torch.Tensor], recipe: str, table: torch.Tensor, page_size: int, positions) -> None:
@@ -265,6 +273,62 @@ def extend_engine_metadata(recipe: str, head_dim: int, new_tokens=(3, 4, 0, 2), 
     return Scenario(name, "extend_attention", recipe, torch.bfloat16, inputs, call, exact=False)
 
 
+def mla_store_engine_slots(recipe: str, tokens: int = 7, rank: int = 512, rope_dim: int = 64, slots: int = 12,
+                           loc=(3, -1, 5, 3, 12, 7, 5)) -> Scenario:
+    """c_kv and k_pe as column slices of kv_a's output [T, R + P], stored at a sliced loc with -1
+    padding, a slot past the end and duplicate slots. `recipe`: a LATENT_RECIPES name."""
+    name = f"mla-store/{recipe}/T{tokens}xR{rank}xP{rope_dim}"
+    fmt = get_latent_recipe(recipe)
+
+    def inputs():
+        g = seeded(name)
+        kv = spread_normal(g, (tokens, rank + rope_dim))
+        caches = [random_bytes(g, (slots, 1, width)) for width in (
+            fmt.latent.data_width(rank), fmt.latent.scales_width(rank), fmt.rope.data_width(rope_dim))]
+        return [*caches, strided_column(list(loc)), kv[:, :rank], kv[:, rank:], global_scale_for(fmt.latent),
+                global_scale_for(fmt.rope, value=0.05)]
+
+    def call(latent_data, latent_scales, rope_data, loc_, c_kv, k_pe, lg, rg):
+        mla_store(latent_data, latent_scales, rope_data, loc_, c_kv, k_pe, recipe, lg, rg)
+        return [latent_data, latent_scales, rope_data]
+
+    return Scenario(name, "mla_store", recipe, torch.bfloat16, inputs, call)
+
+
+def mla_decode_engine_metadata(recipe: str, rank: int = 512, rope_dim: int = 64, batch: int = 4, q_heads: int = 16,
+                               page_size: int = 16, max_pages: int = 4, stale_nan: bool = False) -> Scenario:
+    """MLA decode over _engine_page_table's page table with strided seq_lens of lengths 0 and past
+    the table. stale_nan: every position past a sequence's length holds a NaN latent and k_pe."""
+    name = (f"mla-decode/{recipe}/R{rank}xP{rope_dim}/B{batch}xHq{q_heads}xP{page_size}"
+            + ("/stale-nan" if stale_nan else ""))
+    fmt = get_latent_recipe(recipe)
+
+    def inputs():
+        g = seeded(name)
+        pages = batch * max_pages
+        kv = spread_normal(g, (pages * page_size, 1, rank + rope_dim))
+        latent_data, latent_scales = eager.quantize(kv[..., :rank], fmt.latent)
+        rope_data, _ = eager.quantize(kv[..., rank:], fmt.rope, torch.tensor([0.05]))
+        table = _engine_page_table(g, batch, max_pages, pages)
+        seq_lens = _lengths(g, batch, max_pages * page_size)
+        if stale_nan:
+            for b in range(batch):
+                for pos in range(int(seq_lens[b]), max_pages * page_size):
+                    slot = int(table[b, pos // page_size]) * page_size + pos % page_size
+                    if 0 <= int(table[b, pos // page_size]) < pages:
+                        latent_scales[slot] = fmt.latent.scale_nan_byte
+                        rope_data[slot] = E4M3_NAN_BYTE
+        q = spread_normal(g, (batch, q_heads, rank + rope_dim))
+        return [q, latent_data, latent_scales, rope_data, table, seq_lens, global_scale_for(fmt.latent, value=0.03),
+                torch.tensor([0.05])]
+
+    def call(q, latent_data, latent_scales, rope_data, table, seq_lens, lg, rg):
+        return list(mla_decode_attention(q, latent_data, latent_scales, rope_data, table, seq_lens, page_size, recipe,
+                                         lg, rg, sm_scale=0.07))
+
+    return Scenario(name, "mla_decode_attention", recipe, torch.bfloat16, inputs, call, exact=False)
+
+
 def scenarios() -> list[Scenario]:
     """The fixed set `python -m torch_fp4kv.check` runs (and the tests parametrize over)."""
     found = []
@@ -284,6 +348,9 @@ def scenarios() -> list[Scenario]:
     for value in (-1.0, 0.0, float("nan"), float("inf")):
         found += [unusable_global_scale("quantize", value), unusable_global_scale("dequantize", value)]
     found.append(decode_engine_metadata("nvfp4", 128, k_global_scale=-1.0))
+    for recipe in LATENT_RECIPES:
+        found += [mla_store_engine_slots(recipe), mla_decode_engine_metadata(recipe),
+                  mla_decode_engine_metadata(recipe, 64, 16, page_size=5, max_pages=7, stale_nan=True)]
     return found
 
 
