@@ -32,7 +32,10 @@ from .triton_attention_tiles import (NAN_GROUPS, drop_unseen_values, kernel_inpu
 
 class PrefillLaunch(NamedTuple):
     block_m: int  # query rows per program (tokens x query heads)
-    block_n: int  # context positions per tile
+    # Context positions per tile, at least 32: on an H100 (Triton 3.6) tiles of 16 under programs of
+    # fewer than 64 rows (the mma.sync path) gave wrong outputs, 32 and more matched eager (cause not
+    # established; docs/performance.md).
+    block_n: int
     num_warps: int
     num_stages: int  # software-pipeline stages of the tile loads
     waves: int  # programs per SM to aim for when splitting the context

@@ -334,7 +334,7 @@ def test_verify_route_is_taken_from_shapes_where_the_hopper_decode_serves():
     assert triton_verify.routed_tokens(q[:0], 32, 8, get_kv_recipe("nvfp4")) == 0
 
 
-@pytest.fixture(params=[(16, 16), (128, 64)], ids=["m16", "m128"])
+@pytest.fixture(params=[(16, 32), (128, 64)], ids=["m16", "m128"])
 def prefill_kernel(request, monkeypatch):
     """Send every Triton extend_attention call to triton_prefill, with `param` = (rows per program,
     positions per tile); m16 gives small problems several tiles, diagonals and splits."""
@@ -373,14 +373,14 @@ def test_prefill_kernel_with_unsorted_offsets_and_engine_made_metadata(backend, 
        d=st.sampled_from([64, 128]), page_size=st.sampled_from([1, 16]), new=st.integers(0, 80),
        prefix=st.integers(0, 300), seed=st.integers(0, 2**16))
 def test_property_prefill_kernel_matches_eager(recipe, batch, group, d, page_size, new, prefix, seed):
-    """Chunks and prefills over ragged prefixes with 16-row programs and 16-position tiles."""
+    """Chunks and prefills over ragged prefixes with 16-row programs and 32-position tiles."""
     from torch_fp4kv.ops import triton_prefill
 
     g = torch.Generator().manual_seed(seed)
     news = torch.randint(0, new + 1, (batch,), generator=g).tolist()
     lens = [n + int(torch.randint(0, prefix + 1, (), generator=g)) for n in news]
     args = _problem(recipe, news, lens, group, 1, d, page_size, device=TRITON_DEVICE, seed=seed)
-    launch = triton_prefill.PrefillLaunch(block_m=16, block_n=16, num_warps=4, num_stages=2, waves=4)
+    launch = triton_prefill.PrefillLaunch(block_m=16, block_n=32, num_warps=4, num_stages=2, waves=4)
     with pytest.MonkeyPatch.context() as mp:  # hypothesis runs many examples per fixture: patch here
         mp.setattr(triton_prefill, "prefill_launch", lambda tokens, batch, hq, hkv, d: launch)
         _assert_triton_matches_eager(args, lambda name: mp.setenv("TORCH_FP4KV_BACKEND", name))
