@@ -248,7 +248,9 @@ def extend_engine_metadata(recipe: str, head_dim: int, new_tokens=(3, 4, 0, 2), 
     """extend_attention over _paged_cache's page table: strided cu_seqlens_q and seq_lens, a sequence
     with no new tokens, `padding` rows of q no sequence owns, lengths 0 and past the table. With as
     many new tokens per sequence as rows / sequences (e.g. (4, 4, 4, 4), padding 0), it is the
-    speculative-verification shape (on SM90 the decode route of ops/triton_verify.py). stale_nan:
+    speculative-verification shape (on SM90 the decode route of ops/triton_verify.py); with 128 rows
+    (new tokens x query heads per KV head) or more per sequence, e.g. (70, 40, 0, 50) at 8/2 heads,
+    a chunk (ops/triton_prefill.py). stale_nan:
     the positions past each sequence's length and its last new token hold NaN keys and values; the
     rows before that token must not show it."""
     batch = len(new_tokens)
@@ -329,6 +331,9 @@ def mla_decode_engine_metadata(recipe: str, rank: int = 512, rope_dim: int = 64,
     return Scenario(name, "mla_decode_attention", recipe, torch.bfloat16, inputs, call, exact=False)
 
 
+CHUNK = (70, 40, 0, 50)  # new tokens per sequence of the chunk scenarios: the prefill kernel's shape
+
+
 def scenarios() -> list[Scenario]:
     """The fixed set `python -m torch_fp4kv.check` runs (and the tests parametrize over)."""
     found = []
@@ -345,6 +350,7 @@ def scenarios() -> list[Scenario]:
         found += [decode_engine_metadata(recipe, 128, stale_nan=True),
                   extend_engine_metadata(recipe, 64, stale_nan=True),
                   extend_engine_metadata(recipe, 128, (4, 4, 4, 4), padding=0, stale_nan=True)]
+        found += [extend_engine_metadata(recipe, 64, CHUNK, max_pages=8, stale_nan=stale) for stale in (False, True)]
     for value in (-1.0, 0.0, float("nan"), float("inf")):
         found += [unusable_global_scale("quantize", value), unusable_global_scale("dequantize", value)]
     found.append(decode_engine_metadata("nvfp4", 128, k_global_scale=-1.0))
