@@ -7,6 +7,7 @@ backend is checked against eager on the scenarios of `torch_fp4kv.testing.scenar
 CPU)."""
 
 import os
+import random
 
 import pytest
 import torch
@@ -57,6 +58,31 @@ def test_check_cli_claims_only_what_it_compared(capsys, monkeypatch):
     assert "one" + " " * 56 + "nothing to compare" in out
     assert "not run: triton on 1 scenario: Triton kernels need a CUDA device" in out
     assert out.endswith("1 scenario: nothing compared (no backend but the eager reference runs here)\n")
+
+
+def test_soak_draws_every_kind():
+    """The soak's random rounds reach every op the check covers, the latent-cache ones included."""
+    rng = random.Random(0)
+    drawn = {scenarios.random_scenario(rng).name.split("/")[0] for _ in range(100)}
+    assert drawn == set(scenarios.SOAK_KINDS)
+
+
+def test_check_soak_compares_mla_rounds(capsys, monkeypatch):
+    """`python -m torch_fp4kv.check --soak N --only mla-` compares each MLA round it draws (seed 1:
+    a store and a decode with stale NaN among 8 rounds) with eager."""
+    drawn = []
+
+    def recording(rng):
+        drawn.append(scenarios.random_scenario(rng))
+        return drawn[-1]
+
+    monkeypatch.setattr(check, "scenarios", lambda: [])
+    monkeypatch.setattr(check, "random_scenario", recording)
+    assert check.main(["--device", TRITON_DEVICE, "--soak", "8", "--seed", "1", "--only", "mla-"]) == 0
+    mla = [s.name for s in drawn if s.name.startswith("mla-")]
+    assert {name.split("/")[0] for name in mla} == {"mla-store", "mla-decode"}
+    assert any(name.endswith("/stale-nan") for name in mla)
+    assert capsys.readouterr().out.endswith(f"{len(mla)} scenarios: eager vs triton on {len(mla)} compared, all match\n")
 
 
 # ---- the rules, on the reference ----------------------------------------------------------------

@@ -360,10 +360,29 @@ def scenarios() -> list[Scenario]:
     return found
 
 
+SOAK_KINDS = ("store", "gather", "dequantize", "decode", "extend", "mla-store", "mla-decode")
+
+
+def random_mla_scenario(rng: random.Random, kind: str) -> Scenario:
+    """An MLA store or decode ("mla-store", "mla-decode") of a random LATENT_RECIPES row, with a
+    kv_lora_rank and rope_dim the kernels tile (powers of two >= 16; the rank a whole number of the
+    coarsest block, 32), random slots, page sizes, lengths and head counts, stale NaN sometimes."""
+    recipe = rng.choice(sorted(LATENT_RECIPES))
+    rank, rope_dim = rng.choice((32, 64, 128, 256, 512)), rng.choice((16, 32, 64))
+    if kind == "mla-store":
+        tokens, slots = rng.randint(1, 300), rng.randint(1, 400)
+        loc = [rng.randint(-2, slots + 2) for _ in range(tokens)]
+        return mla_store_engine_slots(recipe, tokens, rank, rope_dim, slots, loc)
+    return mla_decode_engine_metadata(recipe, rank, rope_dim, rng.randint(2, 12), rng.choice((1, 8, 16, 20, 32, 128)),
+                                      rng.choice((1, 5, 16, 64)), rng.randint(1, 24), rng.random() < 0.25)
+
+
 def random_scenario(rng: random.Random) -> Scenario:
-    """One scenario with random sizes and metadata, for the soak."""
+    """One scenario of a random SOAK_KINDS kind with random sizes and metadata, for the soak."""
+    kind = rng.choice(SOAK_KINDS)
+    if kind.startswith("mla-"):
+        return random_mla_scenario(rng, kind)
     head_dim = rng.choice((64, 128, 256))
-    kind = rng.choice(("store", "gather", "dequantize", "decode", "extend"))
     if kind in ("store", "decode", "extend"):
         recipe = rng.choice(sorted(KV_RECIPES))
     else:
