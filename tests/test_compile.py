@@ -11,6 +11,7 @@ from torch._inductor.utils import run_and_get_code
 
 from conftest import RECIPES, assert_same_bytes, random_kv, requires_cuda
 from torch_fp4kv import FP4KVCache
+from torch_fp4kv.mla_methods import LatentLayerCache
 
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 SLOTS, H, D = 64, 2, 64
@@ -79,3 +80,33 @@ def test_inductor_writes_the_cache_buffers_in_place(device):
     assert set(cache_args) <= set(graph_inputs), cache_args
     # ...and nothing clones a tensor or copies one back into a buffer afterwards.
     assert not re.search(r"\bclone\b|\.copy_\(|aten\.copy", code), "the generated code copies a tensor"
+
+
+class LatentStoreThenRead(torch.nn.Module):
+    """One MLA layer's cache traffic: write this step's c_kv and k_pe, read a context back."""
+
+    def __init__(self, recipe: str, device: str):
+        super().__init__()
+        self.cache = LatentLayerCache(recipe, SLOTS, kv_lora_rank=64, rope_dim=16, device=device)
+
+    def forward(self, loc, c_kv, k_pe, context_loc):
+        self.cache.store(loc, c_kv, k_pe)
+        c_ctx, k_ctx = self.cache.gather(context_loc, torch.float32)
+        return c_ctx.sum(-1) + k_ctx.sum(-1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inductor_writes_the_latent_cache_buffers_in_place(device):
+    module = LatentStoreThenRead("nvfp4", device)
+    g = torch.Generator().manual_seed(0)
+    kv = random_kv((4, 64 + 16), torch.bfloat16, device, g)  # c_kv, k_pe: column slices of kv_a's output
+    args = (torch.randperm(SLOTS, generator=g)[:4].to(device), kv[:, :64], kv[:, 64:], torch.arange(8, device=device))
+    _, (code,) = run_and_get_code(torch.compile(module, fullgraph=True), *args)
+    cache_args = _call_arguments(code, "mla_store")[:3]
+    graph_inputs = re.search(r"^\s*(arg\d+_1(?:, arg\d+_1)*) = args$", code, re.M).group(1).split(", ")
+    assert set(cache_args) <= set(graph_inputs), cache_args
+    assert not re.search(r"\bclone\b|\.copy_\(|aten\.copy", code), "the generated code copies a tensor"
+    eager_module = LatentStoreThenRead("nvfp4", device)
+    eager_module(*args)
+    for name, buffer in eager_module.cache.named_buffers():
+        assert_same_bytes(module.cache.get_buffer(name), buffer)
