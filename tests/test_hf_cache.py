@@ -15,7 +15,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask  # noq
 
 from conftest import RECIPES, requires_cuda  # noqa: E402
 from torch_fp4kv import KVCacheOptions, models  # noqa: E402
-from torch_fp4kv.hf import FP4Cache, FP4CacheLayer, kv_cache_bytes  # noqa: E402
+from torch_fp4kv.hf import FP4Cache, FP4CacheLayer, cache_argument, kv_cache_bytes  # noqa: E402
 from torch_fp4kv.hf.simulate import roundtrip  # noqa: E402
 
 ARCHS = ["smollm2", "gemma3"]
@@ -298,3 +298,32 @@ def test_bad_arguments():
         model.generate(torch.ones(1, 4, dtype=torch.long), max_new_tokens=2)  # a DynamicCache
     with pytest.raises(ValueError, match="max_cache_len=6 is too small"):
         model.generate(torch.ones(1, 4, dtype=torch.long), past_key_values=FP4Cache(config, 6), max_new_tokens=4)
+
+
+def _tiny_deepseek_v3_config():
+    from transformers import DeepseekV3Config
+
+    return DeepseekV3Config(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+                            num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, kv_lora_rank=32,
+                            q_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32)
+
+
+def test_deepseek_v3_caches_its_latent_and_fp4cache_refuses_it():
+    """transformers' DeepSeek-V3 hands its cache the latent c_kv [B, 1, T, R] and k_pe [B, 1, T, P]
+    and up-projects what comes back before attention (the premise of FP4Cache's refusal: it stores
+    inside the attention and returns no tensors), so FP4Cache and kv_cache_bytes reject MLA configs
+    by name instead of failing on a head_dim."""
+    from transformers import DeepseekV3ForCausalLM
+
+    config = _tiny_deepseek_v3_config()
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(config).eval()
+    cache = DynamicCache(config=config)
+    with torch.no_grad():
+        model(torch.randint(0, 128, (2, 7)), **{cache_argument(model): cache})
+    assert [tuple(t.shape) for t in (cache.layers[0].keys, cache.layers[0].values)] == [(2, 1, 7, 32), (2, 1, 7, 16)]
+    model.set_attn_implementation("fp4kv")
+    for call in (lambda: FP4Cache(model.config, 16), lambda: kv_cache_bytes(model.config, 16, 2)):
+        with pytest.raises(ValueError, match=r"config: deepseek_v3 uses Multi-head Latent Attention \(kv_lora_rank=32\)"):
+            call()

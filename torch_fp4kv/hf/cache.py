@@ -304,6 +304,12 @@ class FP4CacheLayer(CacheLayerMixin):
 def _fp4_layers(text_config, max_cache_len: int, recipe: str, calibration: dict | None = None) -> list[FP4CacheLayer]:
     """One FP4CacheLayer per layer of the config, sized by its type (transformers' reading of it);
     `recipe` spells the options."""
+    rank = getattr(text_config, "kv_lora_rank", None)
+    if rank is not None:
+        raise ValueError(f"config: {text_config.model_type} uses Multi-head Latent Attention (kv_lora_rank={rank}): "
+                         "its attention caches the latent c_kv and k_pe and up-projects every cached position "
+                         "after the cache returns them, so its cache must return tensors, not store and attend "
+                         "as FP4Cache does (docs/design.md, \"Latent (MLA) cache\")")
     layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
     layers = []
     for index, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
@@ -323,7 +329,8 @@ class FP4Cache(Cache):
     only their window. `recipe` names a method of the registry (`get_fp4_kv_cache_quant_method`)
     whose layers come from the format table, optionally followed by its options
     (`"nvfp4+rot+smooth+k8+sink4+recent128"`: `KVCacheOptions`' grammar, the eval's). Beam
-    search is not supported. (An engine keeps its pool in `torch_fp4kv.FP4KVPool` instead.)
+    search is not supported, nor Multi-head Latent Attention models (DeepSeek-V2/V3: docs/design.md,
+    "Latent (MLA) cache"). (An engine keeps its pool in `torch_fp4kv.FP4KVPool` instead.)
 
     Accuracy options, spelled in `recipe` or as keywords (None: as `recipe` spells it, off by
     default; a keyword that contradicts `recipe` is a ValueError): `rotate=True` keeps K/V
