@@ -16,7 +16,7 @@ the RoPE key k_pe in FP8 E4M3 beside it.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 # Midpoints between neighbouring magnitudes: crossing E2M1_THRESHOLDS[i] moves code i -> i + 1.
@@ -150,30 +150,24 @@ SCALE_CHOICE_BLOCK_MAXIMA = {
     ScaleChoice.SMALLER_ERROR_OF_AMAX_OVER_6_AND_4: (E2M1_MAX, 4.0),
 }
 
+_NVFP4 = FP4Format(
+    recipe=FP4KVCacheRecipe.NVFP4,
+    block_size=16,
+    scale_rule=ScaleRule.E4M3_AMAX_OVER_6G,
+    ties_away=False,
+    has_global_scale=True,
+    scale_nan_byte=0x7F,
+    calibration_amax=E4M3_MAX * E2M1_MAX,
+)
+
 FORMATS: dict[str, FP4Format] = {
     f.name: f
     for f in (
-        FP4Format(
-            recipe=FP4KVCacheRecipe.NVFP4,
-            block_size=16,
-            scale_rule=ScaleRule.E4M3_AMAX_OVER_6G,
-            ties_away=False,
-            has_global_scale=True,
-            scale_nan_byte=0x7F,
-            calibration_amax=E4M3_MAX * E2M1_MAX,
-        ),
+        _NVFP4,
         # NVFP4's bytes and global scale (vLLM keeps the plain recipe's k_scale / v_scale), from a
         # quantizer that picks each block's scale: every NVFP4 reader reads them as they are.
-        FP4Format(
-            recipe=FP4KVCacheRecipe.NVFP4_4OVER6,
-            block_size=16,
-            scale_rule=ScaleRule.E4M3_AMAX_OVER_6G,
-            ties_away=False,
-            has_global_scale=True,
-            scale_nan_byte=0x7F,
-            calibration_amax=E4M3_MAX * E2M1_MAX,
-            scale_choice=ScaleChoice.SMALLER_ERROR_OF_AMAX_OVER_6_AND_4,
-        ),
+        replace(_NVFP4, recipe=FP4KVCacheRecipe.NVFP4_4OVER6,
+                scale_choice=ScaleChoice.SMALLER_ERROR_OF_AMAX_OVER_6_AND_4),
         FP4Format(
             recipe=FP4KVCacheRecipe.BLOCKFP4,
             block_size=16,
