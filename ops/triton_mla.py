@@ -24,13 +24,12 @@ import triton
 import triton.language as tl
 
 from . import eager
-from .attention_shared import (LOG2_E, context_len, interpreter_fp32, launch_splits, merge_splits, mma_side,
+from .attention_shared import (context_len, global_scales, interpreter_fp32, launch_splits, merge_splits, mma_side,
                                paged_rows, positions_per_split, sm_count, split_count, split_outputs, split_range)
 from .formats import LatentRecipe
 from .paged_latent import PagedLatent
 from .slots import last_writer_slots
 from .triton_attention_tiles import kernel_inputs, key_rows, store_split, value_tile
-from .triton_codes import usable_global_scale
 from .triton_kernels import store_fp4
 from .triton_launch import global_scale_pair
 
@@ -75,14 +74,9 @@ def _mla_decode_split_kernel(
     q_row = (b * HQ + heads).to(tl.int64)[None, :] * (R + P)
     q_nope = tl.load(q_ptr + q_row + tl.arange(0, R)[:, None], mask=head_ok[None, :], other=0.0).to(dtype)
     q_pe = tl.load(q_ptr + q_row + R + tl.arange(0, P)[:, None], mask=head_ok[None, :], other=0.0).to(dtype)
-    if HAS_G:
-        latent_g = usable_global_scale(tl.load(latent_g_ptr))
-        rope_g = usable_global_scale(tl.load(rope_g_ptr))
-    else:
-        latent_g = 1.0
-        rope_g = 1.0
-    latent_score_scale = sm_scale * latent_g * LOG2_E
-    rope_score_scale = sm_scale * rope_g * LOG2_E
+    # attention_shared.global_scales for each part of the keys: the latent (scores and values), k_pe.
+    latent_score_scale, _ = global_scales(sm_scale, latent_g_ptr, rope_g_ptr, HAS_G)
+    rope_score_scale, latent_g = global_scales(sm_scale, rope_g_ptr, latent_g_ptr, HAS_G)
 
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_acc = tl.zeros([BLOCK_N, BLOCK_H], tl.float32)  # softmax denominators, per position until the end
