@@ -67,6 +67,24 @@ def us(seconds: float | None) -> float | None:
     return seconds * 1e6 if seconds else None
 
 
+def ratio(time_us: float | None, peer_us: float | None) -> float | None:
+    """time_us over a peer's time: None where either did not run."""
+    return time_us / peer_us if time_us and peer_us else None
+
+
+class PeerRatios:
+    """The ratios every attention row (fp4_us, flashinfer_fp8_us, flashinfer_nvfp4_us) prints
+    beside its BF16 one: our FP4 time over FlashInfer FP8's and over its own NVFP4-KV path's."""
+
+    @property
+    def x_fp8(self) -> float | None:
+        return ratio(self.fp4_us, self.flashinfer_fp8_us)
+
+    @property
+    def x_flashinfer_nvfp4(self) -> float | None:
+        return ratio(self.fp4_us, self.flashinfer_nvfp4_us)
+
+
 def cell(value: float | None, spec: str) -> str:
     """A table cell: value formatted by spec, "-" where there is none."""
     return format(value, spec) if value is not None else "-"

@@ -14,12 +14,12 @@ from ..ops.backends import select_backend
 from ..ops.paged_kv import PagedKV
 from ..testing.paged import (FLASHINFER_NVFP4_RECIPES, flashinfer_nvfp4_attention, flashinfer_paged_attention,
                              global_scales, random_cache, shuffled_page_table)
-from .common import cell, has_flashinfer, timer, try_time, us
+from .common import PeerRatios, cell, has_flashinfer, ratio, timer, try_time, us
 from .shapes import GRID_SHAPE, MODEL_SHAPES, DecodeShape
 
 
 @dataclass
-class DecodeRow:
+class DecodeRow(PeerRatios):
     """Paged decode attention, Hq query heads over Hkv KV heads, one token per sequence."""
 
     shape: str  # a MODEL_SHAPES name, or str(DecodeShape) for the grid
@@ -40,15 +40,7 @@ class DecodeRow:
 
     @property
     def x_bf16(self) -> float | None:
-        return self.fp4_us / self.bf16_us if self.bf16_us else None
-
-    @property
-    def x_fp8(self) -> float | None:
-        return self.fp4_us / self.flashinfer_fp8_us if self.flashinfer_fp8_us else None
-
-    @property
-    def x_flashinfer_nvfp4(self) -> float | None:
-        return self.fp4_us / self.flashinfer_nvfp4_us if self.flashinfer_nvfp4_us else None
+        return ratio(self.fp4_us, self.bf16_us)
 
 
 def _fp4_decode_problem(recipe, batch, context, shape: DecodeShape, device) -> tuple[torch.Tensor, PagedKV]:

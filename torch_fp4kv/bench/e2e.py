@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..testing.llama import Config, Transformer, make_caches, swap_caches
-from .common import cell, has_flashinfer, timer, try_time, us
+from .common import cell, has_flashinfer, ratio, timer, try_time, us
 from .extend import ExtendCase, parse_extend_case
 from .shapes import GRID_SHAPE
 from .step_caches import BASELINE, CACHE_KINDS, CacheKind, plan_step
@@ -122,7 +122,7 @@ def _step_rows(model: Transformer, model_name: str, step: ExtendCase, free: int 
             torch.cuda.empty_cache()  # this kind's caches (tens of GB at 32 x 8k) before the next kind's
     baseline = next(r.step_us for r in rows if r.cache == BASELINE)
     for row in rows:
-        row.x_bf16 = row.step_us / baseline if row.step_us and baseline else None
+        row.x_bf16 = ratio(row.step_us, baseline)
         row.notes = "; ".join(notes)
     return rows
 

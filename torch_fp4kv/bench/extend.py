@@ -15,12 +15,12 @@ import torch
 from ..ops.paged_kv import PagedKV
 from ..testing.paged import (FLASHINFER_NVFP4_RECIPES, flashinfer_nvfp4_attention, flashinfer_paged_attention,
                              global_scales, random_cache, shuffled_page_table)
-from .common import cell, has_flashinfer, timer, try_time, us
+from .common import PeerRatios, cell, has_flashinfer, ratio, timer, try_time, us
 from .shapes import MODEL_SHAPES, DecodeShape, attention_shape, shape_label
 
 
 @dataclass
-class ExtendRow:
+class ExtendRow(PeerRatios):
     """Several new tokens per sequence over a cached prefix (fp4kv.extend_attention), beside
     dequantizing the whole FP4 context first and FlashInfer's paged prefill on BF16 and FP8 caches.
     Times in us; None where that kernel could not run here (notes says why)."""
@@ -46,15 +46,7 @@ class ExtendRow:
 
     @property
     def x_bf16(self) -> float | None:
-        return self.fp4_us / self.best_bf16_us if self.best_bf16_us else None
-
-    @property
-    def x_fp8(self) -> float | None:
-        return self.fp4_us / self.flashinfer_fp8_us if self.flashinfer_fp8_us else None
-
-    @property
-    def x_flashinfer_nvfp4(self) -> float | None:
-        return self.fp4_us / self.flashinfer_nvfp4_us if self.flashinfer_nvfp4_us else None
+        return ratio(self.fp4_us, self.best_bf16_us)
 
 
 class ExtendCase(NamedTuple):
