@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_shared import key_columns, key_pair, paged_rows, split_lse
+from .attention_shared import context_len, key_columns, key_pair, paged_rows, split_lse
 from .formats import Element, KVRecipe
 from .paged_kv import PagedKV
 from .triton_codes import block_scales, decode_packed, tile_dtype
@@ -249,3 +249,25 @@ def segment_tile(cu_ptr, batch, tokens, tile, ROWS_PER_TOKEN: tl.constexpr, BLOC
     segment_start = _pick(lo, lanes, segment)
     first_row = segment_start * ROWS_PER_TOKEN + (tile - _pick(tiles_end - tiles, lanes, segment)) * BLOCK
     return segment, segment_start, first_row, _pick(hi, lanes, segment) * ROWS_PER_TOKEN
+
+
+@triton.jit
+def segment_sequence(segment, cu_ptr, seq_lens_ptr, batch, max_pages, PAGE: tl.constexpr):
+    """An extend kernel's segment (segment_tile) as a sequence: (whether it is one, its index, safe
+    to load with when it is not, the position of token 0 in it, the positions it attends). Token t
+    of sequence b sits at position seq_lens[b] - cu_seqlens_q[b + 1] + t; a segment that is no
+    sequence has no positions."""
+    is_sequence = (segment >= 1) & (segment <= batch)
+    b_safe = tl.where(is_sequence, segment - 1, 0)
+    seq_len = tl.load(seq_lens_ptr + b_safe, mask=is_sequence, other=0)
+    diagonal = seq_len - tl.load(cu_ptr + b_safe + 1, mask=is_sequence, other=0)
+    return is_sequence, b_safe, diagonal, context_len(seq_len, max_pages, PAGE)
+
+
+@triton.jit
+def diagonal_start(start, end, query_pos, ok, BLOCK_N: tl.constexpr):
+    """Where a program's diagonal tiles begin in its split [start, end): the tiles before, whole
+    BLOCK_N tiles from `start` below every real row's query position (`ok` rows), are seen whole
+    by all of them; from there some row may not see a position another one does."""
+    first_unseen = tl.min(tl.where(ok, query_pos, end), axis=0) + 1
+    return start + tl.maximum(tl.minimum(first_unseen, end) - start, 0) // BLOCK_N * BLOCK_N

@@ -28,13 +28,12 @@ import triton
 import triton.language as tl
 
 from . import triton_prefill, triton_verify
-from .attention_shared import (MMA_MIN_SIDE, context_len, global_scales, interpreter_fp32, merge_splits,
-                               positions_per_split, sm_count, split_count, split_kernel_arguments, split_outputs,
-                               split_range)
+from .attention_shared import (MMA_MIN_SIDE, global_scales, interpreter_fp32, merge_splits, positions_per_split,
+                               sm_count, split_count, split_kernel_arguments, split_outputs, split_range)
 from .formats import KVRecipe
 from .paged_kv import PagedKV
-from .triton_attention_tiles import (NAN_GROUPS, drop_unseen_values, kernel_inputs, query_pairs, segment_tile,
-                                     store_split, tile_scores, value_tile)
+from .triton_attention_tiles import (NAN_GROUPS, diagonal_start, drop_unseen_values, kernel_inputs, query_pairs,
+                                     segment_sequence, segment_tile, store_split, tile_scores, value_tile)
 
 
 class ExtendLaunch(NamedTuple):
@@ -103,13 +102,7 @@ def _extend_split_kernel(
     split = tl.program_id(2)
 
     segment, segment_start, first_row, end_row = segment_tile(cu_ptr, batch, tokens, tile, 1, BLOCK_T, SEGMENTS_PAD)
-    b = segment - 1
-    is_sequence = (segment >= 1) & (segment <= batch)
-    b_safe = tl.where(is_sequence, b, 0)
-    seq_len = tl.load(seq_lens_ptr + b_safe, mask=is_sequence, other=0)
-    # Row t sits at position seq_len - cu_seqlens_q[b + 1] + t (a segment that is no sequence: none).
-    diagonal = seq_len - tl.load(cu_ptr + b_safe + 1, mask=is_sequence, other=0)
-    kv_len = context_len(seq_len, max_pages, PAGE)
+    is_sequence, b_safe, diagonal, kv_len = segment_sequence(segment, cu_ptr, seq_lens_ptr, batch, max_pages, PAGE)
 
     M: tl.constexpr = BLOCK_T * GROUP_PAD
     col = tl.arange(0, M)
@@ -131,15 +124,14 @@ def _extend_split_kernel(
     # Tiles below every column's query position are seen whole by all of them; from the first tile
     # that reaches one, some column may not see a position another one does (the diagonal: one or
     # two tiles a program, run unpipelined so the main loop keeps its registers and stages).
-    first_unseen = tl.min(tl.where(col_ok & is_sequence, query_pos, kv_end), axis=0) + 1
-    diagonal_start = start + tl.maximum(tl.minimum(first_unseen, end) - start, 0) // BLOCK_N * BLOCK_N
-    for n0 in range(start, diagonal_start, BLOCK_N):
+    first_diagonal = diagonal_start(start, end, query_pos, col_ok & is_sequence, BLOCK_N)
+    for n0 in range(start, first_diagonal, BLOCK_N):
         m, l, acc, _ = _attend_tile(
             n0, end, query_pos, q_even, q_odd, score_scale, m, l, acc, 0.0, k_data_ptr, k_scales_ptr, v_data_ptr,
             v_scales_ptr, block_table_ptr, b_safe, max_pages, num_pages, kv_head, D, BS, PAGE, HKV, E4M3_SCALES,
             BLOCK_N, FP32_TILES, HW_FP8, K_FP8, dtype, False)
     seen = tl.zeros([NAN_GROUPS, M], tl.float32)  # NaN values each column sees (drop_unseen_values)
-    for n0 in tl.range(diagonal_start, end, BLOCK_N, num_stages=1):
+    for n0 in tl.range(first_diagonal, end, BLOCK_N, num_stages=1):
         m, l, acc, seen = _attend_tile(
             n0, end, query_pos, q_even, q_odd, score_scale, m, l, acc, seen, k_data_ptr, k_scales_ptr, v_data_ptr,
             v_scales_ptr, block_table_ptr, b_safe, max_pages, num_pages, kv_head, D, BS, PAGE, HKV, E4M3_SCALES,

@@ -22,12 +22,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_shared import (context_len, global_scales, merge_splits, paged_rows, positions_per_split, sm_count,
-                               split_count, split_kernel_arguments, split_outputs, split_range)
+from .attention_shared import (global_scales, merge_splits, paged_rows, positions_per_split, sm_count, split_count,
+                               split_kernel_arguments, split_outputs, split_range)
 from .formats import KVRecipe
 from .paged_kv import PagedKV
-from .triton_attention_tiles import (NAN_GROUPS, drop_unseen_values, kernel_inputs, key_rows, segment_tile,
-                                     store_split, value_tile)
+from .triton_attention_tiles import (NAN_GROUPS, diagonal_start, drop_unseen_values, kernel_inputs, key_rows,
+                                     segment_sequence, segment_tile, store_split, value_tile)
 
 
 class PrefillLaunch(NamedTuple):
@@ -105,13 +105,7 @@ def _prefill_kernel(
     split = tl.program_id(2)
     tile_rows = segment_tile(cu_ptr, batch, tokens, tile, GROUP, BLOCK_M, SEGMENTS_PAD)
     segment, first_row, end_row = tile_rows[0], tile_rows[2], tile_rows[3]
-    b = segment - 1
-    is_sequence = (segment >= 1) & (segment <= batch)
-    b_safe = tl.where(is_sequence, b, 0)
-    seq_len = tl.load(seq_lens_ptr + b_safe, mask=is_sequence, other=0)
-    # Token t sits at position seq_len - cu_seqlens_q[b + 1] + t (a segment that is no sequence: none).
-    diagonal = seq_len - tl.load(cu_ptr + b_safe + 1, mask=is_sequence, other=0)
-    kv_len = context_len(seq_len, max_pages, PAGE)
+    is_sequence, b_safe, diagonal, kv_len = segment_sequence(segment, cu_ptr, seq_lens_ptr, batch, max_pages, PAGE)
 
     row = first_row + tl.arange(0, BLOCK_M)
     token = row // GROUP
@@ -126,16 +120,14 @@ def _prefill_kernel(
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    # Tiles below every row's query position are seen whole by all of them (see triton_extend).
-    first_unseen = tl.min(tl.where(ok & is_sequence, query_pos, kv_end), axis=0) + 1
-    diagonal_start = start + tl.maximum(tl.minimum(first_unseen, end) - start, 0) // BLOCK_N * BLOCK_N
-    for n0 in range(start, diagonal_start, BLOCK_N):
+    first_diagonal = diagonal_start(start, end, query_pos, ok & is_sequence, BLOCK_N)
+    for n0 in range(start, first_diagonal, BLOCK_N):
         m, l, acc, _ = _prefill_tile(
             n0, end, query_pos, q, score_scale, m, l, acc, 0.0, k_data_ptr, k_scales_ptr, v_data_ptr, v_scales_ptr,
             block_table_ptr, b_safe, max_pages, num_pages, kv_head, D, BS, PAGE, HKV, E4M3_SCALES, BLOCK_N,
             FP32_TILES, HW_FP8, K_FP8, dtype, False)
     seen = tl.zeros([NAN_GROUPS, BLOCK_M], tl.float32)
-    for n0 in tl.range(diagonal_start, end, BLOCK_N, num_stages=1):
+    for n0 in tl.range(first_diagonal, end, BLOCK_N, num_stages=1):
         m, l, acc, seen = _prefill_tile(
             n0, end, query_pos, q, score_scale, m, l, acc, seen, k_data_ptr, k_scales_ptr, v_data_ptr, v_scales_ptr,
             block_table_ptr, b_safe, max_pages, num_pages, kv_head, D, BS, PAGE, HKV, E4M3_SCALES, BLOCK_N,
