@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..mla_methods import LatentLayerCache
+from .llama import rope
 
 
 @dataclass(frozen=True)
@@ -48,9 +49,7 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tens
     freq = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
     angle = positions.float()[:, None] * freq  # [T, P/2]
     angle = angle.view(angle.shape[0], *([1] * (x.dim() - 2)), half)
-    cos, sin = angle.cos(), angle.sin()
-    lo, hi = x.float()[..., :half], x.float()[..., half:]
-    return torch.cat((lo * cos - hi * sin, hi * cos + lo * sin), -1).to(x.dtype)
+    return rope(x, angle.cos(), angle.sin())
 
 
 class MLADecodeLayer(nn.Module):
