@@ -177,12 +177,30 @@ CASES = [  # (new tokens per sequence, seq_lens, hq, hkv, d, page_size, padding 
 ]
 
 
+def _assert_case_matches_eager(recipe, case, force_backend):
+    """A CASES / VERIFY_CASES entry on the Triton backend against eager."""
+    new, lens, hq, hkv, d, page, padding = case
+    args = _problem(recipe, new, lens, hq, hkv, d, page, device=TRITON_DEVICE, padding=padding)
+    _assert_triton_matches_eager(args, force_backend)
+
+
+def _assert_offsets_and_strided_metadata_match(args, offsets_list, force_backend):
+    """For each cu_seqlens_q in offsets_list: Triton against eager, and strided cu_seqlens_q,
+    block_table and seq_lens giving what their contiguous copies give."""
+    q, _, k_data, k_scales, v_data, v_scales, table, lens, *rest = args
+    cache = (k_data, k_scales, v_data, v_scales)
+    for offsets in offsets_list:
+        cu = torch.tensor(offsets, dtype=torch.int32, device=q.device)
+        _assert_triton_matches_eager((q, cu, *cache, table, lens, *rest), force_backend)
+        force_backend("triton")
+        strided = torch_fp4kv.extend_attention(q, _column(cu), *cache, _column(table), _column(lens), *rest)
+        assert torch.equal(strided, torch_fp4kv.extend_attention(q, cu, *cache, table, lens, *rest))
+
+
 @pytest.mark.parametrize("recipe", RECIPES + K8_RECIPES)
 @pytest.mark.parametrize("case", CASES, ids=[f"new{sum(c[0])}-hq{c[2]}-hkv{c[3]}-d{c[4]}-page{c[5]}" for c in CASES])
 def test_triton_matches_eager(backend, recipe, case):
-    new, lens, hq, hkv, d, page, padding = case
-    args = _problem(recipe, new, lens, hq, hkv, d, page, device=TRITON_DEVICE, padding=padding)
-    _assert_triton_matches_eager(args, backend)
+    _assert_case_matches_eager(recipe, case, backend)
 
 
 def test_triton_unsorted_offsets_match_eager(backend):
@@ -303,23 +321,15 @@ VERIFY_CASES = [  # (new tokens per sequence, seq_lens, hq, hkv, d, page_size, p
 @pytest.mark.parametrize("recipe", RECIPES + K8_RECIPES)
 @pytest.mark.parametrize("case", VERIFY_CASES, ids=[f"new{c[0]}-lens{c[1]}-page{c[5]}" for c in VERIFY_CASES])
 def test_verify_route_matches_eager(backend, verify_route, recipe, case):
-    new, lens, hq, hkv, d, page, padding = case
-    args = _problem(recipe, new, lens, hq, hkv, d, page, device=TRITON_DEVICE, padding=padding)
-    _assert_triton_matches_eager(args, backend)
+    _assert_case_matches_eager(recipe, case, backend)
 
 
 def test_verify_route_with_unsorted_offsets_and_engine_made_metadata(backend, verify_route):
-    q, cu, k_data, k_scales, v_data, v_scales, table, lens, *rest = _problem("nvfp4", [3, 3, 3], [20, 30, 2],
-                                                                             device=TRITON_DEVICE, padding=3)
-    table = table.clone()
-    table[1, 0] = -1
-    cache = (k_data, k_scales, v_data, v_scales)
-    for offsets in ([0, 3, 6, 9], [0, 6, 3, 9], [-4, 2, 40, 5], [2, 2, 2, 2]):
-        cu = torch.tensor(offsets, dtype=torch.int32, device=q.device)
-        _assert_triton_matches_eager((q, cu, *cache, table, lens, *rest), backend)
-        backend("triton")
-        strided = torch_fp4kv.extend_attention(q, _column(cu), *cache, _column(table), _column(lens), *rest)
-        assert torch.equal(strided, torch_fp4kv.extend_attention(q, cu, *cache, table, lens, *rest))
+    args = list(_problem("nvfp4", [3, 3, 3], [20, 30, 2], device=TRITON_DEVICE, padding=3))
+    args[6] = args[6].clone()  # the page table
+    args[6][1, 0] = -1
+    _assert_offsets_and_strided_metadata_match(args, ([0, 3, 6, 9], [0, 6, 3, 9], [-4, 2, 40, 5], [2, 2, 2, 2]),
+                                               backend)
 
 
 def test_verify_route_is_taken_from_shapes_where_the_hopper_decode_serves():
@@ -348,24 +358,16 @@ def prefill_kernel(request, monkeypatch):
 @pytest.mark.parametrize("recipe", RECIPES + K8_RECIPES)
 @pytest.mark.parametrize("case", CASES, ids=[f"new{sum(c[0])}-hq{c[2]}-hkv{c[3]}-d{c[4]}-page{c[5]}" for c in CASES])
 def test_prefill_kernel_matches_eager(backend, prefill_kernel, recipe, case):
-    new, lens, hq, hkv, d, page, padding = case
-    args = _problem(recipe, new, lens, hq, hkv, d, page, device=TRITON_DEVICE, padding=padding)
-    _assert_triton_matches_eager(args, backend)
+    _assert_case_matches_eager(recipe, case, backend)
 
 
 def test_prefill_kernel_with_unsorted_offsets_and_engine_made_metadata(backend, prefill_kernel):
-    q, cu, k_data, k_scales, v_data, v_scales, table, lens, *rest = _problem("nvfp4", [30, 17, 2], [40, 60, 2],
-                                                                             device=TRITON_DEVICE, padding=3)
-    table = table.clone()
-    table[1, 0] = -1
-    table[0, 1] = 2**31 - 1
-    cache = (k_data, k_scales, v_data, v_scales)
-    for offsets in ([0, 30, 47, 49], [0, 20, 9, 49], [-4, 2, 40, 5], [2, 2, 2, 2]):
-        cu = torch.tensor(offsets, dtype=torch.int32, device=q.device)
-        _assert_triton_matches_eager((q, cu, *cache, table, lens, *rest), backend)
-        backend("triton")
-        strided = torch_fp4kv.extend_attention(q, _column(cu), *cache, _column(table), _column(lens), *rest)
-        assert torch.equal(strided, torch_fp4kv.extend_attention(q, cu, *cache, table, lens, *rest))
+    args = list(_problem("nvfp4", [30, 17, 2], [40, 60, 2], device=TRITON_DEVICE, padding=3))
+    args[6] = args[6].clone()  # the page table
+    args[6][1, 0] = -1
+    args[6][0, 1] = 2**31 - 1
+    _assert_offsets_and_strided_metadata_match(
+        args, ([0, 30, 47, 49], [0, 20, 9, 49], [-4, 2, 40, 5], [2, 2, 2, 2]), backend)
 
 
 @settings(max_examples=8, deadline=None)
