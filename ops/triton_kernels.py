@@ -39,8 +39,14 @@ class Launch(NamedTuple):
 
 
 # Launch shapes: of the shapes swept at D=128, the one close to the fastest for every recipe, op
-# and output dtype at once (docs/performance.md).
-QUANTIZE_LAUNCH = Launch(elements=1024, num_warps=1)
+# and output dtype at once (docs/performance.md). Quantize by the format's scale choice: a block
+# rounded under two scales (4/6) holds twice the live values, so it takes one block per thread
+# (1024 elements over 2 warps: 80 registers at sm_90) rather than two (168 registers, half the
+# warps an SM can hold).
+QUANTIZE_LAUNCH = {
+    ScaleChoice.RULE: Launch(elements=1024, num_warps=1),
+    ScaleChoice.SMALLER_ERROR_OF_AMAX_OVER_6_AND_4: Launch(elements=1024, num_warps=2),
+}
 DEQUANTIZE_LAUNCH = Launch(elements=4096, num_warps=4)
 # The duplicate-slot rule (slots.py: the last token naming a slot wins) inside the quantize kernel:
 # stores of at most MAX_TOKENS_DEDUPLICATED_IN_KERNEL tokens compare each token's slot with every
@@ -456,7 +462,8 @@ def _launch_quantize(k, v, k_data, v_data, k_scales, v_scales, k_g, v_g, loc, fm
         duplicates = COMPARE_LATER_TOKENS
     elif loc is not None:
         duplicates, last_token = CLAIMED_SLOTS, _claim_slots(loc, t, num_slots)
-    rows = _rows_per_program(QUANTIZE_LAUNCH.elements, d)
+    launch = QUANTIZE_LAUNCH[fmt.scale_choice]
+    rows = _rows_per_program(launch.elements, d)
     n_rows = t * h
     with_v = v is not None
     if not with_v:
@@ -471,7 +478,7 @@ def _launch_quantize(k, v, k_data, v_data, k_scales, v_scales, k_g, v_g, loc, fm
         D=d, BS=fmt.block_size, SCALE_RULE=int(fmt.scale_rule), SCALE_CHOICE=int(fmt.scale_choice),
         TIES_AWAY=fmt.ties_away, SCALE_NAN_BYTE=fmt.scale_nan_byte, HAS_G=has_g, SCATTER=loc is not None,
         DUPLICATES=duplicates, ROWS=rows, IN_KIND=_IN_KINDS[k.dtype][0], WITH_V=with_v,
-        num_warps=QUANTIZE_LAUNCH.num_warps, maxnreg=QUANTIZE_LAUNCH.max_registers,
+        num_warps=launch.num_warps, maxnreg=launch.max_registers,
         # A chosen scale compares float32 errors that must round as eager's: no mul-add fused.
         enable_fp_fusion=fmt.scale_choice is ScaleChoice.RULE,
     )
