@@ -78,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--head-dim", type=int, default=128, help="elements per head")
     parser.add_argument("--recipes", nargs="+", default=sorted(FORMATS), choices=sorted(FORMATS), help="formats to time")
     parser.add_argument("--quantize", action=argparse.BooleanOptionalAction, default=True,
-                        help="time the quantizing ops at --tokens on --backends (on by default)")
+                        help="time the quantizing ops at --tokens on --backends")
     parser.add_argument("--out-dtype", default="bfloat16", choices=sorted(_OUT_DTYPES),
                         help="what dequantize and gather_dequantize write")
     parser.add_argument("--backends", nargs="+", default=argparse.SUPPRESS, choices=[b.value for b in Backend],
@@ -111,7 +111,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--mla", action=argparse.BooleanOptionalAction, default=True,
                         help="time MLA decode at DeepSeek-V3's shapes (128 query heads, latent 512 + rope 64, page "
                              "64) on an FP4 latent cache of each --recipes format, beside FlashInfer's MLA decode over "
-                             "BF16 and FP8 latent caches (on by default)")
+                             "BF16 and FP8 latent caches")
     parser.add_argument("--mla-cases", type=parse_mla_case, nargs="+", default=argparse.SUPPRESS,
                         metavar="BATCHxCONTEXT",
                         help="the decodes --mla times: BATCH sequences of CONTEXT cached tokens, e.g. "
