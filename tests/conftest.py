@@ -71,9 +71,11 @@ def backend(monkeypatch):
 @pytest.fixture
 def fake_flashinfer(monkeypatch):
     """A stand-in `flashinfer` module with the paged wrappers as far as torch_fp4kv.testing.paged
-    uses them: `.calls` records each wrapper's ("init", class name, layout, kwargs), ("plan", args,
-    kwargs) and ("run", q, cache, kwargs); run gives a copy of q back; plan raises for a
-    kv_data_type put in `.rejects`."""
+    uses them, and the MLA one (flashinfer.mla) as far as torch_fp4kv.bench.mla does: `.calls`
+    records each wrapper's ("init", class name, layout (None for MLA), kwargs), ("plan", args,
+    kwargs) and ("run", q, cache, kwargs); run gives a copy of q (MLA: of q_nope) back; plan raises
+    for a kv_data_type, or an MLA backend, put in `.rejects`. MLAPlanMetadata.csr gives its
+    keyword arguments back as a dict."""
     calls: list = []
     rejects: set = set()
 
@@ -90,8 +92,25 @@ def fake_flashinfer(monkeypatch):
             calls.append(("run", q, cache, kwargs))
             return q.clone()
 
+    class MLA:
+        def __init__(self, workspace, backend="auto"):
+            self.backend = backend
+            calls.append(("init", "MLA", None, {"backend": backend}))
+
+        def plan(self, **kwargs):
+            for rejected in (kwargs["kv_data_type"], self.backend):
+                if rejected in rejects:
+                    raise RuntimeError(f"the stand-in rejects {rejected}")
+            calls.append(("plan", (), kwargs))
+
+        def run(self, *, query, kv_cache, **kwargs):
+            calls.append(("run", query, kv_cache, kwargs))
+            return query[0].clone()
+
+    mla = types.SimpleNamespace(BatchMLAPagedAttentionWrapper=MLA,
+                                MLAPlanMetadata=types.SimpleNamespace(csr=lambda **metadata: metadata))
     module = types.SimpleNamespace(BatchDecodeWithPagedKVCacheWrapper=type("Decode", (Wrapper,), {}),
                                    BatchPrefillWithPagedKVCacheWrapper=type("Prefill", (Wrapper,), {}),
-                                   calls=calls, rejects=rejects)
+                                   mla=mla, calls=calls, rejects=rejects)
     monkeypatch.setitem(sys.modules, "flashinfer", module)
     return module

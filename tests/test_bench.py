@@ -1,19 +1,23 @@
-"""The benchmark's FlashInfer columns and its end-to-end family, on CPU: FlashInfer is conftest's
-stand-in (its wrappers' signatures, q given back), so what runs here is our side of each call
-(plans, cache views, stores, the model's swapped caches), not FlashInfer's kernels."""
+"""The benchmark's FlashInfer columns, its end-to-end and MLA families, on CPU: FlashInfer is
+conftest's stand-in (its wrappers' signatures, q given back), so what runs here is our side of each
+call (plans, cache views, stores, the model's swapped caches), not FlashInfer's kernels."""
 
 import argparse
+import json
+import re
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from torch_fp4kv.bench import cli, decode, e2e, extend
+from torch_fp4kv.bench import cli, decode, e2e, extend, mla
 from torch_fp4kv.bench.extend import ExtendCase, parse_extend_case
+from torch_fp4kv.bench.mla import FLASHINFER_BACKENDS, MLACase, parse_mla_case
 from torch_fp4kv.bench.shapes import MODEL_SHAPES
 from torch_fp4kv.bench.step_caches import CACHE_KINDS, OurFP4Attention, plan_step
 from torch_fp4kv.testing.llama import make_caches, swap_caches, use_fused_decode
+from torch_fp4kv.testing.paged import shuffled_page_table
 
 KIND = {kind.name: kind for kind in CACHE_KINDS}
 CPU = torch.device("cpu")
@@ -22,7 +26,7 @@ CPU = torch.device("cpu")
 @pytest.fixture
 def flashinfer_here(fake_flashinfer, monkeypatch):
     """The bench's families see FlashInfer (the stand-in) on CPU."""
-    for family in (decode, extend, e2e):
+    for family in (decode, extend, e2e, mla):
         monkeypatch.setattr(family, "has_flashinfer", lambda device: True)
     return fake_flashinfer
 
@@ -86,6 +90,8 @@ def test_gpu_defaults_run_issue_26s_cases_and_the_end_to_end_family():
     assert (gpu.e2e, gpu.e2e_model, [str(s) for s in gpu.e2e_steps]) == (True, "llama3-8b", ["32x8192+1", "8x8192+512"])
     assert (cpu.e2e, cpu.e2e_model) == (False, "tiny") and cli.parse_args(["--device", "cpu", "--e2e"]).e2e is True
     assert MODEL_SHAPES["qwen2.5-7b"][0] == (28, 4, 128, 1)
+    assert (gpu.mla, [str(c) for c in gpu.mla_cases]) == (True, ["64x4096", "32x16384", "8x65536"])  # issue 28's
+    assert (cpu.mla, cpu.mla_cases) == (True, [MLACase(2, 128)]) and cli.parse_args(["--no-mla"]).mla is False
 
 
 def test_an_end_to_end_step_takes_no_shape():
@@ -195,3 +201,94 @@ def test_largest_batch_is_the_most_sequences_that_fit(free, length, layers, byte
     batch = e2e.largest_batch(free, length, layers, bytes_per_token)
     per_sequence = length * layers * bytes_per_token
     assert batch * per_sequence <= free < (batch + 1) * per_sequence
+
+
+# ---- the MLA family ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["64x4096", "8x65536", "1x1"])
+def test_mla_cases_parse(text):
+    assert str(parse_mla_case(text)) == text
+
+
+@pytest.mark.parametrize("text", ["64", "64x", "0x4096", "64x0", "2x8+1", "axb"])
+def test_a_bad_mla_case_is_refused(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_mla_case(text)
+
+
+@pytest.mark.parametrize("seconds, best", [
+    ({"fa3": 2.0, "fa2": 3.0}, ("fa3", 2.0)),
+    ({"fa3": None, "fa2": 3.0}, ("fa2", 3.0)),
+    ({"fa3": 4.0, "fa2": 3.0}, ("fa2", 3.0)),
+    ({"fa3": None, "fa2": None}, (None, None)),
+])
+def test_the_flashinfer_peer_is_its_fastest_backend_that_ran(seconds, best):
+    assert mla.fastest(seconds) == best
+
+
+def test_mla_rows_beside_flashinfers_bf16_and_fp8_mla_on_the_same_pages(flashinfer_here, monkeypatch):
+    tables, caches = [], []  # every page table the case made, every FP4 cache it timed
+    monkeypatch.setattr(mla, "shuffled_page_table", lambda *a: tables.append(shuffled_page_table(*a)) or tables[-1])
+    fp4_cache = mla._fp4_cache
+    monkeypatch.setattr(mla, "_fp4_cache", lambda *a: caches.append(fp4_cache(*a)) or caches[-1])
+    rows = mla.run_mla([MLACase(2, 100)], ["nvfp4", "mxfp4"], CPU)
+    (table,) = tables
+    assert sorted(table.flatten().tolist()) == [0, 1, 2, 3] and all(c.block_table is table for c in caches)
+    assert [(r.recipe, r.batch, r.context, r.bytes_per_token) for r in rows] == [
+        ("nvfp4", 2, 100, 352), ("mxfp4", 2, 100, 336)]
+    for r in rows:
+        assert r.x_bf16_bytes == r.bytes_per_token / 1152 <= 0.33
+        assert r.fp4_gb_per_s == pytest.approx(2 * 100 * r.bytes_per_token / r.fp4_us / 1e3)
+        assert r.bf16_backend in FLASHINFER_BACKENDS and r.fp8_backend in FLASHINFER_BACKENDS
+        assert r.x_bf16 == pytest.approx(r.fp4_us / r.bf16_us)
+        assert r.x_fp8 == pytest.approx(r.fp4_us / r.flashinfer_fp8_us)
+    assert [c[3]["backend"] for c in flashinfer_here.calls if c[0] == "init"] == [*FLASHINFER_BACKENDS] * 2
+    plans = [c[2] for c in flashinfer_here.calls if c[0] == "plan"]
+    assert [p["kv_data_type"] for p in plans] == [torch.bfloat16] * 2 + [torch.float8_e4m3fn] * 2
+    for p in plans:  # DeepSeek-V3's MLA, 100 tokens on 2 pages of 64 each
+        shape = (p["num_heads"], p["head_dim_ckv"], p["head_dim_kpe"], p["page_size"], p["causal"])
+        assert shape == (128, 512, 64, 64, False)
+        assert p["sm_scale"] == pytest.approx(192 ** -0.5) and p["q_data_type"] == torch.bfloat16
+        metadata = p["metadata"]
+        assert metadata["kv_indptr"].tolist() == [0, 2, 4] and metadata["kv_len_arr"].tolist() == [100, 100]
+        assert metadata["kv_indices"].tolist() == table.flatten().tolist()
+        assert metadata["qo_indptr"].tolist() == [0, 1, 2]
+    runs = [c for c in flashinfer_here.calls if c[0] == "run"]
+    assert runs, "the stand-in's run was timed"
+    for _, (q_nope, q_pe), (ckv, kpe), kwargs in runs:
+        assert q_nope.shape == (2, 128, 512) and q_pe.shape == (2, 128, 64)
+        assert ckv.shape == (4, 64, 512) and kpe.shape == (4, 64, 64) and ckv.dtype == kpe.dtype
+        assert ("ckv_scale" in kwargs and "kpe_scale" in kwargs) == (ckv.dtype == torch.float8_e4m3fn)
+
+
+def test_what_flashinfer_rejects_is_na_with_its_reason(flashinfer_here, capsys):
+    flashinfer_here.rejects.update({"fa3", torch.float8_e4m3fn})
+    (row,) = mla.run_mla([MLACase(1, 64)], ["nvfp4"], CPU)
+    assert (row.bf16_backend, row.flashinfer_fp8_us, row.fp8_backend, row.x_fp8) == ("fa2", None, None, None)
+    assert row.bf16_us > 0 and row.x_bf16 > 0
+    mla.print_mla_table([row])
+    out = capsys.readouterr().out
+    # BF16 on fa2, FP8 n/a: its ratio "-"
+    row_line = r"^1x64\s+nvfp4\s+[\d.]+\s+\d+\s+352\s+0\.306\s+[\d.]+ \(fa2\)\s+n/a\s+[\d.]+\s+-$"
+    assert re.search(row_line, out, re.M), out
+    for reason in ("FlashInfer MLA bfloat16 fa3: RuntimeError: the stand-in rejects fa3",
+                   "FlashInfer MLA float8_e4m3fn fa3: RuntimeError", "FlashInfer MLA float8_e4m3fn fa2: RuntimeError"):
+        assert reason in out
+
+
+def test_the_cli_runs_the_mla_family_alone(tmp_path, capsys):
+    """Every other family off (as .gpu scripts run it); on CPU the eager kernel and no FlashInfer."""
+    path = tmp_path / "bench.json"
+    cli.main(["--device", "cpu", "--no-quantize", "--decode-batches", "--extend-cases", "--mla-cases", "1x64",
+              "--recipes", "nvfp4", "--json", str(path)])
+    out = capsys.readouterr().out
+    report = json.loads(path.read_text())
+    assert [report[k] for k in ("rows", "decode_rows", "extend_rows", "e2e_rows")] == [[]] * 4
+    (row,) = report["mla_rows"]
+    assert (row["recipe"], row["batch"], row["context"], row["bytes_per_token"]) == ("nvfp4", 1, 64, 352)
+    assert row["fp4_us"] > 0 and row["x_bf16_bytes"] == pytest.approx(352 / 1152)
+    assert [row[k] for k in ("bf16_us", "bf16_backend", "flashinfer_fp8_us", "x_bf16", "x_fp8")] == [None] * 5
+    assert "they are not performance figures" in out and "inputs bfloat16" not in out
+    assert re.search(r"^1x64\s+nvfp4\s+[\d.]+\s+\d+\s+352\s+0\.306\s+n/a\s+n/a\s+-\s+-$", out, re.M), out
+    assert "could not run: FlashInfer does not run here" in out

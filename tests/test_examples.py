@@ -111,6 +111,8 @@ def test_bench_table_and_json(tmp_path):
     assert re.search(r"^2x48\+3\s+nvfp4\s+[\d.]+\s+[\d.]+\s+-", out, re.M), out
     assert re.search(r"^1x16\+2@gemma3\s+nvfp4\s+[\d.]+\s+[\d.]+(\s+-){7}$", out, re.M), out
     assert report["e2e_rows"] == [] and "end-to-end step" not in out  # off on CPU unless asked
+    assert [(r["recipe"], r["batch"], r["context"]) for r in report["mla_rows"]] == [  # on: the tiny case
+        (recipe, 2, 128) for recipe in RECIPES]
 
 
 def test_bench_end_to_end_family_on_cpu(tmp_path):

@@ -12,6 +12,10 @@ import torch
 from ..ops import Backend
 from ..ops.backends import unavailable_reason
 
+CPU_NOTE = ("On CPU the ops run their reference kernels (eager PyTorch, or Triton's interpreter), so these "
+            "times only show that everything runs: they are not performance figures, and no ratios to copy "
+            "bandwidth or FlashInfer are given. Run the bench on a GPU.")
+
 
 def timer(device: torch.device) -> Callable[[Callable], float]:
     """Median seconds of fn(). On a GPU, replays of a CUDA graph of fn (triton's
@@ -72,13 +76,18 @@ def ratio(time_us: float | None, peer_us: float | None) -> float | None:
     return time_us / peer_us if time_us and peer_us else None
 
 
-class PeerRatios:
-    """The ratios every attention row (fp4_us, flashinfer_fp8_us, flashinfer_nvfp4_us) prints
-    beside its BF16 one: our FP4 time over FlashInfer FP8's and over its own NVFP4-KV path's."""
+class FP8Ratio:
+    """The ratio every attention row (fp4_us, flashinfer_fp8_us) prints beside its BF16 one: our
+    FP4 time over FlashInfer FP8's on the same shape."""
 
     @property
     def x_fp8(self) -> float | None:
         return ratio(self.fp4_us, self.flashinfer_fp8_us)
+
+
+class PeerRatios(FP8Ratio):
+    """FP8Ratio and, for rows with a flashinfer_nvfp4_us (MHA decode and extend), our FP4 time
+    over FlashInfer's own NVFP4-KV path's."""
 
     @property
     def x_flashinfer_nvfp4(self) -> float | None:

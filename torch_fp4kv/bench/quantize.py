@@ -13,10 +13,6 @@ from ..ops import Backend, get_format
 from ..ops.backends import forced_backend, unavailable_reason
 from .common import copy_bandwidth, timer
 
-CPU_NOTE = ("On CPU the ops run their reference kernels (eager PyTorch, or Triton's interpreter), so these "
-            "times only show that everything runs: they are not performance figures, and no ratios to copy "
-            "bandwidth or FlashInfer are given. Run the bench on a GPU.")
-
 
 @dataclass
 class Row:
@@ -95,11 +91,9 @@ def run(tokens: int, heads: int, head_dim: int, recipes, backends, device: torch
     return copy_gbs, rows
 
 
-def print_table(device_name: str, copy_gbs: float | None, rows: list[Row], out_dtype: str) -> None:
-    if copy_gbs is None:
-        print(f"device: {device_name}. {CPU_NOTE}")
-    else:
-        print(f"device: {device_name}; device-to-device copy: {copy_gbs:.0f} GB/s (read + write)")
+def print_table(copy_gbs: float | None, rows: list[Row], out_dtype: str) -> None:
+    if copy_gbs is not None:
+        print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)")
     print(f"inputs bfloat16; dequantize and gather_dequantize write {out_dtype}")
     print(f"{'op':<19}{'recipe':<14}{'backend':<11}{'shape':<16}{'time us':>10}{'GB/s':>9}{'x copy':>8}{'x FlashInfer':>14}")
     for r in rows:
@@ -109,6 +103,9 @@ def print_table(device_name: str, copy_gbs: float | None, rows: list[Row], out_d
 
 
 def plot(rows: list[Row], path: str) -> None:
+    if not rows:
+        print(f"no quantizing-op rows (--no-quantize); no plot written to {path}")
+        return
     if any(r.x_copy is None for r in rows):
         print(f"no copy bandwidth measured on this device (only on a GPU); no plot written to {path}")
         return
