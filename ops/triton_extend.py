@@ -101,7 +101,8 @@ def _extend_split_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
-    segment, segment_start, first_row, end_row = segment_tile(cu_ptr, batch, tokens, tile, 1, BLOCK_T, SEGMENTS_PAD)
+    segment, segment_start, first_row, end_row = segment_tile(cu_ptr, batch, tokens, tile, 1, BLOCK_T,
+                                                              tl.arange(0, SEGMENTS_PAD))
     is_sequence, b_safe, diagonal, kv_len = segment_sequence(segment, cu_ptr, seq_lens_ptr, batch, max_pages, PAGE)
 
     M: tl.constexpr = BLOCK_T * GROUP_PAD
