@@ -9,18 +9,17 @@ stalls on. Here each layout is chosen by hand:
 - keys are read so that each thread holds the bytes of its own wgmma A fragment and are decoded
   straight into the registers the tensor cores read (scores = K q^T, positions on the long side);
 - values are decoded once into shared memory, where wgmma reads V^T itself (out^T = V^T p),
-  while the tensor cores compute the tile's scores;
-- NVFP4 codes decode through FP8: a code's bits placed in an E4M3 byte give its value / 2^6
-  exactly (the subnormal 0.5 too), SM89's cvt turns two of them into fp16, and one packed
-  multiply by scale * 2^6 applies the block scale. E8M0 recipes use the bf16 decode of the
-  Triton kernels (triton_codes).
+  while the tensor cores compute the tile's scores.
+
+The copies and the decode (NVFP4 through FP8 conversions, E8M0 through the Triton kernels' bf16
+decode) are gluon_tiles'.
 
 Tiles are 64 positions, so three to five programs share an SM. It serves head_dim 64 and 128 (not
 MXFP4 at 64) with up to 16 query heads per KV head (padded to 8 or 16, a wgmma tile's side);
 other shapes and GPUs run the Triton kernel (decode.py chooses). The rules both kernels must agree
 on (split sizes, the page table, key order, global scales, partial outputs and their merge) are
 attention_shared's @triton.jit functions, which this kernel calls as they are. It runs with Triton
-3.6 and 3.9, whose Gluon renamed two builtins (the aliases below).
+3.6 and 3.9.
 """
 
 from __future__ import annotations
@@ -35,14 +34,12 @@ from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_
                                                            warpgroup_mma_wait)
 
 from .attention_shared import (context_len, global_scales, key_columns, key_pair, launch_splits, merge_splits,
-                               paged_rows, positions_per_split, sm_count, split_kernel_arguments, split_lse,
+                               positions_per_split, sm_count, split_kernel_arguments, split_lse,
                                split_outputs, split_range)
 from .formats import KVRecipe
+from .gluon_tiles import barrier, byte_basis, decode_tile, log2_int, row_bytes_layout, stage_tile
 from .paged_kv import PagedKV
-from .triton_codes import E8M0_DECODE_PTX, block_scales, tile_dtype
-
-async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
-barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+from .triton_codes import tile_dtype
 
 HEAD_DIMS = (64, 128)
 MAX_GROUP = 16  # query heads per KV head
@@ -63,36 +60,6 @@ MAX_SPLITS = 32
 _NUM_WARPS = gl.constexpr(4)  # one warpgroup: the wgmma unit
 _MIN_GROUP_PAD = 8  # wgmma's N side: query heads are padded to a multiple of it
 
-# Operands $4: four packed bytes (eight codes); $5, $6: the block scales * 2^6 of bytes 0-1 and 2-3
-# as fp16 pairs. Results as in triton_codes._decode_ptx: $0 $1 the even codes of bytes 0-1, 2-3,
-# $2 $3 the odd ones. A code s,e1,e0,m goes to E4M3 bits s......e1e0m.. (sign to bit 7, the rest
-# to bits 4..2): E4M3's exponent bias 7 against E2M1's 1 makes it value / 2^6, and code 1 (0.5) a
-# subnormal E4M3 of the same ratio. Scaled values have at most 6 significant bits and lie in
-# [2^-10, 2688]: every step is exact in fp16.
-_NVFP4_E4M3_DECODE_PTX = gl.constexpr("""{
-.reg .b32 a, b, even, odd;
-.reg .b16 even01, even23, odd01, odd23;
-shl.b32 a, $4, 2;
-and.b32 a, a, 0x1C1C1C1C;
-shl.b32 b, $4, 4;
-and.b32 b, b, 0x80808080;
-or.b32 even, a, b;
-shr.b32 a, $4, 2;
-and.b32 a, a, 0x1C1C1C1C;
-and.b32 b, $4, 0x80808080;
-or.b32 odd, a, b;
-mov.b32 {even01, even23}, even;
-mov.b32 {odd01, odd23}, odd;
-cvt.rn.f16x2.e4m3x2 $0, even01;
-cvt.rn.f16x2.e4m3x2 $1, even23;
-cvt.rn.f16x2.e4m3x2 $2, odd01;
-cvt.rn.f16x2.e4m3x2 $3, odd23;
-mul.rn.f16x2 $0, $0, $5;
-mul.rn.f16x2 $1, $1, $6;
-mul.rn.f16x2 $2, $2, $5;
-mul.rn.f16x2 $3, $3, $6;
-}""")
-_E8M0_DECODE_PTX_GL = gl.constexpr(E8M0_DECODE_PTX.value)  # the Triton kernels' E8M0 decode
 
 
 def supported(q: torch.Tensor, kv_heads: int, fmt: KVRecipe) -> bool:
@@ -132,108 +99,15 @@ def splits_for(batch: int, kv_heads: int, max_len: int, device: torch.device) ->
 
 
 @gluon.constexpr_function
-def _bits(x):
-    return x.bit_length() - 1
-
-
-@gluon.constexpr_function
-def _byte_basis(byte, HB):
-    """Coordinates in a [rows, blocks, bytes of a block] tile of the row's byte `byte` (a power of two)."""
-    return [0, byte // HB, 0] if byte >= HB else [0, 0, byte]
-
-
-@gluon.constexpr_function
 def _key_bytes_layout(N, D, HB):
     """Packed keys [N, D/(2 HB), HB] as wgmma's A fragments need them: the thread that holds rows
     r and r + 8 of a 16-row slab (r = lane / 4, slab = warp, 64-row halves in registers) holds D/8
     adjacent bytes of each, starting at byte D/8 * (lane % 4). key_columns reorders them."""
     chunk = D // 8
-    regs = [_byte_basis(1 << b, HB) for b in range(_bits(chunk))] + [[8, 0, 0]]
-    regs += [[64 << r, 0, 0] for r in range(_bits(N // 64))]
-    lanes = [_byte_basis(chunk, HB), _byte_basis(2 * chunk, HB), [1, 0, 0], [2, 0, 0], [4, 0, 0]]
+    regs = [byte_basis(1 << b, HB) for b in range(log2_int(chunk))] + [[8, 0, 0]]
+    regs += [[64 << r, 0, 0] for r in range(log2_int(N // 64))]
+    lanes = [byte_basis(chunk, HB), byte_basis(2 * chunk, HB), [1, 0, 0], [2, 0, 0], [4, 0, 0]]
     return gl.DistributedLinearLayout(regs, lanes, [[16, 0, 0], [32, 0, 0]], [], [N, D // (2 * HB), HB])
-
-
-@gluon.constexpr_function
-def _value_bytes_layout(N, D, HB):
-    """Packed values [N, D/(2 HB), HB]: 16 adjacent bytes per thread, a row's threads adjacent."""
-    regs = [_byte_basis(1 << b, HB) for b in range(4)]
-    lanes = [_byte_basis(16 << b, HB) for b in range(_bits(D // 32))]
-    rows = 1
-    while len(lanes) < 5:
-        lanes.append([rows, 0, 0])
-        rows *= 2
-    warps = [[rows, 0, 0], [2 * rows, 0, 0]]
-    rows *= 4
-    while rows < N:
-        regs.append([rows, 0, 0])
-        rows *= 2
-    return gl.DistributedLinearLayout(regs, lanes, warps, [], [N, D // (2 * HB), HB])
-
-
-@gluon.jit
-def _gluon_block_scales(byte, E4M3_SCALES: gl.constexpr):
-    """Scale bytes -> the operand the decode multiplies by: E4M3 * 2^6 as fp16 (the codes decode to
-    value / 2^6), E8M0 as bf16."""
-    scale = block_scales(byte, E4M3_SCALES, False, True)
-    if E4M3_SCALES:
-        scale = scale * 64.0
-    return scale
-
-
-@gluon.jit
-def _decode_tile(data_smem, scales_smem, layout: gl.constexpr, D: gl.constexpr, BS: gl.constexpr,
-                 E4M3_SCALES: gl.constexpr):
-    """A staged tile (bytes [N, D/2] and scale bytes [N, D/BS] in shared memory) -> its even and
-    odd elements, [N, D/BS, BS/2] each in `layout`, exact in 16 bits."""
-    N: gl.constexpr = data_smem.shape[0]
-    packed = data_smem.reshape([N, D // BS, BS // 2]).load(layout)
-    scale = _gluon_block_scales(scales_smem.load(gl.SliceLayout(2, layout)), E4M3_SCALES)
-    scale = gl.broadcast(gl.expand_dims(scale, 2), packed)[0]
-    if E4M3_SCALES:
-        even, odd = gl.inline_asm_elementwise(_NVFP4_E4M3_DECODE_PTX, "=r,=r,=r,=r,r,r,r", [packed, scale],
-                                              dtype=(gl.float16, gl.float16), is_pure=True, pack=4)
-    else:
-        even, odd = gl.inline_asm_elementwise(_E8M0_DECODE_PTX_GL, "=r,=r,=r,=r,r,r,r", [packed, scale],
-                                              dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=4)
-    return even, odd
-
-
-@gluon.jit
-def _stage_tile(n0, end, b, kv_head, block_table_ptr, max_pages, num_pages, k_data_ptr, k_scales_ptr, v_data_ptr,
-                v_scales_ptr, stage, kd_smem, ks_smem, vd_smem, vs_smem,
-                HKV: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, PAGE: gl.constexpr, N: gl.constexpr):
-    """Start copying the K and V bytes and scales of positions [n0, n0 + N) into buffer `stage`
-    (positions from `end` on, and pages outside the cache, read as zeros: masked copies zero-fill)."""
-    NB: gl.constexpr = D // BS
-    CHUNKS: gl.constexpr = D // 32  # 16-byte copies per row
-    bytes_layout: gl.constexpr = gl.BlockedLayout([1, 16], [32 // CHUNKS, CHUNKS], [_NUM_WARPS, 1], [1, 0])
-    scales_layout: gl.constexpr = gl.BlockedLayout([1, NB], [32, 1], [_NUM_WARPS, 1], [1, 0])
-    rows = _paged_cache_rows(n0, end, b, kv_head, block_table_ptr, max_pages, num_pages, HKV, PAGE,
-                             gl.SliceLayout(1, bytes_layout), N)
-    cols = gl.arange(0, D // 2, layout=gl.SliceLayout(0, bytes_layout))
-    offsets = gl.expand_dims(rows, 1) * (D // 2) + gl.expand_dims(cols, 0)
-    mask = gl.expand_dims(rows >= 0, 1)
-    async_load(kd_smem.index(stage), k_data_ptr + offsets, mask=mask)
-    async_load(vd_smem.index(stage), v_data_ptr + offsets, mask=mask)
-    rows = _paged_cache_rows(n0, end, b, kv_head, block_table_ptr, max_pages, num_pages, HKV, PAGE,
-                             gl.SliceLayout(1, scales_layout), N)
-    cols = gl.arange(0, NB, layout=gl.SliceLayout(0, scales_layout))
-    offsets = gl.expand_dims(rows, 1) * NB + gl.expand_dims(cols, 0)
-    mask = gl.expand_dims(rows >= 0, 1)
-    async_load(ks_smem.index(stage), k_scales_ptr + offsets, mask=mask)
-    async_load(vs_smem.index(stage), v_scales_ptr + offsets, mask=mask)
-    async_copy.commit_group()
-
-
-@gluon.jit
-def _paged_cache_rows(n0, end, b, kv_head, block_table_ptr, max_pages, num_pages, HKV: gl.constexpr,
-                      PAGE: gl.constexpr, layout: gl.constexpr, N: gl.constexpr):
-    """Cache row (slot * HKV + kv_head) of positions n0 .. n0 + N - 1 (paged_rows); -1 from `end`
-    on and where the page id is outside the cache (masked copies read those as zeros)."""
-    pos = n0 + gl.arange(0, N, layout=layout)
-    in_cache, rows = paged_rows(block_table_ptr, b, max_pages, num_pages, pos, pos < end, PAGE, HKV, kv_head)
-    return gl.where(in_cache, rows, -1)
 
 
 @gluon.jit
@@ -257,15 +131,15 @@ def _decode_split_kernel(
                                                   instr_shape=[16, GROUP_PAD, 16])
     key_operand: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     key_layout: gl.constexpr = _key_bytes_layout(N, D, BS // 2)
-    value_layout: gl.constexpr = _value_bytes_layout(N, D, BS // 2)
+    value_layout: gl.constexpr = row_bytes_layout(N, D, BS // 2, _NUM_WARPS)
     raw: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
     kd_smem = gl.allocate_shared_memory(gl.uint8, [STAGES, N, D // 2], raw)
     vd_smem = gl.allocate_shared_memory(gl.uint8, [STAGES, N, D // 2], raw)
     ks_smem = gl.allocate_shared_memory(gl.uint8, [STAGES, N, D // BS], raw)
     vs_smem = gl.allocate_shared_memory(gl.uint8, [STAGES, N, D // BS], raw)
     for i in gl.static_range(STAGES - 1):
-        _stage_tile(start + i * N, end, b, kv_head, block_table_ptr, max_pages, num_pages, k_data_ptr, k_scales_ptr,
-                    v_data_ptr, v_scales_ptr, i, kd_smem, ks_smem, vd_smem, vs_smem, HKV, D, BS, PAGE, N)
+        stage_tile(start + i * N, end, b, kv_head, block_table_ptr, max_pages, num_pages, k_data_ptr, k_scales_ptr,
+                   v_data_ptr, v_scales_ptr, i, kd_smem, ks_smem, vd_smem, vs_smem, HKV, D, BS, PAGE, N)
 
     # q's even and odd elements in the keys' column order: the B operands of the two score
     # products, stored [heads, k] and read through transposed views (wgmma's plainest B layout; an
@@ -296,11 +170,11 @@ def _decode_split_kernel(
         stage = tile % STAGES
         async_copy.wait_group(STAGES - 2)
         barrier()  # every thread's copies of this tile have landed, and the buffer refilled next is free
-        _stage_tile(n0 + (STAGES - 1) * N, end, b, kv_head, block_table_ptr, max_pages, num_pages, k_data_ptr,
-                    k_scales_ptr, v_data_ptr, v_scales_ptr, (tile + STAGES - 1) % STAGES, kd_smem, ks_smem, vd_smem, vs_smem,
-                    HKV, D, BS, PAGE, N)
+        stage_tile(n0 + (STAGES - 1) * N, end, b, kv_head, block_table_ptr, max_pages, num_pages, k_data_ptr,
+                   k_scales_ptr, v_data_ptr, v_scales_ptr, (tile + STAGES - 1) % STAGES, kd_smem, ks_smem, vd_smem,
+                   vs_smem, HKV, D, BS, PAGE, N)
 
-        k_even, k_odd = _decode_tile(kd_smem.index(stage), ks_smem.index(stage), key_layout, D, BS, E4M3_SCALES)
+        k_even, k_odd = decode_tile(kd_smem.index(stage), ks_smem.index(stage), key_layout, D, BS, E4M3_SCALES)
         # The same registers: the compiler checks that no data moves (assert_trivial).
         k_even = gl.convert_layout(key_columns(k_even, D), key_operand, assert_trivial=True)
         k_odd = gl.convert_layout(key_columns(k_odd, D), key_operand, assert_trivial=True)
@@ -308,7 +182,7 @@ def _decode_split_kernel(
         scores = warpgroup_mma(k_even, q_even.permute((1, 0)), zeros, use_acc=False, is_async=True)
         scores = warpgroup_mma(k_odd, q_odd.permute((1, 0)), scores, is_async=True)
         # The values decode while the tensor cores compute the scores (whose key registers stay live).
-        v_even, v_odd = _decode_tile(vd_smem.index(stage), vs_smem.index(stage), value_layout, D, BS, E4M3_SCALES)
+        v_even, v_odd = decode_tile(vd_smem.index(stage), vs_smem.index(stage), value_layout, D, BS, E4M3_SCALES)
         v = gl.reshape(gl.join(gl.reshape(v_even, [N, D // 2]), gl.reshape(v_odd, [N, D // 2])), [N, D])
         scores = warpgroup_mma_wait(num_outstanding=0, deps=(scores, k_even, k_odd))[0]
         pos = n0 + gl.arange(0, N, layout=gl.SliceLayout(1, mma))

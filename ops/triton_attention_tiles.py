@@ -231,16 +231,15 @@ def _pick(values, lanes, lane):
 
 
 @triton.jit
-def segment_tile(cu_ptr, batch, tokens, tile, ROWS_PER_TOKEN: tl.constexpr, BLOCK: tl.constexpr,
-                 SEGMENTS_PAD: tl.constexpr):
+def segment_tile(cu_ptr, batch, tokens, tile, ROWS_PER_TOKEN: tl.constexpr, BLOCK: tl.constexpr, lanes):
     """Which rows tile `tile` of an extend kernel owns: (segment, the segment's first token, the
     tile's first row, the segment's end row). Segment 0 is q's tokens before the first sequence,
     segment b + 1 sequence b's (eager.extend_rows), segment B + 1 those after the last; each token
     is ROWS_PER_TOKEN rows (a KV head's query heads, or 1) and a segment's rows are cut into tiles
     of BLOCK, numbered in order. Rows count from token 0's first; a tile past the last one gets
     segment SEGMENTS_PAD and no rows. At most cdiv(T * ROWS_PER_TOKEN, BLOCK) + B + 2 tiles: the
-    grid depends on shapes only."""
-    lanes = tl.arange(0, SEGMENTS_PAD)
+    grid depends on shapes only. lanes: arange(0, SEGMENTS_PAD), a power of two above B + 1 (the
+    caller makes it, so a Gluon kernel can give it a layout)."""
     lo = _segment_bounds(cu_ptr, lanes, batch, tokens, 1)
     hi = _segment_bounds(cu_ptr, lanes, batch, tokens, 0)
     tiles = ((hi - lo) * ROWS_PER_TOKEN + BLOCK - 1) // BLOCK

@@ -103,7 +103,7 @@ def _prefill_kernel(
     tile = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    tile_rows = segment_tile(cu_ptr, batch, tokens, tile, GROUP, BLOCK_M, SEGMENTS_PAD)
+    tile_rows = segment_tile(cu_ptr, batch, tokens, tile, GROUP, BLOCK_M, tl.arange(0, SEGMENTS_PAD))
     segment, first_row, end_row = tile_rows[0], tile_rows[2], tile_rows[3]
     is_sequence, b_safe, diagonal, kv_len = segment_sequence(segment, cu_ptr, seq_lens_ptr, batch, max_pages, PAGE)
 

@@ -26,6 +26,8 @@ HAS_CUDA = torch.cuda.is_available()
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"  # CPU means the Triton interpreter
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+requires_hopper = pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability() != (9, 0),
+                                     reason="needs an SM90 GPU")
 
 
 def assert_same_bytes(actual: torch.Tensor, expected: torch.Tensor) -> None:

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 from torch._dynamo.utils import counters
 
 import torch_fp4kv
-from conftest import RECIPES, TRITON_DEVICE, requires_cuda
+from conftest import RECIPES, TRITON_DEVICE, requires_cuda, requires_hopper
 from torch_fp4kv import FP4KVCache
 from torch_fp4kv.ops import eager, get_kv_recipe
 from torch_fp4kv.ops.paged_kv import PagedKV
@@ -289,8 +289,6 @@ def test_gluon_split_count_takes_whole_rounds_of_the_gpu():
     assert gluon_decode.gluon_num_splits(128, 8, 8192, 528) == 1  # two rounds of 128 tiles beat more splits
 
 
-requires_hopper = pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0), reason="needs an SM90 GPU")
 HOPPER_CASES = [  # (batch, hq, hkv, d, page_size, max_pages, seq_lens)
     (3, 32, 8, 128, 16, 130, [2000, 1, 0]),
     (2, 16, 1, 64, 1, 700, [700, 129]),

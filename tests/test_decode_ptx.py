@@ -105,7 +105,7 @@ def _e2m1(code: int) -> float:
 
 
 def _gluon_nvfp4_ptx() -> str:
-    return pytest.importorskip("torch_fp4kv.ops.gluon_decode")._NVFP4_E4M3_DECODE_PTX.value
+    return pytest.importorskip("torch_fp4kv.ops.gluon_tiles").NVFP4_E4M3_DECODE_PTX.value
 
 
 # name -> (PTX, 16-bit type, what the kernel multiplies the scale by before passing it)

@@ -1,0 +1,156 @@
+"""What the Gluon attention kernels (gluon_decode, gluon_prefill) read from the paged FP4 cache and how.
+
+- Packed K/V tiles and their scale bytes are copied into shared memory with cp.async (stage_tile),
+  positions past the split's end and pages outside the cache zero-filled by masked copies;
+- a staged tile decodes to exact 16-bit values (decode_tile): NVFP4 codes through FP8 (a code's
+  bits placed in an E4M3 byte give its value / 2^6 exactly, the subnormal 0.5 too; SM89's cvt
+  turns two of them into fp16 and one packed multiply by scale * 2^6 applies the block scale),
+  E8M0 recipes through the Triton kernels' bf16 decode (triton_codes);
+- row_bytes_layout: a register layout for packed rows whose decoded values are stored row by row.
+
+Triton 3.6 and 3.9 both compile these; 3.9's Gluon renamed two builtins (the aliases below).
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import async_copy
+
+from .attention_shared import paged_rows
+from .triton_codes import E8M0_DECODE_PTX, block_scales
+
+async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+
+# Operands $4: four packed bytes (eight codes); $5, $6: the block scales * 2^6 of bytes 0-1 and 2-3
+# as fp16 pairs. Results as in triton_codes._decode_ptx: $0 $1 the even codes of bytes 0-1, 2-3,
+# $2 $3 the odd ones. A code s,e1,e0,m goes to E4M3 bits s......e1e0m.. (sign to bit 7, the rest
+# to bits 4..2): E4M3's exponent bias 7 against E2M1's 1 makes it value / 2^6, and code 1 (0.5) a
+# subnormal E4M3 of the same ratio. Scaled values have at most 6 significant bits and lie in
+# [2^-10, 2688]: every step is exact in fp16.
+NVFP4_E4M3_DECODE_PTX = gl.constexpr("""{
+.reg .b32 a, b, even, odd;
+.reg .b16 even01, even23, odd01, odd23;
+shl.b32 a, $4, 2;
+and.b32 a, a, 0x1C1C1C1C;
+shl.b32 b, $4, 4;
+and.b32 b, b, 0x80808080;
+or.b32 even, a, b;
+shr.b32 a, $4, 2;
+and.b32 a, a, 0x1C1C1C1C;
+and.b32 b, $4, 0x80808080;
+or.b32 odd, a, b;
+mov.b32 {even01, even23}, even;
+mov.b32 {odd01, odd23}, odd;
+cvt.rn.f16x2.e4m3x2 $0, even01;
+cvt.rn.f16x2.e4m3x2 $1, even23;
+cvt.rn.f16x2.e4m3x2 $2, odd01;
+cvt.rn.f16x2.e4m3x2 $3, odd23;
+mul.rn.f16x2 $0, $0, $5;
+mul.rn.f16x2 $1, $1, $6;
+mul.rn.f16x2 $2, $2, $5;
+mul.rn.f16x2 $3, $3, $6;
+}""")
+_E8M0_DECODE_PTX_GL = gl.constexpr(E8M0_DECODE_PTX.value)  # the Triton kernels' E8M0 decode
+
+
+@gluon.constexpr_function
+def log2_int(x):
+    """log2 of a power of two."""
+    return x.bit_length() - 1
+
+
+@gluon.constexpr_function
+def byte_basis(byte, HB):
+    """Coordinates in a [rows, blocks, bytes of a block] tile of the row's byte `byte` (a power of two)."""
+    return [0, byte // HB, 0] if byte >= HB else [0, 0, byte]
+
+
+@gluon.constexpr_function
+def row_bytes_layout(N, D, HB, WARPS):
+    """Packed rows [N, D/(2 HB), HB] over WARPS warps: 16 adjacent bytes per thread, a row's
+    threads adjacent, then rows over lanes, warps and registers (lanes and warps past N repeat rows)."""
+    regs = [byte_basis(1 << b, HB) for b in range(4)]
+    lanes = [byte_basis(16 << b, HB) for b in range(log2_int(D // 32))]
+    rows = 1
+    while len(lanes) < 5:
+        lanes.append([rows if rows < N else 0, 0, 0])
+        rows *= 2
+    warps = []
+    while len(warps) < log2_int(WARPS):
+        warps.append([rows if rows < N else 0, 0, 0])
+        rows *= 2
+    while rows < N:
+        regs.append([rows, 0, 0])
+        rows *= 2
+    return gl.DistributedLinearLayout(regs, lanes, warps, [], [N, D // (2 * HB), HB])
+
+
+@gluon.jit
+def _scale_operand(byte, E4M3_SCALES: gl.constexpr):
+    """Scale bytes -> the operand the decode multiplies by: E4M3 * 2^6 as fp16 (the codes decode to
+    value / 2^6), E8M0 as bf16; NaN bytes give NaN."""
+    scale = block_scales(byte, E4M3_SCALES, False, True)
+    if E4M3_SCALES:
+        scale = scale * 64.0
+    return scale
+
+
+@gluon.jit
+def decode_tile(data_smem, scales_smem, layout: gl.constexpr, D: gl.constexpr, BS: gl.constexpr,
+                E4M3_SCALES: gl.constexpr, ZERO_NAN_BLOCKS: gl.constexpr = False):
+    """A staged tile (bytes [N, D/2] and scale bytes [N, D/BS] in shared memory) -> its even and
+    odd elements, [N, D/BS, BS/2] each in `layout`, exact in 16 bits. A block whose scale is NaN
+    decodes to NaN, or with ZERO_NAN_BLOCKS to zeros (for a caller that tracks the NaN itself)."""
+    N: gl.constexpr = data_smem.shape[0]
+    packed = data_smem.reshape([N, D // BS, BS // 2]).load(layout)
+    scale = _scale_operand(scales_smem.load(gl.SliceLayout(2, layout)), E4M3_SCALES)
+    if ZERO_NAN_BLOCKS:
+        scale = gl.where(scale == scale, scale, 0.0)
+    scale = gl.broadcast(gl.expand_dims(scale, 2), packed)[0]
+    if E4M3_SCALES:
+        even, odd = gl.inline_asm_elementwise(NVFP4_E4M3_DECODE_PTX, "=r,=r,=r,=r,r,r,r", [packed, scale],
+                                              dtype=(gl.float16, gl.float16), is_pure=True, pack=4)
+    else:
+        even, odd = gl.inline_asm_elementwise(_E8M0_DECODE_PTX_GL, "=r,=r,=r,=r,r,r,r", [packed, scale],
+                                              dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=4)
+    return even, odd
+
+
+@gluon.jit
+def stage_tile(n0, end, b, kv_head, block_table_ptr, max_pages, num_pages, k_data_ptr, k_scales_ptr, v_data_ptr,
+               v_scales_ptr, stage, kd_smem, ks_smem, vd_smem, vs_smem,
+               HKV: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, PAGE: gl.constexpr, N: gl.constexpr):
+    """Start copying the K and V bytes and scales of positions [n0, n0 + N) into buffer `stage`
+    (positions from `end` on, and pages outside the cache, read as zeros: masked copies zero-fill),
+    as one commit group."""
+    NB: gl.constexpr = D // BS
+    CHUNKS: gl.constexpr = D // 32  # 16-byte copies per row
+    bytes_layout: gl.constexpr = gl.BlockedLayout([1, 16], [32 // CHUNKS, CHUNKS], [gl.num_warps(), 1], [1, 0])
+    scales_layout: gl.constexpr = gl.BlockedLayout([1, NB], [32, 1], [gl.num_warps(), 1], [1, 0])
+    rows = _paged_cache_rows(n0, end, b, kv_head, block_table_ptr, max_pages, num_pages, HKV, PAGE,
+                             gl.SliceLayout(1, bytes_layout), N)
+    cols = gl.arange(0, D // 2, layout=gl.SliceLayout(0, bytes_layout))
+    offsets = gl.expand_dims(rows, 1) * (D // 2) + gl.expand_dims(cols, 0)
+    mask = gl.expand_dims(rows >= 0, 1)
+    async_load(kd_smem.index(stage), k_data_ptr + offsets, mask=mask)
+    async_load(vd_smem.index(stage), v_data_ptr + offsets, mask=mask)
+    rows = _paged_cache_rows(n0, end, b, kv_head, block_table_ptr, max_pages, num_pages, HKV, PAGE,
+                             gl.SliceLayout(1, scales_layout), N)
+    cols = gl.arange(0, NB, layout=gl.SliceLayout(0, scales_layout))
+    offsets = gl.expand_dims(rows, 1) * NB + gl.expand_dims(cols, 0)
+    mask = gl.expand_dims(rows >= 0, 1)
+    async_load(ks_smem.index(stage), k_scales_ptr + offsets, mask=mask)
+    async_load(vs_smem.index(stage), v_scales_ptr + offsets, mask=mask)
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _paged_cache_rows(n0, end, b, kv_head, block_table_ptr, max_pages, num_pages, HKV: gl.constexpr,
+                      PAGE: gl.constexpr, layout: gl.constexpr, N: gl.constexpr):
+    """Cache row (slot * HKV + kv_head) of positions n0 .. n0 + N - 1 (paged_rows); -1 from `end`
+    on and where the page id is outside the cache (masked copies read those as zeros)."""
+    pos = n0 + gl.arange(0, N, layout=layout)
+    in_cache, rows = paged_rows(block_table_ptr, b, max_pages, num_pages, pos, pos < end, PAGE, HKV, kv_head)
+    return gl.where(in_cache, rows, -1)
