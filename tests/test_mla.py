@@ -123,24 +123,27 @@ def test_store_follows_the_slot_rules(backend, backend_name, recipe):
     fmt = LATENT_RECIPES[recipe]
     g = torch.Generator().manual_seed(2)
     slots = 10
-    caches = [random_bytes(g, (slots, 1, w)) for w in (fmt.latent.data_width(RANK), fmt.latent.scales_width(RANK),
-                                                       fmt.rope.data_width(ROPE))]
+    caches = [random_bytes(g, (slots, 1, w)).to(TRITON_DEVICE) for w in (fmt.latent.data_width(RANK),
+                                                                         fmt.latent.scales_width(RANK),
+                                                                         fmt.rope.data_width(ROPE))]
     before = [c.clone() for c in caches]
-    kv = torch.randn(6, RANK + ROPE, generator=g).bfloat16()  # c_kv, k_pe: column slices of one projection
-    loc = torch.tensor([4, -1, 1, 4, slots, 8])
-    lg = torch.tensor([0.01]) if fmt.latent.has_global_scale else None
-    rg = torch.tensor([0.02])
+    # c_kv, k_pe: column slices of one projection; on the Triton backend's device (CUDA or the interpreter)
+    kv = torch.randn(6, RANK + ROPE, generator=g).bfloat16().to(TRITON_DEVICE)
+    loc = torch.tensor([4, -1, 1, 4, slots, 8], device=TRITON_DEVICE)
+    lg = torch.tensor([0.01], device=TRITON_DEVICE) if fmt.latent.has_global_scale else None
+    rg = torch.tensor([0.02], device=TRITON_DEVICE)
     mla_store(*caches, loc, kv[:, :RANK], kv[:, RANK:], recipe, lg, rg)
-    winners = torch.tensor([2, 3, 5])  # tokens that reach slots 1, 4, 8
+    winners = torch.tensor([2, 3, 5], device=TRITON_DEVICE)  # tokens that reach slots 1, 4, 8
     latent_data, latent_scales = eager.quantize(kv[winners, None, :RANK], fmt.latent, lg)
     rope_data, _ = eager.quantize(kv[winners, None, RANK:], fmt.rope, rg)
     written = loc[winners]
     for cache, expected in zip(caches, (latent_data, latent_scales, rope_data)):
         assert_same_bytes(cache[written], expected)
-    untouched = torch.tensor([0, 2, 3, 5, 6, 7, 9])
+    untouched = torch.tensor([0, 2, 3, 5, 6, 7, 9], device=TRITON_DEVICE)
     for cache, original in zip(caches, before):
         assert_same_bytes(cache[untouched], original[untouched])
-    c_kv, k_pe = mla_gather_dequantize(*caches, torch.tensor([1, -1, 99]), recipe, lg, rg, torch.float32)
+    gather_loc = torch.tensor([1, -1, 99], device=TRITON_DEVICE)
+    c_kv, k_pe = mla_gather_dequantize(*caches, gather_loc, recipe, lg, rg, torch.float32)
     assert not c_kv[1:].any() and not k_pe[1:].any()
     assert_same_bytes(c_kv[0], eager.dequantize(latent_data[0, 0], latent_scales[0, 0], fmt.latent, lg, torch.float32))
 
