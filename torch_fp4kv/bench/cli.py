@@ -125,6 +125,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _json_row(row, properties: tuple[str, ...]) -> dict:
+    """A table row's fields and its derived `properties` (ratios, rates), as the JSON holds them."""
+    return {**asdict(row), **{name: getattr(row, name) for name in properties}}
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -153,12 +158,11 @@ def main(argv=None) -> None:
         with open(args.json, "w") as f:
             json.dump({"device": name, "torch": torch.__version__, "copy_gb_per_s": copy_gbs, "out_dtype": args.out_dtype,
                        "rows": [asdict(r) for r in rows],
-                       "decode_rows": [{**asdict(r), **{x: getattr(r, x) for x in ratios}} for r in decode_rows],
-                       "extend_rows": [{**asdict(r), **{x: getattr(r, x) for x in ratios}} for r in extend_rows],
+                       "decode_rows": [_json_row(r, ratios) for r in decode_rows],
+                       "extend_rows": [_json_row(r, ratios) for r in extend_rows],
                        "e2e_free_bytes": e2e_free,
-                       "e2e_rows": [{**asdict(r), "tokens_per_s": r.tokens_per_s} for r in e2e_rows],
-                       "mla_rows": [{**asdict(r), **{x: getattr(r, x) for x in ("x_bf16", "x_fp8", "x_bf16_bytes")}}
-                                    for r in mla_rows]},
+                       "e2e_rows": [_json_row(r, ("tokens_per_s",)) for r in e2e_rows],
+                       "mla_rows": [_json_row(r, ("x_bf16", "x_fp8", "x_bf16_bytes")) for r in mla_rows]},
                       f, indent=1)
     if args.plot:
         plot(rows, args.plot)
