@@ -160,6 +160,18 @@ NAN_GROUPS = tl.constexpr(16)  # value columns are flagged in 16 groups of D/16:
 
 
 @triton.jit
+def softmax_step(m, l_acc, scores):
+    """The online softmax over one tile of scores [positions, columns] (base 2, decode's layout):
+    (the new running max per column, the factor that rescales what was accumulated under the old
+    one, the tile's weights, the denominators updated). Denominators stay per position, [positions,
+    columns], and are summed once at the end: one add per score in the loop instead of a reduction."""
+    m_new = tl.maximum(m, tl.max(scores, axis=0))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(scores - m_new[None, :])
+    return m_new, alpha, p, l_acc * alpha[None, :] + p
+
+
+@triton.jit
 def drop_unseen_values(v, pos, valid, query_pos, dtype: tl.constexpr):
     """A value tile [N, D] that some query columns see only in part (query_pos [M]: each column's
     last visible position) -> (v with its NaN entries zeroed, [NAN_GROUPS, M] count of the NaN entries

@@ -20,7 +20,7 @@ from .attention_shared import (POSITIONS_PER_SPLIT_MIN, context_len, global_scal
                                split_kernel_arguments, split_outputs, split_range)
 from .formats import KVRecipe
 from .paged_kv import PagedKV
-from .triton_attention_tiles import kernel_inputs, query_pairs, store_split, tile_scores, value_tile
+from .triton_attention_tiles import kernel_inputs, query_pairs, softmax_step, store_split, tile_scores, value_tile
 
 
 class DecodeLaunch(NamedTuple):
@@ -77,10 +77,7 @@ def _decode_split_kernel(
         scores, in_cache, rows = tile_scores(  # [BLOCK_N, GROUP_PAD]
             k_data_ptr, k_scales_ptr, block_table_ptr, b, max_pages, num_pages, kv_head, pos, valid, None,
             q_even, q_odd, score_scale, D, BS, PAGE, HKV, E4M3_SCALES, FP32_TILES, HW_FP8, K_FP8, dtype)
-        m_new = tl.maximum(m, tl.max(scores, axis=0))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(scores - m_new[None, :])
-        l_acc = l_acc * alpha[None, :] + p
+        m_new, alpha, p, l_acc = softmax_step(m, l_acc, scores)
         v = value_tile(v_data_ptr, v_scales_ptr, rows, in_cache, D, BS, E4M3_SCALES, FP32_TILES, HW_FP8)
         acc = tl.dot(tl.trans(v), p.to(dtype), acc * alpha[None, :])
         m = m_new

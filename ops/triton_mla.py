@@ -29,7 +29,7 @@ from .attention_shared import (context_len, global_scales, interpreter_fp32, lau
 from .formats import LatentRecipe
 from .paged_latent import PagedLatent
 from .slots import last_writer_slots
-from .triton_attention_tiles import kernel_inputs, key_rows, store_split, value_tile
+from .triton_attention_tiles import kernel_inputs, key_rows, softmax_step, store_split, value_tile
 from .triton_kernels import store_fp4
 from .triton_launch import global_scale_pair
 
@@ -91,10 +91,7 @@ def _mla_decode_split_kernel(
                         dtype)  # [BLOCK_N, P]
         scores = tl.dot(latent, q_nope) * latent_score_scale + tl.dot(rope, q_pe) * rope_score_scale
         scores = tl.where(valid[:, None], scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=0))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(scores - m_new[None, :])
-        l_acc = l_acc * alpha[None, :] + p
+        m_new, alpha, p, l_acc = softmax_step(m, l_acc, scores)
         acc = tl.dot(tl.trans(latent), p.to(dtype), acc * alpha[None, :])
         m = m_new
 
