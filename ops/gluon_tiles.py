@@ -1,4 +1,4 @@
-"""What the Gluon attention kernels (gluon_decode) read from the paged FP4 cache and how.
+"""What the Gluon decode kernel (gluon_decode) reads from the paged FP4 cache, and how.
 
 - Packed K/V tiles and their scale bytes are copied into shared memory with cp.async (stage_tile),
   positions past the split's end and pages outside the cache zero-filled by masked copies;
