@@ -84,21 +84,76 @@ def key_tiles(k_data_ptr, k_scales_ptr, rows, valid, D: tl.constexpr, BS: tl.con
 
 
 @triton.jit
-def value_tile(data_ptr, scales_ptr, rows, valid, D: tl.constexpr, BS: tl.constexpr,
-               E4M3_SCALES: tl.constexpr, FP32_TILES: tl.constexpr, HW_FP8: tl.constexpr):
-    """Value rows [N] -> [N, D] in element order, decoded as [rows, blocks, bytes] so a block's
-    scale broadcasts over its bytes in registers. Joining the even and odd halves (not an
-    elementwise op) keeps Triton from moving the decode into the tensor-core operand layout, where
-    every element would need its own scale; the joined rows reach it through shared memory."""
+def value_bytes(data_ptr, scales_ptr, rows, valid, first, D: tl.constexpr, ROW_D: tl.constexpr, BS: tl.constexpr):
+    """Columns [first, first + D) of value rows [N] ROW_D wide (`first` a multiple of BS) -> (packed
+    [N, D/BS, BS/2] bytes, scale bytes [N, D/BS]): what value_tile decodes, loaded apart from the
+    decode so a kernel can load the next tile before decoding this one."""
     NB: tl.constexpr = D // BS
-    HB: tl.constexpr = BS // 2
     N: tl.constexpr = rows.shape[0]
-    packed = tl.load(data_ptr + rows[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :], mask=valid[:, None], other=0)
-    packed = tl.reshape(packed, (N, NB, HB))
-    scale_byte = tl.load(scales_ptr + rows[:, None] * NB + tl.arange(0, NB)[None, :], mask=valid[:, None], other=0)
+    packed = tl.load(data_ptr + rows[:, None] * (ROW_D // 2) + first // 2 + tl.arange(0, D // 2)[None, :],
+                     mask=valid[:, None], other=0)
+    scale_byte = tl.load(scales_ptr + rows[:, None] * (ROW_D // BS) + first // BS + tl.arange(0, NB)[None, :],
+                         mask=valid[:, None], other=0)
+    return tl.reshape(packed, (N, NB, BS // 2)), scale_byte
+
+
+@triton.jit
+def value_words(data_ptr, scales_ptr, rows, valid, first, D: tl.constexpr, ROW_D: tl.constexpr, BS: tl.constexpr):
+    """value_bytes with the packed codes as int32 words [N, D/8] (word_bytes unpacks them): a
+    tile held across a loop iteration takes a register per word, where its bytes take one each."""
+    NB: tl.constexpr = D // BS
+    words = tl.load(data_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (ROW_D // 8) + first // 8
+                    + tl.arange(0, D // 8)[None, :], mask=valid[:, None], other=0)
+    scale_byte = tl.load(scales_ptr + rows[:, None] * (ROW_D // BS) + first // BS + tl.arange(0, NB)[None, :],
+                         mask=valid[:, None], other=0)
+    return words, scale_byte
+
+
+@triton.jit
+def word_bytes(words, BS: tl.constexpr):
+    """value_words' words [N, D/8] -> the packed bytes [N, D/BS, BS/2] value_bytes gives (little-endian)."""
+    N: tl.constexpr = words.shape[0]
+    W: tl.constexpr = words.shape[1]
+    packed = (words[:, :, None] >> (tl.arange(0, 4) * 8)[None, None, :]) & 0xFF
+    return tl.reshape(packed.to(tl.uint8), (N, W * 8 // BS, BS // 2))
+
+
+@triton.jit
+def decode_values(packed, scale_byte, E4M3_SCALES: tl.constexpr, FP32_TILES: tl.constexpr, HW_FP8: tl.constexpr):
+    """value_bytes' (packed, scale bytes) -> [N, D] in element order, decoded as [rows, blocks,
+    bytes] so a block's scale broadcasts over its bytes in registers. Joining the even and odd halves
+    (not an elementwise op) keeps Triton from moving the decode into the tensor-core operand layout,
+    where every element would need its own scale; the joined rows reach it through shared memory."""
+    N: tl.constexpr = packed.shape[0]
+    D: tl.constexpr = packed.shape[1] * packed.shape[2] * 2
     scale = tl.broadcast_to(tl.expand_dims(block_scales(scale_byte, E4M3_SCALES, FP32_TILES, HW_FP8), 2), packed.shape)
     even, odd = decode_packed(packed, scale, E4M3_SCALES, FP32_TILES)
     return tl.reshape(tl.join(even, odd), (N, D))
+
+
+@triton.jit
+def value_tile(data_ptr, scales_ptr, rows, valid, D: tl.constexpr, BS: tl.constexpr,
+               E4M3_SCALES: tl.constexpr, FP32_TILES: tl.constexpr, HW_FP8: tl.constexpr):
+    """Value rows [N] -> [N, D] in element order (value_bytes, then decode_values)."""
+    packed, scale_byte = value_bytes(data_ptr, scales_ptr, rows, valid, 0, D, D, BS)
+    return decode_values(packed, scale_byte, E4M3_SCALES, FP32_TILES, HW_FP8)
+
+
+@triton.jit
+def fp8_words(data_ptr, rows, valid, D: tl.constexpr):
+    """FP8 E4M3 rows [N] -> their [N, D/2] int16 words (data_ptr holds the cache as int16 words,
+    word p = elements 2p (low byte) and 2p + 1): what fp8_rows converts."""
+    return tl.load(data_ptr + rows[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :], mask=valid[:, None], other=0)
+
+
+@triton.jit
+def fp8_rows(words, FP32_TILES: tl.constexpr, HW_FP8: tl.constexpr, dtype: tl.constexpr):
+    """fp8_words' words [N, D/2] -> the elements [N, D] in order, as `dtype` (exact: E4M3 values
+    are fp16 and bf16 values)."""
+    N: tl.constexpr = words.shape[0]
+    even = block_scales((words & 0xFF).to(tl.uint8), True, FP32_TILES, HW_FP8).to(dtype)
+    odd = block_scales(((words >> 8) & 0xFF).to(tl.uint8), True, FP32_TILES, HW_FP8).to(dtype)
+    return tl.reshape(tl.join(even, odd), (N, words.shape[1] * 2))
 
 
 @triton.jit
@@ -108,12 +163,7 @@ def key_rows(k_data_ptr, k_scales_ptr, rows, valid, D: tl.constexpr, BS: tl.cons
     reach the tensor cores through shared memory as values do (value_tile). K_FP8: FP8 E4M3 keys,
     k_data_ptr as int16 words (kernel_inputs)."""
     if K_FP8:
-        N: tl.constexpr = rows.shape[0]
-        words = tl.load(k_data_ptr + rows[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :], mask=valid[:, None],
-                        other=0)
-        even = block_scales((words & 0xFF).to(tl.uint8), True, FP32_TILES, HW_FP8).to(dtype)
-        odd = block_scales(((words >> 8) & 0xFF).to(tl.uint8), True, FP32_TILES, HW_FP8).to(dtype)
-        keys = tl.reshape(tl.join(even, odd), (N, D))
+        keys = fp8_rows(fp8_words(k_data_ptr, rows, valid, D), FP32_TILES, HW_FP8, dtype)
     else:
         keys = value_tile(k_data_ptr, k_scales_ptr, rows, valid, D, BS, E4M3_SCALES, FP32_TILES, HW_FP8)
     return keys
