@@ -1,4 +1,4 @@
-"""What the Gluon decode kernel (gluon_decode) reads from the paged FP4 cache, and how.
+"""What the Gluon attention kernels (gluon_decode, gluon_prefill) read from the paged FP4 cache and how.
 
 - Packed K/V tiles and their scale bytes are copied into shared memory with cp.async (stage_tile),
   positions past the split's end and pages outside the cache zero-filled by masked copies;
@@ -99,13 +99,22 @@ def _scale_operand(byte, E4M3_SCALES: gl.constexpr):
 
 @gluon.jit
 def decode_tile(data_smem, scales_smem, layout: gl.constexpr, D: gl.constexpr, BS: gl.constexpr,
-                E4M3_SCALES: gl.constexpr):
+                E4M3_SCALES: gl.constexpr, ZERO_NAN_BLOCKS: gl.constexpr = False):
     """A staged tile (bytes [N, D/2] and scale bytes [N, D/BS] in shared memory) -> its even and
     odd elements, [N, D/BS, BS/2] each in `layout`, exact in 16 bits. A block whose scale is NaN
-    decodes to NaN."""
+    decodes to NaN, or with ZERO_NAN_BLOCKS to zeros (for a caller that tracks the NaN itself)."""
     N: gl.constexpr = data_smem.shape[0]
-    packed = data_smem.reshape([N, D // BS, BS // 2]).load(layout)
+    return decode_blocks(data_smem.reshape([N, D // BS, BS // 2]), scales_smem, layout, E4M3_SCALES, ZERO_NAN_BLOCKS)
+
+
+@gluon.jit
+def decode_blocks(blocks_smem, scales_smem, layout: gl.constexpr, E4M3_SCALES: gl.constexpr,
+                  ZERO_NAN_BLOCKS: gl.constexpr = False):
+    """decode_tile of bytes viewed [N, blocks, bytes of a block] (a view that can be sliced by rows)."""
+    packed = blocks_smem.load(layout)
     scale = _scale_operand(scales_smem.load(gl.SliceLayout(2, layout)), E4M3_SCALES)
+    if ZERO_NAN_BLOCKS:
+        scale = gl.where(scale == scale, scale, 0.0)
     scale = gl.broadcast(gl.expand_dims(scale, 2), packed)[0]
     if E4M3_SCALES:
         even, odd = gl.inline_asm_elementwise(NVFP4_E4M3_DECODE_PTX, "=r,=r,=r,=r,r,r,r", [packed, scale],
@@ -116,32 +125,72 @@ def decode_tile(data_smem, scales_smem, layout: gl.constexpr, D: gl.constexpr, B
     return even, odd
 
 
+@gluon.constexpr_function
+def _bytes_copy_layout(D, WARPS):
+    """Packed rows [N, D/2] for cp.async: 16 bytes a thread, a row's threads adjacent."""
+    CHUNKS = D // 32  # 16-byte copies per row
+    return gl.BlockedLayout([1, 16], [32 // CHUNKS, CHUNKS], [WARPS, 1], [1, 0])
+
+
+@gluon.constexpr_function
+def _scales_copy_layout(NB, WARPS):
+    """Scale bytes [N, NB] for cp.async: a row a thread."""
+    return gl.BlockedLayout([1, NB], [32, 1], [WARPS, 1], [1, 0])
+
+
+@gluon.jit
+def staged_rows(n0, end, b, kv_head, block_table_ptr, max_pages, num_pages, HKV: gl.constexpr, D: gl.constexpr,
+                BS: gl.constexpr, PAGE: gl.constexpr, N: gl.constexpr):
+    """Cache rows of positions [n0, n0 + N) as stage_rows copies them (the bytes' rows, the scales'
+    rows; -1 from `end` on and for pages outside the cache). The block-table load is issued here and
+    waited for only by the copies, so a caller can look the rows up a step before it copies them."""
+    WARPS: gl.constexpr = gl.num_warps()
+    bytes_rows = _paged_cache_rows(n0, end, b, kv_head, block_table_ptr, max_pages, num_pages, HKV, PAGE,
+                                   gl.SliceLayout(1, _bytes_copy_layout(D, WARPS)), N)
+    scale_rows = _paged_cache_rows(n0, end, b, kv_head, block_table_ptr, max_pages, num_pages, HKV, PAGE,
+                                   gl.SliceLayout(1, _scales_copy_layout(D // BS, WARPS)), N)
+    return bytes_rows, scale_rows
+
+
+@gluon.jit
+def stage_rows(bytes_rows, scale_rows, data_ptr, scales_ptr, data_smem, scales_smem, D: gl.constexpr,
+               BS: gl.constexpr):
+    """Start copying the packed bytes and scale bytes of staged_rows' rows into data_smem [N, D/2]
+    and scales_smem [N, D/BS] (rows -1 read as zeros: masked copies zero-fill); the caller commits."""
+    _copy_bytes(bytes_rows, data_ptr, data_smem, D)
+    _copy_scales(scale_rows, scales_ptr, scales_smem, D // BS)
+
+
 @gluon.jit
 def stage_tile(n0, end, b, kv_head, block_table_ptr, max_pages, num_pages, k_data_ptr, k_scales_ptr, v_data_ptr,
                v_scales_ptr, stage, kd_smem, ks_smem, vd_smem, vs_smem,
                HKV: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, PAGE: gl.constexpr, N: gl.constexpr):
     """Start copying the K and V bytes and scales of positions [n0, n0 + N) into buffer `stage`
-    (positions from `end` on, and pages outside the cache, read as zeros: masked copies zero-fill),
-    as one commit group."""
-    NB: gl.constexpr = D // BS
-    CHUNKS: gl.constexpr = D // 32  # 16-byte copies per row
-    bytes_layout: gl.constexpr = gl.BlockedLayout([1, 16], [32 // CHUNKS, CHUNKS], [gl.num_warps(), 1], [1, 0])
-    scales_layout: gl.constexpr = gl.BlockedLayout([1, NB], [32, 1], [gl.num_warps(), 1], [1, 0])
+    (positions from `end` on, and pages outside the cache, read as zeros), as one commit group."""
+    WARPS: gl.constexpr = gl.num_warps()
     rows = _paged_cache_rows(n0, end, b, kv_head, block_table_ptr, max_pages, num_pages, HKV, PAGE,
-                             gl.SliceLayout(1, bytes_layout), N)
-    cols = gl.arange(0, D // 2, layout=gl.SliceLayout(0, bytes_layout))
-    offsets = gl.expand_dims(rows, 1) * (D // 2) + gl.expand_dims(cols, 0)
-    mask = gl.expand_dims(rows >= 0, 1)
-    async_load(kd_smem.index(stage), k_data_ptr + offsets, mask=mask)
-    async_load(vd_smem.index(stage), v_data_ptr + offsets, mask=mask)
-    rows = _paged_cache_rows(n0, end, b, kv_head, block_table_ptr, max_pages, num_pages, HKV, PAGE,
-                             gl.SliceLayout(1, scales_layout), N)
-    cols = gl.arange(0, NB, layout=gl.SliceLayout(0, scales_layout))
-    offsets = gl.expand_dims(rows, 1) * NB + gl.expand_dims(cols, 0)
-    mask = gl.expand_dims(rows >= 0, 1)
-    async_load(ks_smem.index(stage), k_scales_ptr + offsets, mask=mask)
-    async_load(vs_smem.index(stage), v_scales_ptr + offsets, mask=mask)
+                             gl.SliceLayout(1, _bytes_copy_layout(D, WARPS)), N)
+    _copy_bytes(rows, k_data_ptr, kd_smem.index(stage), D)
+    _copy_bytes(rows, v_data_ptr, vd_smem.index(stage), D)
+    scale_rows = _paged_cache_rows(n0, end, b, kv_head, block_table_ptr, max_pages, num_pages, HKV, PAGE,
+                                   gl.SliceLayout(1, _scales_copy_layout(D // BS, WARPS)), N)
+    _copy_scales(scale_rows, k_scales_ptr, ks_smem.index(stage), D // BS)
+    _copy_scales(scale_rows, v_scales_ptr, vs_smem.index(stage), D // BS)
     async_copy.commit_group()
+
+
+@gluon.jit
+def _copy_bytes(rows, data_ptr, data_smem, D: gl.constexpr):
+    cols = gl.arange(0, D // 2, layout=gl.SliceLayout(0, _bytes_copy_layout(D, gl.num_warps())))
+    async_load(data_smem, data_ptr + (gl.expand_dims(rows, 1) * (D // 2) + gl.expand_dims(cols, 0)),
+               mask=gl.expand_dims(rows >= 0, 1))
+
+
+@gluon.jit
+def _copy_scales(rows, scales_ptr, scales_smem, NB: gl.constexpr):
+    cols = gl.arange(0, NB, layout=gl.SliceLayout(0, _scales_copy_layout(NB, gl.num_warps())))
+    async_load(scales_smem, scales_ptr + (gl.expand_dims(rows, 1) * NB + gl.expand_dims(cols, 0)),
+               mask=gl.expand_dims(rows >= 0, 1))
 
 
 @gluon.jit

@@ -14,9 +14,10 @@ its sequence and tile from cu_seqlens_q (the rows eager.extend_rows gives), and 
 cdiv(T, tile) + B + 2 tiles (two more segments: the rows before the first sequence and after the
 last one, which get zeros). Split-K over the context and the merge are attention_shared's.
 
-Chunks and prefills (a program's rows or more per sequence) go to triton_prefill; verification (a
-few tokens per sequence) to triton_verify where the Hopper decode kernel can serve it: that route
-writes every sequence's first T // B rows, and this kernel skips them.
+Chunks and prefills (a program's rows or more per sequence) go to triton_prefill, or on SM90 to
+gluon_prefill where it serves them (hopper_prefill); verification (a few tokens per sequence) to
+triton_verify where the Hopper decode kernel can serve it: that route writes every sequence's
+first T // B rows, and this kernel skips them.
 """
 
 from __future__ import annotations
@@ -168,6 +169,19 @@ def extend_num_splits(busy_programs: int, max_len: int, device: torch.device, wa
     return split_count(busy_programs, max_len, sm_count(device), waves)
 
 
+def hopper_prefill(q: torch.Tensor, kv_heads: int, fmt: KVRecipe):
+    """gluon_prefill if it serves this prefill (an SM90 GPU, checked here; gluon_prefill.supported),
+    else None, as with a Triton too old to have Gluon's Hopper API. From shapes and the device only:
+    one CUDA graph keeps one kernel."""
+    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
+        return None
+    try:
+        from . import gluon_prefill
+    except ImportError:
+        return None
+    return gluon_prefill if gluon_prefill.supported(q, kv_heads, fmt) else None
+
+
 def extend_attention(out, q, cu_seqlens_q, kv: PagedKV, fmt: KVRecipe, sm_scale: float) -> None:
     tokens, hq, d = q.shape
     batch, hkv = kv.block_table.shape[0], kv.kv_heads
@@ -175,7 +189,11 @@ def extend_attention(out, q, cu_seqlens_q, kv: PagedKV, fmt: KVRecipe, sm_scale:
     prefill = triton_prefill.prefill_launch(tokens, batch, hq, hkv, d)
     with interpreter_fp32(out, q) as (out, q):
         if prefill is not None:
-            triton_prefill.extend_attention(out, q, cu_seqlens_q, kv, fmt, sm_scale, prefill)
+            hopper = hopper_prefill(q, hkv, fmt)
+            if hopper is not None:
+                hopper.extend_attention(out, q, cu_seqlens_q, kv, fmt, sm_scale)
+            else:
+                triton_prefill.extend_attention(out, q, cu_seqlens_q, kv, fmt, sm_scale, prefill)
             return
         routed = triton_verify.routed_tokens(q, batch, hkv, fmt)
         if routed:  # every row, unless a sequence has more than `routed`: one split for those few

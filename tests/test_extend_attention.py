@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 from torch.testing._internal.common_utils import TestCase
 
 import torch_fp4kv
-from conftest import RECIPES, TRITON_DEVICE, requires_cuda
+from conftest import RECIPES, TRITON_DEVICE, requires_cuda, requires_hopper
 from torch_fp4kv import FP4KVCache, get_fp4_kv_cache_quant_method
 from torch_fp4kv.ops import eager, get_kv_recipe
 
@@ -397,3 +397,35 @@ def test_prefill_kernel_is_chosen_from_shapes_for_chunks_and_prefills():
     assert prefill_launch(32 * 4, 32, 32, 8, 128) is None  # verification
     assert prefill_launch(4 * 16, 4, 32, 32, 128) is None  # MHA: 16 rows per sequence and head
     assert prefill_launch(4096, 1, 32, 8, 96) is None  # a head_dim without a launch shape
+
+
+def test_gluon_prefill_serves_fp4_keys_at_head_dim_64_and_128():
+    """The Hopper prefill kernel's shapes; everything else runs triton_prefill."""
+    gluon_prefill = pytest.importorskip("torch_fp4kv.ops.gluon_prefill")
+    q128, q64, q256 = (torch.empty(1, 32, d) for d in (128, 64, 256))
+    assert gluon_prefill.supported(q128, 8, get_kv_recipe("nvfp4"))
+    assert gluon_prefill.supported(q64, 8, get_kv_recipe("blockfp4"))
+    assert gluon_prefill.supported(q128, 8, get_kv_recipe("mxfp4"))
+    assert not gluon_prefill.supported(q64, 8, get_kv_recipe("mxfp4"))  # 2 scale bytes a row: no 4-byte copy
+    assert not gluon_prefill.supported(q128, 8, get_kv_recipe("nvfp4+k8"))  # FP8 keys
+    assert not gluon_prefill.supported(q256, 8, get_kv_recipe("nvfp4"))
+
+
+@requires_hopper
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("case", CASES, ids=[f"new{sum(c[0])}-hq{c[2]}-hkv{c[3]}-d{c[4]}-page{c[5]}" for c in CASES])
+def test_gluon_prefill_kernel_matches_eager_on_hopper(recipe, case):
+    """The Gluon kernel, called directly on every case it serves, against eager."""
+    from torch_fp4kv.ops import gluon_prefill
+    from torch_fp4kv.ops.paged_kv import PagedKV
+
+    new, lens, hq, hkv, d, page, padding = case
+    q, cu, *cache = _problem(recipe, new, lens, hq, hkv, d, page, device="cuda", padding=padding)
+    kv, _, _ = PagedKV.from_op_args(*cache[:8], d ** -0.5, *cache[8:])
+    fmt = get_kv_recipe(recipe)
+    if not gluon_prefill.supported(q, hkv, fmt):
+        pytest.skip("a shape the Triton kernel serves")
+    expected, actual = torch.empty_like(q), torch.empty_like(q)
+    eager.extend_attention(expected, q, cu, kv, fmt, d ** -0.5)
+    gluon_prefill.extend_attention(actual, q, cu, kv, fmt, d ** -0.5)
+    torch.testing.assert_close(actual.float(), expected.float(), atol=2e-2, rtol=2e-2)
