@@ -57,7 +57,9 @@ COMPARE_LATER_TOKENS = tl.constexpr(1)
 CLAIMED_SLOTS = tl.constexpr(2)
 MAX_TOKENS_DEDUPLICATED_IN_KERNEL = 1024
 _LATER_TOKENS_PER_STEP = tl.constexpr(64)
-_CLAIM_BLOCK = 1024
+# Tokens per claim program: small, so a prefill's claims spread over every SM (a claim is one load
+# and one atomic: latency, not work, is its cost).
+_CLAIM_BLOCK = 128
 
 # The kernels' SCALE_RULE constexpr: formats.ScaleRule's values.
 _RULE_E4M3 = tl.constexpr(int(ScaleRule.E4M3_AMAX_OVER_6G))
