@@ -156,9 +156,11 @@ def staged_rows(n0, end, b, kv_head, block_table_ptr, max_pages, num_pages, HKV:
 def stage_rows(bytes_rows, scale_rows, data_ptr, scales_ptr, data_smem, scales_smem, D: gl.constexpr,
                BS: gl.constexpr):
     """Start copying the packed bytes and scale bytes of staged_rows' rows into data_smem [N, D/2]
-    and scales_smem [N, D/BS] (rows -1 read as zeros: masked copies zero-fill); the caller commits."""
-    _copy_bytes(bytes_rows, data_ptr, data_smem, D)
-    _copy_scales(scale_rows, scales_ptr, scales_smem, D // BS)
+    and scales_smem [N, D/BS] (rows -1 read as zeros: masked copies zero-fill); the caller commits.
+    The copies state the rows' alignment: a warp-specialised partition's arguments lose the launch's
+    alignment facts, which cp.async needs."""
+    _copy_bytes(bytes_rows, data_ptr, data_smem, D, True)
+    _copy_scales(scale_rows, scales_ptr, scales_smem, D // BS, True)
 
 
 @gluon.jit
@@ -180,17 +182,21 @@ def stage_tile(n0, end, b, kv_head, block_table_ptr, max_pages, num_pages, k_dat
 
 
 @gluon.jit
-def _copy_bytes(rows, data_ptr, data_smem, D: gl.constexpr):
+def _copy_bytes(rows, data_ptr, data_smem, D: gl.constexpr, STATE_ALIGNMENT: gl.constexpr = False):
     cols = gl.arange(0, D // 2, layout=gl.SliceLayout(0, _bytes_copy_layout(D, gl.num_warps())))
-    async_load(data_smem, data_ptr + (gl.expand_dims(rows, 1) * (D // 2) + gl.expand_dims(cols, 0)),
-               mask=gl.expand_dims(rows >= 0, 1))
+    ptrs = data_ptr + (gl.expand_dims(rows, 1) * (D // 2) + gl.expand_dims(cols, 0))
+    if STATE_ALIGNMENT:  # rows start 16-byte aligned (D/2 >= 32 bytes a row, 16-byte aligned caches)
+        ptrs = gl.multiple_of(ptrs, [1, 16])
+    async_load(data_smem, ptrs, mask=gl.expand_dims(rows >= 0, 1))
 
 
 @gluon.jit
-def _copy_scales(rows, scales_ptr, scales_smem, NB: gl.constexpr):
+def _copy_scales(rows, scales_ptr, scales_smem, NB: gl.constexpr, STATE_ALIGNMENT: gl.constexpr = False):
     cols = gl.arange(0, NB, layout=gl.SliceLayout(0, _scales_copy_layout(NB, gl.num_warps())))
-    async_load(scales_smem, scales_ptr + (gl.expand_dims(rows, 1) * NB + gl.expand_dims(cols, 0)),
-               mask=gl.expand_dims(rows >= 0, 1))
+    ptrs = scales_ptr + (gl.expand_dims(rows, 1) * NB + gl.expand_dims(cols, 0))
+    if STATE_ALIGNMENT:  # rows start NB-byte aligned
+        ptrs = gl.multiple_of(ptrs, [1, NB])
+    async_load(scales_smem, ptrs, mask=gl.expand_dims(rows >= 0, 1))
 
 
 @gluon.jit

@@ -169,17 +169,17 @@ def extend_num_splits(busy_programs: int, max_len: int, device: torch.device, wa
     return split_count(busy_programs, max_len, sm_count(device), waves)
 
 
-def hopper_prefill(q: torch.Tensor, kv_heads: int, fmt: KVRecipe):
+def hopper_prefill(q: torch.Tensor, kv: PagedKV, fmt: KVRecipe):
     """gluon_prefill if it serves this prefill (an SM90 GPU, checked here; gluon_prefill.supported),
-    else None, as with a Triton too old to have Gluon's Hopper API. From shapes and the device only:
-    one CUDA graph keeps one kernel."""
+    else None, as with a Triton too old to have Gluon's Hopper API. From shapes, the device and the
+    caches' alignment only: one CUDA graph keeps one kernel."""
     if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
         return None
     try:
         from . import gluon_prefill
     except ImportError:
         return None
-    return gluon_prefill if gluon_prefill.supported(q, kv_heads, fmt) else None
+    return gluon_prefill if gluon_prefill.supported(q, kv, fmt) else None
 
 
 def extend_attention(out, q, cu_seqlens_q, kv: PagedKV, fmt: KVRecipe, sm_scale: float) -> None:
@@ -189,7 +189,7 @@ def extend_attention(out, q, cu_seqlens_q, kv: PagedKV, fmt: KVRecipe, sm_scale:
     prefill = triton_prefill.prefill_launch(tokens, batch, hq, hkv, d)
     with interpreter_fp32(out, q) as (out, q):
         if prefill is not None:
-            hopper = hopper_prefill(q, hkv, fmt)
+            hopper = hopper_prefill(q, kv, fmt)
             if hopper is not None:
                 hopper.extend_attention(out, q, cu_seqlens_q, kv, fmt, sm_scale)
             else:

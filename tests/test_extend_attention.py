@@ -399,16 +399,32 @@ def test_prefill_kernel_is_chosen_from_shapes_for_chunks_and_prefills():
     assert prefill_launch(4096, 1, 32, 8, 96) is None  # a head_dim without a launch shape
 
 
+def _cache(recipe, d):
+    from torch_fp4kv.ops.paged_kv import PagedKV
+
+    q, _, *cache = _problem(recipe, [1], [4], 32, 8, d)
+    return q, PagedKV.from_op_args(*cache[:8], d ** -0.5, *cache[8:])[0]
+
+
 def test_gluon_prefill_serves_fp4_keys_at_head_dim_64_and_128():
     """The Hopper prefill kernel's shapes; everything else runs triton_prefill."""
     gluon_prefill = pytest.importorskip("torch_fp4kv.ops.gluon_prefill")
-    q128, q64, q256 = (torch.empty(1, 32, d) for d in (128, 64, 256))
-    assert gluon_prefill.supported(q128, 8, get_kv_recipe("nvfp4"))
-    assert gluon_prefill.supported(q64, 8, get_kv_recipe("blockfp4"))
-    assert gluon_prefill.supported(q128, 8, get_kv_recipe("mxfp4"))
-    assert not gluon_prefill.supported(q64, 8, get_kv_recipe("mxfp4"))  # 2 scale bytes a row: no 4-byte copy
-    assert not gluon_prefill.supported(q128, 8, get_kv_recipe("nvfp4+k8"))  # FP8 keys
-    assert not gluon_prefill.supported(q256, 8, get_kv_recipe("nvfp4"))
+    for recipe, d, served in (("nvfp4", 128, True), ("blockfp4", 64, True), ("mxfp4", 128, True),
+                              ("mxfp4", 64, False),  # 2 scale bytes a row: no 4-byte copy
+                              ("nvfp4+k8", 128, False),  # FP8 keys
+                              ("nvfp4", 256, False)):
+        q, kv = _cache(recipe, d)
+        assert gluon_prefill.supported(q, kv, get_kv_recipe(recipe)) is served, (recipe, d)
+
+
+def test_gluon_prefill_needs_caches_aligned_for_its_copies():
+    """Its cp.async copies state 16-byte rows: a cache that starts off that alignment (a view one
+    byte into a bigger buffer) runs the Triton kernel instead."""
+    gluon_prefill = pytest.importorskip("torch_fp4kv.ops.gluon_prefill")
+    q, kv = _cache("nvfp4", 128)
+    shifted = torch.empty(kv.k_data.numel() + 1, dtype=torch.uint8)[1:].view(kv.k_data.shape)
+    assert gluon_prefill.supported(q, kv, get_kv_recipe("nvfp4"))
+    assert not gluon_prefill.supported(q, kv._replace(k_data=shifted), get_kv_recipe("nvfp4"))
 
 
 @requires_hopper
@@ -423,7 +439,7 @@ def test_gluon_prefill_kernel_matches_eager_on_hopper(recipe, case):
     q, cu, *cache = _problem(recipe, new, lens, hq, hkv, d, page, device="cuda", padding=padding)
     kv, _, _ = PagedKV.from_op_args(*cache[:8], d ** -0.5, *cache[8:])
     fmt = get_kv_recipe(recipe)
-    if not gluon_prefill.supported(q, hkv, fmt):
+    if not gluon_prefill.supported(q, kv, fmt):
         pytest.skip("a shape the Triton kernel serves")
     expected, actual = torch.empty_like(q), torch.empty_like(q)
     eager.extend_attention(expected, q, cu, kv, fmt, d ** -0.5)
