@@ -97,3 +97,9 @@ class PeerRatios(FP8Ratio):
 def cell(value: float | None, spec: str) -> str:
     """A table cell: value formatted by spec, "-" where there is none."""
     return format(value, spec) if value is not None else "-"
+
+
+def print_notes(rows) -> None:
+    """Under a table: each distinct reason its rows give for what could not run (row.notes), once."""
+    for note in dict.fromkeys(r.notes for r in rows if r.notes):
+        print(f"  could not run: {note}")

@@ -14,7 +14,7 @@ from ..ops.backends import select_backend
 from ..ops.paged_kv import PagedKV
 from ..testing.paged import (FLASHINFER_NVFP4_RECIPES, flashinfer_nvfp4_attention, flashinfer_paged_attention,
                              global_scales, random_cache, shuffled_page_table)
-from .common import PeerRatios, cell, has_flashinfer, ratio, timer, try_time, us
+from .common import PeerRatios, cell, has_flashinfer, print_notes, ratio, timer, try_time, us
 from .shapes import GRID_SHAPE, MODEL_SHAPES, DecodeShape
 
 
@@ -134,14 +134,10 @@ def print_decode_table(rows: list[DecodeRow]) -> None:
           " 'Triton us': our Triton kernel where the op ran the Gluon one)")
     print(f"{'shape':<16}{'recipe':<14}{'batch':>6}{'context':>9}{'FP4 us':>10}{'GB/s':>8}{'BF16 us':>10}"
           f"{'FP8 us':>10}{'FP4/BF16':>10}{'FP4/FP8':>9}{'FI NVFP4 us':>13}{'FP4/FI-NVFP4':>14}{'Triton us':>11}")
-    notes = []
     for r in rows:
         bf16 = cell(r.bf16_us, '.1f') + ("*" if r.bf16_kernel == "sdpa" else "")
         print(f"{r.shape:<16}{r.recipe:<14}{r.batch:>6}{r.context:>9}{r.fp4_us:>10.1f}{r.fp4_gb_per_s:>8.0f}"
               f"{bf16:>10}{cell(r.flashinfer_fp8_us, '10.1f'):>10}"
               f"{cell(r.x_bf16, '.3f'):>10}{cell(r.x_fp8, '.3f'):>9}{cell(r.flashinfer_nvfp4_us, '.1f'):>13}"
               f"{cell(r.x_flashinfer_nvfp4, '.3f'):>14}{cell(r.triton_kernel_us, '11.1f'):>11}")
-        if r.notes and r.notes not in notes:
-            notes.append(r.notes)
-    for note in notes:
-        print(f"  could not run: {note}")
+    print_notes(rows)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..testing.llama import Config, Transformer, make_caches, swap_caches
-from .common import cell, has_flashinfer, ratio, timer, try_time, us
+from .common import cell, has_flashinfer, print_notes, ratio, timer, try_time, us
 from .extend import ExtendCase, parse_extend_case
 from .shapes import GRID_SHAPE
 from .step_caches import BASELINE, CACHE_KINDS, CacheKind, plan_step
@@ -152,12 +152,8 @@ def print_e2e_table(rows: list[E2ERow], free: int | None) -> None:
           f" alone fits in {memory}")
     print(f"{'step':<16}{'cache':<20}{'step us':>11}{'tokens/s':>12}{'x BF16':>8}{'KV B/token/layer':>18}"
           f"{'max batch':>11}")
-    notes = []
     for r in rows:
         step = f"{r.batch}x{r.context}+{r.new}"
         print(f"{step:<16}{r.cache:<20}{cell(r.step_us, '.1f'):>11}{cell(r.tokens_per_s, '.0f'):>12}"
               f"{cell(r.x_bf16, '.3f'):>8}{r.kv_bytes_per_token:>18}{cell(r.max_batch, 'd'):>11}")
-        if r.notes and r.notes not in notes:
-            notes.append(r.notes)
-    for note in notes:
-        print(f"  could not run: {note}")
+    print_notes(rows)

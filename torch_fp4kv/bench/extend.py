@@ -15,7 +15,7 @@ import torch
 from ..ops.paged_kv import PagedKV
 from ..testing.paged import (FLASHINFER_NVFP4_RECIPES, flashinfer_nvfp4_attention, flashinfer_paged_attention,
                              global_scales, random_cache, shuffled_page_table)
-from .common import PeerRatios, cell, has_flashinfer, ratio, timer, try_time, us
+from .common import PeerRatios, cell, has_flashinfer, print_notes, ratio, timer, try_time, us
 from .shapes import MODEL_SHAPES, DecodeShape, attention_shape, shape_label
 
 
@@ -186,14 +186,10 @@ def print_extend_table(rows: list[ExtendRow]) -> None:
           " over the same bytes, nvfp4 rows)")
     print(f"{'case':<26}{'recipe':<14}{'FP4 us':>10}{'dequant+attend':>16}{'BF16 fa2':>10}{'BF16 fa3':>10}"
           f"{'FP8 auto':>10}{'FP4/BF16':>10}{'FP4/FP8':>9}{'FI NVFP4 us':>13}{'FP4/FI-NVFP4':>14}")
-    notes = []
     for r in rows:
         case = f"{r.batch}x{r.context}+{r.new}" + ("" if r.shape == shape_label(None) else f"@{r.shape}")
         print(f"{case:<26}{r.recipe:<14}{r.fp4_us:>10.1f}{cell(r.dequant_attend_us, '16.1f'):>16}"
               f"{cell(r.flashinfer_bf16_fa2_us, '10.1f'):>10}{cell(r.flashinfer_bf16_fa3_us, '10.1f'):>10}"
               f"{cell(r.flashinfer_fp8_us, '10.1f'):>10}{cell(r.x_bf16, '.3f'):>10}{cell(r.x_fp8, '.3f'):>9}"
               f"{cell(r.flashinfer_nvfp4_us, '.1f'):>13}{cell(r.x_flashinfer_nvfp4, '.3f'):>14}")
-        if r.notes and r.notes not in notes:
-            notes.append(r.notes)
-    for note in notes:
-        print(f"  could not run: {note}")
+    print_notes(rows)

@@ -19,7 +19,7 @@ from ..ops.formats import BF16_LATENT_BYTES_PER_TOKEN
 from ..ops.paged_latent import PagedLatent
 from ..testing.mla import MLAConfig
 from ..testing.paged import FLASHINFER_WORKSPACE_BYTES, random_packed, shuffled_page_table
-from .common import FP8Ratio, cell, has_flashinfer, ratio, timer, try_time, us
+from .common import FP8Ratio, cell, has_flashinfer, print_notes, ratio, timer, try_time, us
 
 SHAPE = MLAConfig()  # DeepSeek-V3: the heads, latent and rope widths, and softmax scale of every row
 PAGE_SIZE = 64
@@ -181,13 +181,9 @@ def print_mla_table(rows: list[MLARow]) -> None:
           f" bytes per token and layer vs BF16's {BF16_LATENT_BYTES_PER_TOKEN}")
     print(f"{'case':<12}{'recipe':<14}{'FP4 us':>10}{'GB/s':>8}{'B/token':>9}{'B/BF16':>8}{'BF16 us':>16}"
           f"{'FP8 us':>16}{'FP4/BF16':>10}{'FP4/FP8':>9}")
-    notes = []
     for r in rows:
         print(f"{f'{r.batch}x{r.context}':<12}{r.recipe:<14}{r.fp4_us:>10.1f}{r.fp4_gb_per_s:>8.0f}"
               f"{r.bytes_per_token:>9}{r.x_bf16_bytes:>8.3f}{_flashinfer_cell(r.bf16_us, r.bf16_backend):>16}"
               f"{_flashinfer_cell(r.flashinfer_fp8_us, r.fp8_backend):>16}{cell(r.x_bf16, '.3f'):>10}"
               f"{cell(r.x_fp8, '.3f'):>9}")
-        if r.notes and r.notes not in notes:
-            notes.append(r.notes)
-    for note in notes:
-        print(f"  could not run: {note}")
+    print_notes(rows)
