@@ -13,19 +13,14 @@ import torch
 from . import triton_decode
 from .formats import KVRecipe
 from .paged_kv import PagedKV
+from .triton_launch import hopper_gluon
 
 
 def hopper_kernel(q: torch.Tensor, kv_heads: int, fmt: KVRecipe):
-    """gluon_decode if it serves this call (an SM90 GPU, checked here; head_dim 64/128, <= 16 query
-    heads per KV head, K and V in one FP4 format: gluon_decode.supported), else None, as with a
-    Triton too old to have Gluon's Hopper API."""
-    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
-        return None
-    try:
-        from . import gluon_decode
-    except ImportError:
-        return None
-    return gluon_decode if gluon_decode.supported(q, kv_heads, fmt) else None
+    """gluon_decode if it serves this call (an SM90 GPU; head_dim 64/128, <= 16 query heads per KV
+    head, K and V in one FP4 format: gluon_decode.supported), else None."""
+    kernel = hopper_gluon(q.device, "gluon_decode")
+    return kernel if kernel is not None and kernel.supported(q, kv_heads, fmt) else None
 
 
 def decode_attention(out, q, kv: PagedKV, fmt: KVRecipe, sm_scale: float, lse=None) -> None:

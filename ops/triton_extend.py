@@ -35,6 +35,7 @@ from .formats import KVRecipe
 from .paged_kv import PagedKV
 from .triton_attention_tiles import (NAN_GROUPS, diagonal_start, drop_unseen_values, kernel_inputs, query_pairs,
                                      segment_sequence, segment_tile, store_split, tile_scores, value_tile)
+from .triton_launch import hopper_gluon
 
 
 class ExtendLaunch(NamedTuple):
@@ -170,16 +171,10 @@ def extend_num_splits(busy_programs: int, max_len: int, device: torch.device, wa
 
 
 def hopper_prefill(q: torch.Tensor, kv: PagedKV, fmt: KVRecipe):
-    """gluon_prefill if it serves this prefill (an SM90 GPU, checked here; gluon_prefill.supported),
-    else None, as with a Triton too old to have Gluon's Hopper API. From shapes, the device and the
-    caches' alignment only: one CUDA graph keeps one kernel."""
-    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
-        return None
-    try:
-        from . import gluon_prefill
-    except ImportError:
-        return None
-    return gluon_prefill if gluon_prefill.supported(q, kv, fmt) else None
+    """gluon_prefill if it serves this prefill (an SM90 GPU; gluon_prefill.supported), else None.
+    From shapes, the device and the caches' alignment only: one CUDA graph keeps one kernel."""
+    kernel = hopper_gluon(q.device, "gluon_prefill")
+    return kernel if kernel is not None and kernel.supported(q, kv, fmt) else None
 
 
 def extend_attention(out, q, cu_seqlens_q, kv: PagedKV, fmt: KVRecipe, sm_scale: float) -> None:

@@ -2,10 +2,14 @@
 
 The quantize, dequantize and attention launchers all pass these to their kernels, so each rule is
 stated once: whether the kernels run on the CPU interpreter (fp32 tiles), which casts the GPU
-does itself (hardware_casts), and the global scales as one HAS_G flag (global_scale_pair).
+does itself (hardware_casts), the global scales as one HAS_G flag (global_scale_pair), and whether a
+Gluon kernel of this package can serve on the GPU (hopper_gluon).
 """
 
 from __future__ import annotations
+
+import importlib
+from types import ModuleType
 
 import torch
 
@@ -34,3 +38,15 @@ def global_scale_pair(k_global_scale, v_global_scale, device):
         return k_global_scale, v_global_scale
     ones = torch.ones(1, dtype=torch.float32, device=device)
     return (ones if k_global_scale is None else k_global_scale), (ones if v_global_scale is None else v_global_scale)
+
+
+def hopper_gluon(device: torch.device, module: str) -> ModuleType | None:
+    """The Gluon kernel module `module` of this package on an SM90 GPU (wgmma is SM90-only), else
+    None, as with a Triton too old to have Gluon's Hopper API. The caller asks the module whether it
+    serves the call's shapes."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+        return None
+    try:
+        return importlib.import_module(f".{module}", __package__)
+    except ImportError:
+        return None
