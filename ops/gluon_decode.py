@@ -15,7 +15,7 @@ The copies and the decode (NVFP4 through FP8 conversions, E8M0 through the Trito
 decode) are gluon_tiles'.
 
 Tiles are 64 positions, so three to five programs share an SM. It serves head_dim 64 and 128 (not
-MXFP4 at 64) with up to 16 query heads per KV head (padded to 8 or 16, a wgmma tile's side);
+MXFP4 at 64) with up to 32 query heads per KV head (padded to 8, 16 or 32, a wgmma tile's side);
 other shapes and GPUs run the Triton kernel (decode.py chooses). The rules both kernels must agree
 on (split sizes, the page table, key order, global scales, partial outputs and their merge) are
 attention_shared's @triton.jit functions, which this kernel calls as they are. It runs with Triton
@@ -42,7 +42,7 @@ from .paged_kv import PagedKV
 from .triton_codes import tile_dtype
 
 HEAD_DIMS = (64, 128)
-MAX_GROUP = 16  # query heads per KV head
+MAX_GROUP = 32  # query heads per KV head
 # Context positions per tile. 64 (heads padded to 8) rather than 128 (to 16): an NVFP4 program needs
 # 92 registers per thread and 38 KB of shared memory instead of about 190 and 78 KB, so five programs
 # share an SM instead of two and hide each other's memory waits (docs/performance.md).
@@ -51,7 +51,8 @@ BLOCK_N = 64
 # buffers cost shared memory (fewer programs per SM) and were slower (docs/performance.md).
 STAGES = 2
 # Programs an SM holds, for sizing the splits to whole rounds of the GPU: at head_dim 128, 5 for NVFP4
-# with heads padded to 8 (92 registers), 3 to 4 for E8M0 scales or 16 heads (127 to 142).
+# with heads padded to 8 (92 registers), 3 to 4 for E8M0 scales or 16 heads (127 to 142), 3 for 32
+# heads (154 to 167).
 # Four is the middle: the split rule is coarse, and a round more or less shows only at the tails.
 PROGRAMS_PER_SM = 4
 # At most this many splits: past it, more and shorter splits were slower on a long single sequence
@@ -89,7 +90,7 @@ def gluon_num_splits(batch: int, kv_heads: int, max_len: int, programs: int) -> 
 
 
 def group_pad(group: int) -> int:
-    """Query heads per KV head padded to a wgmma tile side (8 or 16)."""
+    """Query heads per KV head padded to a wgmma tile side (8, 16 or 32)."""
     return max(_MIN_GROUP_PAD, triton.next_power_of_2(group))
 
 

@@ -294,6 +294,7 @@ HOPPER_CASES = [  # (batch, hq, hkv, d, page_size, max_pages, seq_lens)
     (2, 16, 1, 64, 1, 700, [700, 129]),
     (4, 4, 4, 128, 128, 9, [1100, 128, 127, 5]),
     (1, 12, 4, 64, 5, 50, [249]),
+    (3, 64, 2, 128, 16, 70, [1100, 17, 64]),  # 32 query heads per KV head: the widest tile
 ]
 
 

@@ -333,13 +333,14 @@ def test_verify_route_with_unsorted_offsets_and_engine_made_metadata(backend, ve
 
 
 def test_verify_route_is_taken_from_shapes_where_the_hopper_decode_serves():
-    """T // B new tokens times the group within the Gluon kernel's 16 rows, on SM90 only."""
+    """T // B new tokens times the group within the Gluon kernel's 32 rows, on SM90 only."""
     from torch_fp4kv.ops import triton_verify
 
     q = torch.empty(128, 32, 128, device=TRITON_DEVICE)  # 32 sequences x 4 tokens, 32/8 heads
     on_hopper = TRITON_DEVICE == "cuda" and torch.cuda.get_device_capability() == (9, 0)
     assert triton_verify.routed_tokens(q, 32, 8, get_kv_recipe("nvfp4")) == (4 if on_hopper else 0)
-    assert triton_verify.routed_tokens(q, 16, 8, get_kv_recipe("nvfp4")) == 0  # 8 x 4 rows: too many
+    assert triton_verify.routed_tokens(q, 16, 8, get_kv_recipe("nvfp4")) == (8 if on_hopper else 0)  # 8 x 4 rows
+    assert triton_verify.routed_tokens(q, 8, 8, get_kv_recipe("nvfp4")) == 0  # 16 x 4 rows: too many
     assert triton_verify.routed_tokens(q, 32, 8, get_kv_recipe("nvfp4+k8")) == 0  # Gluon reads FP4 keys only
     assert triton_verify.routed_tokens(q[:0], 32, 8, get_kv_recipe("nvfp4")) == 0
 

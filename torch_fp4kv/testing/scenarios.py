@@ -351,6 +351,7 @@ def scenarios() -> list[Scenario]:
                   extend_engine_metadata(recipe, 64, stale_nan=True),
                   extend_engine_metadata(recipe, 128, (4, 4, 4, 4), padding=0, stale_nan=True)]
         found += [extend_engine_metadata(recipe, 64, CHUNK, max_pages=8, stale_nan=stale) for stale in (False, True)]
+        found.append(extend_engine_metadata(recipe, 128, (8, 8, 8, 8), padding=0))  # 8 x 4 rows: the widest verify
     for value in (-1.0, 0.0, float("nan"), float("inf")):
         found += [unusable_global_scale("quantize", value), unusable_global_scale("dequantize", value)]
     found.append(decode_engine_metadata("nvfp4", 128, k_global_scale=-1.0))
