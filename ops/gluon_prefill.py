@@ -12,7 +12,9 @@ are specialised, as FA3's, so the decode never waits on the tensor cores nor the
   mbarrier, STAGES decoded tiles in flight;
 - the attend partition (two warpgroups of 64 rows, most registers) waits for a tile, issues S_j and
   the previous tile's P V asynchronously, runs the online softmax (one fma and one exp2 a score)
-  while P V runs, and hands the previous tile's buffers back on another mbarrier;
+  while P V runs, and hands the previous tile's buffers back on another mbarrier. It is the
+  default partition: ptxas overlaps the softmax with P V only there (in a worker partition it
+  waits for P V first; docs/performance.md);
 - the causal mask and the NaN rule run on the diagonal tiles only.
 
 The NaN rule (eager.masked_attention, drop_unseen_values for the Triton kernels): V blocks whose

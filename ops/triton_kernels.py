@@ -217,7 +217,7 @@ def _rounding_quotient(a, scale, d, inverse):
     quotient; d == 0 gives inf or NaN, which _quantize_rows discards (keep)."""
     a = a * scale
     q = a * inverse
-    return tl.fma(tl.fma(-q, d, a), inverse, q)
+    return tl.fma(tl.fma(q, -d, a), inverse, q)  # -d: negated once per divisor, not per quotient
 
 
 @triton.jit

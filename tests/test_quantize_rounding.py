@@ -129,7 +129,7 @@ def _wrong_sides(corrections: int, stride: int = 1) -> int:
                 above = a.astype(np.float64) > exact
                 q = a * inverse
                 for _ in range(corrections):
-                    q = _fma32(_fma32(-q, d, a), inverse, q)
+                    q = _fma32(_fma32(q, -d, a), inverse, q)
                 wrong += int((((q >= t) if inclusive else (q > t)) != above).sum())
     return wrong
 
