@@ -62,14 +62,16 @@ _NUM_WARPS = gl.constexpr(4)  # one warpgroup: the wgmma unit
 _MIN_GROUP_PAD = 8  # wgmma's N side: query heads are padded to a multiple of it
 
 
-
-def supported(q: torch.Tensor, kv_heads: int, fmt: KVRecipe) -> bool:
+def supported(q: torch.Tensor, kv: PagedKV, fmt: KVRecipe) -> bool:
     """Whether this kernel serves the call on a Hopper GPU (wgmma is SM90-only; decode.hopper_kernel
     checks the GPU before importing this module): its shapes, and K in the values' FP4 format (FP8
     keys run the Triton kernel). A row's scale bytes must make one cp.async of at least 4 bytes (not
-    MXFP4 at head_dim 64)."""
+    MXFP4 at head_dim 64), and the caches must start 16-byte aligned: the copies' widths come from
+    the alignment Triton sees in the pointers, and below 4 bytes a cp.async does not compile."""
     batch, hq, d = q.shape
-    return d in HEAD_DIMS and hq // kv_heads <= MAX_GROUP and fmt.k is fmt.v and d // fmt.v.block_size >= 4
+    aligned = all(x.data_ptr() % 16 == 0 for x in (kv.k_data, kv.k_scales, kv.v_data, kv.v_scales))
+    return (d in HEAD_DIMS and hq // kv.kv_heads <= MAX_GROUP and fmt.k is fmt.v and d // fmt.v.block_size >= 4
+            and aligned)
 
 
 @functools.lru_cache(maxsize=None)
@@ -217,7 +219,7 @@ def _decode_split_kernel(
 
 
 def decode_attention(out, q, kv: PagedKV, fmt: KVRecipe, sm_scale: float, lse=None) -> None:
-    """The Gluon kernel; call it only where supported(q, kv.kv_heads, fmt) (decode.py does)."""
+    """The Gluon kernel; call it only where supported(q, kv, fmt) (decode.py does)."""
     batch, hq, _ = q.shape
     hkv = kv.kv_heads
     positions = positions_per_split(kv.max_len, splits_for(batch, hkv, kv.max_len, q.device), BLOCK_N)

@@ -190,7 +190,7 @@ def extend_attention(out, q, cu_seqlens_q, kv: PagedKV, fmt: KVRecipe, sm_scale:
             else:
                 triton_prefill.extend_attention(out, q, cu_seqlens_q, kv, fmt, sm_scale, prefill)
             return
-        routed = triton_verify.routed_tokens(q, batch, hkv, fmt)
+        routed = triton_verify.routed_tokens(q, kv, fmt)
         if routed:  # every row, unless a sequence has more than `routed`: one split for those few
             triton_verify.extend_attention(out, q, cu_seqlens_q, kv, fmt, sm_scale, routed)
             splits = 1

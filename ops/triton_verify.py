@@ -30,16 +30,18 @@ from .triton_attention_tiles import (drop_unseen_values, kernel_inputs, nan_wher
                                      value_tile)
 
 
-def routed_tokens(q: torch.Tensor, batch: int, kv_heads: int, fmt: KVRecipe) -> int:
+def routed_tokens(q: torch.Tensor, kv: PagedKV, fmt: KVRecipe) -> int:
     """New tokens per sequence this route serves for q [T, Hq, D] (0: none): n = T // B where n
-    tokens times the group's query heads are rows the Hopper decode kernel serves. From shapes
-    only, so a CUDA graph of a verify step always takes the same path."""
+    tokens times the group's query heads are rows the Hopper decode kernel serves on this cache.
+    From shapes and the cache buffers only, so a CUDA graph of a verify step always takes the same
+    path."""
     tokens, hq, d = q.shape
+    batch, kv_heads = kv.block_table.shape[0], kv.kv_heads
     n = tokens // batch if batch else 0
     if n == 0:
         return 0
     rows = q.new_empty(1).as_strided((batch, kv_heads * n * (hq // kv_heads), d), (0, 0, 0))  # a shape, no data
-    return n if decode.hopper_kernel(rows, kv_heads, fmt) else 0
+    return n if decode.hopper_kernel(rows, kv, fmt) else 0
 
 
 @triton.jit

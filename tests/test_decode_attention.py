@@ -266,7 +266,9 @@ def test_one_split_writes_the_output_without_a_merge_on_gpu(backend, recipe):
     from torch_fp4kv.ops import decode, triton_decode
 
     hkv, page, max_pages, device = 8, 16, 32, torch.device("cuda")
-    kernel = decode.hopper_kernel(torch.empty(1, 32, 128, device=device), hkv, get_kv_recipe(recipe))
+    (q, *cache), _ = _problem(recipe, 1, 32, hkv, 128, page, max_pages, device="cuda")
+    kv = PagedKV.from_op_args(*cache[:8], 128 ** -0.5, *cache[8:])[0]
+    kernel = decode.hopper_kernel(q, kv, get_kv_recipe(recipe))
     if kernel:
         splits = lambda b: kernel.splits_for(b, hkv, page * max_pages, device)  # noqa: E731
     else:
@@ -298,6 +300,19 @@ HOPPER_CASES = [  # (batch, hq, hkv, d, page_size, max_pages, seq_lens)
 ]
 
 
+@pytest.mark.parametrize("buffer", ["k_data", "k_scales", "v_data", "v_scales"])
+def test_gluon_decode_needs_caches_aligned_for_its_copies(buffer):
+    """Its cp.async copies take their widths from the alignment Triton sees in the cache pointers: a
+    cache that starts off 16 bytes (a view one byte into a bigger buffer) runs the Triton kernel."""
+    gluon_decode = pytest.importorskip("torch_fp4kv.ops.gluon_decode")
+    (q, *cache), _ = _problem("nvfp4", 2, 8, 2, 128)
+    kv = PagedKV.from_op_args(*cache[:8], 128 ** -0.5, *cache[8:])[0]
+    assert gluon_decode.supported(q, kv, get_kv_recipe("nvfp4"))
+    tensor = getattr(kv, buffer)  # bytes (packed codes, scale bytes)
+    shifted = torch.empty(tensor.numel() + 1, dtype=torch.uint8)[1:].view(tensor.dtype).view(tensor.shape)
+    assert not gluon_decode.supported(q, kv._replace(**{buffer: shifted}), get_kv_recipe("nvfp4"))
+
+
 @requires_hopper
 @pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("case", HOPPER_CASES, ids=[f"b{c[0]}-hq{c[1]}-hkv{c[2]}-d{c[3]}-page{c[4]}" for c in HOPPER_CASES])
@@ -309,15 +324,15 @@ def test_gluon_and_triton_kernels_match_eager_on_hopper(recipe, case):
     batch, hq, hkv, d, page, max_pages, lens = case
     (q, *cache), _ = _problem(recipe, batch, hq, hkv, d, page, max_pages, lens, device="cuda")
     k_data, k_scales, v_data, v_scales, table, seq_lens, page, _, k_g, v_g = cache
-    assert gluon_decode.supported(q, hkv, get_kv_recipe(recipe)) == (recipe != "mxfp4" or d != 64)  # 2 scale bytes a row
+    kv = PagedKV(k_data, k_scales, v_data, v_scales, table, seq_lens, page, k_g, v_g)
+    assert gluon_decode.supported(q, kv, get_kv_recipe(recipe)) == (recipe != "mxfp4" or d != 64)  # 2 scale bytes a row
     outputs = []
     kernels = [eager.decode_attention, triton_decode.decode_attention]
-    if gluon_decode.supported(q, hkv, get_kv_recipe(recipe)):
+    if gluon_decode.supported(q, kv, get_kv_recipe(recipe)):
         kernels.append(gluon_decode.decode_attention)
     lses = []
     for kernel in kernels:
         out, with_lse, lse = torch.empty_like(q), torch.empty_like(q), torch.empty(q.shape[:2], device="cuda")
-        kv = PagedKV(k_data, k_scales, v_data, v_scales, table, seq_lens, page, k_g, v_g)
         kernel(out, q, kv, get_kv_recipe(recipe), d ** -0.5)
         kernel(with_lse, q, kv, get_kv_recipe(recipe), d ** -0.5, lse)
         torch.testing.assert_close(with_lse, out, atol=0, rtol=0)

@@ -307,7 +307,8 @@ def verify_route(monkeypatch):
     plus the tail kernel) whatever the device; unpatched only the SM90 Gluon decode takes it."""
     from torch_fp4kv.ops import triton_verify
 
-    monkeypatch.setattr(triton_verify, "routed_tokens", lambda q, batch, kv_heads, fmt: q.shape[0] // max(batch, 1))
+    monkeypatch.setattr(triton_verify, "routed_tokens",
+                            lambda q, kv, fmt: q.shape[0] // max(kv.block_table.shape[0], 1))
 
 
 VERIFY_CASES = [  # (new tokens per sequence, seq_lens, hq, hkv, d, page_size, padding rows)
@@ -336,13 +337,25 @@ def test_verify_route_is_taken_from_shapes_where_the_hopper_decode_serves():
     """T // B new tokens times the group within the Gluon kernel's 32 rows, on SM90 only."""
     from torch_fp4kv.ops import triton_verify
 
+    from torch_fp4kv.ops.paged_kv import PagedKV
+    from torch_fp4kv.testing.paged import random_cache
+
+    def cache(batch, recipe="nvfp4"):  # 8 KV heads of 128, one page a sequence
+        return PagedKV(*random_cache(recipe, 16 * batch, 8, 128, TRITON_DEVICE),
+                       torch.zeros(batch, 1, dtype=torch.int32, device=TRITON_DEVICE),
+                       torch.ones(batch, dtype=torch.int32, device=TRITON_DEVICE), 16)
+
     q = torch.empty(128, 32, 128, device=TRITON_DEVICE)  # 32 sequences x 4 tokens, 32/8 heads
     on_hopper = TRITON_DEVICE == "cuda" and torch.cuda.get_device_capability() == (9, 0)
-    assert triton_verify.routed_tokens(q, 32, 8, get_kv_recipe("nvfp4")) == (4 if on_hopper else 0)
-    assert triton_verify.routed_tokens(q, 16, 8, get_kv_recipe("nvfp4")) == (8 if on_hopper else 0)  # 8 x 4 rows
-    assert triton_verify.routed_tokens(q, 8, 8, get_kv_recipe("nvfp4")) == 0  # 16 x 4 rows: too many
-    assert triton_verify.routed_tokens(q, 32, 8, get_kv_recipe("nvfp4+k8")) == 0  # Gluon reads FP4 keys only
-    assert triton_verify.routed_tokens(q[:0], 32, 8, get_kv_recipe("nvfp4")) == 0
+    assert triton_verify.routed_tokens(q, cache(32), get_kv_recipe("nvfp4")) == (4 if on_hopper else 0)
+    assert triton_verify.routed_tokens(q, cache(16), get_kv_recipe("nvfp4")) == (8 if on_hopper else 0)  # 8 x 4 rows
+    assert triton_verify.routed_tokens(q, cache(8), get_kv_recipe("nvfp4")) == 0  # 16 x 4 rows: too many
+    assert triton_verify.routed_tokens(q, cache(32, "nvfp4+k8"), get_kv_recipe("nvfp4+k8")) == 0  # FP4 keys only
+    assert triton_verify.routed_tokens(q[:0], cache(32), get_kv_recipe("nvfp4")) == 0
+    shifted = cache(32)  # a cache one byte into a bigger buffer: the Gluon decode's copies need 16-byte rows
+    shifted = shifted._replace(k_data=torch.empty(shifted.k_data.numel() + 1, dtype=torch.uint8,
+                                                  device=TRITON_DEVICE)[1:].view(shifted.k_data.shape))
+    assert triton_verify.routed_tokens(q, shifted, get_kv_recipe("nvfp4")) == 0
 
 
 @pytest.fixture(params=[(16, 32), (128, 64)], ids=["m16", "m128"])

@@ -150,9 +150,13 @@ def test_triton_decode_reads_fp8_keys_like_eager(backend, recipe, d, hq, hkv, pa
 
 def test_gluon_never_serves_fp8_keys():
     from torch_fp4kv.ops import gluon_decode
+    from torch_fp4kv.ops.paged_kv import PagedKV
+    from torch_fp4kv.testing.paged import random_cache
 
     q = torch.empty(1, 8, 128)
-    assert not gluon_decode.supported(q, 2, get_kv_recipe("nvfp4+k8"))
+    kv = PagedKV(*random_cache("nvfp4+k8", 16, 2, 128), torch.zeros(1, 1, dtype=torch.int32),
+                 torch.ones(1, dtype=torch.int32), 16)
+    assert not gluon_decode.supported(q, kv, get_kv_recipe("nvfp4+k8"))
 
 
 # ---- bad input ----------------------------------------------------------------------------------

@@ -126,7 +126,8 @@ def _force_route(monkeypatch, route):
     """Send extend_attention's Triton calls down `route` on any device: the verify route (decode over
     the prefix + tail kernel), or the prefill kernel with 16-row programs over 32-position tiles."""
     if route == "verify":
-        monkeypatch.setattr(triton_verify, "routed_tokens", lambda q, batch, kv_heads, fmt: q.shape[0] // max(batch, 1))
+        monkeypatch.setattr(triton_verify, "routed_tokens",
+                            lambda q, kv, fmt: q.shape[0] // max(kv.block_table.shape[0], 1))
     else:
         launch = triton_prefill.PrefillLaunch(block_m=16, block_n=32, num_warps=4, num_stages=2, waves=4)
         monkeypatch.setattr(triton_prefill, "prefill_launch", lambda tokens, batch, hq, hkv, d: launch)

@@ -65,7 +65,7 @@ def _fp4_decode_time(recipe, q, kv: PagedKV, device, timed) -> tuple[float, floa
     if device.type == "cuda" and select_backend("decode_attention", kv_recipe, device, q.dtype) is Backend.TRITON:
         from ..ops import decode, triton_decode
 
-        if decode.hopper_kernel(q, kv.kv_heads, kv_recipe):
+        if decode.hopper_kernel(q, kv, kv_recipe):
             triton_seconds = timed(lambda: triton_decode.decode_attention(out, q, kv, kv_recipe, d ** -0.5))
     return seconds, triton_seconds
 

@@ -218,14 +218,25 @@ def _lengths(g: torch.Generator, batch: int, longest: int, low: int = 1) -> torc
     return torch.stack((lengths, lengths), 1).flatten()[::2]
 
 
+def _pool_views(cache: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The cache buffers as views one slot into pools whose first slot an engine reserves (SGLang's
+    padding slot): at 2 heads of 4 scale bytes a view starts 8 bytes off a 16-byte boundary."""
+    views = []
+    for t in cache:
+        pool = torch.empty((t.shape[0] + 1, *t.shape[1:]), dtype=t.dtype, device=t.device)
+        views.append(pool[1:].copy_(t))
+    return views
+
+
 def decode_engine_metadata(recipe: str, head_dim: int, batch: int = 4, q_heads: int = 8, kv_heads: int = 2,
                            page_size: int = 16, max_pages: int = 4, k_global_scale: float = 0.03,
-                           stale_nan: bool = False) -> Scenario:
+                           stale_nan: bool = False, pool_slot: bool = False) -> Scenario:
     """Decode over _paged_cache's engine-made page table, with strided seq_lens of lengths 0 and past
     the table. `recipe`: a KV_RECIPES name. stale_nan: every position past a sequence's length
-    holds NaN keys and values (pages reused without clearing), which no output may show."""
+    holds NaN keys and values (pages reused without clearing), which no output may show. pool_slot:
+    the cache buffers are _pool_views."""
     name = (f"decode/{recipe}/D{head_dim}/B{batch}xHq{q_heads}xHkv{kv_heads}xP{page_size}/kg{k_global_scale}"
-            + ("/stale-nan" if stale_nan else ""))
+            + ("/stale-nan" if stale_nan else "") + ("/pool-slot" if pool_slot else ""))
 
     def inputs():
         g = seeded(name)
@@ -236,15 +247,16 @@ def decode_engine_metadata(recipe: str, head_dim: int, batch: int = 4, q_heads: 
                     [(b, p) for b in range(batch) for p in range(int(seq_lens[b]), max_pages * page_size)])
         return [spread_normal(g, (batch, q_heads, head_dim)), *cache, table, seq_lens, kg, vg]
 
-    def call(*args):
-        return [decode_attention(*args[:7], page_size, recipe, *args[7:])]
+    def call(q, *args):
+        cache = _pool_views(list(args[:4])) if pool_slot else list(args[:4])
+        return [decode_attention(q, *cache, *args[4:6], page_size, recipe, *args[6:])]
 
     return Scenario(name, "decode_attention", recipe, torch.bfloat16, inputs, call, exact=False)
 
 
 def extend_engine_metadata(recipe: str, head_dim: int, new_tokens=(3, 4, 0, 2), q_heads: int = 8, kv_heads: int = 2,
                            page_size: int = 16, max_pages: int = 4, padding: int = 2,
-                           stale_nan: bool = False) -> Scenario:
+                           stale_nan: bool = False, pool_slot: bool = False) -> Scenario:
     """extend_attention over _paged_cache's page table: strided cu_seqlens_q and seq_lens, a sequence
     with no new tokens, `padding` rows of q no sequence owns, lengths 0 and past the table. With as
     many new tokens per sequence as rows / sequences (e.g. (4, 4, 4, 4), padding 0), it is the
@@ -252,10 +264,10 @@ def extend_engine_metadata(recipe: str, head_dim: int, new_tokens=(3, 4, 0, 2), 
     (new tokens x query heads per KV head) or more per sequence, e.g. (70, 40, 0, 50) at 8/2 heads,
     a chunk (ops/triton_prefill.py). stale_nan:
     the positions past each sequence's length and its last new token hold NaN keys and values; the
-    rows before that token must not show it."""
+    rows before that token must not show it. pool_slot: the cache buffers are _pool_views."""
     batch = len(new_tokens)
     name = (f"extend/{recipe}/D{head_dim}/new{'-'.join(map(str, new_tokens))}+{padding}xHq{q_heads}xHkv{kv_heads}"
-            f"xP{page_size}" + ("/stale-nan" if stale_nan else ""))
+            f"xP{page_size}" + ("/stale-nan" if stale_nan else "") + ("/pool-slot" if pool_slot else ""))
 
     def inputs():
         g = seeded(name)
@@ -270,7 +282,8 @@ def extend_engine_metadata(recipe: str, head_dim: int, new_tokens=(3, 4, 0, 2), 
         return [q, strided_column(offsets), *cache, table, seq_lens, kg, vg]
 
     def call(q, cu, *args):
-        return [extend_attention(q, cu, *args[:6], page_size, recipe, *args[6:])]
+        cache = _pool_views(list(args[:4])) if pool_slot else list(args[:4])
+        return [extend_attention(q, cu, *cache, *args[4:6], page_size, recipe, *args[6:])]
 
     return Scenario(name, "extend_attention", recipe, torch.bfloat16, inputs, call, exact=False)
 
@@ -352,6 +365,9 @@ def scenarios() -> list[Scenario]:
                   extend_engine_metadata(recipe, 128, (4, 4, 4, 4), padding=0, stale_nan=True)]
         found += [extend_engine_metadata(recipe, 64, CHUNK, max_pages=8, stale_nan=stale) for stale in (False, True)]
         found.append(extend_engine_metadata(recipe, 128, (8, 8, 8, 8), padding=0))  # 8 x 4 rows: the widest verify
+    # caches one reserved slot into their pools: scale rows off 16 bytes (the Gluon decode then passes)
+    found += [decode_engine_metadata("nvfp4", 64, pool_slot=True),
+              extend_engine_metadata("nvfp4", 64, (4, 4, 4, 4), padding=0, pool_slot=True)]
     for value in (-1.0, 0.0, float("nan"), float("inf")):
         found += [unusable_global_scale("quantize", value), unusable_global_scale("dequantize", value)]
     found.append(decode_engine_metadata("nvfp4", 128, k_global_scale=-1.0))
