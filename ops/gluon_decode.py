@@ -37,7 +37,7 @@ from .attention_shared import (context_len, global_scales, key_columns, key_pair
                                positions_per_split, sm_count, split_kernel_arguments, split_lse,
                                split_outputs, split_range)
 from .formats import KVRecipe
-from .gluon_tiles import barrier, byte_basis, decode_tile, log2_int, row_bytes_layout, stage_tile
+from .gluon_tiles import barrier, byte_basis, caches_aligned, decode_tile, log2_int, row_bytes_layout, stage_tile
 from .paged_kv import PagedKV
 from .triton_codes import tile_dtype
 
@@ -69,9 +69,8 @@ def supported(q: torch.Tensor, kv: PagedKV, fmt: KVRecipe) -> bool:
     MXFP4 at head_dim 64), and the caches must start 16-byte aligned: the copies' widths come from
     the alignment Triton sees in the pointers, and below 4 bytes a cp.async does not compile."""
     batch, hq, d = q.shape
-    aligned = all(x.data_ptr() % 16 == 0 for x in (kv.k_data, kv.k_scales, kv.v_data, kv.v_scales))
     return (d in HEAD_DIMS and hq // kv.kv_heads <= MAX_GROUP and fmt.k is fmt.v and d // fmt.v.block_size >= 4
-            and aligned)
+            and caches_aligned(kv, 16))
 
 
 @functools.lru_cache(maxsize=None)

@@ -39,7 +39,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_
 from .attention_shared import (global_scales, merge_splits, positions_per_split, sm_count, split_count,
                                split_kernel_arguments, split_lse, split_outputs, split_range)
 from .formats import KVRecipe
-from .gluon_tiles import barrier, decode_blocks, row_bytes_layout, stage_rows, staged_rows
+from .gluon_tiles import barrier, caches_aligned, decode_blocks, row_bytes_layout, stage_rows, staged_rows
 from .paged_kv import PagedKV
 from .triton_attention_tiles import diagonal_start, segment_sequence, segment_tile
 from .triton_codes import block_scales, tile_dtype
@@ -69,9 +69,7 @@ def supported(q: torch.Tensor, kv: PagedKV, fmt: KVRecipe) -> bool:
     for those copies (packed bytes at 16 bytes, scale rows at their size), as torch allocates them."""
     d = q.shape[-1]
     nb = d // fmt.v.block_size
-    aligned = all(x.data_ptr() % 16 == 0 for x in (kv.k_data, kv.v_data)) and \
-        all(x.data_ptr() % nb == 0 for x in (kv.k_scales, kv.v_scales))
-    return d in HEAD_DIMS and fmt.k is fmt.v and nb >= 4 and aligned
+    return d in HEAD_DIMS and fmt.k is fmt.v and nb >= 4 and caches_aligned(kv, nb)
 
 
 @gluon.jit

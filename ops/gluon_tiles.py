@@ -18,6 +18,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import async_copy
 
 from .attention_shared import paged_rows
+from .paged_kv import PagedKV
 from .triton_codes import E8M0_DECODE_PTX, block_scales
 
 async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
@@ -123,6 +124,14 @@ def decode_blocks(blocks_smem, scales_smem, layout: gl.constexpr, E4M3_SCALES: g
         even, odd = gl.inline_asm_elementwise(_E8M0_DECODE_PTX_GL, "=r,=r,=r,=r,r,r,r", [packed, scale],
                                               dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=4)
     return even, odd
+
+
+def caches_aligned(kv: PagedKV, scale_alignment: int) -> bool:
+    """Whether the copies below can read this cache: packed bytes starting 16-byte aligned, scale
+    bytes at `scale_alignment` (16 where a kernel relies on the alignment Triton sees in the
+    pointers, a scale row's size where the copies state it), as torch allocates them."""
+    return all(x.data_ptr() % 16 == 0 for x in (kv.k_data, kv.v_data)) and \
+        all(x.data_ptr() % scale_alignment == 0 for x in (kv.k_scales, kv.v_scales))
 
 
 @gluon.constexpr_function

@@ -308,7 +308,7 @@ def verify_route(monkeypatch):
     from torch_fp4kv.ops import triton_verify
 
     monkeypatch.setattr(triton_verify, "routed_tokens",
-                            lambda q, kv, fmt: q.shape[0] // max(kv.block_table.shape[0], 1))
+                        lambda q, kv, fmt: q.shape[0] // max(kv.block_table.shape[0], 1))
 
 
 VERIFY_CASES = [  # (new tokens per sequence, seq_lens, hq, hkv, d, page_size, padding rows)
