@@ -197,8 +197,10 @@ def test_calibration_state_dict_saves_and_loads(recipe, tmp_path):
 
     with pytest.raises(ValueError, match="k_mean must have shape"):
         fresh.set_k_mean(0, torch.zeros(D))
-    with pytest.raises(ValueError, match="scales found for layer 5"):
+    with pytest.raises(ValueError, match="k_mean found for layer 5, but the cache's layers are"):
         fresh.load_scales_from_model({"layers.5.k_mean": torch.zeros(H, D)})
+    with pytest.raises(ValueError, match=r"k_mean found for layers \[1\] but not for layer 0"):
+        fresh.load_scales_from_model({"layers.1.k_mean": torch.zeros(H, D)})
     plain = get_fp4_kv_cache_quant_method(recipe)
     plain.create_buffers(16, H, D, layers, "cpu")
     with pytest.raises(ValueError, match="without smooth_k"):

@@ -298,6 +298,13 @@ BAD_LOADS = [
                                                    "layers.0.k_scale": torch.ones(2)}, "k_scale"),
     ("nvfp4", dict(smooth_k=True), {"layers.0.k_scale": 0.5, "layers.0.v_scale": 0.5,
                                     "layers.0.k_mean": torch.ones(H + 1, D)}, "k_mean"),
+    ("nvfp4", dict(smooth_k=True), {"layers.0.k_scale": 0.5, "layers.0.v_scale": 0.5,
+                                    "layers.0.k_mean": torch.ones(H, D).index_fill(1, torch.tensor([2]), float("nan"))},
+     "k_mean"),
+    *(("nvfp4", {}, {"layers.0.k_scale": 0.5, "layers.0.v_scale": bad}, "v_scale")
+      for bad in (float("nan"), float("inf"), 0.0, -0.5, torch.tensor([float("nan")]))),
+    ("nvfp4", {}, {"model.layers.0.self_attn.k_scale": 0.5, "model.layers.0.self_attn.v_scale": 0.5,
+                   "vision.layers.0.self_attn.k_scale": 0.5, "vision.layers.0.self_attn.v_scale": 0.5}, "k_scale"),
     *(("nvfp4", dict(smooth_k=True, channel_scale_k=True),
        {"layers.0.k_mean": torch.ones(H, D), "layers.0.k_channel_scale": bad}, "k_channel_scale")
       for bad in (torch.ones(H, D + 1), torch.zeros(H, D), -torch.ones(H, D),
@@ -318,6 +325,8 @@ def test_load_scales_from_model_checks_every_entry_before_writing(recipe, option
 @pytest.mark.parametrize("k_scale, v_scale, error, text", [
     (2.0, torch.ones(3), ValueError, r"v_scale must have one element; got shape \(3,\)"),
     ("2.0", 1.0, TypeError, "k_scale must be a number or a tensor, got str"),
+    *((2.0, bad, ValueError, "v_scale is .*: a global scale must be finite and > 0")
+      for bad in (float("nan"), float("-inf"), 0.0, -1.0)),
 ])
 def test_set_global_scales_checks_both_before_writing(k_scale, v_scale, error, text):
     method = _calibrated_method({})

@@ -287,6 +287,41 @@ def test_calibrate_save_load_round_trip_reaches_every_consumer(tiny_model, tmp_p
     assert all(torch.equal(a, b) for a, b in zip(load_kv_scales(tmp_path, "nvfp4").values(), loaded.values()))
 
 
+_GOOD = {f"layers.{i}.{t}_scale": torch.tensor([0.01 * (i + 1)]) for i in range(2) for t in "kv"}
+
+
+@pytest.mark.parametrize("recipe, calibration, message", [
+    ("nvfp4", {k: v for k, v in _GOOD.items() if k.startswith("layers.0.")},
+     r"k_scale found for layers \[0\] but not for layer 1"),
+    ("nvfp4", {**_GOOD, "layers.2.k_scale": 1.0, "layers.2.v_scale": 1.0}, r"k_scale found for layer 2, but the cache"),
+    ("nvfp4", {**_GOOD, "layers.1.v_scale": float("nan")}, "layer 1's v_scale is nan"),
+    ("nvfp4", {**_GOOD, "layers.1.k_scale": 0.0}, "layer 1's k_scale is 0.0"),
+    ("nvfp4", {**_GOOD, "layers.1.v_scale": torch.ones(2)}, "layer 1's v_scale must have one element"),
+    ("nvfp4+smooth", {**_GOOD, "layers.0.k_mean": torch.zeros(3, 64)}, r"k_mean found for layers \[0\] but not for layer 1"),
+], ids=["a layer missing", "a layer too many", "nan", "zero", "per-head", "a K mean missing"])
+def test_fp4cache_checks_its_calibration_when_created(tiny_model, recipe, calibration, message):
+    """A calibration that does not fit the model is an error naming the layer when the cache is
+    made, before the first generate() allocates and loads it; never a silent default."""
+    from torch_fp4kv.hf import FP4Cache
+
+    assert tiny_model.config.num_hidden_layers == 2
+    tiny_model.set_attn_implementation("fp4kv")
+    with pytest.raises(ValueError, match=message):
+        FP4Cache(tiny_model.config, max_cache_len=16, recipe=recipe, calibration=calibration)
+    FP4Cache(tiny_model.config, max_cache_len=16, recipe="blockfp4", calibration=calibration)  # it keeps none of them
+
+
+def test_fp4cache_names_the_layer_whose_k_mean_does_not_fit(tiny_model):
+    from torch_fp4kv.hf import FP4Cache, cache_argument
+
+    tiny_model.set_attn_implementation("fp4kv")
+    heads, dim = tiny_model.config.num_key_value_heads, tiny_model.config.head_dim
+    state = {**_GOOD, "layers.0.k_mean": torch.zeros(heads, dim), "layers.1.k_mean": torch.zeros(heads + 1, dim)}
+    cache = FP4Cache(tiny_model.config, max_cache_len=16, recipe="nvfp4+smooth", calibration=state)
+    with pytest.raises(ValueError, match=r"layer 1's k_mean must have shape"):
+        tiny_model(torch.tensor([[5, 6, 7]]), **{cache_argument(tiny_model): cache})
+
+
 def test_k8_calibration_saves_in_the_format_chosen(tiny_model, tmp_path):
     from torch_fp4kv.hf import calibrate
 

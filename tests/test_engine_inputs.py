@@ -251,6 +251,9 @@ def test_registry_and_cache_reject_nonsense():
         torch_fp4kv.register_fp4_kv_cache_quant_method(None)
     with pytest.raises(TypeError, match="name must be a non-empty str"):
         torch_fp4kv.register_fp4_kv_cache_quant_method("")
+    with pytest.raises(ValueError, match="name must not contain '\\+'"):  # the factory reads options after it
+        torch_fp4kv.register_fp4_kv_cache_quant_method("my+method")
+    assert "my+method" not in torch_fp4kv.FP4_KV_CACHE_QUANT_REGISTRY
     for head_dim in (0, -16):
         with pytest.raises(ValueError, match=rf"head_dim must be an int >= 1, got {head_dim}"):
             torch_fp4kv.FP4KVPool("nvfp4", 8, 2, head_dim, 1)

@@ -1,5 +1,7 @@
 """Strategies, registry, factory and the engine pool (SGLang's own interface: test_sglang.py)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -204,14 +206,53 @@ def test_load_scales_from_modelopt_state_dict():
         "model.layers.2.self_attn.v_scale": torch.tensor([0.125]),
         "model.layers.0.self_attn.k_scale": torch.tensor(4.0),
         "model.layers.0.self_attn.v_scale": torch.tensor(8.0),
+        "model.layers.1.self_attn.k_scale": 2.0,
+        "model.layers.1.self_attn.v_scale": 0.5,
     }
     method = NVFP4Method()
     buffers = method.create_buffers(SIZE, H, D, LAYERS, "cpu")
     before = [s.data_ptr() for s in buffers.k_global_scales]
-    assert method.load_scales_from_model(state) == 2
-    assert [s.item() for s in buffers.k_global_scales] == [4.0, 1.0, 0.25]
-    assert [s.item() for s in buffers.v_global_scales] == [8.0, 1.0, 0.125]
+    assert method.load_scales_from_model(state) == 3
+    assert [s.item() for s in buffers.k_global_scales] == [4.0, 2.0, 0.25]
+    assert [s.item() for s in buffers.v_global_scales] == [8.0, 0.5, 0.125]
     assert [s.data_ptr() for s in buffers.k_global_scales] == before, "scales must be updated in place"
+
+
+def test_load_scales_from_model_takes_the_layer_from_module_names():
+    """Scales on `model.layers.1` are layer 1's, whatever the module order; layer 0 without them
+    is an error naming it, not a silent 1.0."""
+    layers = nn.ModuleList([nn.Linear(2, 2), nn.Sequential(_Attention(0.25, 0.5)), nn.Linear(2, 2)])
+    model = nn.Module()
+    model.model = nn.Module()
+    model.model.layers = layers
+    method = NVFP4Method()
+    method.create_buffers(SIZE, H, D, LAYERS, "cpu")
+    with pytest.raises(ValueError, match=r"k_scale found for layers \[1\] but not for layer 0"):
+        method.load_scales_from_model(model)
+    for i in (0, 2):
+        layers[i] = _Attention(1.0 + i, 2.0 + i)
+    assert method.load_scales_from_model(model) == LAYERS
+    assert [tuple(s.item() for s in method.global_scales(i)) for i in range(LAYERS)] == [(1.0, 2.0), (0.25, 0.5), (3.0, 4.0)]
+
+
+def test_load_scales_from_a_quantized_model_converts_its_format():
+    """A model whose config names FP8 KV scales (compressed-tensors' kv_cache_scheme) gives NVFP4
+    global scales amax / (448 * 6): its scales / 6, as checkpoint_scales.load_kv_scales reads them."""
+    model = nn.Module()
+    model.model = nn.Module()
+    model.model.layers = nn.ModuleList([nn.Module() for _ in range(LAYERS)])
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn = _Attention(0.6 * (i + 1), 1.2 * (i + 1))
+    model.config = SimpleNamespace(
+        to_dict=lambda: {"num_hidden_layers": LAYERS,
+                         "quantization_config": {"kv_cache_scheme": {"type": "float", "num_bits": 8}}},
+        quantization_config={"kv_cache_scheme": {"type": "float", "num_bits": 8}})
+    method = NVFP4Method()
+    method.create_buffers(SIZE, H, D, LAYERS, "cpu")
+    assert method.load_scales_from_model(model) == LAYERS
+    for i in range(LAYERS):
+        k, v = (s.item() for s in method.global_scales(i))
+        assert k == pytest.approx(0.1 * (i + 1)) and v == pytest.approx(0.2 * (i + 1))
 
 
 def test_load_scales_errors():
@@ -219,7 +260,7 @@ def test_load_scales_errors():
     method.create_buffers(SIZE, H, D, 1, "cpu")
     with pytest.raises(ValueError, match="no model.layers.0.attn.v_scale"):
         method.load_scales_from_model({"model.layers.0.attn.k_scale": torch.tensor(1.0)})
-    with pytest.raises(ValueError, match="scales found for layer 5, but the cache has 1 layers"):
+    with pytest.raises(ValueError, match=r"k_scale found for layer 5, but the cache's layers are \[0\]"):
         method.load_scales_from_model({"layers.5.k_scale": torch.tensor(1.0), "layers.5.v_scale": torch.tensor(1.0)})
     with pytest.raises(TypeError, match="source must be an nn.Module or a state dict"):
         method.load_scales_from_model([1.0, 2.0])

@@ -661,3 +661,16 @@ def test_load_scales_from_a_calibration_state_dict():
         m.load_scales_from_model({"layers.0.k_scale": 1.0})
     with pytest.raises(ValueError, match="layer 0's v_scale must have one element"):
         m.load_scales_from_model({"layers.0.k_scale": 1.0, "layers.0.v_scale": torch.ones(2)})
+    for bad in (float("nan"), float("inf"), 0.0, -1.0):
+        with pytest.raises(ValueError, match="layer 1's v_scale is .*: a global scale must be finite and > 0"):
+            m.load_scales_from_model({"layers.1.k_scale": 1.0, "layers.1.v_scale": bad})
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 0.0, -2.0])
+def test_load_scales_from_a_model_runner_checks_each_value(bad):
+    """A model runner's attention scales that cannot be global scales are errors naming the layer."""
+    m = NVFP4Method(num_layers=2, device="cpu")
+    with pytest.raises(ValueError, match="layer 1's k_scale is .*: a global scale must be finite and > 0"):
+        m.load_scales_from_model(_model_runner(SimpleNamespace(attn=_attention(0, 0.5, 0.75)),
+                                               SimpleNamespace(attn=_attention(1, bad, 0.75))))
+    assert m.k_scales_gpu.tolist() == [1.0, 1.0], "nothing is written"

@@ -33,22 +33,66 @@ def layer_index(prefix: str, order: int) -> int:
 
 
 def entries_by_layer(state: Mapping, name: str) -> dict[int, object]:
-    """Entries `<prefix>.<name>` of a state dict by layer (prefixes without `layers.N` by their order)."""
+    """Entries `<prefix>.<name>` of a state dict by layer (prefixes without `layers.N` by their
+    order); two entries for one layer (a vision tower's beside the decoder's, say) are a ValueError."""
     prefixes = sorted({key[: -len(name) - 1] for key in state if key.endswith("." + name)})
-    return {layer_index(prefix, order): state[f"{prefix}.{name}"] for order, prefix in enumerate(prefixes)}
+    found, keys = {}, {}
+    for order, prefix in enumerate(prefixes):
+        layer = layer_index(prefix, order)
+        if layer in found:
+            raise ValueError(f"the state dict has two {name} entries for layer {layer}: {keys[layer]} and {prefix}.{name}")
+        found[layer], keys[layer] = state[f"{prefix}.{name}"], f"{prefix}.{name}"
+    return found
+
+
+def entries_for_layers(state: Mapping, name: str, layer_ids: Sequence[int]) -> dict[int, object]:
+    """entries_by_layer for a cache whose layers are `layer_ids`: none, or one for each of them and
+    no other (a calibration that covers some layers would leave the rest at their defaults)."""
+    found = entries_by_layer(state, name)
+    extra = sorted(set(found) - set(layer_ids))
+    if extra:
+        raise ValueError(f"{name} found for layer {extra[0]}, but the cache's layers are {_span(layer_ids)}")
+    missing = sorted(set(layer_ids) - set(found))
+    if found and missing:
+        raise ValueError(f"{name} found for layers {_span(sorted(found))} but not for layer {missing[0]}: "
+                         "each layer needs its own")
+    return found
+
+
+def _span(layer_ids: Sequence[int]) -> str:
+    ids = list(layer_ids)
+    return f"{ids[0]}..{ids[-1]}" if ids == list(range(ids[0], ids[-1] + 1)) and len(ids) > 2 else str(ids)
+
+
+def layer_entries(state: Mapping | None, layer_idx: int) -> dict:
+    """Layer `layer_idx`'s entries of a calibration state dict, keyed `layers.{layer_idx}.<entry>`."""
+    found = {}
+    for name in ENTRY_BUFFERS:
+        entries = entries_by_layer(state or {}, name)
+        if layer_idx in entries:
+            found[f"layers.{layer_idx}.{name}"] = entries[layer_idx]
+    return found
 
 
 def layer_calibration(state: Mapping | None, layer_idx: int) -> dict | None:
     """Layer `layer_idx`'s entries of a calibration state dict, renamed `layers.0.*`: the state
     dict of that one layer. None if it has none."""
-    if not state:
-        return None
-    found = {}
-    for name in ENTRY_BUFFERS:
-        entries = entries_by_layer(state, name)
-        if layer_idx in entries:
-            found[f"layers.0.{name}"] = entries[layer_idx]
+    found = {f"layers.0.{key.rsplit('.', 1)[1]}": value for key, value in layer_entries(state, layer_idx).items()}
     return found or None
+
+
+def check_calibration(state: Mapping, layer_num: int, kept: Sequence[str]) -> None:
+    """Check a calibration state dict for a cache of `layer_num` layers that keeps the entries
+    `kept` (names of ENTRY_BUFFERS) before any layer exists: each kept entry for every layer or
+    none, global scales finite and > 0, K means finite and K channel scales finite and > 0 (their
+    shapes are checked when a layer loads them). Errors name the layer."""
+    for name in kept:
+        for i, value in entries_for_layers(state, name, range(layer_num)).items():
+            label = f"layer {i}'s {name}"
+            if name in ("k_scale", "v_scale"):
+                global_scale_value(value, label)
+                continue
+            checked_values(float32(value, label), label, positive=name == "k_channel_scale")
 
 
 def calibrate_layer(layer: FP4KVPoolLayer, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None = None) -> None:
@@ -111,23 +155,27 @@ def calibration_state_dict(layers: Sequence[FP4KVPoolLayer]) -> dict[str, torch.
     return state
 
 
-def calibration_updates(layers: Sequence[FP4KVPoolLayer], state: Mapping) -> dict[tuple[int, str], torch.Tensor]:
-    """What loading `state` writes, by (layer, buffer), each value checked: the entries whose buffer
-    the layers keep (K means when smoothing, K channel scales when scaling, each global scale the
-    formats have); others are ignored."""
+def calibration_updates(layers: Sequence[FP4KVPoolLayer], state: Mapping,
+                        layer_ids: Sequence[int] | None = None) -> dict[tuple[int, str], torch.Tensor]:
+    """What loading `state` writes, by (position in `layers`, buffer), each value checked: the
+    entries whose buffer the layers keep (K means when smoothing, K channel scales when scaling,
+    each global scale the formats have), for all of the layers or none; others are ignored.
+    `layer_ids`: the layer number each of `layers` has in the state dict's keys (0, 1, ... by default)."""
+    layer_ids = list(range(len(layers))) if layer_ids is None else list(layer_ids)
+    position = {layer_id: p for p, layer_id in enumerate(layer_ids)}
     updates = {}
     for name, buffer in ENTRY_BUFFERS.items():
         if getattr(layers[0], buffer) is None:
             continue
-        found = entries_by_layer(state, name)
-        check_layers(found, len(layers))
-        for i, value in found.items():
+        for i, value in entries_for_layers(state, name, layer_ids).items():
+            layer, label = layers[position[i]], f"layer {i}'s {name}"
             if name == "k_mean":
-                updates[i, buffer] = k_mean_value(layers[i], value, f"layer {i}'s k_mean")
+                value = k_mean_value(layer, value, label)
             elif name == "k_channel_scale":
-                updates[i, buffer] = k_channel_scale_value(layers[i], value, f"layer {i}'s k_channel_scale")
+                value = k_channel_scale_value(layer, value, label)
             else:
-                updates[i, buffer] = global_scale_value(value, f"layer {i}'s {name}")
+                value = global_scale_value(value, label)
+            updates[position[i], buffer] = value
     return updates
 
 
@@ -139,16 +187,11 @@ def write_updates(layers: Sequence[FP4KVPoolLayer], updates: Mapping[tuple[int, 
     return len({i for i, _ in updates})
 
 
-def load_calibration(layers: Sequence[FP4KVPoolLayer], state: Mapping) -> int:
-    """Load a calibration state dict into layer caches (layer i from `layers.{i}.*`); every entry
-    is checked before any is written. Returns how many layers were set."""
-    return write_updates(layers, calibration_updates(layers, state))
-
-
-def check_layers(found: Mapping[int, object], layer_num: int) -> None:
-    for layer_id in found:
-        if not 0 <= layer_id < layer_num:
-            raise ValueError(f"scales found for layer {layer_id}, but the cache has {layer_num} layers")
+def load_calibration(layers: Sequence[FP4KVPoolLayer], state: Mapping, layer_ids: Sequence[int] | None = None) -> int:
+    """Load a calibration state dict into layer caches (layer i from `layers.{i}.*`, i from
+    `layer_ids` as calibration_updates takes it); every entry is checked before any is written.
+    Returns how many layers were set."""
+    return write_updates(layers, calibration_updates(layers, state, layer_ids))
 
 
 def float32(value, name: str) -> torch.Tensor:
@@ -160,10 +203,14 @@ def float32(value, name: str) -> torch.Tensor:
 
 
 def global_scale_value(value, name: str) -> torch.Tensor:
-    """A global scale (a number or a one-element tensor) as float32 [1], checked before it is written."""
+    """A global scale (a number or a one-element tensor) as float32 [1], finite and > 0 (it
+    multiplies every dequantized value, and calibration never gives another), checked before it is
+    written."""
     scale = float32(value, name)
     if scale.numel() != 1:
         raise ValueError(f"{name} must have one element; got shape {tuple(scale.shape)}")
+    if not (torch.isfinite(scale).all() and scale.item() > 0):
+        raise ValueError(f"{name} is {scale.item()}: a global scale must be finite and > 0")
     return scale.reshape(1)
 
 
@@ -174,7 +221,7 @@ def k_mean_value(layer: FP4KVPoolLayer, k_mean, name: str = "k_mean") -> torch.T
     value = float32(k_mean, name)
     if value.shape != layer.k_mean.shape:
         raise ValueError(f"{name} must have shape {tuple(layer.k_mean.shape)} ([H, D]); got {tuple(value.shape)}")
-    return value
+    return checked_values(value, name)
 
 
 def k_channel_scale_value(layer: FP4KVPoolLayer, k_channel_scale, name: str = "k_channel_scale") -> torch.Tensor:
@@ -186,7 +233,14 @@ def k_channel_scale_value(layer: FP4KVPoolLayer, k_channel_scale, name: str = "k
     if value.shape != layer.k_channel_scale.shape:
         raise ValueError(f"{name} must have shape {tuple(layer.k_channel_scale.shape)} ([H, D]); "
                          f"got {tuple(value.shape)}")
-    if not bool((torch.isfinite(value) & (value > 0)).all()):
-        raise ValueError(f"{name} must be finite and > 0 everywhere (it divides K); got min {value.min().item()}, "
-                         f"max {value.max().item()}")
+    return checked_values(value, name, positive=True)  # they divide K
+
+
+def checked_values(value: torch.Tensor, name: str, positive: bool = False) -> torch.Tensor:
+    """value, each element finite (and > 0 where `positive`), else a ValueError naming it: a NaN or
+    inf calibration entry would reach every stored key."""
+    ok = torch.isfinite(value) & (value > 0) if positive else torch.isfinite(value)
+    if not bool(ok.all()):
+        raise ValueError(f"{name} must be finite{' and > 0' if positive else ''} everywhere; got min "
+                         f"{value.min().item()}, max {value.max().item()}")
     return value

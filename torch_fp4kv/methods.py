@@ -20,8 +20,8 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
-from .calibration import (calibrate_layer, calibration_state_dict, calibration_updates, check_layers,
-                          global_scale_value, k_channel_scale_value, k_mean_value, write_updates)
+from .calibration import (calibrate_layer, calibration_state_dict, calibration_updates, global_scale_value,
+                          k_channel_scale_value, k_mean_value, layer_index, write_updates)
 from .layer_cache import DeviceOnlyBuffers, FP4KVPoolLayer
 from .ops import FP4Format, FP4KVCacheRecipe, KVRecipe, checks, get_format, get_kv_recipe
 from .options import KVCacheOptions
@@ -305,21 +305,30 @@ class NVFP4Method(TableFP4Method):
             target.copy_(value)
 
     def _scale_updates(self, source) -> dict[tuple[int, str], torch.Tensor]:
-        """From an `nn.Module`: `k_scale`/`v_scale` of its attention modules (those holding both, in
-        module order) as each layer's global scales. From a state dict: every entry a table method
-        reads, each `k_scale` with its `v_scale`."""
+        """From an `nn.Module`: the `k_scale`/`v_scale` its modules hold, the layer from a module's
+        name (the number after `layers.`, else module order); a model whose config has a
+        `quantization_config` goes through `checkpoint_scales.load_kv_scales`, which converts the
+        scales from the KV format it names. From a state dict: every entry a table method reads,
+        each `k_scale` with its `v_scale`."""
         if isinstance(source, nn.Module):
-            holders = [m for m in source.modules() if hasattr(m, "k_scale") and hasattr(m, "v_scale")]
-            check_layers(range(len(holders)), len(self._created_layers()))
-            return {(i, f"{name}_global_scale"): global_scale_value(getattr(m, f"{name}_scale"),
-                                                                    f"layer {i}'s {name}_scale")
-                    for i, m in enumerate(holders) for name in "kv"}
+            source = self._module_scales(source)
         if not isinstance(source, Mapping):
             raise TypeError(f"source must be an nn.Module or a state dict, got {type(source).__name__}")
         for key in source:
             if key.endswith(".k_scale") and f"{key.removesuffix('.k_scale')}.v_scale" not in source:
                 raise ValueError(f"state dict has {key} but no {key.removesuffix('.k_scale')}.v_scale")
         return super()._scale_updates(source)
+
+    def _module_scales(self, model: nn.Module) -> dict:
+        if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
+            # Imported here: checkpoint_scales resolves recipe names through this module's registry.
+            from .checkpoint_scales import load_kv_scales
+            return load_kv_scales(model, self.options.spell(self.recipe.value), layers=range(len(self._created_layers())))
+        holders = [(name, module) for name, module in model.named_modules()
+                   if hasattr(module, "k_scale") and hasattr(module, "v_scale")]
+        # A name without `layers.N` takes its module order, renamed so (sorted names would put 10 before 2).
+        return {f"{name if layer_index(name, -1) >= 0 else f'layers.{order}'}.{tensor}_scale":
+                getattr(module, f"{tensor}_scale") for order, (name, module) in enumerate(holders) for tensor in "kv"}
 
 
 class NVFP4FourOverSixMethod(NVFP4Method):
@@ -364,6 +373,8 @@ def register_fp4_kv_cache_quant_method(name: str) -> Callable[[type], type]:
     """Class decorator that adds a third-party method to the registry under `name`."""
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty str, got {name!r}")
+    if "+" in name:  # the factory reads what follows a "+" as options
+        raise ValueError(f"name must not contain '+' (get_fp4_kv_cache_quant_method reads options after it); got {name!r}")
 
     def register(cls: type) -> type:
         if not (isinstance(cls, type) and issubclass(cls, FP4KVCacheQuantMethod)):

@@ -36,9 +36,10 @@ import torch
 from transformers import StaticCache
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
-from ..calibration import layer_calibration, load_calibration
+from ..calibration import check_calibration, layer_entries, load_calibration
 from ..layer_cache import FP4KVPoolLayer
 from ..methods import table_format
+from ..ops import get_kv_recipe
 from ..ops.checks import DECODE_HEAD_DIMS, MAX_PAGE_SIZE
 from ..options import KVCacheOptions
 from .positional import attention_with_lse, merge_attention, positional_attention
@@ -96,18 +97,19 @@ class FP4CacheLayer(CacheLayerMixin):
     def __init__(self, recipe: str, max_cache_len: int, sliding_window: int | None = None, *,
                  rotate: bool | None = None, smooth_k: bool | None = None, channel_scale_k: bool | None = None,
                  k_fp8: bool | None = None, calibration: dict | None = None, sink_tokens: int | None = None,
-                 recent_tokens: int | None = None):
-        """`recipe` and the option keywords as `FP4Cache` takes them. `calibration`: this layer's
-        entries of a calibration state dict (`layers.0.k_mean`, ...; `layer_calibration` cuts them
-        from a model's). `sink_tokens`, `recent_tokens`: positions attended in full precision at
-        each sequence's start and end (module docstring)."""
+                 recent_tokens: int | None = None, layer_idx: int = 0):
+        """`recipe` and the option keywords as `FP4Cache` takes them. `calibration`: a calibration
+        state dict, of which this layer loads layer `layer_idx`'s entries (`layers.{layer_idx}.k_mean`,
+        ...). `sink_tokens`, `recent_tokens`: positions attended in full precision at each
+        sequence's start and end (module docstring)."""
         super().__init__()
         method, self.options = KVCacheOptions.resolve(recipe, rotate=rotate, smooth_k=smooth_k,
                                                       channel_scale_k=channel_scale_k, k_fp8=k_fp8,
                                                       sink_tokens=sink_tokens, recent_tokens=recent_tokens)
         self.fmt = table_format(method)
         self.recipe = self.options.spell(method)
-        self.calibration = calibration
+        self.calibration = layer_entries(calibration, layer_idx)
+        self.layer_idx = layer_idx
         self.max_cache_len = max_cache_len
         self.window = sliding_window
         self.is_sliding = sliding_window is not None
@@ -131,7 +133,7 @@ class FP4CacheLayer(CacheLayerMixin):
         self.fp4 = FP4KVPoolLayer.allocate(self.fmt, self.options.method_options, batch * self.capacity, heads,
                                            head_dim, device)
         if self.calibration:
-            load_calibration([self.fp4], self.calibration)
+            load_calibration([self.fp4], self.calibration, [self.layer_idx])
         self.device, self.batch_size, self.num_heads, self.head_dim = device, batch, heads, head_dim
         pages = self.capacity // self.page_size
         self.block_table = (torch.arange(batch, device=device)[:, None] * pages
@@ -311,13 +313,19 @@ def _fp4_layers(text_config, max_cache_len: int, recipe: str, calibration: dict 
                          "after the cache returns them, so its cache must return tensors, not store and attend "
                          "as FP4Cache does (docs/design.md, \"Latent (MLA) cache\")")
     layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
+    if calibration:
+        method, options = KVCacheOptions.parse(recipe)
+        kv = get_kv_recipe(options.kv_recipe(table_format(method)))
+        kept = {"k_mean": options.smooth_k, "k_channel_scale": options.channel_scale_k,
+                "k_scale": kv.k.has_global_scale, "v_scale": kv.v.has_global_scale}
+        check_calibration(calibration, len(layer_types), [name for name, keeps in kept.items() if keeps])
     layers = []
     for index, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
         if layer_type not in ("full_attention", "sliding_attention"):
             raise ValueError(f"config: layer {index} is {layer_type!r}; FP4Cache supports full_attention "
                              "and sliding_attention layers")
         layers.append(FP4CacheLayer(recipe, max_cache_len, kwargs.get("sliding_window"),
-                                    calibration=layer_calibration(calibration, index)))
+                                    calibration=calibration, layer_idx=index))
     return layers
 
 

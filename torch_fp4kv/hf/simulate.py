@@ -15,7 +15,7 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .. import ops
-from ..calibration import layer_calibration, load_calibration
+from ..calibration import layer_entries, load_calibration
 from ..layer_cache import FP4KVPoolLayer
 from ..options import KVCacheOptions
 from .cache import ATTENTION_NAME
@@ -73,9 +73,9 @@ def roundtrip_attention(recipe: str, *, rotate: bool | None = None, smooth_k: bo
             if index not in layers:
                 layers[index] = FP4KVPoolLayer.allocate(fmt, options.method_options, 1, key.shape[1], key.shape[3],
                                                         key.device)
-                state = layer_calibration(calibration, index)
+                state = layer_entries(calibration, index)
                 if state:
-                    load_calibration([layers[index]], state)
+                    load_calibration([layers[index]], state, [index])
             k, v = layers[index].roundtrip(key.transpose(1, 2), value.transpose(1, 2))  # [B, T, H, D]
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         if not options.full_precision:

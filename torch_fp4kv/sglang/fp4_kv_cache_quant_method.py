@@ -273,8 +273,10 @@ def _attention_layers(language_model) -> list:
 
 
 def _scale_of(attention, name: str) -> float:
+    """An attention layer's k_scale or v_scale: 1.0 where it has none (SGLang's default), else one
+    number finite and > 0 (a ValueError names the layer)."""
     value = getattr(attention, name, None)
-    return 1.0 if value is None else float(value)
+    return 1.0 if value is None else float(global_scale_value(value, f"layer {attention.layer_id}'s {name}"))
 
 
 class BlockFP4KVMethod(_TableMethod):
