@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from .formats import FP4Format, KVRecipe, ScaleRule, get_format, get_kv_recipe
+from .formats import Element, FP4Format, KVRecipe, ScaleRule, get_format, get_kv_recipe
 from .paged_kv import PagedKV
 
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -169,6 +169,16 @@ def check_cache_data(data, fmt: FP4Format, data_name: str) -> None:
     check_tensor(data, data_name)
     check_rank(data, data_name, 3, f"[slots, H, {fmt.data_layout}]")
     check_packed_data(data, fmt, data_name)
+    # The Triton kernels read packed FP4 rows as 32-bit words and FP8 rows as 16-bit ones, from the
+    # buffer's start: a view of a pool that starts between two words cannot be read that way. (Not
+    # while torch.compile traces, which cannot trace a storage offset: the op's kernel checks it.)
+    if torch.compiler.is_compiling():
+        return
+    word = 2 if fmt.element is Element.E4M3 else 4
+    offset = data.storage_offset() * data.element_size()
+    if offset % word:
+        raise ValueError(f"{data_name} starts {offset} bytes into its storage, not a multiple of {word} bytes "
+                         f"({fmt.name} rows are read as {8 * word}-bit words); views of a pool whole slots in qualify")
 
 
 def check_cache(data, scales, fmt: FP4Format, data_name: str, scales_name: str) -> None:

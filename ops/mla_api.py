@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .api import gather_dequantize
 from .formats import get_latent_recipe
-from .mla_checks import check_mla_decode_args, check_mla_store_args
+from .mla_checks import check_latent_cache, check_mla_decode_args, check_mla_store_args
 from .paged_latent import PagedLatent
 
 
@@ -36,6 +36,7 @@ def mla_gather_dequantize(latent_data: Tensor, latent_scales: Tensor, rope_data:
     latents; slots outside the cache read as zeros. Two fp4kv::gather_dequantize calls: each half
     of the cache is a one-head cache of its format."""
     fmt = get_latent_recipe(recipe)
+    check_latent_cache(latent_data, latent_scales, rope_data, fmt)  # one head each, the same slots
     rope_scales = rope_data.new_empty((*rope_data.shape[:2], 0)) if isinstance(rope_data, Tensor) else rope_data
     c_kv = gather_dequantize(latent_data, latent_scales, loc, fmt.latent.name, latent_global_scale, dtype)
     k_pe = gather_dequantize(rope_data, rope_scales, loc, fmt.rope.name, rope_global_scale, dtype)

@@ -4,7 +4,8 @@ on fake tensors too), every error naming its argument, all before anything is wr
 A latent cache is a one-head cache: latent_data [slots, 1, R/2], latent_scales [slots, 1, R/block]
 (c_kv, kv_lora_rank R, in the recipe's FP4 format) and rope_data [slots, 1, P] (k_pe, rope_dim P,
 FP8 E4M3), all contiguous. The decode kernels tile R and P as powers of two of at least 16 (the
-tensor cores' smallest side), which DeepSeek-V3's 512 and 64 are.
+tensor cores' smallest side), R in two halves of whole blocks (so R >= 32 and twice the block),
+which DeepSeek-V3's 512 and 64 are.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from .paged_latent import PagedLatent
 MIN_WIDTH = 16
 
 
-def _check_width(width: int, name: str) -> None:
-    if width < MIN_WIDTH or width & (width - 1):
-        raise ValueError(f"{name}: width {width} is not a power of two >= {MIN_WIDTH}")
+def _check_width(width: int, name: str, minimum: int = MIN_WIDTH) -> None:
+    if width < minimum or width & (width - 1):
+        raise ValueError(f"{name}: width {width} is not a power of two >= {minimum}")
 
 
 def check_latent_cache(latent_data, latent_scales, rope_data, fmt: LatentRecipe) -> tuple[int, int]:
@@ -42,7 +43,9 @@ def check_latent_cache(latent_data, latent_scales, rope_data, fmt: LatentRecipe)
     if rope_data.shape[0] != latent_data.shape[0]:
         raise ValueError(f"rope_data has {rope_data.shape[0]} slots but latent_data has {latent_data.shape[0]}")
     rank, rope_dim = fmt.latent.head_dim_of(latent_data.shape[2]), fmt.rope.head_dim_of(rope_data.shape[2])
-    _check_width(rank, "latent_data")
+    # The Triton decode splits the latent's value columns in two halves of whole blocks, each at
+    # least the tensor cores' smallest side.
+    _check_width(rank, "latent_data", max(2 * MIN_WIDTH, 2 * fmt.latent.block_size))
     _check_width(rope_dim, "rope_data")
     return rank, rope_dim
 

@@ -61,6 +61,8 @@ _TORCH_TYPES = {tl.float32: torch.float32, tl.float16: torch.float16, tl.bfloat1
 
 def mla_store(latent_data, latent_scales, rope_data, loc, c_kv, k_pe, fmt: LatentRecipe, latent_global_scale=None,
               rope_global_scale=None) -> None:
+    if latent_data.shape[0] == 0:  # no slot to write (eager.store would index an empty cache)
+        return
     store_fp4(latent_data, latent_scales, loc, c_kv[:, None], fmt.latent, latent_global_scale)
     eager.store(rope_data, rope_data.new_empty((*rope_data.shape[:2], 0)), last_writer_slots(loc, rope_data.shape[0]),
                 k_pe[:, None], fmt.rope, rope_global_scale)

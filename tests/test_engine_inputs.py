@@ -264,3 +264,19 @@ def test_registry_and_cache_reject_nonsense():
     for layer_id in (-1, 3):
         with pytest.raises(IndexError, match=f"layer_id {layer_id} is out of range for 3 layers"):
             method.layer(layer_id)
+
+
+@pytest.mark.parametrize("recipe, offset", [("nvfp4", 2), ("nvfp4+k8", 1)])
+def test_a_cache_view_that_starts_between_words_is_refused(recipe, offset):
+    """The Triton kernels read packed FP4 rows as 32-bit words and FP8 rows as 16-bit ones: a cache
+    carved from a pool at a byte offset between them is a ValueError naming it, on every backend,
+    before anything is written."""
+    pool = torch_fp4kv.FP4KVPool(recipe, 8, 2, 64, 1)
+    layer = pool.layers[0]
+    flat = torch.zeros(layer.k_data.numel() + offset, dtype=torch.uint8)
+    k_data = flat[offset:].view(layer.k_data.shape)
+    k = torch.randn(2, 2, 64)
+    with pytest.raises(ValueError, match=f"k_data starts {offset} bytes into its storage"):
+        torch_fp4kv.quantize_and_store(k_data, layer.k_scales, layer.v_data, layer.v_scales, torch.tensor([0, 1]),
+                                       k, k, recipe, layer.k_global_scale, layer.v_global_scale)
+    assert not flat.any()

@@ -114,6 +114,17 @@ def test_eager_equals_attention_over_the_dequantized_latents(recipe):
     assert torch.isneginf(lse[2]).all() and not out[2].any()
 
 
+@pytest.mark.parametrize("backend_name", ["eager", "triton"])
+def test_store_into_a_cache_of_no_slots_writes_nothing(backend, backend_name):
+    backend(backend_name)
+    fmt = LATENT_RECIPES["nvfp4"]
+    caches = [torch.empty(0, 1, w, dtype=torch.uint8, device=TRITON_DEVICE)
+              for w in (fmt.latent.data_width(RANK), fmt.latent.scales_width(RANK), fmt.rope.data_width(ROPE))]
+    kv = torch.randn(3, RANK + ROPE, device=TRITON_DEVICE)
+    mla_store(*caches, torch.tensor([0, -1, 2], device=TRITON_DEVICE), kv[:, :RANK], kv[:, RANK:], "nvfp4",
+              torch.tensor([0.01], device=TRITON_DEVICE), torch.tensor([0.02], device=TRITON_DEVICE))
+
+
 @pytest.mark.parametrize("recipe", LATENTS)
 @pytest.mark.parametrize("backend_name", ["eager", "triton"])
 def test_store_follows_the_slot_rules(backend, backend_name, recipe):
@@ -189,6 +200,14 @@ def test_triton_splits_merge_to_one_call(backend, monkeypatch):
         torch.testing.assert_close(actual[1], expected[1], atol=2e-2, rtol=2e-2)
 
 
+def _one_byte_in(x):
+    """x's values in a buffer that starts one byte into its storage (a view carved from a pool)."""
+    flat = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+    view = flat[1:].view(x.shape)
+    view.copy_(x)
+    return view
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda c, q, t, s: _decode(c, q[..., :-1], t, s, 8), "q has width"),
     (lambda c, q, t, s: _decode(c, q.float(), t, s, 8), "q must have dtype"),
@@ -204,6 +223,15 @@ def test_triton_splits_merge_to_one_call(backend, monkeypatch):
                                   torch.ones(2, ROPE), "nvfp4", 0.5), "latent_global_scale"),
     (lambda c, q, t, s: mla_store(c.latent_data, c.latent_scales, c.rope_data, torch.arange(2), torch.ones(2, RANK),
                                   torch.ones(2, ROPE), "fp8"), "recipe='fp8'"),
+    (lambda c, q, t, s: mla_store(c.latent_data, c.latent_scales, _one_byte_in(c.rope_data), torch.arange(2),
+                                  torch.ones(2, RANK), torch.ones(2, ROPE), "nvfp4"), "rope_data starts 1 bytes"),
+    (lambda c, q, t, s: mla_decode_attention(q, _one_byte_in(c.latent_data), c.latent_scales, c.rope_data, t, s, 8,
+                                             "nvfp4", c.latent_global_scale, c.rope_global_scale),
+     "latent_data starts 1 bytes"),
+    (lambda c, q, t, s: mla_gather_dequantize(c.latent_data[:, :, :8].contiguous(), c.latent_scales[:, :, :1].contiguous(), c.rope_data,
+                                              torch.arange(2), "nvfp4"), "width 16 is not a power of two >= 32"),
+    (lambda c, q, t, s: mla_gather_dequantize(c.latent_data.view(-1, 2, RANK // 4), c.latent_scales.view(-1, 2, 2),
+                                              c.rope_data, torch.arange(2), "nvfp4"), "latent_data must hold one head"),
 ])
 def test_bad_input_names_the_argument_before_any_write(call, match):
     cache = _cache("nvfp4", 32)

@@ -382,10 +382,13 @@ SOAK_KINDS = ("store", "gather", "dequantize", "decode", "extend", "mla-store", 
 
 def random_mla_scenario(rng: random.Random, kind: str) -> Scenario:
     """An MLA store or decode ("mla-store", "mla-decode") of a random LATENT_RECIPES row, with a
-    kv_lora_rank and rope_dim the kernels tile (powers of two >= 16; the rank a whole number of the
-    coarsest block, 32), random slots, page sizes, lengths and head counts, stale NaN sometimes."""
+    kv_lora_rank and rope_dim the kernels tile (powers of two, rope_dim >= 16, the rank >= 32 and
+    twice the recipe's block: mla_checks), random slots, page sizes, lengths and head counts, stale
+    NaN sometimes."""
     recipe = rng.choice(sorted(LATENT_RECIPES))
-    rank, rope_dim = rng.choice((32, 64, 128, 256, 512)), rng.choice((16, 32, 64))
+    smallest_rank = max(32, 2 * LATENT_RECIPES[recipe].latent.block_size)
+    rank = rng.choice([r for r in (32, 64, 128, 256, 512) if r >= smallest_rank])
+    rope_dim = rng.choice((16, 32, 64))
     if kind == "mla-store":
         tokens, slots = rng.randint(1, 300), rng.randint(1, 400)
         loc = [rng.randint(-2, slots + 2) for _ in range(tokens)]
