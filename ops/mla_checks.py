@@ -26,6 +26,13 @@ def _check_width(width: int, name: str, minimum: int = MIN_WIDTH) -> None:
         raise ValueError(f"{name}: width {width} is not a power of two >= {minimum}")
 
 
+def smallest_rank(fmt: LatentRecipe) -> int:
+    """The smallest kv_lora_rank the decode kernels take for fmt: the Triton decode splits the
+    latent's value columns in two halves of whole blocks, each at least the tensor cores' smallest
+    side."""
+    return max(2 * MIN_WIDTH, 2 * fmt.latent.block_size)
+
+
 def check_latent_cache(latent_data, latent_scales, rope_data, fmt: LatentRecipe) -> tuple[int, int]:
     """The three buffers of a latent cache, one head each, the same slots, one device ->
     (kv_lora_rank, rope_dim)."""
@@ -43,9 +50,7 @@ def check_latent_cache(latent_data, latent_scales, rope_data, fmt: LatentRecipe)
     if rope_data.shape[0] != latent_data.shape[0]:
         raise ValueError(f"rope_data has {rope_data.shape[0]} slots but latent_data has {latent_data.shape[0]}")
     rank, rope_dim = fmt.latent.head_dim_of(latent_data.shape[2]), fmt.rope.head_dim_of(rope_data.shape[2])
-    # The Triton decode splits the latent's value columns in two halves of whole blocks, each at
-    # least the tensor cores' smallest side.
-    _check_width(rank, "latent_data", max(2 * MIN_WIDTH, 2 * fmt.latent.block_size))
+    _check_width(rank, "latent_data", smallest_rank(fmt))
     _check_width(rope_dim, "rope_data")
     return rank, rope_dim
 

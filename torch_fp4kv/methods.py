@@ -326,9 +326,12 @@ class NVFP4Method(TableFP4Method):
             return load_kv_scales(model, self.options.spell(self.recipe.value), layers=range(len(self._created_layers())))
         holders = [(name, module) for name, module in model.named_modules()
                    if hasattr(module, "k_scale") and hasattr(module, "v_scale")]
-        # A name without `layers.N` takes its module order, renamed so (sorted names would put 10 before 2).
-        return {f"{name if layer_index(name, -1) >= 0 else f'layers.{order}'}.{tensor}_scale":
-                getattr(module, f"{tensor}_scale") for order, (name, module) in enumerate(holders) for tensor in "kv"}
+        state = {}
+        for order, (name, module) in enumerate(holders):
+            if layer_index(name, -1) < 0:  # no `layers.N`: its module order (sorted names would put 10 before 2)
+                name = f"layers.{order}"
+            state[f"{name}.k_scale"], state[f"{name}.v_scale"] = module.k_scale, module.v_scale
+        return state
 
 
 class NVFP4FourOverSixMethod(NVFP4Method):

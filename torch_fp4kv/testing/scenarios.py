@@ -23,6 +23,7 @@ from ..ops import (FORMATS, KV_RECIPES, LATENT_RECIPES, decode_attention, dequan
                    quantize_and_store)
 from ..ops.backends import Backend, forced_backend, unavailable_reason
 from ..ops.checks import OUTPUT_DTYPES
+from ..ops.mla_checks import smallest_rank
 from ..ops.formats import E4M3_NAN_BYTE, Element
 
 
@@ -386,8 +387,7 @@ def random_mla_scenario(rng: random.Random, kind: str) -> Scenario:
     twice the recipe's block: mla_checks), random slots, page sizes, lengths and head counts, stale
     NaN sometimes."""
     recipe = rng.choice(sorted(LATENT_RECIPES))
-    smallest_rank = max(32, 2 * LATENT_RECIPES[recipe].latent.block_size)
-    rank = rng.choice([r for r in (32, 64, 128, 256, 512) if r >= smallest_rank])
+    rank = rng.choice([r for r in (32, 64, 128, 256, 512) if r >= smallest_rank(LATENT_RECIPES[recipe])])
     rope_dim = rng.choice((16, 32, 64))
     if kind == "mla-store":
         tokens, slots = rng.randint(1, 300), rng.randint(1, 400)
