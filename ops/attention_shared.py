@@ -138,14 +138,16 @@ def global_scales(sm_scale, k_g_ptr, v_g_ptr, HAS_G: tl.constexpr):
 
 @triton.jit
 def split_lse(m, l):
-    """A split's log-sum-exp in base 2 from its running maximum and sum; -inf where it saw nothing."""
-    return tl.where(l > 0, m + tl.log2(l), float("-inf"))
+    """A split's log-sum-exp in base 2 from its running maximum and sum; -inf where it saw nothing,
+    NaN where its sum is NaN (a NaN score: eager's log-sum-exp of that row is NaN, never "empty")."""
+    return tl.where(l > 0, m + tl.log2(l), tl.where(l == l, float("-inf"), float("nan")))
 
 
 @triton.jit
 def lse_weight(lse, top):
     """A part's weight in a merge by log-sum-exps (base 2, `top` at least the largest): 0 for a part
-    that saw no position (lse = -inf)."""
+    that saw no position (lse = -inf), and for a NaN one, whose output is NaN already and makes
+    the merged row NaN through 0 x NaN."""
     return tl.where(lse > float("-inf"), tl.exp2(lse - top), 0.0)
 
 
@@ -189,7 +191,8 @@ def split_kernel_arguments(q, kv: PagedKV, partial_out, partial_lse, fmt: FP4For
 def _merge_splits_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, lse_ptr, D: tl.constexpr, NUM_SPLITS: tl.constexpr,
                          SPLITS_PER_STEP: tl.constexpr, HAS_LSE: tl.constexpr):
     """One (sequence, query head): combine the splits' partial outputs by their log-sum-exps (base
-    2), and with HAS_LSE store the total's in natural log (-inf when no split saw a position).
+    2), and with HAS_LSE store the total's in natural log (-inf when no split saw a position, NaN
+    when one split's is NaN).
 
     Splits are read SPLITS_PER_STEP at a time with a running maximum, so the registers a program
     needs stay the same however many splits a short batch gets."""
@@ -198,6 +201,7 @@ def _merge_splits_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, lse_ptr, D: 
     top = tl.full([1], float("-inf"), tl.float32)
     total = tl.zeros([1], tl.float32)
     acc = tl.zeros([D], tl.float32)
+    broken = tl.zeros([1], tl.int32)  # a split's log-sum-exp was NaN: the maximum and weights skip it
     for first in range(0, NUM_SPLITS, SPLITS_PER_STEP):
         splits = first + tl.arange(0, SPLITS_PER_STEP)
         present = splits < NUM_SPLITS
@@ -210,11 +214,13 @@ def _merge_splits_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, lse_ptr, D: 
                           mask=present[:, None], other=0.0)
         acc = acc * rescale + tl.sum(partial * weights[:, None], axis=0)
         total = total * rescale + tl.sum(weights, axis=0)
+        broken = tl.maximum(broken, tl.max((lse != lse).to(tl.int32), axis=0))
         top = new_top
     out = acc / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + row * D + dims, out.to(out_ptr.dtype.element_ty))
     if HAS_LSE:
         lse_total = tl.where(total > 0, (top + tl.log2(tl.where(total > 0, total, 1.0))) * LN_2, float("-inf"))
+        lse_total = tl.where(broken > 0, float("nan"), lse_total)
         tl.store(lse_ptr + row + tl.arange(0, 1), lse_total)
 
 

@@ -133,6 +133,26 @@ def test_triton_one_split_still_returns_the_lse(backend, monkeypatch):
     _assert_triton_matches_eager(args, backend)
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_a_nan_key_makes_the_rows_lse_nan_whichever_split_saw_it(backend, monkeypatch, splits):
+    """A key block that decodes to NaN makes its sequence's scores NaN: eager's output rows and
+    log-sum-exps are NaN, and the kernels' too, through a split merge (which must not take the NaN
+    split for an empty one) or one split; the other sequence is untouched."""
+    from torch_fp4kv.ops import gluon_decode, triton_decode
+    from torch_fp4kv.testing.scenarios import poison_positions
+
+    monkeypatch.setattr(triton_decode, "triton_num_splits", lambda *args: splits)
+    monkeypatch.setattr(gluon_decode, "splits_for", lambda *args: splits)
+    args, _ = _problem("nvfp4", batch=2, seq_lens=[64, 50], device=TRITON_DEVICE)
+    poison_positions(list(args[1:5]), "nvfp4", args[5], 16, [(0, 40)])
+    for name in ("eager", "triton"):
+        backend(name)
+        lse = torch.empty(args[0].shape[:2], device=TRITON_DEVICE)
+        out = torch_fp4kv.decode_attention(*args, lse=lse)
+        assert out[0].isnan().all() and lse[0].isnan().all(), name
+        assert out[1].isfinite().all() and lse[1].isfinite().all(), name
+
+
 def test_every_accepted_head_dim_has_a_launch_shape():
     from torch_fp4kv.ops import checks, triton_decode
 

@@ -200,6 +200,24 @@ def test_triton_splits_merge_to_one_call(backend, monkeypatch):
         torch.testing.assert_close(actual[1], expected[1], atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_a_nan_latent_block_makes_the_rows_lse_nan_whichever_split_saw_it(backend, monkeypatch, splits):
+    """A latent block that decodes to NaN is part of every key: eager's output rows and log-sum-exps
+    of its sequence are NaN, and Triton's too, merged from several splits or from one."""
+    from torch_fp4kv.ops import triton_mla
+
+    monkeypatch.setattr(triton_mla, "mla_num_splits", lambda *args: splits)
+    page = 16
+    cache = _cache("nvfp4", 16 * page, device=TRITON_DEVICE)
+    q, table, lens = _decode_args(cache, 2, page, 4, [60, 50])
+    cache.latent_scales.view(torch.uint8)[int(table[0, 2]) * page + 5] = cache.fmt.latent.scale_nan_byte
+    for name in ("eager", "triton"):
+        backend(name)
+        out, lse = _decode(cache, q, table, lens, page)
+        assert out[0].isnan().all() and lse[0].isnan().all(), name
+        assert out[1].isfinite().all() and lse[1].isfinite().all(), name
+
+
 def _one_byte_in(x):
     """x's values in a buffer that starts one byte into its storage (a view carved from a pool)."""
     flat = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)

@@ -192,7 +192,7 @@ def _engine_page_table(g: torch.Generator, batch: int, max_pages: int, pages: in
     return wide[:, 1::2]
 
 
-def _poison(cache: list[torch.Tensor], recipe: str, table: torch.Tensor, page_size: int, positions) -> None:
+def poison_positions(cache: list[torch.Tensor], recipe: str, table: torch.Tensor, page_size: int, positions) -> None:
     """Make the K and V of the given (sequence, position) pairs NaN in the cache, every head: FP4
     through the NaN scale byte, FP8 keys through the NaN data byte. Pairs whose page id is outside
     the cache are skipped (those positions read as zeros)."""
@@ -244,7 +244,7 @@ def decode_engine_metadata(recipe: str, head_dim: int, batch: int = 4, q_heads: 
         cache, table, kg, vg = _paged_cache(g, recipe, batch, kv_heads, head_dim, page_size, max_pages, k_global_scale)
         seq_lens = _lengths(g, batch, max_pages * page_size)
         if stale_nan:
-            _poison(cache, recipe, table, page_size,
+            poison_positions(cache, recipe, table, page_size,
                     [(b, p) for b in range(batch) for p in range(int(seq_lens[b]), max_pages * page_size)])
         return [spread_normal(g, (batch, q_heads, head_dim)), *cache, table, seq_lens, kg, vg]
 
@@ -277,7 +277,7 @@ def extend_engine_metadata(recipe: str, head_dim: int, new_tokens=(3, 4, 0, 2), 
         if stale_nan:
             last_new = [(b, int(seq_lens[b]) - 1) for b in range(batch) if new_tokens[b] and seq_lens[b] > 0]
             stale = [(b, p) for b in range(batch) for p in range(int(seq_lens[b]), max_pages * page_size)]
-            _poison(cache, recipe, table, page_size, [(b, p) for b, p in last_new if p < max_pages * page_size] + stale)
+            poison_positions(cache, recipe, table, page_size, [(b, p) for b, p in last_new if p < max_pages * page_size] + stale)
         offsets = torch.tensor([0, *torch.tensor(new_tokens).cumsum(0).tolist()], dtype=torch.int32)
         q = spread_normal(g, (sum(new_tokens) + padding, q_heads, head_dim))
         return [q, strided_column(offsets), *cache, table, seq_lens, kg, vg]
