@@ -106,11 +106,12 @@ def gather_dequantize(
 
 
 def attention_defaults(q, sm_scale, out):
-    """sm_scale 1/sqrt(D) and a fresh `out` like q where not given (a q that is no tensor is left
-    to the argument checks, which name it)."""
+    """sm_scale 1/sqrt(D) and a fresh contiguous `out` of q's shape and dtype where not given (the
+    kernels write contiguous outputs, whatever q's strides; a q that is no tensor is left to the
+    argument checks, which name it)."""
     if isinstance(q, Tensor):
         sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
-        out = torch.empty_like(q) if out is None else out
+        out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     return sm_scale, out
 
 

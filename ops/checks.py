@@ -290,7 +290,8 @@ def check_page_table(block_table, seq_lens, page_size, data, data_name: str, q) 
         check_dtype(x, name, (torch.int32,))
         check_rank(x, name, dims, layout)
         check_same_device(x, name, q, "q")
-    if not isinstance(page_size, (int, torch.SymInt)) or not 1 <= page_size <= MAX_PAGE_SIZE:
+    is_int = isinstance(page_size, (int, torch.SymInt)) and not isinstance(page_size, bool)
+    if not is_int or not 1 <= page_size <= MAX_PAGE_SIZE:
         raise ValueError(f"page_size must be an int in [1, {MAX_PAGE_SIZE}]; got {page_size!r}")
     if data.shape[0] % page_size:
         raise ValueError(f"{data_name} has {data.shape[0]} slots, not a whole number of pages of {page_size}")

@@ -33,6 +33,16 @@ def smallest_rank(fmt: LatentRecipe) -> int:
     return max(2 * MIN_WIDTH, 2 * fmt.latent.block_size)
 
 
+def check_latent_dims(kv_lora_rank, rope_dim, fmt: LatentRecipe, rank_name: str = "kv_lora_rank",
+                      rope_name: str = "rope_dim") -> None:
+    """A latent width R and RoPE width P the decode kernels tile: powers of two, R at least
+    smallest_rank(fmt), P at least 16."""
+    for value, name, minimum in ((kv_lora_rank, rank_name, smallest_rank(fmt)), (rope_dim, rope_name, MIN_WIDTH)):
+        if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):  # SymInt: traced shapes
+            raise TypeError(f"{name} must be an int, got {value!r}")
+        _check_width(value, name, minimum)
+
+
 def check_latent_cache(latent_data, latent_scales, rope_data, fmt: LatentRecipe) -> tuple[int, int]:
     """The three buffers of a latent cache, one head each, the same slots, one device ->
     (kv_lora_rank, rope_dim)."""
@@ -50,16 +60,13 @@ def check_latent_cache(latent_data, latent_scales, rope_data, fmt: LatentRecipe)
     if rope_data.shape[0] != latent_data.shape[0]:
         raise ValueError(f"rope_data has {rope_data.shape[0]} slots but latent_data has {latent_data.shape[0]}")
     rank, rope_dim = fmt.latent.head_dim_of(latent_data.shape[2]), fmt.rope.head_dim_of(rope_data.shape[2])
-    _check_width(rank, "latent_data", smallest_rank(fmt))
-    _check_width(rope_dim, "rope_data")
+    check_latent_dims(rank, rope_dim, fmt, "latent_data", "rope_data")
     return rank, rope_dim
 
 
-def check_mla_store_args(latent_data, latent_scales, rope_data, loc, c_kv, k_pe, recipe, latent_g,
-                         rope_g) -> LatentRecipe:
-    """c_kv [T, R] and k_pe [T, P] (bf16/fp16/fp32, one dtype, any strides) into the latent cache
-    at slots loc [T]."""
-    fmt = get_latent_recipe(recipe)
+def check_latent_tokens(latent_data, latent_scales, rope_data, c_kv, k_pe, fmt: LatentRecipe) -> None:
+    """Tokens c_kv [T, R] and k_pe [T, P] (bf16/fp16/fp32, one dtype, any strides) of the widths
+    the latent cache holds, on its device."""
     for x, name, x_fmt, layout in ((c_kv, "c_kv", fmt.latent, "[T, R]"), (k_pe, "k_pe", fmt.rope, "[T, P]")):
         check_activation(x, name, x_fmt)
         check_rank(x, name, 2, layout)
@@ -72,6 +79,13 @@ def check_mla_store_args(latent_data, latent_scales, rope_data, loc, c_kv, k_pe,
         if x.shape[1] != width:
             raise ValueError(f"{name} has width {x.shape[1]} but {data_name} holds {width}")
         check_same_device(x, name, latent_data, "latent_data")
+
+
+def check_mla_store_args(latent_data, latent_scales, rope_data, loc, c_kv, k_pe, recipe, latent_g,
+                         rope_g) -> LatentRecipe:
+    """c_kv [T, R] and k_pe [T, P] (check_latent_tokens) into the latent cache at slots loc [T]."""
+    fmt = get_latent_recipe(recipe)
+    check_latent_tokens(latent_data, latent_scales, rope_data, c_kv, k_pe, fmt)
     check_loc(loc, latent_data, "latent_data", num_tokens=c_kv.shape[0])
     check_global_scale(latent_g, "latent_global_scale", fmt.latent, latent_data, "latent_data")
     check_global_scale(rope_g, "rope_global_scale", fmt.rope, latent_data, "latent_data")

@@ -255,13 +255,28 @@ def _dequantized_squared_error(value_lo, value_hi, s, g, a_lo, a_hi, HAS_G: tl.c
 
 
 @triton.jit
+def _block_axis(NB: tl.constexpr, BLOCKS: tl.constexpr):
+    """A tile's block axis: (arange(BLOCKS), which of them are one of the row's NB blocks). tl.arange
+    takes powers of two only, so a head_dim whose block count is none (80, 96: 5 and 6 NVFP4 blocks)
+    pads the axis to BLOCKS and masks the padding off every load and store."""
+    blocks = tl.arange(0, BLOCKS)
+    if BLOCKS == NB:
+        real = tl.full([BLOCKS], True, tl.int1)
+    else:
+        real = blocks < NB
+    return blocks, real
+
+
+@triton.jit
 def _quantize_rows(
     x_ptr, x_stride_t, x_stride_h, data_ptr, scales_ptr, g_ptr, rows, in_range, write, dest,
     H: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, SCALE_RULE: tl.constexpr, SCALE_CHOICE: tl.constexpr,
     TIES_AWAY: tl.constexpr, SCALE_NAN_BYTE: tl.constexpr, HAS_G: tl.constexpr, IN_KIND: tl.constexpr,
+    BLOCKS: tl.constexpr,
 ):
     """Rows of x (see _cache_rows) into cache rows `dest`. x is read as words of two elements
-    (strides in words): pairs give the packed bytes directly."""
+    (strides in words): pairs give the packed bytes directly. BLOCKS: the row's D / BS blocks
+    rounded up to a power of two (block_axis)."""
     NB: tl.constexpr = D // BS
     HALF: tl.constexpr = BS // 2
     t = (rows // H).to(tl.int64)
@@ -271,9 +286,10 @@ def _quantize_rows(
     # block and a warp's threads neighbouring blocks of a row, so loads and the packed stores are
     # coalesced. As [ROWS, NB, HALF] a warp's threads would take one block of 32 rows each, and
     # every 8-byte store would hit a different sector.
-    pairs = tl.arange(0, NB)[:, None, None] * HALF + tl.arange(0, HALF)[None, None, :]  # [NB, 1, HALF]
+    blocks, real = _block_axis(NB, BLOCKS)
+    pairs = blocks[:, None, None] * HALF + tl.arange(0, HALF)[None, None, :]  # [BLOCKS, 1, HALF]
     src = (t * x_stride_t + h * x_stride_h)[None, :, None] + pairs
-    words = tl.load(x_ptr + src, mask=in_range[None, :, None], other=0)
+    words = tl.load(x_ptr + src, mask=in_range[None, :, None] & real[:, None, None], other=0)
     lo, hi = _split_pair(words, IN_KIND)
     a_lo, a_hi = tl.abs(lo), tl.abs(hi)
     amax = tl.reduce(_max_keeping_nan(a_lo, a_hi), 2, _max_keeping_nan)  # [NB, ROWS]; NaN if any is
@@ -325,9 +341,10 @@ def _quantize_rows(
         code_hi |= (hi.to(tl.int32, bitcast=True) >> 28) & 0x8
         codes = code_lo | (code_hi << 4)
     packed = tl.where(keep[:, :, None], codes, 0).to(tl.uint8)
-    tl.store(data_ptr + dest[None, :, None] * (D // 2) + pairs, packed, mask=write[None, :, None])
+    tl.store(data_ptr + dest[None, :, None] * (D // 2) + pairs, packed,
+             mask=write[None, :, None] & real[:, None, None])
     byte = tl.where(finite, byte, SCALE_NAN_BYTE).to(tl.uint8)
-    tl.store(scales_ptr + dest[None, :] * NB + tl.arange(0, NB)[:, None], byte, mask=write[None, :])
+    tl.store(scales_ptr + dest[None, :] * NB + blocks[:, None], byte, mask=write[None, :] & real[:, None])
 
 
 @triton.jit
@@ -337,7 +354,7 @@ def _quantize_kernel(
     loc_ptr, loc_stride, last_token_ptr, n_rows, num_slots, H: tl.constexpr,
     D: tl.constexpr, BS: tl.constexpr, SCALE_RULE: tl.constexpr, SCALE_CHOICE: tl.constexpr, TIES_AWAY: tl.constexpr,
     SCALE_NAN_BYTE: tl.constexpr, HAS_G: tl.constexpr, SCATTER: tl.constexpr, DUPLICATES: tl.constexpr,
-    ROWS: tl.constexpr,
+    ROWS: tl.constexpr, BLOCKS: tl.constexpr,
     IN_KIND: tl.constexpr, WITH_V: tl.constexpr,
 ):
     """One program quantizes a tile of K's rows and, WITH_V, the same rows of V: the two tiles'
@@ -359,10 +376,10 @@ def _quantize_kernel(
         write = write & (tl.load(last_token_ptr + index, mask=write, other=-1) == token)
     dest = index * H + head  # the cache is contiguous [slots, H, ...]
     _quantize_rows(k_ptr, k_stride_t, k_stride_h, k_data_ptr, k_scales_ptr, k_g_ptr, rows, in_range, write, dest,
-                   H, D, BS, SCALE_RULE, SCALE_CHOICE, TIES_AWAY, SCALE_NAN_BYTE, HAS_G, IN_KIND)
+                   H, D, BS, SCALE_RULE, SCALE_CHOICE, TIES_AWAY, SCALE_NAN_BYTE, HAS_G, IN_KIND, BLOCKS)
     if WITH_V:
         _quantize_rows(v_ptr, v_stride_t, v_stride_h, v_data_ptr, v_scales_ptr, v_g_ptr, rows, in_range, write, dest,
-                       H, D, BS, SCALE_RULE, SCALE_CHOICE, TIES_AWAY, SCALE_NAN_BYTE, HAS_G, IN_KIND)
+                       H, D, BS, SCALE_RULE, SCALE_CHOICE, TIES_AWAY, SCALE_NAN_BYTE, HAS_G, IN_KIND, BLOCKS)
 
 
 @triton.jit
@@ -398,7 +415,7 @@ def _dequantize_kernel(
     g_ptr, loc_ptr, loc_stride, out_ptr,
     n_rows, num_slots, H: tl.constexpr,
     D: tl.constexpr, BS: tl.constexpr, E4M3_SCALES: tl.constexpr, HAS_G: tl.constexpr,
-    GATHER: tl.constexpr, OUT_KIND: tl.constexpr, ROWS: tl.constexpr, FP32_TILES: tl.constexpr,
+    GATHER: tl.constexpr, OUT_KIND: tl.constexpr, ROWS: tl.constexpr, BLOCKS: tl.constexpr, FP32_TILES: tl.constexpr,
     HW_BF16: tl.constexpr, HW_FP8: tl.constexpr,
 ):
     """Packed rows [index, head] (any strides: engines pass head slices of a cache) -> out rows."""
@@ -409,12 +426,14 @@ def _dequantize_kernel(
     # [NB, ROWS, HALF] tiles, as in _quantize_rows: one block's bytes per thread, a warp's threads
     # on neighbouring blocks, and each scale byte loaded once per block by the thread that applies it
     # (no values cross shared memory).
-    blocks = tl.arange(0, NB)[:, None]
-    pairs = blocks[:, :, None] * (BS // 2) + tl.arange(0, BS // 2)[None, None, :]  # [NB, 1, HALF]
+    blocks, real = _block_axis(NB, BLOCKS)
+    pairs = blocks[:, None, None] * (BS // 2) + tl.arange(0, BS // 2)[None, None, :]  # [BLOCKS, 1, HALF]
     data_row = index * data_stride_row + head * data_stride_head
-    packed = tl.load(data_ptr + data_row[None, :, None] + pairs * data_stride_byte, mask=read[None, :, None], other=0)
+    packed = tl.load(data_ptr + data_row[None, :, None] + pairs * data_stride_byte,
+                     mask=read[None, :, None] & real[:, None, None], other=0)
     scales_row = index * scales_stride_row + head * scales_stride_head
-    scale_byte = tl.load(scales_ptr + scales_row[None, :] + blocks * scales_stride_block, mask=read[None, :], other=0)
+    scale_byte = tl.load(scales_ptr + scales_row[None, :] + blocks[:, None] * scales_stride_block,
+                         mask=read[None, :] & real[:, None], other=0)
     # e2m1 * scale is exact in 16 bits (fp16 for E4M3 scales, bf16 for E8M0), which the decode PTX
     # computes for four bytes at once on a GPU (float32 arithmetic on the interpreter); the global
     # scale then rounds in float32, as in eager.
@@ -428,14 +447,21 @@ def _dequantize_kernel(
         hi = hi * g
     lo, hi = _saturate(lo, OUT_KIND), _saturate(hi, OUT_KIND)
     dest = rows.to(tl.int64)[None, :, None] * (D // 2) + pairs
-    tl.store(out_ptr + dest, _output_word(lo, hi, OUT_KIND, HW_BF16, HW_FP8), mask=in_range[None, :, None])
+    tl.store(out_ptr + dest, _output_word(lo, hi, OUT_KIND, HW_BF16, HW_FP8),
+             mask=in_range[None, :, None] & real[:, None, None])
 
 
 # ---- launchers ----------------------------------------------------------------------------------
 
 
 def _rows_per_program(elements: int, head_dim: int) -> int:
-    return max(1, elements // head_dim)
+    """Rows a program takes: about `elements` worth, a power of two (tl.arange's)."""
+    return 1 << (max(1, elements // head_dim).bit_length() - 1)
+
+
+def _blocks(head_dim: int, fmt: FP4Format) -> int:
+    """The kernels' BLOCKS: a row's blocks rounded up to a power of two (_block_axis)."""
+    return triton.next_power_of_2(head_dim // fmt.block_size)
 
 
 # Input dtype -> (kernel IN_KIND, the dtype of a word holding two elements).
@@ -479,7 +505,7 @@ def _launch_quantize(k, v, k_data, v_data, k_scales, v_scales, k_g, v_g, loc, fm
         loc if loc is not None else k_data, loc.stride(0) if loc is not None else 0, last_token, n_rows, num_slots, H=h,
         D=d, BS=fmt.block_size, SCALE_RULE=int(fmt.scale_rule), SCALE_CHOICE=int(fmt.scale_choice),
         TIES_AWAY=fmt.ties_away, SCALE_NAN_BYTE=fmt.scale_nan_byte, HAS_G=has_g, SCATTER=loc is not None,
-        DUPLICATES=duplicates, ROWS=rows, IN_KIND=_IN_KINDS[k.dtype][0], WITH_V=with_v,
+        DUPLICATES=duplicates, ROWS=rows, BLOCKS=_blocks(d, fmt), IN_KIND=_IN_KINDS[k.dtype][0], WITH_V=with_v,
         num_warps=launch.num_warps, maxnreg=launch.max_registers,
         # A chosen scale compares float32 errors that must round as eager's: no mul-add fused.
         enable_fp_fusion=fmt.scale_choice is ScaleChoice.RULE,
@@ -531,7 +557,8 @@ def _launch_dequantize(data, scales, loc, fmt: FP4Format, global_scale, dtype, o
         loc if loc is not None else data, loc.stride(0) if loc is not None else 0,
         out.view(view_dtype), out_rows * h, data.shape[0], H=h,
         D=d, BS=fmt.block_size, E4M3_SCALES=fmt.e4m3_scales,
-        HAS_G=has_g, GATHER=loc is not None, OUT_KIND=out_kind, ROWS=rows, FP32_TILES=fp32_tiles(data.device),
+        HAS_G=has_g, GATHER=loc is not None, OUT_KIND=out_kind, ROWS=rows, BLOCKS=_blocks(d, fmt),
+        FP32_TILES=fp32_tiles(data.device),
         HW_BF16=hw_bf16, HW_FP8=hw_fp8, num_warps=DEQUANTIZE_LAUNCH.num_warps,
     )
     return out

@@ -454,3 +454,95 @@ def test_method_extend_attention_reads_its_layer(options):
             torch.testing.assert_close(out[3 * b + i].float(), expected, atol=2e-2, rtol=2e-2)
     given = torch.empty_like(q)
     assert method.extend_attention(1, q, cu, table, lens, 1, out=given) is given and torch.equal(given, out)
+
+
+@pytest.mark.parametrize("options", [{}, dict(rotate=True), dict(smooth_k=True)])
+def test_reads_saturate_at_the_dtype_like_the_ops(options):
+    """A value stored past fp16's range reads back as fp16's largest finite value, never inf, with
+    the accuracy options too (their K/V are restored in float32 and then cast)."""
+    method = get_fp4_kv_cache_quant_method("nvfp4", **options)
+    method.create_buffers(SIZE, H, D, 1, "cpu")
+    method.set_global_scales(0, 1000.0, 1000.0)  # room for the rotation's sqrt(D) growth
+    big = torch.full((4, H, D), 1e5)
+    method.quantize_and_store(0, torch.arange(4), big, big)
+    for read in method.layer(0).read(torch.arange(4), torch.float16):
+        assert read.isfinite().all() and read.abs().max() == torch.finfo(torch.float16).max
+    # blockfp4 rounds 60000 up to 4 * 2^14, past fp16's range: a round trip in fp16 saturates too
+    # (through the K mean's float32 restore).
+    layer = FP4KVPoolLayer.allocate("blockfp4", KVCacheOptions(smooth_k=True), 1, H, D)
+    near_max = torch.full((1, H, D), 60000.0, dtype=torch.float16)
+    for back in layer.roundtrip(near_max, near_max):
+        assert back.isfinite().all() and back.abs().max() == torch.finfo(torch.float16).max
+
+
+def test_attention_without_out_takes_q_of_any_strides():
+    """No `out` given: the op allocates a contiguous one, whatever q's strides (a permuted q is
+    read as it is)."""
+    method = get_fp4_kv_cache_quant_method("nvfp4", rotate=True)
+    method.create_buffers(32, H, D, 1, "cpu")
+    method.quantize_and_store(0, torch.arange(32), torch.randn(32, H, D), torch.randn(32, H, D))
+    table = torch.arange(32, dtype=torch.int32).view(2, 16)
+    lens = torch.tensor([16, 9], dtype=torch.int32)
+    q = torch.randn(2 * H, 2, D, dtype=torch.bfloat16).transpose(0, 1)  # [2, 2H, D], heads outermost in memory
+    assert not q.is_contiguous()
+    torch.testing.assert_close(method.decode_attention(0, q, table, lens, 1),
+                               method.decode_attention(0, q.contiguous(), table, lens, 1), atol=0, rtol=0)
+    cu = torch.tensor([0, 1, 2], dtype=torch.int32)
+    torch.testing.assert_close(method.extend_attention(0, q, cu, table, lens, 1),
+                               method.extend_attention(0, q.contiguous(), cu, table, lens, 1), atol=0, rtol=0)
+
+
+def test_calibration_leaves_out_rows_holding_nan_or_inf():
+    """An overflowed sample row (inf) or a NaN one takes no part in the mean, the channel scales or
+    the global scales, which stay finite and equal to those of the other rows; a head no finite row
+    reaches keeps what it had."""
+    options = dict(smooth_k=True, channel_scale_k=True)
+    clean, dirty = (get_fp4_kv_cache_quant_method("nvfp4", **options) for _ in range(2))
+    for method in (clean, dirty):
+        method.create_buffers(SIZE, H, D, 1, "cpu")
+    k, v, q = torch.randn(10, H, D), torch.randn(10, H, D), torch.randn(10, 2 * H, D)
+    clean.calibrate(0, k, v, q)
+    k_bad, v_bad, q_bad = (torch.cat([x, x[:2]]) for x in (k, v, q))
+    k_bad[10, :, 3], k_bad[11, :, 0], v_bad[10:, :, 5], q_bad[10:, :, 7] = float("inf"), float("nan"), -float("inf"), float("inf")
+    dirty.calibrate(0, k_bad, v_bad, q_bad)
+    for name, expected in clean.calibration_state_dict().items():
+        torch.testing.assert_close(dirty.calibration_state_dict()[name], expected, msg=name)
+    before = dirty.calibration_state_dict()
+    dirty.calibrate(0, torch.full((3, H, D), float("nan")), torch.full((3, H, D), float("inf")), q)
+    for name, expected in before.items():
+        torch.testing.assert_close(dirty.calibration_state_dict()[name], expected, msg=name)
+
+
+def test_cell_size_checks_its_sizes_as_create_buffers_does():
+    method = NVFP4Method()
+    for sizes, match in (((-8, 128, 1), "head_num must be an int >= 1, got -8"),
+                         ((8, 100, 1), "head_dim 100 is not a positive multiple"),
+                         ((8.5, 128, 1), "head_num must be an int >= 1, got 8.5"),
+                         ((8, 128, 0), "layer_num must be an int >= 1, got 0")):
+        with pytest.raises(ValueError, match=match):
+            method.compute_cell_size(*sizes)
+    with pytest.raises(ValueError, match="power of two with rotate=True"):
+        get_fp4_kv_cache_quant_method("nvfp4", rotate=True).compute_cell_size(8, 96, 1)
+
+
+def test_a_method_serves_one_pool():
+    """A second pool from the same method instance would leave the first one's layers behind the
+    method's back: refused, naming the argument."""
+    method = NVFP4Method()
+    FP4KVPool(method, SIZE, H, D, 1)
+    with pytest.raises(ValueError, match="method: this NVFP4Method holds buffers already"):
+        FP4KVPool(method, SIZE, H, D, 1)
+
+
+def test_prev_kv_in_an_explicit_dtype_is_fresh_even_the_workspaces():
+    """The FP8 workspace is what dequantize_prev_kv returns only with dtype left at its default: a
+    dtype given, even float8_e4m3fn, gets tensors the next layer's read cannot overwrite."""
+    method = NVFP4Method()
+    method.create_buffers(SIZE, H, D, 2, "cpu")
+    loc = torch.arange(4)
+    method.quantize_and_store(0, loc, torch.ones(4, H, D), torch.ones(4, H, D))
+    method.quantize_and_store(1, loc, -torch.ones(4, H, D), -torch.ones(4, H, D))
+    k0, _ = method.dequantize_prev_kv(0, loc, dtype=torch.float8_e4m3fn)
+    method.dequantize_prev_kv(1, loc, dtype=torch.float8_e4m3fn)
+    method.dequantize_prev_kv(1, loc)
+    assert k0.data_ptr() != method.workspace.k.data_ptr() and (k0.float() == 1).all()

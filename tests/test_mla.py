@@ -347,3 +347,37 @@ def test_method_reads_decode_natively_and_prefill_dequantized():
     assert not layers[0].latent_data.any()
     with pytest.raises(ValueError, match="name="):
         get_latent_cache_method("nvfp4+k8")
+
+
+def test_sizes_the_decode_cannot_tile_are_refused_when_buffers_are_sized():
+    """kv_lora_rank and rope_dim are checked where a pool is sized, not at its first store."""
+    method = get_latent_cache_method("nvfp4")
+    for sizes, match in (((500, 64), "kv_lora_rank: width 500 is not a power of two >= 32"),
+                         ((512, 48), "rope_dim: width 48 is not a power of two >= 16"),
+                         ((-512, 64), "kv_lora_rank: width -512"),
+                         ((512.0, 64), "kv_lora_rank must be an int")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            method.compute_cell_size(*sizes)
+        with pytest.raises((ValueError, TypeError), match=match):
+            method.create_buffers(16, *sizes, 1)
+    assert method.layers is None
+
+
+def test_calibrate_checks_its_samples_and_leaves_out_non_finite_rows():
+    cache = LatentLayerCache("nvfp4", 8, RANK, ROPE)
+    c_kv, k_pe = torch.randn(6, RANK), torch.randn(6, ROPE)
+    for args, error, match in (((k_pe, c_kv), ValueError, "c_kv has width 16 but latent_data holds 64"),
+                               ((c_kv[:, :7], k_pe), ValueError, "c_kv: head_dim 7"),
+                               ((c_kv.int(), k_pe.int()), TypeError, "c_kv must have dtype"),
+                               ((c_kv[:0], k_pe[:0]), ValueError, "c_kv holds no tokens")):
+        with pytest.raises(error, match=match):
+            cache.calibrate(*args)
+    assert cache.latent_global_scale.item() == cache.rope_global_scale.item() == 1.0
+    cache.calibrate(c_kv, k_pe)
+    expected = (cache.latent_global_scale.clone(), cache.rope_global_scale.clone())
+    c_bad, k_bad = torch.cat([c_kv, c_kv[:2]]), torch.cat([k_pe, k_pe[:2]])
+    c_bad[6, 3], c_bad[7, 0], k_bad[6:, 1] = float("inf"), float("nan"), float("-inf")
+    cache.calibrate(c_bad, k_bad)
+    assert (cache.latent_global_scale, cache.rope_global_scale) == expected
+    cache.calibrate(torch.full_like(c_kv, float("nan")), torch.full_like(k_pe, float("inf")))
+    assert (cache.latent_global_scale, cache.rope_global_scale) == expected  # no finite row: unchanged

@@ -595,6 +595,48 @@ def test_todays_registry_factory_and_names():
         get_kv_cache_quant_method("blockfp4")
 
 
+def test_scale_block_size_is_a_class_attribute_under_both_names():
+    """SGLang reads `scale_block_size` off the class (`NVFP4Method.scale_block_size`); the PR spells
+    it SCALE_BLOCK_SIZE. One value under both names, whichever a subclass sets."""
+    assert NVFP4Method.scale_block_size == NVFP4Method.SCALE_BLOCK_SIZE == 16
+    assert MXFP4Method.scale_block_size * 8 == 128 and KVCacheQuantMethod.scale_block_size == 1
+
+    class Block32(NVFP4Method):
+        scale_block_size = 32
+
+    assert Block32.SCALE_BLOCK_SIZE == 32
+
+
+def test_a_method_that_sizes_no_pool_need_not_compute_a_cell_size():
+    """compute_cell_size is an ordinary method, as in SGLang's base class (its NoneMethod implements
+    only the three abstract ones)."""
+
+    class NoneMethod(KVCacheQuantMethod):
+        name = "none"
+
+        def create_buffers(self, size, head_num, head_dim, layer_num, device):
+            return {}
+
+        def quantize_and_store(self, *args, **kwargs):
+            pass
+
+        def dequantize_prev_kv(self, k_fp4, k_scales, v_fp4, v_scales, layer_id):
+            return k_fp4, v_fp4
+
+    with pytest.raises(NotImplementedError, match="NoneMethod does not compute a cell size"):
+        NoneMethod().compute_cell_size(8, 128, 2, 1)
+
+
+def test_cell_size_checks_its_sizes_as_create_buffers_does():
+    method = get_kv_cache_quant_method("nvfp4", num_layers=2, device="cpu")
+    for sizes, match in (((-8, 128, 2, 1), "head_num must be an int >= 1, got -8"),
+                         ((8, 100, 2, 1), "head_dim 100 is not a positive multiple"),
+                         ((8, 128, 0, 1), "num_layers must be an int >= 1, got 0"),
+                         ((8, 128, 2, -1), "kv_size must be an int >= 1, got -1")):
+        with pytest.raises(ValueError, match=match):
+            method.compute_cell_size(*sizes)
+
+
 def test_todays_mxfp4_is_the_block16_recipe_not_ocp_mxfp4():
     """SGLang's MXFP4Method stores its block-16 E8M0 recipe (this library's blockfp4), the bytes
     BlockFP4KVMethod writes, never OCP MXFP4's 32-element blocks."""

@@ -108,25 +108,49 @@ def calibrate_layer(layer: FP4KVPoolLayer, k: torch.Tensor, v: torch.Tensor, q: 
     rounding error reaches the scores times |q|, so channels that queries weigh little take the
     coarser rounding. It beat the exponent rule without queries (λ = max|k - μ|^0.3) in the window
     protocol's KL on both SmolLM2 and Gemma 3 (docs/accuracy.md). Runs on the device, no host
-    sync. The samples are checked before anything is set."""
+    sync. The samples are checked before anything is set; rows holding a NaN or an infinity are
+    left out (finite_rows), and what no kept row reaches stays as it was."""
     layer.check_tokens(k, v)
     for x, name in ((k, "k"), (v, "v")):
         if x.shape[:-2].numel() == 0:  # a mean and an amax need a sample
             raise ValueError(f"{name} holds no tokens to calibrate on; got shape {tuple(x.shape)}")
     scales_k = layer.k_channel_scale is not None
     q_amax = query_amax(q, k.shape[-2], k.shape[-1], k.device) if scales_k or q is not None else None
+    k, k_rows = finite_rows(k)
+    v, v_rows = finite_rows(v)
+    k_count = k_rows.sum(0)  # [H, 1]: a head no kept row reaches keeps its mean and channel scales
     if layer.k_mean is not None:
-        layer.k_mean.copy_(k.detach().float().reshape(-1, *layer.k_mean.shape).mean(0))
+        layer.k_mean.copy_(torch.where(k_count > 0, k.sum(0) / k_count.clamp(min=1), layer.k_mean))
     if scales_k:
-        k_amax = (k.detach().float() - layer.k_mean).reshape(-1, *layer.k_mean.shape).abs().amax(0)
-        layer.k_channel_scale.copy_((k_amax.clamp(min=_CHANNEL_FLOOR) / q_amax.clamp(min=_CHANNEL_FLOOR)).sqrt())
+        k_amax = torch.where(k_rows, (k - layer.k_mean).abs(), 0.0).amax(0)
+        scale = (k_amax.clamp(min=_CHANNEL_FLOOR) / q_amax.clamp(min=_CHANNEL_FLOOR)).sqrt()
+        layer.k_channel_scale.copy_(torch.where(k_count > 0, scale, layer.k_channel_scale))
     if layer.transformed:
-        k, v = layer.encode_k(k.detach()), layer.encode_v(v.detach())
+        k, v = layer.encode_k(k), layer.encode_v(v)
     kv_recipe = ops.get_kv_recipe(layer.recipe)
-    tiny = torch.finfo(torch.float32).tiny
-    for target, x, fmt in ((layer.k_global_scale, k, kv_recipe.k), (layer.v_global_scale, v, kv_recipe.v)):
+    for target, x, rows, fmt in ((layer.k_global_scale, k, k_rows, kv_recipe.k),
+                                 (layer.v_global_scale, v, v_rows, kv_recipe.v)):
         if target is not None:
-            target.copy_((x.detach().abs().amax().float() / fmt.calibration_amax).clamp(min=tiny).reshape(1))
+            set_global_scale(target, x, rows, fmt)
+
+
+def finite_rows(x: torch.Tensor, token_dims: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples x [..., *token] (a token's last `token_dims` dimensions: [H, D], or [R] for a latent)
+    as float32 [N, *token] with every row (last dimension) that holds a NaN or an infinity zeroed,
+    and which rows are kept ([N, ..., 1]). Such a row (an overflowed activation) is left out of
+    every statistic: a scale must stay finite, and checking for it would sync the host."""
+    x = x.detach().float().reshape(-1, *x.shape[x.dim() - token_dims:])
+    rows = torch.isfinite(x).all(-1, keepdim=True)
+    return torch.where(rows, x, 0.0), rows
+
+
+def set_global_scale(target: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, fmt) -> None:
+    """target [1] <- the global scale that puts the amax of x's kept rows (finite_rows) at the top of
+    fmt's range (calibration_amax), at least the smallest normal float32 (an all-zero sample gives a
+    usable scale); unchanged when no row is kept."""
+    amax = torch.where(rows, x.abs(), 0.0).amax()
+    scale = (amax / fmt.calibration_amax).clamp(min=torch.finfo(torch.float32).tiny).reshape(1)
+    target.copy_(torch.where(rows.any(), scale, target))
 
 
 def query_amax(q, heads: int, head_dim: int, device) -> torch.Tensor:
@@ -141,7 +165,8 @@ def query_amax(q, heads: int, head_dim: int, device) -> torch.Tensor:
                          f"one token; got shape {tuple(q.shape)}")
     if q.device != torch.device(device):
         raise ValueError(f"q is on {q.device}, the keys on {device}")
-    return q.detach().float().abs().reshape(-1, heads, q.shape[-2] // heads, head_dim).amax((0, 2))
+    q, rows = finite_rows(q)
+    return torch.where(rows, q.abs(), 0.0).reshape(-1, heads, q.shape[-2] // heads, head_dim).amax((0, 2))
 
 
 def calibration_state_dict(layers: Sequence[FP4KVPoolLayer]) -> dict[str, torch.Tensor]:

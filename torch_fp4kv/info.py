@@ -38,7 +38,7 @@ def main(argv=None) -> None:
         recipes = ", ".join(sorted(rule.recipes)) if rule.recipes else "all recipes"
         print(f"  {rule.backend.value:<10} {where:<18} {scope} / {recipes}: {rule.why}")
     print("  (decode_attention's triton backend runs a Gluon kernel on SM90 for head_dim 64/128 and up to"
-          " 16 query heads per KV head, the Triton kernel otherwise: ops/decode.py)")
+          " 32 query heads per KV head, the Triton kernel otherwise: ops/decode.py)")
     print(f"\nlatent (MLA) cache per token and layer, kv_lora_rank 512 + rope 64 (BF16: {BF16_LATENT_BYTES_PER_TOKEN} B):")
     for name, recipe in LATENT_RECIPES.items():
         size = recipe.bytes_per_token()

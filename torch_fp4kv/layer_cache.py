@@ -32,6 +32,7 @@ from torch import nn
 
 from . import ops
 from .ops import checks
+from .ops.eager import cast_output
 from .ops.api import attention_defaults, decode_attention_paged, extend_attention_paged, quantize_and_store_args
 from .ops.paged_kv import PagedKV
 from .options import KVCacheOptions
@@ -89,22 +90,30 @@ class FP4KVPoolLayer(DeviceOnlyBuffers):
                              ("rotation", rotation), ("k_mean", k_mean), ("k_channel_scale", k_channel_scale)):
             self.register_buffer(name, tensor)
 
-    @classmethod
-    def allocate(cls, fmt: str, options: KVCacheOptions, slots: int, heads: int, head_dim: int,
-                 device=None) -> FP4KVPoolLayer:
-        """A zeroed cache of `slots` token slots for FP4 format `fmt` with `options` (rotate,
-        smooth_k, channel_scale_k, k_fp8): global scales 1, K mean 0 and K channel scales 1 until
-        calibrated. Every size is checked here."""
+    @staticmethod
+    def kv_recipe_of(fmt: str, options: KVCacheOptions, heads: int, head_dim: int) -> ops.KVRecipe:
+        """The K/V recipe of a layer cache of `heads` x `head_dim` in FP4 format `fmt` with `options`,
+        every size checked (ValueErrors naming them)."""
         if options.full_precision:
             raise ValueError(f"options: a layer cache keeps every token in FP4; sink_tokens / recent_tokens "
                              f"are FP4Cache's (got {options})")
-        for name, value in (("slots", slots), ("heads", heads), ("head_dim", head_dim)):
+        for name, value in (("heads", heads), ("head_dim", head_dim)):
             checks.check_count(value, name, minimum=1)
         kv_recipe = ops.get_kv_recipe(options.kv_recipe(ops.get_format(fmt, "fmt").name))
         for part in (kv_recipe.k, kv_recipe.v):
             checks.check_head_dim(head_dim, part, "head_dim")
         if options.rotate and head_dim & (head_dim - 1):
             raise ValueError(f"head_dim must be a power of two with rotate=True; got {head_dim}")
+        return kv_recipe
+
+    @classmethod
+    def allocate(cls, fmt: str, options: KVCacheOptions, slots: int, heads: int, head_dim: int,
+                 device=None) -> FP4KVPoolLayer:
+        """A zeroed cache of `slots` token slots for FP4 format `fmt` with `options` (rotate,
+        smooth_k, channel_scale_k, k_fp8): global scales 1, K mean 0 and K channel scales 1 until
+        calibrated. Every size is checked here."""
+        checks.check_count(slots, "slots", minimum=1)
+        kv_recipe = cls.kv_recipe_of(fmt, options, heads, head_dim)
 
         def zeros(width: int) -> torch.Tensor:
             return torch.zeros(slots, heads, width, dtype=torch.uint8, device=device)
@@ -208,8 +217,8 @@ class FP4KVPoolLayer(DeviceOnlyBuffers):
             raw = torch.float32
         k = ops.gather_dequantize(self.k_data, self.k_scales, loc, self.k_recipe, self.k_global_scale, raw)
         v = ops.gather_dequantize(self.v_data, self.v_scales, loc, self.v_recipe, self.v_global_scale, raw)
-        if self.transformed:
-            k, v = self.restore_k(k).to(dtype), self.restore_v(v).to(dtype)
+        if self.transformed:  # saturating, as the ops' own outputs (eager.cast_output)
+            k, v = cast_output(self.restore_k(k), dtype), cast_output(self.restore_v(v), dtype)
         return k, v
 
     def roundtrip(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,7 +228,7 @@ class FP4KVPoolLayer(DeviceOnlyBuffers):
         for x, encode, restore, g, recipe in ((k, self.encode_k, self.restore_k, self.k_global_scale, self.k_recipe),
                                               (v, self.encode_v, self.restore_v, self.v_global_scale, self.v_recipe)):
             data, scales = ops.quantize(encode(x), recipe, g)
-            out.append(restore(ops.dequantize(data, scales, recipe, g, torch.float32)).to(x.dtype))
+            out.append(cast_output(restore(ops.dequantize(data, scales, recipe, g, torch.float32)), x.dtype))
         return out[0], out[1]
 
     def decode_attention(self, q, block_table, seq_lens, page_size: int, sm_scale: float | None = None, out=None,

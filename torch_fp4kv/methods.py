@@ -176,7 +176,12 @@ class TableFP4Method(FP4KVCacheQuantMethod):
         return self.layer(layer_id).extend_attention(q, cu_seqlens_q, block_table, seq_lens, page_size, sm_scale, out)
 
     def compute_cell_size(self, head_num: int, head_dim: int, layer_num: int) -> int:
-        cell = layer_num * self.kv_recipe.bytes_per_token(head_num, head_dim)
+        """Bytes per token slot of what create_buffers allocates: every layer's K and V, plus the
+        FP8 prefill workspace's row where the method keeps one (sizes checked as there)."""
+        for name, value in (("head_num", head_num), ("layer_num", layer_num)):
+            checks.check_count(value, name, minimum=1)
+        kv_recipe = FP4KVPoolLayer.kv_recipe_of(self.fmt.name, self.options, head_num, head_dim)
+        cell = layer_num * kv_recipe.bytes_per_token(head_num, head_dim)
         if self.needs_dequant_workspace():
             cell += 2 * head_num * head_dim * self.prev_kv_dtype.itemsize  # shared by all layers
         return cell
@@ -273,9 +278,8 @@ class TableFP4Method(FP4KVCacheQuantMethod):
     def dequantize_prev_kv(self, layer_id: int, loc: torch.Tensor, dtype: torch.dtype | None = None):
         """(k, v) [T, H, D] of slots `loc`. In the method's FP8 workspace when it has one and
         `dtype` is left at the default; otherwise freshly allocated in `dtype`."""
-        dtype = dtype or self.prev_kv_dtype
-        k, v = self.layer(layer_id).read(loc, dtype)
-        if self.workspace is None or dtype != self.prev_kv_dtype:
+        k, v = self.layer(layer_id).read(loc, dtype or self.prev_kv_dtype)
+        if self.workspace is None or dtype is not None:
             return k, v
         k_ws, v_ws = self.workspace.k, self.workspace.v
         if loc.shape[0] > k_ws.shape[0]:

@@ -12,9 +12,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .calibration import finite_rows, set_global_scale
 from .methods import AttentionRead
 from .ops import LATENT_RECIPES, LatentRecipe, get_latent_recipe, mla_decode_attention, mla_gather_dequantize, mla_store
 from .ops.checks import check_count
+from .ops.mla_checks import check_latent_dims, check_latent_tokens
 
 
 class LatentLayerCache(nn.Module):
@@ -25,6 +27,8 @@ class LatentLayerCache(nn.Module):
     def __init__(self, recipe: str, slots: int, kv_lora_rank: int, rope_dim: int, device=None):
         super().__init__()
         self.fmt: LatentRecipe = get_latent_recipe(recipe)
+        check_count(slots, "slots", 0)
+        check_latent_dims(kv_lora_rank, rope_dim, self.fmt)
         latent, rope = self.fmt.latent, self.fmt.rope
         self.register_buffer("latent_data", torch.zeros(slots, 1, latent.data_width(kv_lora_rank), dtype=torch.uint8,
                                                         device=device))
@@ -55,15 +59,17 @@ class LatentLayerCache(nn.Module):
 
     @torch.no_grad()
     def calibrate(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
-        """Each global scale from sample tokens: amax over the format's calibration_amax (NVFP4
-        448 * 6, FP8 448), on the device, no host sync."""
-        tiny = torch.finfo(torch.float32).tiny
-        for target, x, fmt, name in ((self.latent_global_scale, c_kv, self.fmt.latent, "c_kv"),
-                                     (self.rope_global_scale, k_pe, self.fmt.rope, "k_pe")):
-            if x.numel() == 0:
-                raise ValueError(f"{name} holds no tokens to calibrate on; got shape {tuple(x.shape)}")
+        """Each global scale from sample tokens c_kv [T, R] and k_pe [T, P] (as stored): amax over the
+        format's calibration_amax (NVFP4 448 * 6, FP8 448), on the device, no host sync; rows
+        holding a NaN or an infinity are left out (calibration.finite_rows); a scale no kept row
+        reaches stays as it was."""
+        check_latent_tokens(self.latent_data, self.latent_scales, self.rope_data, c_kv, k_pe, self.fmt)
+        if c_kv.shape[0] == 0:
+            raise ValueError(f"c_kv holds no tokens to calibrate on; got shape {tuple(c_kv.shape)}")
+        for target, x, fmt in ((self.latent_global_scale, c_kv, self.fmt.latent),
+                               (self.rope_global_scale, k_pe, self.fmt.rope)):
             if target is not None:
-                target.copy_((x.abs().amax().float() / fmt.calibration_amax).clamp(min=tiny).reshape(1))
+                set_global_scale(target, *finite_rows(x, token_dims=1), fmt)
 
 
 class LatentCacheMethod:
@@ -77,6 +83,7 @@ class LatentCacheMethod:
     def compute_cell_size(self, kv_lora_rank: int = 512, rope_dim: int = 64, layer_num: int = 1) -> int:
         """Exact bytes per token slot of the buffers create_buffers allocates (every layer)."""
         check_count(layer_num, "layer_num", 1)
+        check_latent_dims(kv_lora_rank, rope_dim, self.fmt)
         return layer_num * self.fmt.bytes_per_token(kv_lora_rank, rope_dim)
 
     def needs_global_scale(self) -> bool:
@@ -91,9 +98,9 @@ class LatentCacheMethod:
 
     def create_buffers(self, size: int, kv_lora_rank: int, rope_dim: int, layer_num: int, device=None) -> nn.ModuleList:
         """Allocate `layer_num` layer caches of `size` token slots."""
-        for value, name in ((size, "size"), (kv_lora_rank, "kv_lora_rank"), (rope_dim, "rope_dim"),
-                            (layer_num, "layer_num")):
+        for value, name in ((size, "size"), (layer_num, "layer_num")):
             check_count(value, name, 1)
+        check_latent_dims(kv_lora_rank, rope_dim, self.fmt)
         self.layers = nn.ModuleList(LatentLayerCache(self.fmt.name, size, kv_lora_rank, rope_dim, device)
                                     for _ in range(layer_num))
         return self.layers

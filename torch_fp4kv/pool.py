@@ -25,6 +25,9 @@ class FP4KVPool(nn.Module):
         if not isinstance(self.method, TableFP4Method):
             raise TypeError(f"method must be a TableFP4Method (it provides the per-layer caches), "
                             f"got {type(self.method).__name__}")
+        if self.method.buffers is not None:  # a second create_buffers would leave the other owner's layers behind
+            raise ValueError(f"method: this {type(self.method).__name__} holds buffers already (another pool's, or "
+                             "create_buffers was called); give each pool a method of its own")
         self.method.create_buffers(size, head_num, head_dim, layer_num, device)
         self.layers = nn.ModuleList(self.method.layer(i) for i in range(layer_num))
         self.workspace = self.method.workspace

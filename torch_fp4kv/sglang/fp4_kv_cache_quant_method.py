@@ -44,12 +44,17 @@ class FP4KVCacheQuantMethod(abc.ABC):
     """SGLang's abstract FP4 KV cache strategy."""
 
     name: str
+    # The PR's SCALE_BLOCK_SIZE is today's `scale_block_size` (kv_cache_quant_method.py), which SGLang
+    # reads off the class: one class attribute under both names, whichever a subclass sets.
     SCALE_BLOCK_SIZE: int = 1
+    scale_block_size: int = 1
 
-    @property
-    def scale_block_size(self) -> int:
-        """SCALE_BLOCK_SIZE as today's SGLang spells it (kv_cache_quant_method.py)."""
-        return self.SCALE_BLOCK_SIZE
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "scale_block_size" in cls.__dict__:
+            cls.SCALE_BLOCK_SIZE = cls.scale_block_size
+        else:
+            cls.scale_block_size = cls.SCALE_BLOCK_SIZE
 
     def needs_dequant_workspace(self) -> bool:
         """Whether the pool allocates the FP8 workspaces dq_k_buffer / dq_v_buffer for prefill."""
@@ -75,9 +80,10 @@ class FP4KVCacheQuantMethod(abc.ABC):
                            layer_id: int) -> tuple[Tensor, Tensor]:
         """Already-gathered packed K/V and their scales -> (k, v) [T, H, D] for prefill."""
 
-    @abc.abstractmethod
     def compute_cell_size(self, head_num: int, head_dim: int, num_layers: int, kv_size: int) -> int:
-        """Bytes per token slot of the pool, times kv_size (the storage element size, 1 for FP4)."""
+        """Bytes per token slot of the pool, times kv_size (the storage element size, 1 for FP4).
+        Not abstract, as in SGLang: a method that never sizes a pool need not say."""
+        raise NotImplementedError(f"{type(self).__name__} does not compute a cell size")
 
     def load_scales_from_model(self, model_runner, sm_version: Optional[int] = None) -> None:
         """Load per-layer global scales from the model (nothing to load by default)."""
@@ -101,10 +107,15 @@ class _TableMethod(FP4KVCacheQuantMethod):
     def needs_dequant_workspace(self) -> bool:
         return True
 
-    def create_buffers(self, size: int, head_num: int, head_dim: int, layer_num: int, device) -> dict:
-        for name, value in (("size", size), ("head_num", head_num), ("layer_num", layer_num)):
+    def _check_sizes(self, head_num: int, head_dim: int, layer_num: int, layer_num_name: str = "layer_num") -> None:
+        for name, value in (("head_num", head_num), (layer_num_name, layer_num)):
             checks.check_count(value, name, minimum=1)
+        checks.check_count(head_dim, "head_dim", minimum=1)
         checks.check_head_dim(head_dim, self.fmt, "head_dim")
+
+    def create_buffers(self, size: int, head_num: int, head_dim: int, layer_num: int, device) -> dict:
+        checks.check_count(size, "size", minimum=1)
+        self._check_sizes(head_num, head_dim, layer_num)
         blocks = head_dim // self.SCALE_BLOCK_SIZE
         scale_shape = (size, head_num * blocks) if self.scales_per_token else (size, head_num, blocks)
 
@@ -130,6 +141,8 @@ class _TableMethod(FP4KVCacheQuantMethod):
         """Every layer's packed K+V and scales, plus one FP8 K+V workspace row shared by all layers
         when the method keeps the workspace (SGLang's NVFP4Method counts it even with
         native_prefill; this counts what create_buffers allocates)."""
+        self._check_sizes(head_num, head_dim, num_layers, "num_layers")
+        checks.check_count(kv_size, "kv_size", minimum=1)
         fp4_bytes = num_layers * self.fmt.bytes_per_token(head_num, head_dim)
         workspace_bytes = 2 * head_num * head_dim * PREFILL_DTYPE.itemsize if self.needs_dequant_workspace() else 0
         return (fp4_bytes + workspace_bytes) * kv_size
