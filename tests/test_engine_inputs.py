@@ -33,6 +33,20 @@ def test_triton_matches_eager_on_engine_made_inputs(scenario):
     assert problem is None, problem
 
 
+def test_close_comparison_is_not_loosened_by_an_empty_rows_infinite_lse():
+    """An empty sequence's log-sum-exp is -inf: it must match in place and sign, and never set the
+    tolerance for the other rows (2e-2 of the largest finite expected magnitude)."""
+    expected = torch.tensor([[3.0, float("-inf")], [1.0, float("nan")]])
+    assert scenarios.close_mismatch(expected.clone(), expected) is None
+    wrong_row = torch.tensor([[3.5, float("-inf")], [1.0, float("nan")]])
+    assert scenarios.close_mismatch(wrong_row, expected) == "max |diff| 0.5 > 0.06"
+    moved = torch.tensor([[float("-inf"), 3.0], [1.0, float("nan")]])
+    assert scenarios.close_mismatch(moved, expected) == "infinities at different positions"
+    signed = torch.tensor([[3.0, float("inf")], [1.0, float("nan")]])
+    assert scenarios.close_mismatch(signed, expected) == "infinities at different positions"
+    assert scenarios.close_mismatch(torch.full((2,), float("-inf")), torch.full((2,), float("-inf"))) is None
+
+
 def _one_dequantize(call) -> scenarios.Scenario:
     return scenarios.Scenario("one", "dequantize", "nvfp4", torch.float32, lambda: [torch.ones(2)], call)
 
