@@ -276,7 +276,7 @@ def _quantize_rows(
 ):
     """Rows of x (see _cache_rows) into cache rows `dest`. x is read as words of two elements
     (strides in words): pairs give the packed bytes directly. BLOCKS: the row's D / BS blocks
-    rounded up to a power of two (block_axis)."""
+    rounded up to a power of two (_block_axis)."""
     NB: tl.constexpr = D // BS
     HALF: tl.constexpr = BS // 2
     t = (rows // H).to(tl.int64)
