@@ -173,8 +173,10 @@ def test_info_prints_the_table_and_choices():
     out = result.stdout
     assert "selection table (first matching row wins):" in out
     assert "flashinfer cuda >= SM100" in out
-    assert re.search(r"quantize_and_store nvfp4 +cpu   eager", out)
-    assert re.search(r"quantize_and_store nvfp4_4over6\+k8 cpu   eager", out)
+    # The op column is as wide as its longest name: the recipes line up.
+    assert re.search(r"  quantize_and_store   nvfp4 +cpu   eager", out)
+    assert re.search(r"  mla_decode_attention nvfp4 +cpu   eager", out)
+    assert re.search(r"quantize_and_store +nvfp4_4over6\+k8 cpu   eager", out)
 
 
 @pytest.mark.parametrize("capability, expected", [((8, 0), (True, False)), ((8, 9), (True, True)), ((9, 0), (True, True))])

@@ -46,9 +46,10 @@ def main(argv=None) -> None:
               f"k_pe {recipe.rope.name} under a per-layer scale")
     print("\nchosen here (bf16):")
     rows = describe(devices)
+    op_width = max(len(op) for op, _, _, _ in rows)
     width = max(len(recipe) for _, recipe, _, _ in rows)
     for op, recipe, device, choice in rows:
-        print(f"  {op:<18} {recipe:<{width}} {device:<5} {choice}")
+        print(f"  {op:<{op_width}} {recipe:<{width}} {device:<5} {choice}")
 
 
 if __name__ == "__main__":
