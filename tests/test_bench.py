@@ -292,3 +292,13 @@ def test_the_cli_runs_the_mla_family_alone(tmp_path, capsys):
     assert "they are not performance figures" in out and "inputs bfloat16" not in out
     assert re.search(r"^1x64\s+nvfp4\s+[\d.]+\s+\d+\s+352\s+0\.306\s+n/a\s+n/a\s+-\s+-$", out, re.M), out
     assert "could not run: FlashInfer does not run here" in out
+
+
+@pytest.mark.parametrize("context", [8, 100, 128])
+def test_decode_rows_cache_every_position_they_attend(context):
+    """A decode row of `context` positions pages a whole context (the last page partly used), as
+    its FlashInfer peer does: no position past the page table, which would read as zeros."""
+    shape = decode.DecodeShape(8, 2, 64, 16)
+    _, kv = decode._fp4_decode_problem("nvfp4", 2, context, shape, torch.device("cpu"))
+    assert kv.block_table.shape == (2, -(-context // 16)) and kv.k_data.shape[0] == 2 * -(-context // 16) * 16
+    assert kv.seq_lens.tolist() == [context, context]

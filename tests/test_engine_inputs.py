@@ -47,6 +47,17 @@ def test_close_comparison_is_not_loosened_by_an_empty_rows_infinite_lse():
     assert scenarios.close_mismatch(torch.full((2,), float("-inf")), torch.full((2,), float("-inf"))) is None
 
 
+def test_lse_outputs_are_compared_per_element():
+    """A log-sum-exp is checked against its own expected value: rows of lse 4 and 1500 in one tensor
+    do not let the first be off by 28 (2e-2 of the largest), and the MLA decode scenarios mark theirs."""
+    expected = torch.tensor([4.0, 1500.0, float("-inf")])
+    assert scenarios.lse_mismatch(torch.tensor([4.05, 1510.0, float("-inf")]), expected) is None
+    assert scenarios.lse_mismatch(torch.tensor([32.0, 1500.0, float("-inf")]), expected) == \
+        "1 log-sum-exps off by more than 2e-2 * max(1, |expected|)"
+    assert scenarios.lse_mismatch(torch.tensor([4.0, 1500.0, 0.0]), expected) == "infinities at different positions"
+    assert all(s.lse_outputs == (1,) for s in SCENARIOS if s.op == "mla_decode_attention")
+
+
 def _one_dequantize(call) -> scenarios.Scenario:
     return scenarios.Scenario("one", "dequantize", "nvfp4", torch.float32, lambda: [torch.ones(2)], call)
 
@@ -72,6 +83,11 @@ def test_check_cli_claims_only_what_it_compared(capsys, monkeypatch):
     assert "one" + " " * 56 + "nothing to compare" in out
     assert "not run: triton on 1 scenario: Triton kernels need a CUDA device" in out
     assert out.endswith("1 scenario: nothing compared (no backend but the eager reference runs here)\n")
+
+
+def test_check_only_naming_no_scenario_is_an_error(capsys):
+    assert check.main(["--device", "cpu", "--only", "no-such-op"]) == 2
+    assert "--only 'no-such-op' names no scenario" in capsys.readouterr().err
 
 
 def test_soak_draws_every_kind():

@@ -119,8 +119,10 @@ def test_windows_and_prompts_carry_the_tokenizer_prefix():
     assert windows[1, 1:].tolist() == ids[63:126]
     prompts = cut_prompts(ids, [2], count=3, length=10, span=189)
     assert prompts[:, 1].tolist() == [100, 100 + 89, 100 + 179]
-    with pytest.raises(ValueError, match="fewer than one window"):
+    with pytest.raises(ValueError, match=r"--tokens 200 with 10 text tokens left gives no whole window of 64"):
         token_windows(ids[:10], [], window=64, tokens=200)
+    with pytest.raises(ValueError, match=r"--calib-tokens 30 with 300 text tokens left gives no whole window"):
+        token_windows(ids, [], window=64, tokens=30, name="calib-tokens")
 
 
 def test_window_and_decode_protocols_agree_and_full_precision_is_exact():

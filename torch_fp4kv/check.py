@@ -98,9 +98,13 @@ def main(argv=None) -> int:
     tally = Tally()
     print(f"torch_fp4kv.check on {args.device}: each backend that runs here against eager on the CPU")
     chosen = [s for s in scenarios() if args.only in s.name]
+    if not chosen and not args.soak:
+        print(f"python -m torch_fp4kv.check: error: --only {args.only!r} names no scenario", file=sys.stderr)
+        return 2
     for scenario in chosen:
         print(f"{scenario.name:<58} {_describe(tally.compare(scenario, args.device))}")
     if args.soak:
+        rounds = 0
         rng = random.Random(args.seed)
         with_flashinfer = torch.device(args.device).type == "cuda" and installed("flashinfer")
         for round_ in range(args.soak):
@@ -108,12 +112,14 @@ def main(argv=None) -> int:
             if args.only not in scenario.name:
                 continue
             chosen.append(scenario)
+            rounds += 1
             for backend, problem in tally.compare(scenario, args.device).items():
                 if problem is not None:
                     print(f"soak round {round_}: {scenario.name} {backend}: MISMATCH: {problem}")
             if with_flashinfer:
                 _flashinfer_decode_round(args.device, rng)
-        print(f"soak: {args.soak} rounds{' with FlashInfer decode between them' if with_flashinfer else ''}")
+        print(f"soak: {rounds} of {args.soak} rounds (those --only names)"
+              f"{' with FlashInfer decode between them' if with_flashinfer else ''}")
     print(tally.report(len(chosen)))
     return 1 if tally.mismatches else 0
 

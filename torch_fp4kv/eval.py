@@ -73,13 +73,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def token_windows(text_ids: list[int], prefix: list[int], window: int, tokens: int) -> torch.Tensor:
+def token_windows(text_ids: list[int], prefix: list[int], window: int, tokens: int,
+                  name: str = "tokens") -> torch.Tensor:
     """[W, window]: each window is the tokenizer's prefix (e.g. Gemma's <bos>) and the next text
-    tokens; as many whole windows as the text and `tokens` allow."""
+    tokens; as many whole windows as the text and `tokens` allow (`name`: the option that set it)."""
     body = window - len(prefix)
     count = min(tokens, len(text_ids)) // body
     if count == 0:
-        raise ValueError(f"text: {len(text_ids)} tokens, fewer than one window of {body} text tokens")
+        raise ValueError(f"--{name} {tokens} with {len(text_ids)} text tokens left gives no whole window of "
+                         f"{body} text tokens (--window {window})")
     return torch.tensor([prefix + text_ids[i * body:(i + 1) * body] for i in range(count)])
 
 
@@ -117,14 +119,21 @@ def main(argv=None) -> int:
         return 2
     text_ids = tokenizer(Path(args.text).read_text(encoding="utf-8"), add_special_tokens=False).input_ids
     prefix = tokenizer("", add_special_tokens=True).input_ids
-    windows = token_windows(text_ids, prefix, args.window, args.tokens).to(args.device)
-    scored = windows.shape[0] * (args.window - len(prefix))
-    prompts = cut_prompts(text_ids, prefix, args.prompts, args.prompt_tokens, scored).to(args.device)
     settings = accuracy.settings_for(args.recipes, args.protocols)
-    calib_windows, calib_note = None, ""
-    if any(accuracy.needs_calibration(s.cache) for s in settings):
-        rest = text_ids[scored:]
-        calib_windows = token_windows(rest, prefix, args.window, args.calib_tokens).to(args.device)
+    try:
+        windows = token_windows(text_ids, prefix, args.window, args.tokens)
+        scored = windows.shape[0] * (args.window - len(prefix))
+        calib_windows = None
+        if any(accuracy.needs_calibration(s.cache) for s in settings):
+            calib_windows = token_windows(text_ids[scored:], prefix, args.window, args.calib_tokens, "calib-tokens")
+    except ValueError as bad:
+        print(f"python -m torch_fp4kv.eval: error: {bad}", file=sys.stderr)
+        return 2
+    windows = windows.to(args.device)
+    prompts = cut_prompts(text_ids, prefix, args.prompts, args.prompt_tokens, scored).to(args.device)
+    calib_note = ""
+    if calib_windows is not None:
+        calib_windows = calib_windows.to(args.device)
         calib_note = f"; +smooth calibrated on the next {calib_windows.shape[0]} windows"
     print(f"model {args.model} ({type(model).__name__}, {args.dtype}, {args.device}); text {args.text}: "
           f"{windows.shape[0]} windows of {args.window} tokens ({windows.shape[0] * (args.window - 1)} predictions), "

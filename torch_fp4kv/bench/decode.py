@@ -46,7 +46,7 @@ class DecodeRow(PeerRatios):
 def _fp4_decode_problem(recipe, batch, context, shape: DecodeShape, device) -> tuple[torch.Tensor, PagedKV]:
     """(q [B, Hq, D], a paged cache of random (finite) FP4 bytes, every sequence at full context)."""
     hq, hkv, d, page = shape
-    pages_per_seq = context // page
+    pages_per_seq = -(-context // page)  # whole pages holding every position, as the FlashInfer peer's
     cache = random_cache(recipe, batch * pages_per_seq * page, hkv, d, device)
     kv = PagedKV(*cache, shuffled_page_table(batch, pages_per_seq, device),
                  torch.full((batch,), context, dtype=torch.int32, device=device), page,
