@@ -480,10 +480,9 @@ def bytes_mismatch(actual: torch.Tensor, expected: torch.Tensor) -> str | None:
     return f"{differ} of {actual.numel()} elements differ" if differ else None
 
 
-def close_mismatch(actual: torch.Tensor, expected: torch.Tensor) -> str | None:
-    """None if NaN and each infinity (an empty row's log-sum-exp is -inf) sit at the same positions
-    and every finite value is within 2e-2 of the largest finite expected magnitude (at least 1), as
-    flash-attention kernels are compared, else what differs. An infinity never sets the tolerance."""
+def _placement_mismatch(actual: torch.Tensor, expected: torch.Tensor) -> str | None:
+    """What the close comparisons ask before any tolerance: the same shape and dtype, NaN and each
+    infinity (an empty row's log-sum-exp is -inf) at the same positions, with the same sign."""
     if actual.shape != expected.shape or actual.dtype != expected.dtype:
         return f"{actual.dtype} {tuple(actual.shape)} vs {expected.dtype} {tuple(expected.shape)}"
     a32, e32 = actual.float().cpu(), expected.float().cpu()
@@ -491,6 +490,17 @@ def close_mismatch(actual: torch.Tensor, expected: torch.Tensor) -> str | None:
         return "NaN at different positions"
     if not torch.equal(a32.isposinf(), e32.isposinf()) or not torch.equal(a32.isneginf(), e32.isneginf()):
         return "infinities at different positions"
+    return None
+
+
+def close_mismatch(actual: torch.Tensor, expected: torch.Tensor) -> str | None:
+    """None if NaN and each infinity sit at the same positions (_placement_mismatch) and every
+    finite value is within 2e-2 of the largest finite expected magnitude (at least 1), as
+    flash-attention kernels are compared, else what differs. An infinity never sets the tolerance."""
+    problem = _placement_mismatch(actual, expected)
+    if problem is not None:
+        return problem
+    a32, e32 = actual.float().cpu(), expected.float().cpu()
     finite = e32.isfinite()
     if not finite.any():
         return None
@@ -500,11 +510,11 @@ def close_mismatch(actual: torch.Tensor, expected: torch.Tensor) -> str | None:
 
 
 def lse_mismatch(actual: torch.Tensor, expected: torch.Tensor) -> str | None:
-    """Log-sum-exps: None if NaN and each infinity sit at the same positions and every finite value
-    is within 2e-2 * max(1, |expected|) of its own expected value (the scores' rounding grows with
-    their size), else what differs."""
-    problem = close_mismatch(actual, expected)
-    if problem is not None and not problem.startswith("max |diff|"):
+    """Log-sum-exps: None if NaN and each infinity sit at the same positions (_placement_mismatch)
+    and every finite value is within 2e-2 * max(1, |expected|) of its own expected value (the
+    scores' rounding grows with their size), else what differs."""
+    problem = _placement_mismatch(actual, expected)
+    if problem is not None:
         return problem
     a32, e32 = actual.float().cpu(), expected.float().cpu()
     finite = e32.isfinite()
